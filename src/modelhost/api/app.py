@@ -1,0 +1,83 @@
+"""The FastAPI application: built from Settings, services wired in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from modelhost import __version__
+from modelhost.api import downloads, health, models
+from modelhost.api.deps import Services
+from modelhost.api.errors import install_error_handlers
+from modelhost.catalog import load_catalog, load_models_config
+from modelhost.config import Settings
+from modelhost.fetch import FetchEngine, RetryPolicy, UrlPolicy
+from modelhost.jobs import JobManager, JobRepository
+from modelhost.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def build_services(settings: Settings) -> Services:
+    """Construct the layers (store, engine, jobs) a server runs on."""
+    home = settings.home
+    home.mkdir(parents=True, exist_ok=True)
+    store = Store(home)
+    engine = FetchEngine(
+        partial_dir=home / "partial",
+        policy=UrlPolicy.from_hosts(settings.url_allow),
+        retry=RetryPolicy(
+            retries=settings.fetch_retries,
+            backoff_s=settings.fetch_backoff_s,
+            backoff_max_s=settings.fetch_backoff_max_s,
+        ),
+        read_timeout_s=settings.fetch_read_timeout_s,
+    )
+    jobs = JobManager(
+        store,
+        engine,
+        JobRepository(settings.database_url),
+        max_downloads=settings.max_downloads,
+        parallel_files=settings.fetch_parallel_files,
+        cache_limit_bytes=settings.cache_limit_bytes,
+    )
+    return Services(
+        settings=settings,
+        store=store,
+        jobs=jobs,
+        models_config=load_models_config(settings.models_config),
+        catalog=load_catalog(),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The modelhost ASGI app. Settings default to the environment (``MODELHOST_*``)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        await services.jobs.start()
+        log.info("modelhost %s serving from %s", __version__, settings.home)
+        try:
+            yield
+        finally:
+            await services.jobs.stop()
+
+    app = FastAPI(
+        title="modelhost",
+        version=__version__,
+        description="Model management and inference server: verified cache, resumable "
+        "downloads, persistent jobs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(downloads.router)
+    app.include_router(models.router)
+    return app

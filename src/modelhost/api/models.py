@@ -1,0 +1,162 @@
+"""Model endpoints: configured and available models, the cache, management, removal."""
+
+from __future__ import annotations
+
+import asyncio
+from enum import Enum
+
+from fastapi import APIRouter, Depends, Query
+
+from modelhost.api.deps import Services, ServicesDep, require_api_key
+from modelhost.catalog import available_view, is_tts_task, models_view
+from modelhost.errors import InvalidRequest, NotImplementedYet
+from modelhost.names import validate_name
+from modelhost.store import Manifest, describe
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
+
+MB = 1e6
+
+
+def _tags_for(manifest: Manifest, services: Services) -> list[str]:
+    for entry in services.catalog.models.values():
+        if entry.model_id == manifest.model_id:
+            return list(entry.tags)
+    return []
+
+
+@router.get("/models", summary="Configured models (models.json)")
+async def list_models(services: ServicesDep) -> dict:
+    # Nothing can be loaded until the runtime lands (issue #4), so no model is loaded.
+    return models_view(services.models_config, loaded=set())
+
+
+@router.get("/models/available", summary="The catalog of downloadable models")
+async def available_models(services: ServicesDep) -> dict:
+    manifests = await asyncio.to_thread(services.store.list)
+    return available_view(services.catalog, installed={m.name for m in manifests})
+
+
+@router.get("/models/managed", summary="Models loaded by the server")
+async def managed_models() -> dict:
+    return {
+        "total_models": 0,
+        "downloaded_models": [],
+        "categories": {"tts_models": [], "other_models": []},
+        "summary": {
+            "total_loaded": 0,
+            "tts_models_count": 0,
+            "optimized_count": 0,
+            "total_parameters": 0,
+        },
+        "message": "Loading models onto a device is not built yet (issue #4); "
+        "installed models are listed by GET /models/cache/info",
+    }
+
+
+@router.get("/models/cache/info", summary="What the cache holds, measured")
+async def cache_info(services: ServicesDep) -> dict:
+    store, jobs = services.store, services.jobs
+    manifests = await asyncio.to_thread(store.list)
+    total_bytes = await asyncio.to_thread(store.total_size)
+    tts = [m for m in manifests if m.task and is_tts_task(m.task)]
+    tts_bytes = sum(m.total_size for m in tts)
+    limit = services.settings.cache_limit_bytes
+    return {
+        "cache_directory": str(store.root),
+        "total_models": len(manifests),
+        "total_size_mb": round(total_bytes / MB, 3),
+        "total_size_bytes": total_bytes,
+        "models": [m.name for m in manifests],
+        "tts_specific": {
+            "tts_models_count": len(tts),
+            "tts_models": [
+                {
+                    "name": m.name,
+                    "size_mb": round(m.total_size / MB, 3),
+                    "source": m.source,
+                    "task": m.task,
+                    "tags": _tags_for(m, services),
+                }
+                for m in tts
+            ],
+            "tts_total_size_mb": round(tts_bytes / MB, 3),
+            "tts_percentage": round(100 * tts_bytes / total_bytes, 1) if total_bytes else 0.0,
+        },
+        "cache_optimization": {
+            "cache_hit_rate": jobs.cache_hit_rate(),
+            "download_requests": jobs.download_requests,
+            "cache_hits": jobs.cache_hits,
+            "optimization_enabled": False,
+            "auto_cleanup": limit is not None,
+            "cache_limit_mb": None if limit is None else round(limit / MB, 3),
+        },
+    }
+
+
+@router.get("/models/download/{model_name}/info", summary="An installed model's manifest")
+async def model_info(model_name: str, services: ServicesDep) -> dict:
+    validate_name(model_name)
+    manifest = await asyncio.to_thread(services.store.require, model_name)
+    data = describe(manifest, services.store)
+    data["total_size_bytes"] = manifest.total_size
+    return {"success": True, **data}
+
+
+class ManageAction(str, Enum):
+    optimize = "optimize"
+    retry_download = "retry_download"
+    update = "update"
+
+
+@router.post("/models/manage", summary="Retry a download, optimize or update a model")
+async def manage_model(
+    services: ServicesDep,
+    action: str = Query(..., description="optimize, retry_download or update"),
+    model_name: str = Query(...),
+    force_redownload: bool = Query(default=False),
+) -> dict:
+    try:
+        chosen = ManageAction(action)
+    except ValueError:
+        valid = ", ".join(a.value for a in ManageAction)
+        raise InvalidRequest(
+            f"Unknown action {action!r}; use one of: {valid}", error="Invalid action"
+        ) from None
+    validate_name(model_name)
+    if chosen is ManageAction.retry_download:
+        result = await services.jobs.retry(model_name, force_redownload)
+        job = result.job
+        assert job is not None
+        how = "from scratch" if force_redownload else "resuming from the bytes already fetched"
+        return {
+            "success": True,
+            "message": f"Retrying download of '{model_name}', {how}",
+            "action": chosen.value,
+            "model_name": model_name,
+            "download_id": job.id,
+            "status": job.state.value,
+        }
+    await asyncio.to_thread(services.store.require, model_name)
+    issue = "issue #4 (runtime)" if chosen is ManageAction.optimize else "issue #3 (Hugging Face)"
+    raise NotImplementedYet(
+        f"Action '{chosen.value}' is not built yet ({issue}); model '{model_name}' is unchanged",
+        error=f"Action not implemented: {chosen.value}",
+    )
+
+
+@router.delete("/models/download/{model_name}", summary="Remove a model from the cache")
+async def remove_model(model_name: str, services: ServicesDep) -> dict:
+    validate_name(model_name)
+    manifest, freed, cancelled = await services.jobs.remove_model(model_name)
+    if manifest is None:
+        message = f"Cancelled the download of {model_name}; nothing was installed yet"
+    else:
+        message = f"Successfully removed model from cache: {model_name}"
+    return {
+        "success": True,
+        "message": message,
+        "model_name": model_name,
+        "freed_mb": round(freed / MB, 3),
+        "cancelled_download_id": cancelled.id if cancelled else None,
+    }

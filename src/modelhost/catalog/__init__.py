@@ -1,0 +1,35 @@
+"""The packaged catalog of downloadable models and the configured-models file (models.json)."""
+
+from modelhost.catalog.catalog import (
+    STT_TASKS,
+    TTS_TASKS,
+    Catalog,
+    CatalogEntry,
+    ModelConfigEntry,
+    ModelsConfig,
+    Recommendations,
+    TTSFeatures,
+    available_view,
+    catalog_entry,
+    is_tts_task,
+    load_catalog,
+    load_models_config,
+    models_view,
+)
+
+__all__ = [
+    "STT_TASKS",
+    "TTS_TASKS",
+    "Catalog",
+    "CatalogEntry",
+    "ModelConfigEntry",
+    "ModelsConfig",
+    "Recommendations",
+    "TTSFeatures",
+    "available_view",
+    "catalog_entry",
+    "is_tts_task",
+    "load_catalog",
+    "load_models_config",
+    "models_view",
+]

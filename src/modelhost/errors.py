@@ -1,0 +1,109 @@
+"""Every error modelhost raises on purpose, each with the HTTP status it maps to.
+
+Handlers and lower layers raise these; one exception handler in ``api.errors`` turns
+them into the seed's error body (``success: false``, ``message``, ``error``).
+Anything else that escapes is a bug and answers 500.
+"""
+
+from __future__ import annotations
+
+
+class ModelhostError(Exception):
+    """Base class: ``message`` is for the user, ``error`` is a short machine-ish summary."""
+
+    status_code = 500
+    error = "Internal error"
+
+    def __init__(self, message: str, *, error: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if error is not None:
+            self.error = error
+
+
+class InvalidRequest(ModelhostError):
+    status_code = 400
+    error = "Invalid request"
+
+
+class InvalidName(InvalidRequest):
+    error = "Invalid model name"
+
+
+class InvalidSource(InvalidRequest):
+    error = "Invalid source"
+
+
+class SourceNotAllowed(ModelhostError):
+    """A URL whose scheme, host or resolved address the allow-list does not admit."""
+
+    status_code = 403
+    error = "Source not allowed"
+
+
+class Unauthorized(ModelhostError):
+    status_code = 401
+    error = "Unauthorized"
+
+
+class ModelNotFound(ModelhostError):
+    status_code = 404
+    error = "Model does not exist"
+
+
+class JobNotFound(ModelhostError):
+    status_code = 404
+    error = "Download does not exist"
+
+
+class Conflict(ModelhostError):
+    status_code = 409
+    error = "Conflict"
+
+
+class NotImplementedYet(ModelhostError):
+    """A feature the contract names but this version has not built; says which issue builds it."""
+
+    status_code = 501
+    error = "Not implemented"
+
+
+class InsufficientStorage(ModelhostError):
+    status_code = 507
+    error = "Insufficient storage"
+
+
+class UpstreamError(ModelhostError):
+    """The upstream host answered with an error or could not be reached."""
+
+    status_code = 502
+    error = "Upstream error"
+
+
+# Errors of the fetch engine. They are raised in worker threads and end up in a
+# job's ``message``; ``transient`` decides whether the engine retries.
+
+
+class FetchError(ModelhostError):
+    status_code = 502
+    error = "Download failed"
+    transient = False
+
+
+class TransientFetchError(FetchError):
+    """A dropped connection, a stall, a 5xx or 429: worth retrying with backoff."""
+
+    transient = True
+
+
+class DigestMismatch(FetchError):
+    error = "Digest mismatch"
+
+
+class SizeMismatch(FetchError):
+    error = "Size mismatch"
+
+
+class Cancelled(ModelhostError):
+    status_code = 409
+    error = "Cancelled"

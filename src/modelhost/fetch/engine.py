@@ -1,0 +1,486 @@
+"""The fetch engine: the one place that moves bytes, for every source.
+
+Each file streams into ``<partial_dir>/<key>.part`` beside a ``<key>.json`` that records the
+URL and the validator (ETag / Last-Modified) the bytes came with. After a dropped connection,
+or after the whole process was killed, the next attempt sends ``Range`` + ``If-Range`` and
+appends; a server that answers 200 instead, or a validator that changed, restarts the file
+from zero, so two versions are never spliced. Transient faults are retried with exponential
+backoff and full jitter. Every file is verified: its size always, its sha256 when known.
+
+All methods block; callers run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import random
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelhost.errors import (
+    Cancelled,
+    DigestMismatch,
+    FetchError,
+    SizeMismatch,
+    TransientFetchError,
+    UpstreamError,
+)
+from modelhost.fetch.cancel import CancelToken
+from modelhost.fetch.http import OpenResponse, open_url
+from modelhost.fetch.policy import UrlPolicy
+from modelhost.fetch.progress import Progress
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 4 * 1024 * 1024
+TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+# An attempt that moved at least this much resets the retry count: a long download over a
+# flaky link keeps going as long as it keeps making progress.
+PROGRESS_RESETS_RETRIES = 8 * 1024 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file to fetch: where from, where it goes in the model, what it must be."""
+
+    url: str
+    path: str  # relative path inside the model directory
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class RemoteInfo:
+    """What a HEAD (or a one-byte GET) says about a URL."""
+
+    url: str
+    final_url: str
+    size: int | None
+    etag: str | None
+    last_modified: str | None
+    accept_ranges: bool
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """A complete, verified file in the partial directory, ready for the store to take."""
+
+    spec: FileSpec
+    local_path: Path
+    size: int
+    sha256: str
+    bytes_transferred: int  # bytes this call moved over the network (resumed bytes excluded)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 6
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
+        return random.uniform(0, min(self.backoff_max_s, self.backoff_s * (2**attempt)))
+
+
+@dataclass
+class _PartialState:
+    url: str
+    etag: str | None
+    last_modified: str | None
+    total: int | None
+
+
+def partial_key(spec: FileSpec) -> str:
+    """The partial file's name: stable across restarts for the same URL and digest."""
+    return hashlib.sha256(f"{spec.url}\n{spec.sha256 or ''}".encode()).hexdigest()[:40]
+
+
+class _Hasher:
+    """sha256 in a second thread, fed the buffers the network thread has written.
+
+    hashlib releases the GIL on large updates, so hashing overlaps the next receive.
+    """
+
+    def __init__(self, buffers: int) -> None:
+        self.digest = hashlib.sha256()
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(bytearray(CHUNK_SIZE))
+        self._work: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="modelhost-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            buffer, length = item
+            self.digest.update(memoryview(buffer)[:length])
+            self.free.put(buffer)
+
+    def feed(self, buffer: bytearray, length: int) -> None:
+        self._work.put((buffer, length))
+
+    def hexdigest(self) -> str:
+        self._work.put(None)
+        self._thread.join()
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
+
+
+def _strong_etag(etag: str | None) -> str | None:
+    return etag if etag and not etag.startswith("W/") else None
+
+
+def _error_for_status(response: OpenResponse) -> FetchError:
+    reason = f"{response.status} {response.response.reason}".strip()
+    message = f"Upstream answered {reason} for {response.url}"
+    if response.status in TRANSIENT_STATUSES:
+        return TransientFetchError(message)
+    return FetchError(message, error=f"HTTP {response.status}")
+
+
+class _FileProgress:
+    """One file's share of a job's progress, so that a retry can take back what it counted."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.counted = 0
+        self.transferred = 0
+
+    def add(self, nbytes: int) -> None:
+        self.progress.add(nbytes)
+        self.counted += nbytes
+        self.transferred += nbytes
+
+    def add_existing(self, nbytes: int) -> None:
+        self.progress.add_existing(nbytes)
+        self.counted += nbytes
+
+    def reset(self) -> None:
+        self.progress.remove(self.counted)
+        self.counted = 0
+
+
+class FetchEngine:
+    """Moves bytes from allow-listed URLs into verified local files."""
+
+    def __init__(
+        self,
+        partial_dir: Path,
+        policy: UrlPolicy,
+        retry: RetryPolicy | None = None,
+        read_timeout_s: float = 30.0,
+    ) -> None:
+        self.partial_dir = Path(partial_dir)
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.policy = policy
+        self.retry = retry or RetryPolicy()
+        self.read_timeout_s = read_timeout_s
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- metadata -------------------------------------------------------------------------
+
+    def probe(self, url: str, cancel: CancelToken | None = None) -> RemoteInfo:
+        """Ask for a URL's size and validators without fetching its body (retries transients)."""
+        cancel = cancel or CancelToken()
+        attempt = 0
+        while True:
+            cancel.raise_if_cancelled()
+            try:
+                return self._probe_once(url)
+            except TransientFetchError as exc:
+                if attempt >= self.retry.retries:
+                    raise UpstreamError(
+                        f"{exc.message} (gave up after {attempt + 1} tries)"
+                    ) from exc
+                cancel.sleep(self.retry.delay(attempt))
+                attempt += 1
+
+    def _probe_once(self, url: str) -> RemoteInfo:
+        response = open_url(url, self.policy, method="HEAD", timeout=self.read_timeout_s)
+        try:
+            if response.status in (403, 405, 501):
+                # Some hosts refuse HEAD; a one-byte ranged GET tells the same.
+                response.close()
+                response = open_url(
+                    url, self.policy, headers={"Range": "bytes=0-0"}, timeout=self.read_timeout_s
+                )
+            if response.status >= 400:
+                error = _error_for_status(response)
+                if isinstance(error, TransientFetchError):
+                    raise error
+                raise UpstreamError(error.message, error=error.error)
+            size = None
+            content_range = response.header("Content-Range")
+            if response.status == 206 and content_range:
+                match = _CONTENT_RANGE.match(content_range)
+                if match and match.group(3) != "*":
+                    size = int(match.group(3))
+            elif response.header("Content-Length") is not None:
+                size = int(response.header("Content-Length") or 0)
+            return RemoteInfo(
+                url=url,
+                final_url=response.url,
+                size=size,
+                etag=response.header("ETag"),
+                last_modified=response.header("Last-Modified"),
+                accept_ranges=(response.header("Accept-Ranges") or "").lower() == "bytes"
+                or response.status == 206,
+            )
+        finally:
+            response.close()
+
+    # --- transfer -------------------------------------------------------------------------
+
+    def partial_paths(self, spec: FileSpec) -> tuple[Path, Path]:
+        key = partial_key(spec)
+        return self.partial_dir / f"{key}.part", self.partial_dir / f"{key}.json"
+
+    def partial_size(self, spec: FileSpec) -> int:
+        part, _ = self.partial_paths(spec)
+        try:
+            return part.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def discard(self, spec: FileSpec) -> None:
+        """Forget any partial bytes of ``spec`` (cancel, force re-download)."""
+        for path in self.partial_paths(spec):
+            path.unlink(missing_ok=True)
+
+    def fetch(
+        self,
+        spec: FileSpec,
+        progress: Progress | None = None,
+        cancel: CancelToken | None = None,
+    ) -> FetchedFile:
+        """Fetch ``spec`` to a verified local file, resuming whatever an earlier attempt left.
+
+        Raises ``Cancelled``, ``DigestMismatch``, ``SizeMismatch``, ``SourceNotAllowed`` or
+        ``FetchError`` (with the last transient error once retries are exhausted).
+        """
+        file_progress = _FileProgress(progress or Progress())
+        cancel = cancel or CancelToken()
+        with self._lock_for(partial_key(spec)):
+            attempt = 0
+            while True:
+                cancel.raise_if_cancelled()
+                file_progress.reset()
+                before = file_progress.transferred
+                try:
+                    local_path, size, digest = self._attempt(spec, file_progress, cancel)
+                    return FetchedFile(
+                        spec=spec,
+                        local_path=local_path,
+                        size=size,
+                        sha256=digest,
+                        bytes_transferred=file_progress.transferred,
+                    )
+                except TransientFetchError as exc:
+                    moved = file_progress.transferred - before
+                    if moved >= PROGRESS_RESETS_RETRIES:
+                        attempt = 0
+                    if attempt >= self.retry.retries:
+                        raise FetchError(
+                            f"{exc.message} (gave up after {attempt + 1} attempts)",
+                            error="Download failed",
+                        ) from exc
+                    delay = self.retry.delay(attempt)
+                    log.info("retrying %s in %.2fs after: %s", spec.url, delay, exc.message)
+                    cancel.sleep(delay)
+                    attempt += 1
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _load_state(
+        self, spec: FileSpec, part: Path, meta: Path
+    ) -> tuple[int, _PartialState | None]:
+        """How many bytes an earlier attempt left, and what they were validated by."""
+        try:
+            state = _PartialState(**json.loads(meta.read_text()))
+            offset = part.stat().st_size
+        except (FileNotFoundError, ValueError, TypeError):
+            part.unlink(missing_ok=True)
+            return 0, None
+        if state.url != spec.url or (state.total is not None and offset > state.total):
+            part.unlink(missing_ok=True)
+            return 0, None
+        return offset, state
+
+    def _attempt(
+        self, spec: FileSpec, progress: _FileProgress, cancel: CancelToken
+    ) -> tuple[Path, int, str]:
+        part, meta = self.partial_paths(spec)
+        offset, state = self._load_state(spec, part, meta)
+        headers: dict[str, str] = {}
+        if offset and state is not None:
+            validator = _strong_etag(state.etag) or state.last_modified
+            if validator is None:
+                # Without a validator a resumed range could belong to another version.
+                offset, state = 0, None
+            else:
+                headers["Range"] = f"bytes={offset}-"
+                headers["If-Range"] = validator
+        response = open_url(spec.url, self.policy, headers=headers, timeout=self.read_timeout_s)
+        try:
+            return self._receive(spec, response, part, meta, offset, state, progress, cancel)
+        finally:
+            response.close()
+
+    def _receive(
+        self,
+        spec: FileSpec,
+        response: OpenResponse,
+        part: Path,
+        meta: Path,
+        offset: int,
+        state: _PartialState | None,
+        progress: _FileProgress,
+        cancel: CancelToken,
+    ) -> tuple[Path, int, str]:
+        etag = response.header("ETag")
+        last_modified = response.header("Last-Modified")
+        length_header = response.header("Content-Length")
+        if response.status == 416 and offset and state and offset == state.total:
+            total = offset  # the earlier attempt had everything; only verification is left
+        elif response.status == 206 and offset:
+            match = _CONTENT_RANGE.match(response.header("Content-Range") or "")
+            same_version = state is not None and (
+                etag is None or state.etag is None or etag == state.etag
+            )
+            if not match or int(match.group(1)) != offset or not same_version:
+                # A range we did not ask for, or from another version: start over cleanly.
+                self._discard_partial(part, meta)
+                raise TransientFetchError(
+                    f"{spec.url} changed or answered an unexpected range; restarting from zero"
+                )
+            total = int(match.group(3)) if match.group(3) != "*" else None
+        elif response.status == 200:
+            if offset:
+                # The server sent the whole file: a new version, or no range support.
+                self._discard_partial(part, meta)
+                offset = 0
+            total = int(length_header) if length_header is not None else None
+        else:
+            if response.status == 416:
+                self._discard_partial(part, meta)
+            raise _error_for_status(response)
+
+        if spec.size is not None and total is not None and total != spec.size:
+            raise SizeMismatch(
+                f"{spec.url} is {total} bytes upstream, expected {spec.size}; "
+                "the file changed upstream or the expected size is wrong"
+            )
+        meta.write_text(
+            json.dumps(
+                {"url": spec.url, "etag": etag, "last_modified": last_modified, "total": total}
+            )
+        )
+        if offset:
+            progress.add_existing(offset)
+
+        hasher = _Hasher(buffers=4)
+        unregister = cancel.on_cancel(response.shutdown)
+        try:
+            received = self._stream(response, part, offset, total, hasher, progress, cancel)
+            size = offset + received
+            if total is not None and size < total:
+                raise TransientFetchError(
+                    f"Connection closed after {size} of {total} bytes of {spec.url}"
+                )
+            digest = hasher.hexdigest()
+        finally:
+            unregister()
+            hasher.close()
+
+        if spec.size is not None and size != spec.size:
+            self._discard_partial(part, meta)
+            raise SizeMismatch(f"{spec.url} gave {size} bytes, expected {spec.size}")
+        if spec.sha256 is not None and digest != spec.sha256.lower():
+            self._discard_partial(part, meta)
+            raise DigestMismatch(
+                f"{spec.path}: sha256 of the downloaded bytes is {digest}, expected "
+                f"{spec.sha256.lower()}; the file was discarded"
+            )
+        return part, size, digest
+
+    def _stream(
+        self,
+        response: OpenResponse,
+        part: Path,
+        offset: int,
+        total: int | None,
+        hasher: _Hasher,
+        progress: _FileProgress,
+        cancel: CancelToken,
+    ) -> int:
+        """Append the body to ``part``, hashing what is already there first."""
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if offset:
+                os.ftruncate(fd, offset)  # never keep bytes past what was recorded
+                self._hash_existing(fd, offset, hasher, cancel)
+            os.lseek(fd, offset, os.SEEK_SET)
+            received = 0
+            while True:
+                buffer = hasher.free.get()
+                try:
+                    n = response.response.readinto(buffer)
+                except (OSError, ValueError) as exc:
+                    hasher.free.put(buffer)
+                    cancel.raise_if_cancelled()
+                    raise TransientFetchError(
+                        f"Connection lost after {offset + received} bytes of {response.url}: "
+                        f"{exc or type(exc).__name__}"
+                    ) from exc
+                if not n:
+                    hasher.free.put(buffer)
+                    cancel.raise_if_cancelled()
+                    break
+                view = memoryview(buffer)[:n]
+                while view:
+                    view = view[os.write(fd, view) :]
+                hasher.feed(buffer, n)
+                received += n
+                progress.add(n)
+                if cancel.cancelled:
+                    raise Cancelled(cancel.reason)
+                if total is not None and offset + received >= total:
+                    break
+            os.fsync(fd)
+            return received
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _hash_existing(fd: int, length: int, hasher: _Hasher, cancel: CancelToken) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        remaining = length
+        while remaining:
+            cancel.raise_if_cancelled()
+            buffer = hasher.free.get()
+            n = os.readv(fd, [memoryview(buffer)[: min(CHUNK_SIZE, remaining)]])
+            if not n:
+                hasher.free.put(buffer)
+                break
+            hasher.feed(buffer, n)
+            remaining -= n
+
+    @staticmethod
+    def _discard_partial(part: Path, meta: Path) -> None:
+        part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)

@@ -1,0 +1,110 @@
+"""Which URLs modelhost may fetch: scheme, allow-listed host, and the address it resolves to."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from modelhost.errors import SourceNotAllowed
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL, split into what a connection needs."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # path and query, as sent in the request line
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """The allow-list of ``MODELHOST_URL_ALLOW``: entries are ``host`` or ``host:port``.
+
+    A listed host name that resolves to a loopback, private or link-local address is refused
+    (that is how DNS rebinding reaches internal services); such addresses are reachable only
+    when listed literally (``127.0.0.1:9000``) or as ``localhost``.
+    """
+
+    allowed: frozenset[str]
+
+    @classmethod
+    def from_hosts(cls, hosts: tuple[str, ...] | list[str]) -> UrlPolicy:
+        return cls(frozenset(h.strip().lower() for h in hosts if h.strip()))
+
+    def check(self, url: str) -> Target:
+        """Parse ``url`` and check its scheme and host; raises ``SourceNotAllowed``."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise SourceNotAllowed(
+                f"Not a valid URL: {url!r} ({exc})", error="Invalid URL"
+            ) from exc
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise SourceNotAllowed(
+                f"Only http and https URLs can be fetched, not {scheme or 'a URL without scheme'}: "
+                f"{url}",
+                error=f"Unsupported scheme: {scheme or '(none)'}",
+            )
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise SourceNotAllowed(f"URL has no host: {url}", error="Invalid URL")
+        if parts.username or parts.password:
+            raise SourceNotAllowed(
+                "URLs with embedded credentials are refused; use a token setting instead",
+                error="Credentials in URL",
+            )
+        port = port or DEFAULT_PORTS[scheme]
+        host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if host not in self.allowed and host_port not in self.allowed:
+            raise SourceNotAllowed(
+                f"Host {host_port} is not in MODELHOST_URL_ALLOW; add it there to allow "
+                "downloads from it",
+                error=f"Host not allowed: {host}",
+            )
+        path = parts.path or "/"
+        if parts.query:
+            path = f"{path}?{parts.query}"
+        return Target(url=url, scheme=scheme, host=host, port=port, path=path)
+
+    def resolve(self, target: Target) -> str:
+        """Resolve the target's host to one address this policy admits, and return it.
+
+        The connection is then made to that address, so the check and the connect see the
+        same answer.
+        """
+        try:
+            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            from modelhost.errors import TransientFetchError
+
+            raise TransientFetchError(f"Cannot resolve host {target.host}: {exc}") from exc
+        literal_ok = _is_ip_literal(target.host) or target.host == "localhost"
+        refused = []
+        for info in infos:
+            address = info[4][0]
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            if ip.is_global or literal_ok:
+                return address
+            refused.append(address)
+        raise SourceNotAllowed(
+            f"Host {target.host} resolves to non-public address(es) {', '.join(refused)}; "
+            "list the address itself in MODELHOST_URL_ALLOW to allow it",
+            error="Address not allowed",
+        )

@@ -1,0 +1,564 @@
+"""The job manager: turns download requests into jobs and runs them to a final state.
+
+It lives on the event loop and never blocks it: planning, transfers, commits and database
+writes run in worker threads. At most ``max_downloads`` jobs transfer at once; the rest wait
+as ``pending`` in arrival order. Identical requests share one job (and so one transfer).
+Unfinished jobs are persisted, so a restart picks them up where their partial files stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from modelhost.errors import (
+    Cancelled,
+    Conflict,
+    InsufficientStorage,
+    JobNotFound,
+    ModelhostError,
+    ModelNotFound,
+)
+from modelhost.fetch import CancelToken, FetchedFile, FetchEngine, FileSpec, Progress
+from modelhost.jobs.db import JobRepository
+from modelhost.jobs.models import Job, JobState, utcnow
+from modelhost.names import validate_name
+from modelhost.sources import DownloadRequest, Plan, SourceContext, get_source
+from modelhost.store import CommitFile, Manifest, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PROGRESS_FLUSH_S = 2.0
+THROUGHPUT_HISTORY = 5
+
+
+def request_key(request: DownloadRequest) -> str:
+    """Requests with the same key are the same download."""
+    relevant = request.model_dump(include={"source", "model_id", "name", "sha256", "filename"})
+    return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:32]
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    data = dataclasses.asdict(plan)
+    return data
+
+
+def plan_from_dict(data: dict[str, Any]) -> Plan:
+    files = [FileSpec(**f) for f in data["files"]]
+    return Plan(**{**data, "files": files})
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What ``POST /models/download`` answers: a job, or the installed model."""
+
+    job: Job | None
+    installed: Manifest | None
+    plan: Plan | None
+    shared: bool = False  # an identical request was already running
+
+    @property
+    def already_exists(self) -> bool:
+        return self.installed is not None
+
+
+@dataclass
+class _Active:
+    """A job that has not finished: its row plus what only the running process knows."""
+
+    job: Job
+    plan: Plan
+    progress: Progress
+    cancel: CancelToken
+    task: asyncio.Task | None = None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the status endpoint shows it, with live progress when it is running."""
+
+    job: Job
+    bytes_done: int
+    bytes_total: int | None
+    speed_bps: float | None
+    eta_s: float | None
+
+    @property
+    def progress_percent(self) -> float:
+        if self.job.state == JobState.COMPLETED:
+            return 100.0
+        if not self.bytes_total:
+            return 0.0
+        return round(min(100.0, 100.0 * self.bytes_done / self.bytes_total), 1)
+
+
+class JobManager:
+    """Owns the job queue. Create it, ``await start()``, and ``await stop()`` on shutdown."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: FetchEngine,
+        repository: JobRepository,
+        *,
+        max_downloads: int = 2,
+        parallel_files: int = 4,
+        cache_limit_bytes: int | None = None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.repository = repository
+        self.max_downloads = max_downloads
+        self.parallel_files = parallel_files
+        self.cache_limit_bytes = cache_limit_bytes
+        self._active: dict[str, _Active] = {}
+        self._pending: deque[str] = deque()
+        self._running: set[str] = set()
+        self._planning: dict[str, asyncio.Future[SubmitResult]] = {}
+        self._planning_names: dict[str, str] = {}
+        self._throughputs: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_HISTORY)
+        self._flusher: asyncio.Task | None = None
+        self._stopping = False
+        self.download_requests = 0
+        self.cache_hits = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover the store and resume every job a shutdown or crash interrupted."""
+        await asyncio.to_thread(self.store.recover)
+        unfinished = await asyncio.to_thread(
+            self.repository.list, [JobState.PENDING, JobState.DOWNLOADING]
+        )
+        finished = await asyncio.to_thread(self.repository.list, [JobState.COMPLETED], None, 20)
+        for job in reversed(finished):
+            self._record_throughput(job)
+        for job in sorted(unfinished, key=lambda j: j.created_at):
+            if job.plan is None:
+                await self._save(
+                    job.evolve(
+                        state=JobState.FAILED,
+                        message="Interrupted before its plan was recorded; request it again",
+                    )
+                )
+                continue
+            job = job.evolve(state=JobState.PENDING, message="Resuming after restart")
+            await self._save(job)
+            self._enqueue(job, plan_from_dict(job.plan))
+        self._flusher = asyncio.create_task(self._flush_progress_forever())
+        self._maybe_start()
+
+    async def stop(self) -> None:
+        """Interrupt running transfers, leaving them resumable (state ``pending``)."""
+        self._stopping = True
+        if self._flusher:
+            self._flusher.cancel()
+        tasks = []
+        for active in list(self._active.values()):
+            active.cancel.cancel("server shutting down")
+            if active.task:
+                tasks.append(active.task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self.repository.close)
+
+    # --- submitting ------------------------------------------------------------------------
+
+    async def submit(self, request: DownloadRequest, *, force: bool = False) -> SubmitResult:
+        """Start (or join) the download ``request`` describes.
+
+        Answers at once with the installed model (``already_exists``), the identical job
+        already running, or a new job; raises for a bad request before anything is recorded.
+        """
+        source = get_source(request.source)
+        validate_name(request.name)
+        self.download_requests += 1
+        key = request_key(request)
+
+        installed = await asyncio.to_thread(self.store.get, request.name)
+        if installed is not None and not force:
+            if installed.source == request.source and installed.model_id == request.model_id:
+                self.cache_hits += 1
+                await asyncio.to_thread(self.store.touch, request.name)
+                return SubmitResult(job=None, installed=installed, plan=None)
+            raise Conflict(
+                f"A different model is already installed as '{request.name}' "
+                f"({installed.source}: {installed.model_id}); delete it first or pick another name",
+                error="Name in use",
+            )
+        for active in self._active.values():
+            if active.job.key == key:
+                return SubmitResult(job=active.job, installed=None, plan=active.plan, shared=True)
+            if active.job.name == request.name:
+                raise Conflict(
+                    f"Another download for '{request.name}' is in progress "
+                    f"(download_id {active.job.id}); cancel it or pick another name",
+                    error="Name in use",
+                )
+        if key in self._planning:
+            result = await asyncio.shield(self._planning[key])
+            return dataclasses.replace(result, shared=True)
+        if request.name in self._planning_names:
+            raise Conflict(
+                f"Another download for '{request.name}' is being prepared; retry in a moment",
+                error="Name in use",
+            )
+
+        future: asyncio.Future[SubmitResult] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.exception())  # waiters get it; no stray warning
+        self._planning[key] = future
+        self._planning_names[request.name] = key
+        try:
+            context = SourceContext(engine=self.engine)
+            plan = await asyncio.to_thread(source.plan, request, context)
+            self._check_fits(plan)
+            job = await self._create_job(request, key, plan, force)
+            result = SubmitResult(job=job, installed=None, plan=plan)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            del self._planning[key]
+            del self._planning_names[request.name]
+
+    def _check_fits(self, plan: Plan) -> None:
+        size = plan.total_size
+        if (
+            self.cache_limit_bytes is not None
+            and size is not None
+            and size > self.cache_limit_bytes
+        ):
+            raise InsufficientStorage(
+                f"The model is {size / 1e6:.1f} MB, more than the whole cache budget "
+                f"(MODELHOST_CACHE_LIMIT_GB = {self.cache_limit_bytes / 1024**3:g} GiB)",
+                error="Larger than the cache budget",
+            )
+
+    async def _create_job(self, request: DownloadRequest, key: str, plan: Plan, force: bool) -> Job:
+        job = Job(
+            id=secrets.token_hex(6),
+            key=key,
+            name=request.name,
+            source=request.source,
+            model_id=request.model_id,
+            state=JobState.PENDING,
+            message="Queued",
+            request=request.model_dump(),
+            plan=plan_to_dict(plan),
+            bytes_total=plan.total_size,
+            force=force,
+        )
+        await asyncio.to_thread(self.repository.insert, job)
+        active = self._enqueue(job, plan)
+        self._maybe_start()
+        return active.job
+
+    def _enqueue(self, job: Job, plan: Plan) -> _Active:
+        active = _Active(
+            job=job, plan=plan, progress=Progress(plan.total_size), cancel=CancelToken()
+        )
+        self._active[job.id] = active
+        self._pending.append(job.id)
+        return active
+
+    def _maybe_start(self) -> None:
+        while not self._stopping and self._pending and len(self._running) < self.max_downloads:
+            job_id = self._pending.popleft()
+            active = self._active.get(job_id)
+            if active is None:
+                continue
+            self._running.add(job_id)
+            # The state flips now, so the answer to the POST that started it is already true.
+            active.job = active.job.evolve(
+                state=JobState.DOWNLOADING, started_at=utcnow(), message="Downloading"
+            )
+            active.task = asyncio.create_task(self._run(active), name=f"job-{job_id}")
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def _run(self, active: _Active) -> None:
+        job = active.job
+        try:
+            await self._save(job)
+            fetched, reused = await asyncio.to_thread(self._fetch_all, active)
+            manifest = Manifest(
+                name=job.name,
+                source=job.source,
+                model_id=job.model_id,
+                revision=active.plan.revision,
+                task=active.plan.task,
+                download_id=job.id,
+                extra={"description": active.plan.description} if active.plan.description else {},
+            )
+            files = [
+                CommitFile(path=f.spec.path, local_path=f.local_path, size=f.size, sha256=f.sha256)
+                for f in fetched
+            ] + reused
+            await asyncio.to_thread(self.store.commit, manifest, files)
+            evicted = await self._enforce_cache_limit(job.name)
+            transferred = sum(f.bytes_transferred for f in fetched)
+            message = "Download completed successfully"
+            if reused:
+                message += f" ({len(reused)} file(s) already in the cache were reused)"
+            if evicted:
+                message += f"; evicted to stay within the cache budget: {', '.join(evicted)}"
+            total = sum(f.size for f in files)
+            job = active.job.evolve(
+                state=JobState.COMPLETED,
+                message=message,
+                bytes_done=total,
+                bytes_total=total,
+                bytes_transferred=transferred,
+                finished_at=utcnow(),
+            )
+            self._record_throughput(job)
+        except Cancelled as exc:
+            if self._stopping:
+                job = active.job.evolve(
+                    state=JobState.PENDING,
+                    message="Interrupted by shutdown; resumes on the next start",
+                )
+            else:
+                await asyncio.to_thread(self._discard_partials, active.plan)
+                job = active.job.evolve(
+                    state=JobState.CANCELLED,
+                    message=f"Download cancelled: {exc.message}",
+                    finished_at=utcnow(),
+                )
+        except ModelhostError as exc:
+            job = active.job.evolve(
+                state=JobState.FAILED,
+                message=f"Failed to download model '{job.name}': {exc.message}",
+                error=exc.error,
+                finished_at=utcnow(),
+            )
+        except Exception as exc:  # a bug: record it on the job rather than lose it
+            log.exception("job %s crashed", job.id)
+            job = active.job.evolve(
+                state=JobState.FAILED,
+                message=f"Failed to download model '{job.name}': internal error: {exc!r}",
+                error="Internal error",
+                finished_at=utcnow(),
+            )
+        snapshot = active.progress.snapshot()
+        if job.state != JobState.COMPLETED:
+            job = dataclasses.replace(job, bytes_done=snapshot.bytes_done)
+        active.job = job
+        await self._save(job)
+        self._active.pop(job.id, None)
+        self._running.discard(job.id)
+        self._maybe_start()
+
+    def _fetch_all(self, active: _Active) -> tuple[list[FetchedFile], list[CommitFile]]:
+        """Fetch the plan's files in parallel (worker thread). Files whose blob the store
+        already holds are reused, not fetched. The first failure cancels the rest."""
+        to_fetch: list[FileSpec] = []
+        reused: list[CommitFile] = []
+        for spec in active.plan.files:
+            if spec.sha256 and not active.job.force and self.store.has_blob(spec.sha256):
+                size = self.store.blob_path(spec.sha256).stat().st_size
+                active.progress.add_existing(size)
+                reused.append(CommitFile(spec.path, None, size, spec.sha256))
+            else:
+                if active.job.force:
+                    self.engine.discard(spec)
+                to_fetch.append(spec)
+        if not to_fetch:
+            return [], reused
+        workers = min(self.parallel_files, len(to_fetch))
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"fetch-{active.job.id}") as pool:
+            futures = [
+                pool.submit(self.engine.fetch, spec, active.progress, active.cancel)
+                for spec in to_fetch
+            ]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                first = failed[0].exception()
+                if not isinstance(first, Cancelled):
+                    active.cancel.cancel(f"another file failed: {first}")
+                wait(futures)
+                raise first  # type: ignore[misc]
+            return [f.result() for f in futures], reused
+
+    def _discard_partials(self, plan: Plan) -> None:
+        for spec in plan.files:
+            self.engine.discard(spec)
+
+    async def _enforce_cache_limit(self, keep: str) -> list[str]:
+        if self.cache_limit_bytes is None:
+            return []
+        return await asyncio.to_thread(self.store.evict_to_fit, self.cache_limit_bytes, {keep})
+
+    async def _save(self, job: Job) -> None:
+        await asyncio.to_thread(self.repository.save, job)
+
+    async def _flush_progress_forever(self) -> None:
+        """Persist running jobs' byte counts now and then (status survives a restart)."""
+        while True:
+            await asyncio.sleep(PROGRESS_FLUSH_S)
+            for active in list(self._active.values()):
+                if active.job.state == JobState.DOWNLOADING:
+                    done = active.progress.snapshot().bytes_done
+                    active.job = dataclasses.replace(active.job, bytes_done=done)
+                    try:
+                        await self._save(active.job)
+                    except Exception:  # the next flush tries again
+                        log.exception("could not persist progress of %s", active.job.id)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobView:
+        """The job's current state; raises ``JobNotFound``."""
+        active = self._active.get(job_id)
+        if active is not None:
+            return self._view(active.job, active.progress)
+        job = await asyncio.to_thread(self.repository.get, job_id)
+        if job is None:
+            raise JobNotFound(f"Download not found: {job_id}")
+        return self._view(job, None)
+
+    async def list(self, state: JobState | None = None) -> list[JobView]:
+        jobs = await asyncio.to_thread(self.repository.list, [state] if state else None)
+        views = []
+        for job in jobs:
+            active = self._active.get(job.id)
+            views.append(self._view(active.job, active.progress) if active else self._view(job))
+        return views
+
+    def _view(self, job: Job, progress: Progress | None = None) -> JobView:
+        if progress is None or job.state.finished:
+            return JobView(job, job.bytes_done, job.bytes_total, None, None)
+        snapshot = progress.snapshot()
+        speed = snapshot.speed_bps if job.state == JobState.DOWNLOADING else None
+        eta = snapshot.eta_s if job.state == JobState.DOWNLOADING else None
+        return JobView(job, snapshot.bytes_done, snapshot.bytes_total, speed, eta)
+
+    def cache_hit_rate(self) -> float | None:
+        """Share of download requests since start answered from the cache; None before any."""
+        if not self.download_requests:
+            return None
+        return self.cache_hits / self.download_requests
+
+    def recent_throughput(self) -> float | None:
+        """Bytes per second over the last few completed transfers, or None if none measured."""
+        if not self._throughputs:
+            return None
+        total_bytes = sum(b for b, _ in self._throughputs)
+        total_seconds = sum(s for _, s in self._throughputs)
+        return total_bytes / total_seconds if total_seconds > 0 else None
+
+    def _record_throughput(self, job: Job) -> None:
+        if job.started_at and job.finished_at and job.bytes_transferred >= 1_000_000:
+            seconds = (job.finished_at - job.started_at).total_seconds()
+            if seconds > 0:
+                self._throughputs.append((job.bytes_transferred, seconds))
+
+    # --- changing --------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a pending or running job; returns it in its final state."""
+        active = self._active.get(job_id)
+        if active is None:
+            job = await asyncio.to_thread(self.repository.get, job_id)
+            if job is None:
+                raise JobNotFound(f"Download not found: {job_id}")
+            raise Conflict(
+                f"Download {job_id} has already ended ({job.state.value}); nothing to cancel",
+                error="Already finished",
+            )
+        if active.task is None:  # still queued: nothing runs, end it here
+            self._pending.remove(job_id)
+            self._active.pop(job_id, None)
+            job = active.job.evolve(
+                state=JobState.CANCELLED,
+                message="Download cancelled before it started",
+                finished_at=utcnow(),
+            )
+            await self._save(job)
+            return job
+        active.cancel.cancel("cancelled by request")
+        await asyncio.shield(active.task)
+        return active.job
+
+    async def retry(self, name: str, force: bool) -> SubmitResult:
+        """Run the last failed or cancelled download of ``name`` again.
+
+        Without ``force`` it resumes from the bytes already fetched; with ``force`` it
+        discards them (and re-downloads an installed model in full).
+        """
+        validate_name(name)
+        for active in self._active.values():
+            if active.job.name == name:
+                raise Conflict(
+                    f"A download for '{name}' is already in progress (download_id {active.job.id})",
+                    error="Already running",
+                )
+        installed = await asyncio.to_thread(self.store.get, name)
+        jobs = await asyncio.to_thread(self.repository.list, None, name, 1)
+        if installed is not None and not force:
+            raise Conflict(
+                f"Model '{name}' is installed and complete; use force_redownload=true "
+                "to download it again",
+                error="Nothing to retry",
+            )
+        if not jobs:
+            if installed is None:
+                raise ModelNotFound(f"No download of '{name}' to retry", error="Unknown model")
+            request = DownloadRequest(
+                source=installed.source,
+                model_id=installed.model_id,
+                name=name,
+                task=installed.task or "text-generation",
+            )
+        else:
+            last = jobs[0]
+            if installed is None and last.state == JobState.COMPLETED:
+                raise ModelNotFound(
+                    f"Model '{name}' was deleted; download it again with POST /models/download",
+                    error="Unknown model",
+                )
+            request = DownloadRequest(**last.request)
+        return await self.submit(request, force=force)
+
+    async def remove_model(self, name: str) -> tuple[Manifest | None, int, Job | None]:
+        """Cancel the model's running download and delete it from the cache.
+
+        Returns the removed manifest (None if it was not installed yet), the bytes freed and
+        the cancelled job. Raises ``ModelNotFound`` when there is neither.
+        """
+        validate_name(name)
+        cancelled = None
+        for active in list(self._active.values()):
+            if active.job.name == name:
+                cancelled = await self.cancel(active.job.id)
+        try:
+            manifest, freed = await asyncio.to_thread(self.store.delete, name)
+        except ModelNotFound:
+            if cancelled is None:
+                raise
+            return None, 0, cancelled
+        return manifest, freed, cancelled
+
+    def run_blocking(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``func`` in a worker thread (for the API layer's blocking store reads)."""
+        return asyncio.ensure_future(asyncio.to_thread(func, *args))
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,73 @@
+"""The nouns every source shares: the download request and the plan it turns into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelhost.fetch import FetchEngine, FileSpec
+
+
+class DownloadRequest(BaseModel):
+    """The body of ``POST /models/download`` (the seed's fields plus modelhost's options)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    source: str
+    model_id: str = Field(min_length=1, max_length=2048)
+    name: str
+    task: str = "text-generation"
+    auto_convert_tts: bool = False
+    include_vocoder: bool = False
+    vocoder_model: str | None = None
+    enable_large_model: bool = False
+    experimental: bool = False
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="url source: expected sha256 of the file; the download fails if it differs",
+    )
+    filename: str | None = Field(
+        default=None, description="url source: file name inside the model directory"
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="allow pickled weights (.pth, .pt, .bin, .ckpt, .pkl); loaded weights_only",
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a source decided to fetch, before any byte of it moves."""
+
+    source: str
+    model_id: str
+    task: str | None
+    files: list[FileSpec]
+    revision: str | None = None
+    model_type: str | None = None
+    description: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int | None:
+        """Sum of the files' sizes, or None when any size is unknown."""
+        sizes = [f.size for f in self.files]
+        return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a source may use while planning: metadata requests through the engine's policy."""
+
+    engine: FetchEngine
+
+
+class Source(Protocol):
+    """Turns a request into a Plan. Blocking; reads metadata only, never writes bytes."""
+
+    name: str
+
+    def plan(self, request: DownloadRequest, context: SourceContext) -> Plan: ...
