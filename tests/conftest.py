@@ -1,0 +1,102 @@
+"""Shared fixtures: loopback servers (the fault-injecting file server, modelhost itself)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fileserver import FileServer  # noqa: E402
+
+from modelhost.api.app import create_app  # noqa: E402
+from modelhost.config import Settings  # noqa: E402
+
+
+@pytest.fixture
+def fileserver() -> Iterator[FileServer]:
+    with FileServer() as server:
+        yield server
+
+
+def test_settings(home: Path, allow: list[str], **overrides) -> Settings:
+    """Settings for a test server: its own home, the loopback hosts allowed, quick retries."""
+    values = dict(
+        home=home,
+        url_allow=tuple(allow),
+        fetch_retries=3,
+        fetch_backoff_s=0.01,
+        fetch_backoff_max_s=0.05,
+        fetch_read_timeout_s=2.0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+class RunningServer:
+    """modelhost served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.client = httpx.Client(base_url=self.base_url, timeout=30)
+
+    def start(self) -> RunningServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("modelhost test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.client.close()
+        self.sock.close()
+
+    def wait_for(self, download_id: str, states=("completed", "failed", "cancelled"),
+                 timeout: float = 60) -> dict:
+        """Poll the status endpoint until the job reaches one of ``states``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.client.get(f"/models/download/status/{download_id}").json()
+            if body["status"] in states:
+                return body
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {download_id} still {body['status']}: {body}")
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator:
+    """Start modelhost servers on demand; all are stopped at the end of the test."""
+    servers: list[RunningServer] = []
+
+    def factory(allow: list[str], home: Path | None = None, **overrides) -> RunningServer:
+        settings = test_settings(home or tmp_path / "home", allow, **overrides)
+        server = RunningServer(settings).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
