@@ -27,7 +27,7 @@ def fileserver() -> Iterator[FileServer]:
         yield server
 
 
-def test_settings(home: Path, allow: list[str], **overrides) -> Settings:
+def make_settings(home: Path, allow: list[str], **overrides) -> Settings:
     """Settings for a test server: its own home, the loopback hosts allowed, quick retries."""
     values = dict(
         home=home,
@@ -73,8 +73,9 @@ class RunningServer:
         self.client.close()
         self.sock.close()
 
-    def wait_for(self, download_id: str, states=("completed", "failed", "cancelled"),
-                 timeout: float = 60) -> dict:
+    def wait_for(
+        self, download_id: str, states=("completed", "failed", "cancelled"), timeout: float = 60
+    ) -> dict:
         """Poll the status endpoint until the job reaches one of ``states``."""
         deadline = time.monotonic() + timeout
         while True:
@@ -92,7 +93,7 @@ def make_server(tmp_path: Path) -> Iterator:
     servers: list[RunningServer] = []
 
     def factory(allow: list[str], home: Path | None = None, **overrides) -> RunningServer:
-        settings = test_settings(home or tmp_path / "home", allow, **overrides)
+        settings = make_settings(home or tmp_path / "home", allow, **overrides)
         server = RunningServer(settings).start()
         servers.append(server)
         return server

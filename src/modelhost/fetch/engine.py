@@ -13,6 +13,7 @@ All methods block; callers run them in worker threads.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import queue
 import random
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +150,30 @@ def _error_for_status(response: OpenResponse) -> FetchError:
     if response.status in TRANSIENT_STATUSES:
         return TransientFetchError(message)
     return FetchError(message, error=f"HTTP {response.status}")
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _body_reader(
+    response: http.client.HTTPResponse, length: int | None
+) -> Callable[[memoryview], int]:
+    """A function reading *some* body bytes into a buffer: one receive, not a full buffer.
+
+    With a known length it reads the socket directly (``readinto1``), which is both the
+    fastest path and the one that never holds back bytes when the connection fails.
+    """
+    if length is not None and not response.chunked and response.fp is not None:
+        return response.fp.readinto1
+
+    def read_via_http_client(view: memoryview) -> int:
+        data = response.read1(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    return read_via_http_client
 
 
 class _FileProgress:
@@ -428,7 +454,12 @@ class FetchEngine:
         progress: _FileProgress,
         cancel: CancelToken,
     ) -> int:
-        """Append the body to ``part``, hashing what is already there first."""
+        """Append the body to ``part``, hashing what is already there first.
+
+        Buffers fill from several receives; whatever a buffer holds when the connection
+        fails is still written, so a resume loses no byte that arrived.
+        """
+        read_some = _body_reader(response.response, total - offset if total is not None else None)
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if offset:
@@ -436,31 +467,43 @@ class FetchEngine:
                 self._hash_existing(fd, offset, hasher, cancel)
             os.lseek(fd, offset, os.SEEK_SET)
             received = 0
-            while True:
-                buffer = hasher.free.get()
-                try:
-                    n = response.response.readinto(buffer)
-                except (OSError, ValueError) as exc:
+            remaining = None if total is None else total - offset
+            buffer, fill = hasher.free.get(), 0
+            try:
+                while remaining is None or remaining > 0:
+                    want = (
+                        CHUNK_SIZE - fill
+                        if remaining is None
+                        else min(CHUNK_SIZE - fill, remaining)
+                    )
+                    try:
+                        n = read_some(memoryview(buffer)[fill : fill + want])
+                    except (OSError, ValueError, http.client.HTTPException) as exc:
+                        cancel.raise_if_cancelled()
+                        raise TransientFetchError(
+                            f"Connection lost after {offset + received} bytes of "
+                            f"{response.url}: {exc or type(exc).__name__}"
+                        ) from exc
+                    if not n:
+                        cancel.raise_if_cancelled()
+                        break
+                    fill += n
+                    received += n
+                    if remaining is not None:
+                        remaining -= n
+                    progress.add(n)
+                    if fill == CHUNK_SIZE:
+                        _write_all(fd, memoryview(buffer)[:fill])
+                        hasher.feed(buffer, fill)
+                        buffer, fill = hasher.free.get(), 0
+                    if cancel.cancelled:
+                        raise Cancelled(cancel.reason)
+            finally:
+                if fill:
+                    _write_all(fd, memoryview(buffer)[:fill])
+                    hasher.feed(buffer, fill)
+                else:
                     hasher.free.put(buffer)
-                    cancel.raise_if_cancelled()
-                    raise TransientFetchError(
-                        f"Connection lost after {offset + received} bytes of {response.url}: "
-                        f"{exc or type(exc).__name__}"
-                    ) from exc
-                if not n:
-                    hasher.free.put(buffer)
-                    cancel.raise_if_cancelled()
-                    break
-                view = memoryview(buffer)[:n]
-                while view:
-                    view = view[os.write(fd, view) :]
-                hasher.feed(buffer, n)
-                received += n
-                progress.add(n)
-                if cancel.cancelled:
-                    raise Cancelled(cancel.reason)
-                if total is not None and offset + received >= total:
-                    break
             os.fsync(fd)
             return received
         finally:
