@@ -54,17 +54,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def safe_relative_path(path: str) -> PurePosixPath:
     """A file's path inside a model directory; refuses anything that could leave it."""
-    rel = PurePosixPath(path)
+    raw_parts = path.split("/")
     if (
         not path
-        or rel.is_absolute()
-        or any(part in ("", ".", "..") for part in rel.parts)
+        or any(part in ("", ".", "..") for part in raw_parts)
         or "\\" in path
         or "\0" in path
-        or rel.parts[0].startswith(TMP_PREFIX)
+        or raw_parts[0].startswith(TMP_PREFIX)
     ):
         raise InvalidRequest(f"Unsafe file path in model: {path!r}", error="Invalid file path")
-    return rel
+    return PurePosixPath(path)
 
 
 @dataclass(frozen=True)
