@@ -112,6 +112,7 @@ class _Hasher:
     """
 
     def __init__(self, buffers: int) -> None:
+        self._nice = _thread_nice()
         self.digest = hashlib.sha256()
         self.free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(buffers):
@@ -121,6 +122,7 @@ class _Hasher:
         self._thread.start()
 
     def _run(self) -> None:
+        set_thread_nice(self._nice)  # hash at the priority of the transfer it serves
         while (item := self._work.get()) is not None:
             buffer, length = item
             self.digest.update(memoryview(buffer)[:length])
@@ -150,6 +152,23 @@ def _error_for_status(response: OpenResponse) -> FetchError:
     if response.status in TRANSIENT_STATUSES:
         return TransientFetchError(message)
     return FetchError(message, error=f"HTTP {response.status}")
+
+
+def _thread_nice() -> int | None:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return None
+
+
+def set_thread_nice(nice: int | None) -> None:
+    """Set the calling thread's CPU priority (Linux schedules threads individually)."""
+    if nice is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
 
 
 def _write_all(fd: int, view: memoryview) -> None:

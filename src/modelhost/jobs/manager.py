@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from modelhost.errors import (
     ModelNotFound,
 )
 from modelhost.fetch import CancelToken, FetchedFile, FetchEngine, FileSpec, Progress
+from modelhost.fetch.engine import set_thread_nice
 from modelhost.jobs.db import JobRepository
 from modelhost.jobs.models import Job, JobState, utcnow
 from modelhost.names import validate_name
@@ -38,7 +39,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROGRESS_FLUSH_S = 2.0
+# Transfers run at a lower CPU priority than the threads that answer requests, so that a
+# saturated link never slows the API on a small machine.
+TRANSFER_NICE = 10
 THROUGHPUT_HISTORY = 5
+FINISHED_CACHE = 1000
 
 
 def request_key(request: DownloadRequest) -> str:
@@ -125,6 +130,8 @@ class JobManager:
         self._running: set[str] = set()
         self._planning: dict[str, asyncio.Future[SubmitResult]] = {}
         self._planning_names: dict[str, str] = {}
+        # Jobs this process finished, so status polls of them need no database round trip.
+        self._finished: OrderedDict[str, Job] = OrderedDict()
         self._throughputs: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_HISTORY)
         self._flusher: asyncio.Task | None = None
         self._stopping = False
@@ -356,6 +363,7 @@ class JobManager:
             job = dataclasses.replace(job, bytes_done=snapshot.bytes_done)
         active.job = job
         await self._save(job)
+        self._remember_finished(job)
         self._active.pop(job.id, None)
         self._running.discard(job.id)
         self._maybe_start()
@@ -377,7 +385,12 @@ class JobManager:
         if not to_fetch:
             return [], reused
         workers = min(self.parallel_files, len(to_fetch))
-        with ThreadPoolExecutor(workers, thread_name_prefix=f"fetch-{active.job.id}") as pool:
+        with ThreadPoolExecutor(
+            workers,
+            thread_name_prefix=f"fetch-{active.job.id}",
+            initializer=set_thread_nice,
+            initargs=(TRANSFER_NICE,),
+        ) as pool:
             futures = [
                 pool.submit(self.engine.fetch, spec, active.progress, active.cancel)
                 for spec in to_fetch
@@ -424,10 +437,18 @@ class JobManager:
         active = self._active.get(job_id)
         if active is not None:
             return self._view(active.job, active.progress)
-        job = await asyncio.to_thread(self.repository.get, job_id)
+        job = self._finished.get(job_id)
+        if job is None:
+            job = await asyncio.to_thread(self.repository.get, job_id)
         if job is None:
             raise JobNotFound(f"Download not found: {job_id}")
         return self._view(job, None)
+
+    def _remember_finished(self, job: Job) -> None:
+        self._finished[job.id] = job
+        self._finished.move_to_end(job.id)
+        while len(self._finished) > FINISHED_CACHE:
+            self._finished.popitem(last=False)
 
     async def list(self, state: JobState | None = None) -> list[JobView]:
         jobs = await asyncio.to_thread(self.repository.list, [state] if state else None)
@@ -487,6 +508,7 @@ class JobManager:
                 finished_at=utcnow(),
             )
             await self._save(job)
+            self._remember_finished(job)
             return job
         active.cancel.cancel("cancelled by request")
         await asyncio.shield(active.task)
