@@ -109,7 +109,10 @@ def test_sigkill_mid_download_resumes_after_restart(tmp_path):
 
         gets = [r for r in files.requests if r.method == "GET"]
         assert len(gets) == 2
-        assert gets[1].range_start is not None and gets[1].range_start > 0.4 * SIZE
+        # Resumed near where the kill struck (the status said > 40%); at most one unwritten
+        # 4 MiB receive buffer was lost with the process.
+        assert gets[1].range_start is not None
+        assert gets[1].range_start > 0.4 * SIZE - 4 * 1024 * 1024
         # Bytes sent twice: what the killed process had received but not yet written. (The
         # server's count can fall short by one throttled send that failed half-way through.)
         refetched = sum(r.body_bytes_sent for r in gets) - SIZE
