@@ -53,6 +53,7 @@ def test_download_installs_verified_model(make_server, fileserver, payload):
     assert info["revision"] == fileserver.etag("/m/model.safetensors")
     with open(os.path.join(info["path"], "model.safetensors"), "rb") as handle:
         assert handle.read() == payload
+    assert list((server.settings.home / "partial").iterdir()) == []  # no leftover state
 
     cache = server.client.get("/models/cache/info").json()
     assert cache["cache_directory"] == str(server.settings.home)

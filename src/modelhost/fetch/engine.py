@@ -12,6 +12,7 @@ All methods block; callers run them in worker threads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -29,6 +30,7 @@ from modelhost.errors import (
     Cancelled,
     DigestMismatch,
     FetchError,
+    InsufficientStorage,
     SizeMismatch,
     TransientFetchError,
     UpstreamError,
@@ -41,6 +43,7 @@ from modelhost.fetch.progress import Progress
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
+PROBE_RETRIES = 2
 TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 # An attempt that moved at least this much resets the retry count: a long download over a
 # flaky link keeps going as long as it keeps making progress.
@@ -172,8 +175,17 @@ def set_thread_nice(nice: int | None) -> None:
 
 
 def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise InsufficientStorage(
+                f"No space left to write the download ({os.strerror(exc.errno)}); free disk "
+                "space under MODELHOST_HOME, then retry: the bytes already fetched are kept",
+                error="Disk full",
+            ) from exc
+        raise
 
 
 def _body_reader(
@@ -246,7 +258,8 @@ class FetchEngine:
             try:
                 return self._probe_once(url)
             except TransientFetchError as exc:
-                if attempt >= self.retry.retries:
+                # Someone waits for this answer: fewer tries than a transfer gets.
+                if attempt >= min(self.retry.retries, PROBE_RETRIES):
                     raise UpstreamError(
                         f"{exc.message} (gave up after {attempt + 1} tries)"
                     ) from exc

@@ -313,6 +313,7 @@ class JobManager:
                 for f in fetched
             ] + reused
             await asyncio.to_thread(self.store.commit, manifest, files)
+            await asyncio.to_thread(self._discard_partials, active.plan)  # their .json state
             evicted = await self._enforce_cache_limit(job.name)
             transferred = sum(f.bytes_transferred for f in fetched)
             message = "Download completed successfully"
@@ -362,8 +363,12 @@ class JobManager:
         if job.state != JobState.COMPLETED:
             job = dataclasses.replace(job, bytes_done=snapshot.bytes_done)
         active.job = job
-        await self._save(job)
-        self._remember_finished(job)
+        try:
+            await self._save(job)
+        except Exception:  # e.g. the database's disk is full: keep serving the job's state
+            log.exception("could not persist the end of job %s", job.id)
+        if job.state.finished:
+            self._remember_finished(job)
         self._active.pop(job.id, None)
         self._running.discard(job.id)
         self._maybe_start()
