@@ -473,3 +473,23 @@ def test_event_loop_stays_responsive_during_transfers(make_server, fileserver):
     assert max(latencies) < 0.5, max(latencies)
     for job_id in ids:
         assert server.wait_for(job_id)["status"] == "completed"
+
+
+def test_metrics_count_what_happened(make_server, fileserver, payload):
+    fileserver.add("/p.safetensors", payload)
+    server = make_server([fileserver.host_port])
+    request = body(fileserver.url("/p.safetensors"), "p")
+    server.wait_for(server.client.post("/models/download", json=request).json()["download_id"])
+    server.client.post("/models/download", json=request)  # a cache hit
+    text = server.client.get("/metrics").text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["modelhost_download_requests_total"] == 2
+    assert values["modelhost_cache_hits_total"] == 1
+    assert values["modelhost_bytes_transferred_total"] == SIZE
+    assert values["modelhost_cache_bytes"] == SIZE
+    assert values["modelhost_models_installed"] == 1
+    assert values['modelhost_jobs{state="downloading"}'] == 0

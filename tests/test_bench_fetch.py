@@ -31,9 +31,9 @@ KEYS = {
 
 def run_bench(workdir: Path, *extra: str) -> dict:
     """Run the benchmark as a subprocess with --json and return the parsed summary."""
+    args = ["--size-mb", "16", "--settle-s", "0", "--json", "--workdir", str(workdir), *extra]
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--size-mb", "16", "--json", "--workdir", str(workdir)]
-        + list(extra),
+        [sys.executable, str(BENCH), *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -27,7 +27,9 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_full_disk_fails_clearly_and_keeps_fetched_bytes(make_server, fileserver, small_disk, tmp_path):
+def test_full_disk_fails_clearly_and_keeps_fetched_bytes(
+    make_server, fileserver, small_disk, tmp_path
+):
     payload = os.urandom(6 * 1024 * 1024)
     fileserver.add("/big.safetensors", payload)
     server = make_server(

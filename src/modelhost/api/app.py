@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from modelhost import __version__
-from modelhost.api import downloads, health, models
+from modelhost.api import downloads, health, metrics, models
 from modelhost.api.deps import Services
 from modelhost.api.errors import install_error_handlers
 from modelhost.catalog import load_catalog, load_models_config
@@ -80,4 +80,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(downloads.router)
     app.include_router(models.router)
+    app.include_router(metrics.router)
     return app

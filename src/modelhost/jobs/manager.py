@@ -137,6 +137,7 @@ class JobManager:
         self._stopping = False
         self.download_requests = 0
         self.cache_hits = 0
+        self.bytes_transferred = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -316,6 +317,7 @@ class JobManager:
             await asyncio.to_thread(self._discard_partials, active.plan)  # their .json state
             evicted = await self._enforce_cache_limit(job.name)
             transferred = sum(f.bytes_transferred for f in fetched)
+            self.bytes_transferred += transferred
             message = "Download completed successfully"
             if reused:
                 message += f" ({len(reused)} file(s) already in the cache were reused)"
