@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Annotated
+from enum import Enum
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
 from modelhost.catalog import Catalog, ModelsConfig
 from modelhost.config import Settings
-from modelhost.errors import Unauthorized
+from modelhost.errors import InvalidRequest, Unauthorized
 from modelhost.jobs import JobManager
 from modelhost.store import Store
 
@@ -45,3 +46,17 @@ def require_api_key(request: Request) -> None:
             "This server requires an API key: send 'Authorization: Bearer <MODELHOST_API_KEY>'",
             error="Missing or wrong API key",
         )
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_choice(kind: type[E], value: str, what: str) -> E:
+    """``value`` as a member of ``kind``, or a 400 that lists the valid choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(str(member.value) for member in kind)
+        raise InvalidRequest(
+            f"Unknown {what} {value!r}; use one of: {valid}", error=f"Invalid {what}"
+        ) from None

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from modelhost.api.deps import Services, ServicesDep, require_api_key
-from modelhost.errors import InvalidRequest
+from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
 from modelhost.jobs import JobState, JobView, SubmitResult
 from modelhost.sources import DownloadRequest
 
@@ -107,15 +106,7 @@ async def list_downloads(
     services: ServicesDep,
     status: str | None = Query(default=None, description="pending, downloading, completed, ..."),
 ) -> dict:
-    state = None
-    if status is not None:
-        try:
-            state = JobState(status)
-        except ValueError:
-            valid = ", ".join(s.value for s in JobState)
-            raise InvalidRequest(
-                f"Unknown status {status!r}; use one of: {valid}", error="Invalid status"
-            ) from None
+    state = None if status is None else parse_choice(JobState, status, "status")
     views = await services.jobs.list(state)
     return {"total": len(views), "downloads": [status_body(v) for v in views]}
 

@@ -7,9 +7,9 @@ from enum import Enum
 
 from fastapi import APIRouter, Depends, Query
 
-from modelhost.api.deps import Services, ServicesDep, require_api_key
+from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
 from modelhost.catalog import available_view, is_tts_task, models_view
-from modelhost.errors import InvalidRequest, NotImplementedYet
+from modelhost.errors import NotImplementedYet
 from modelhost.names import validate_name
 from modelhost.store import Manifest, describe
 
@@ -116,13 +116,7 @@ async def manage_model(
     model_name: str = Query(...),
     force_redownload: bool = Query(default=False),
 ) -> dict:
-    try:
-        chosen = ManageAction(action)
-    except ValueError:
-        valid = ", ".join(a.value for a in ManageAction)
-        raise InvalidRequest(
-            f"Unknown action {action!r}; use one of: {valid}", error="Invalid action"
-        ) from None
+    chosen = parse_choice(ManageAction, action, "action")
     validate_name(model_name)
     if chosen is ManageAction.retry_download:
         result = await services.jobs.retry(model_name, force_redownload)
