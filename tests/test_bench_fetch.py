@@ -26,6 +26,7 @@ KEYS = {
     "curl_fsync",
     "runs",
     "note",
+    "settle_s",
 }
 
 

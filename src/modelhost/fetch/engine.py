@@ -12,6 +12,7 @@ All methods block; callers run them in worker threads.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import http.client
@@ -21,6 +22,7 @@ import os
 import queue
 import random
 import re
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +46,11 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
 PROBE_RETRIES = 2
+WRITEBACK_EVERY = 64 * 1024 * 1024
+# Writes go to the page cache in slices: measured on a 2-core VM, 1 GiB written in 16 KiB
+# slices took 0.5 s where 4 MiB writes took 1.9 s (large writes into freshly reclaimed
+# memory are slow there); the receive and hash buffers stay large.
+WRITE_SLICE = 16 * 1024
 TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 # An attempt that moved at least this much resets the retry count: a long download over a
 # flaky link keeps going as long as it keeps making progress.
@@ -157,6 +164,27 @@ def _error_for_status(response: OpenResponse) -> FetchError:
     return FetchError(message, error=f"HTTP {response.status}")
 
 
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_sync_file_range = _load_sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk now (Linux), without waiting for it,
+    so that the fsync before commit has little left to do."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 def _thread_nice() -> int | None:
     try:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -177,7 +205,7 @@ def set_thread_nice(nice: int | None) -> None:
 def _write_all(fd: int, view: memoryview) -> None:
     try:
         while view:
-            view = view[os.write(fd, view) :]
+            view = view[os.write(fd, view[:WRITE_SLICE]) :]
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise InsufficientStorage(
@@ -501,6 +529,7 @@ class FetchEngine:
             received = 0
             remaining = None if total is None else total - offset
             buffer, fill = hasher.free.get(), 0
+            flushed = offset
             try:
                 while remaining is None or remaining > 0:
                     want = (
@@ -528,6 +557,10 @@ class FetchEngine:
                         _write_all(fd, memoryview(buffer)[:fill])
                         hasher.feed(buffer, fill)
                         buffer, fill = hasher.free.get(), 0
+                        written = offset + received
+                        if written - flushed >= WRITEBACK_EVERY:
+                            start_writeback(fd, flushed, written - flushed)
+                            flushed = written
                     if cancel.cancelled:
                         raise Cancelled(cancel.reason)
             finally:
