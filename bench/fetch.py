@@ -114,8 +114,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def nginx_conf(runtime: Path, root: Path, port: int) -> str:
-    """A minimal single-worker static-file nginx config, every path inside ``runtime``."""
+def nginx_conf(runtime: Path, root: Path, port: int, limit_rate: int | None = None) -> str:
+    """A minimal single-worker static-file nginx config, every path inside ``runtime``.
+
+    ``limit_rate`` caps each response at that many bytes per second (a remote host's speed).
+    """
     user = ""
     if os.geteuid() == 0:
         # As root nginx would run its worker as "nobody", which cannot read a 0700 work dir.
@@ -136,6 +139,7 @@ def nginx_conf(runtime: Path, root: Path, port: int) -> str:
         "    sendfile on;\n"
         "    tcp_nopush on;\n"
         "    default_type application/octet-stream;\n"
+        f"    limit_rate {limit_rate or 0};\n"
         f"{temp_paths}"
         "    server {\n"
         f"        listen 127.0.0.1:{port};\n"
@@ -171,7 +175,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def nginx_serving(root: Path, runtime: Path) -> Iterator[int]:
+def nginx_serving(root: Path, runtime: Path, limit_rate: int | None = None) -> Iterator[int]:
     """Run nginx serving ``root`` on a free loopback port; yield the port; always stop it."""
     if not os.access(NGINX, os.X_OK):
         raise BenchError(f"{NGINX} not found: apt-get install nginx-light")
@@ -180,7 +184,7 @@ def nginx_serving(root: Path, runtime: Path) -> Iterator[int]:
     for _ in range(3):  # the free port can be taken between the probe and nginx's bind
         port = free_port()
         conf = runtime / "nginx.conf"
-        conf.write_text(nginx_conf(runtime, root, port))
+        conf.write_text(nginx_conf(runtime, root, port, limit_rate))
         proc = subprocess.Popen(
             [NGINX, "-p", str(runtime), "-c", str(conf), "-e", str(error_log)],
             stdin=subprocess.DEVNULL,
