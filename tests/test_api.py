@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import httpx
 import pytest
@@ -493,3 +494,23 @@ def test_metrics_count_what_happened(make_server, fileserver, payload):
     assert values["modelhost_cache_bytes"] == SIZE
     assert values["modelhost_models_installed"] == 1
     assert values['modelhost_jobs{state="downloading"}'] == 0
+
+
+def test_estimated_time_uses_measured_throughput(make_server, fileserver, payload):
+    fileserver.add("/first.safetensors", payload, faults=[Rate(4_000_000)])
+    second = os.urandom(3 * SIZE)
+    fileserver.add("/second.safetensors", second)
+    server = make_server([fileserver.host_port])
+    first = server.client.post(
+        "/models/download", json=body(fileserver.url("/first.safetensors"), "first")
+    ).json()
+    done = server.wait_for(first["download_id"])
+    seconds = (
+        datetime.fromisoformat(done["finished_at"]) - datetime.fromisoformat(done["started_at"])
+    ).total_seconds()
+    measured = SIZE / seconds
+    answer = server.client.post(
+        "/models/download", json=body(fileserver.url("/second.safetensors"), "second")
+    ).json()
+    assert answer["estimated_seconds"] == pytest.approx(len(second) / measured, rel=0.02)
+    assert answer["estimated_time"] == "under a minute"
