@@ -49,7 +49,9 @@ def test_download_installs_verified_model(make_server, fileserver, payload):
     assert done["bytes_downloaded"] == done["bytes_total"] == SIZE
 
     info = server.client.get("/models/download/tiny/info").json()
-    assert info["files"] == [{"path": "model.safetensors", "size": SIZE, "sha256": sha(payload)}]
+    assert info["files"] == [
+        {"path": "model.safetensors", "size": SIZE, "sha256": sha(payload), "git_sha1": None}
+    ]
     assert info["source"] == "url" and info["model_id"] == url
     assert info["revision"] == fileserver.etag("/m/model.safetensors")
     with open(os.path.join(info["path"], "model.safetensors"), "rb") as handle:
@@ -233,14 +235,18 @@ def test_retry_download_resumes_and_force_starts_over(make_server, fileserver, p
     assert fileserver.requests[-1].range_start is None
 
 
-def test_upstream_missing_file_is_reported_without_a_job(make_server, fileserver):
+def test_upstream_missing_file_is_a_failed_job_and_nothing_installed(make_server, fileserver):
     server = make_server([fileserver.host_port])
     response = server.client.post(
         "/models/download", json=body(fileserver.url("/nope.safetensors"), "nope")
     )
-    assert response.status_code == 502
-    assert "404" in response.json()["message"]
-    assert server.client.get("/models/downloads").json()["total"] == 0
+    assert response.status_code == 404
+    answer = response.json()
+    assert answer["success"] is False and answer["status"] == "failed"
+    assert "404" in answer["message"]
+    status = server.client.get(f"/models/download/status/{answer['download_id']}").json()
+    assert status["status"] == "failed" and "404" in status["message"]
+    assert server.client.get("/models/cache/info").json()["total_models"] == 0
 
 
 def test_name_conflicts(make_server, fileserver, payload):
@@ -317,7 +323,7 @@ BAD_REQUESTS = [
     ({"source": "url", "model_id": "URL", "name": "n", "bogus_field": 1}, 422, "bogus_field"),
     ({"source": "url", "name": "n"}, 422, "model_id: Field required"),
     ({"source": "url", "model_id": "URL_PTH", "name": "n"}, 400, "allow_pickle"),
-    ({"source": "huggingface", "model_id": "microsoft/speecht5_tts", "name": "n"}, 501, "issue #3"),
+    ({"source": "torchvision", "model_id": "resnet50", "name": "n"}, 501, "issue #5"),
 ]
 
 
@@ -372,19 +378,21 @@ def test_unknown_things_are_clear_errors(make_server, fileserver, method, path, 
     assert fragment in response.json()["message"]
 
 
-def test_optimize_and_update_answer_501_for_installed_model(make_server, fileserver):
+def test_optimize_answers_501_and_update_needs_revisions(make_server, fileserver):
     fileserver.add("/o.safetensors", b"weights")
     server = make_server([fileserver.host_port])
     job_id = server.client.post(
         "/models/download", json=body(fileserver.url("/o.safetensors"), "o")
     ).json()["download_id"]
     server.wait_for(job_id)
-    for action, issue in (("optimize", "issue #4"), ("update", "issue #3")):
-        response = server.client.post(
-            "/models/manage", params={"action": action, "model_name": "o"}
-        )
-        assert response.status_code == 501
-        assert issue in response.json()["message"] and "unchanged" in response.json()["message"]
+    optimize = server.client.post(
+        "/models/manage", params={"action": "optimize", "model_name": "o"}
+    )
+    assert optimize.status_code == 501
+    assert "issue #4" in optimize.json()["message"] and "unchanged" in optimize.json()["message"]
+    update = server.client.post("/models/manage", params={"action": "update", "model_name": "o"})
+    assert update.status_code == 400
+    assert "no revisions to update to" in update.json()["message"]
 
 
 def test_api_key_guards_everything_but_health(make_server, fileserver):

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Hosts the ``url`` source may fetch from when MODELHOST_URL_ALLOW is not set: the public
@@ -40,7 +40,9 @@ def _is_loopback_host(host: str) -> bool:
 class Settings(BaseSettings):
     """Everything configurable about a modelhost server (see README, Configuration)."""
 
-    model_config = SettingsConfigDict(env_prefix="MODELHOST_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MODELHOST_", extra="ignore", populate_by_name=True
+    )
 
     home: Path = Field(default_factory=lambda: Path.home() / ".cache" / "modelhost")
     host: str = "127.0.0.1"
@@ -52,6 +54,20 @@ class Settings(BaseSettings):
     device: str = "auto"
     max_downloads: int = Field(default=2, ge=1, le=64)
     cache_limit_gb: float | None = Field(default=None, gt=0)
+
+    # The Hugging Face Hub, read as huggingface_hub reads it.
+    hf_endpoint: str = Field(
+        default="https://huggingface.co",
+        validation_alias=AliasChoices("HF_ENDPOINT", "hf_endpoint"),
+    )
+    hf_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "hf_token"),
+        repr=False,
+    )
+    hf_hub_cache: Path | None = Field(
+        default=None, validation_alias=AliasChoices("HF_HUB_CACHE", "hf_hub_cache")
+    )
 
     # Fetch engine tuning; the defaults suit real hosts, tests shorten them.
     fetch_retries: int = Field(default=6, ge=0)
@@ -83,6 +99,20 @@ class Settings(BaseSettings):
                 "set MODELHOST_API_KEY (or bind to 127.0.0.1)"
             )
         return self
+
+    @field_validator("hf_endpoint")
+    @classmethod
+    def _strip_endpoint(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def hub_cache_dir(self) -> Path:
+        """The huggingface_hub cache to import verified files from."""
+        if self.hf_hub_cache is not None:
+            return self.hf_hub_cache
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
 
     @property
     def database_url(self) -> str:

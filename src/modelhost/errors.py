@@ -78,6 +78,21 @@ class UpstreamError(ModelhostError):
 
     status_code = 502
     error = "Upstream error"
+    download_id: str | None = None  # the failed job that records it, when one was made
+
+
+class UpstreamNotFound(UpstreamError):
+    """The repository, revision or file does not exist upstream."""
+
+    status_code = 404
+    error = "Not found upstream"
+
+
+class UpstreamDenied(UpstreamError):
+    """The upstream refused us (private, gated, bad token)."""
+
+    status_code = 403
+    error = "Upstream refused access"
 
 
 # Errors of the fetch engine. They are raised in worker threads and end up in a

@@ -15,10 +15,24 @@ from modelhost.api.errors import install_error_handlers
 from modelhost.catalog import load_catalog, load_models_config
 from modelhost.config import Settings
 from modelhost.fetch import FetchEngine, RetryPolicy, UrlPolicy
+from modelhost.fetch.http import Authorizer
+from modelhost.fetch.policy import Target
 from modelhost.jobs import JobManager, JobRepository
+from modelhost.sources import HubSettings
 from modelhost.store import Store
 
 log = logging.getLogger(__name__)
+
+
+def bearer_for(host_port: str, token: str | None) -> Authorizer | None:
+    """Send ``token`` to ``host_port`` only (never to a CDN it redirects to)."""
+    if not token:
+        return None
+
+    def authorize(target: Target) -> str | None:
+        return f"Bearer {token}" if UrlPolicy.host_port_of(target.url) == host_port else None
+
+    return authorize
 
 
 def build_services(settings: Settings) -> Services:
@@ -26,9 +40,13 @@ def build_services(settings: Settings) -> Services:
     home = settings.home
     home.mkdir(parents=True, exist_ok=True)
     store = Store(home)
+    # The configured Hub endpoint is trusted as the operator set it; its token goes to it only.
+    hub_host = UrlPolicy.host_port_of(settings.hf_endpoint)
+    policy = UrlPolicy.from_hosts([*settings.url_allow, hub_host])
     engine = FetchEngine(
         partial_dir=home / "partial",
-        policy=UrlPolicy.from_hosts(settings.url_allow),
+        policy=policy,
+        authorization=bearer_for(hub_host, settings.hf_token),
         retry=RetryPolicy(
             retries=settings.fetch_retries,
             backoff_s=settings.fetch_backoff_s,
@@ -36,6 +54,7 @@ def build_services(settings: Settings) -> Services:
         ),
         read_timeout_s=settings.fetch_read_timeout_s,
     )
+    hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
     jobs = JobManager(
         store,
         engine,
@@ -43,6 +62,7 @@ def build_services(settings: Settings) -> Services:
         max_downloads=settings.max_downloads,
         parallel_files=settings.fetch_parallel_files,
         cache_limit_bytes=settings.cache_limit_bytes,
+        hub=hub,
     )
     return Services(
         settings=settings,

@@ -82,9 +82,11 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
             "size_bytes": size,
             "files": [f.path for f in plan.files],
             "revision": plan.revision,
-            "supports_voice_cloning": None,
-            "vocoder_included": False,
-            "vocoder_models": [],
+            "requested_revision": plan.extra.get("requested_revision"),
+            "supports_voice_cloning": plan.extra.get("supports_voice_cloning"),
+            "vocoder_included": bool(plan.extra.get("vocoder_models")),
+            "vocoder_models": plan.extra.get("vocoder_models", []),
+            "components": plan.extra.get("components", []),
         },
     }
 

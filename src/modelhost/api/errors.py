@@ -34,7 +34,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ModelhostError)
     async def _modelhost_error(_request: Request, exc: ModelhostError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.error), status_code=exc.status_code)
+        extra = {}
+        if getattr(exc, "download_id", None):
+            # A failure recorded as a job: the seed's "Download Failed" body, plus its id.
+            extra = {"status": "failed", "download_id": exc.download_id}
+        return JSONResponse(
+            error_body(exc.message, exc.error, **extra), status_code=exc.status_code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -131,11 +131,37 @@ async def manage_model(
             "download_id": job.id,
             "status": job.state.value,
         }
+    if chosen is ManageAction.update:
+        result = await services.jobs.update(model_name)
+        if result.job is None:
+            assert result.installed is not None
+            return {
+                "success": True,
+                "message": f"Model '{model_name}' is up to date "
+                f"(commit {result.installed.revision}); nothing was transferred",
+                "action": chosen.value,
+                "model_name": model_name,
+                "status": "up_to_date",
+                "revision": result.installed.revision,
+            }
+        assert result.plan is not None
+        changes = result.plan.extra.get("changes", {})
+        return {
+            "success": True,
+            "message": f"Updating '{model_name}' to commit {result.plan.revision}: "
+            f"{len(changes.get('modified', []))} changed, {len(changes.get('added', []))} "
+            f"added, {len(changes.get('removed', []))} removed file(s)",
+            "action": chosen.value,
+            "model_name": model_name,
+            "download_id": result.job.id,
+            "status": result.job.state.value,
+            "changes": changes,
+        }
     await asyncio.to_thread(services.store.require, model_name)
-    issue = "issue #4 (runtime)" if chosen is ManageAction.optimize else "issue #3 (Hugging Face)"
     raise NotImplementedYet(
-        f"Action '{chosen.value}' is not built yet ({issue}); model '{model_name}' is unchanged",
-        error=f"Action not implemented: {chosen.value}",
+        f"Action 'optimize' is not built yet (issue #4, runtime); model '{model_name}' is "
+        "unchanged",
+        error="Action not implemented: optimize",
     )
 
 

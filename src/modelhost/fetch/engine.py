@@ -22,6 +22,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -35,10 +36,12 @@ from modelhost.errors import (
     InsufficientStorage,
     SizeMismatch,
     TransientFetchError,
+    UpstreamDenied,
     UpstreamError,
+    UpstreamNotFound,
 )
 from modelhost.fetch.cancel import CancelToken
-from modelhost.fetch.http import OpenResponse, open_url
+from modelhost.fetch.http import Authorizer, OpenResponse, open_url
 from modelhost.fetch.policy import UrlPolicy
 from modelhost.fetch.progress import Progress
 
@@ -66,6 +69,8 @@ class FileSpec:
     path: str  # relative path inside the model directory
     size: int | None = None
     sha256: str | None = None
+    git_sha1: str | None = None  # git blob id: what the Hub lists for files not in LFS
+    local_source: str | None = None  # a local copy to verify and import instead of fetching
 
 
 @dataclass(frozen=True)
@@ -121,9 +126,13 @@ class _Hasher:
     hashlib releases the GIL on large updates, so hashing overlaps the next receive.
     """
 
-    def __init__(self, buffers: int) -> None:
+    def __init__(self, buffers: int, git_size: int | None = None) -> None:
         self._nice = _thread_nice()
         self.digest = hashlib.sha256()
+        # The git blob id hashes a header before the content, so the size must be known.
+        self.git_digest = None
+        if git_size is not None:
+            self.git_digest = hashlib.sha1(f"blob {git_size}\0".encode())
         self.free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(buffers):
             self.free.put(bytearray(CHUNK_SIZE))
@@ -136,6 +145,8 @@ class _Hasher:
         while (item := self._work.get()) is not None:
             buffer, length = item
             self.digest.update(memoryview(buffer)[:length])
+            if self.git_digest is not None:
+                self.git_digest.update(memoryview(buffer)[:length])
             self.free.put(buffer)
 
     def feed(self, buffer: bytearray, length: int) -> None:
@@ -145,6 +156,9 @@ class _Hasher:
         self._work.put(None)
         self._thread.join()
         return self.digest.hexdigest()
+
+    def git_hexdigest(self) -> str | None:
+        return None if self.git_digest is None else self.git_digest.hexdigest()
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -235,6 +249,44 @@ def _body_reader(
     return read_via_http_client
 
 
+def digest_file(path: Path, git: bool = False) -> tuple[str, str | None]:
+    """sha256 of a file, and its git blob id when ``git``."""
+    size = path.stat().st_size
+    sha256 = hashlib.sha256()
+    sha1 = hashlib.sha1(f"blob {size}\0".encode()) if git else None
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            sha256.update(chunk)
+            if sha1 is not None:
+                sha1.update(chunk)
+    return sha256.hexdigest(), None if sha1 is None else sha1.hexdigest()
+
+
+def verify(spec: FileSpec, size: int, sha256: str, git_sha1: str | None) -> None:
+    """Raise ``SizeMismatch`` / ``DigestMismatch`` unless the bytes are what ``spec`` says."""
+    if spec.size is not None and size != spec.size:
+        raise SizeMismatch(f"{spec.path}: got {size} bytes, expected {spec.size}")
+    if spec.sha256 is not None and sha256 != spec.sha256.lower():
+        raise DigestMismatch(
+            f"{spec.path}: sha256 of the downloaded bytes is {sha256}, expected "
+            f"{spec.sha256.lower()}; the file was discarded"
+        )
+    if spec.git_sha1 is not None and git_sha1 != spec.git_sha1.lower():
+        raise DigestMismatch(
+            f"{spec.path}: git blob id of the downloaded bytes is {git_sha1}, expected "
+            f"{spec.git_sha1.lower()}; the file was discarded"
+        )
+
+
+def upstream_error(status: int, message: str) -> UpstreamError:
+    """An upstream HTTP error answered before any transfer, by what it means to the user."""
+    if status in (404, 410):
+        return UpstreamNotFound(message)
+    if status in (401, 403):
+        return UpstreamDenied(message)
+    return UpstreamError(message, error=f"HTTP {status}")
+
+
 class _FileProgress:
     """One file's share of a job's progress, so that a retry can take back what it counted."""
 
@@ -266,16 +318,45 @@ class FetchEngine:
         policy: UrlPolicy,
         retry: RetryPolicy | None = None,
         read_timeout_s: float = 30.0,
+        authorization: Authorizer | None = None,
     ) -> None:
         self.partial_dir = Path(partial_dir)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.policy = policy
         self.retry = retry or RetryPolicy()
         self.read_timeout_s = read_timeout_s
+        self.authorization = authorization
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
+    def _open(
+        self, url: str, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> OpenResponse:
+        return open_url(
+            url,
+            self.policy,
+            method=method,
+            headers=headers,
+            timeout=self.read_timeout_s,
+            authorization=self.authorization,
+        )
+
     # --- metadata -------------------------------------------------------------------------
+
+    def read_small(self, url: str, limit: int = 1024 * 1024) -> bytes:
+        """GET a small document (a config.json) into memory; refuses anything over ``limit``."""
+        response = self._open(url)
+        try:
+            if response.status >= 400:
+                raise upstream_error(response.status, _error_for_status(response).message)
+            data = response.response.read(limit + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise UpstreamError(f"Reading {url} failed: {exc}") from exc
+        finally:
+            response.close()
+        if len(data) > limit:
+            raise UpstreamError(f"{url} is larger than {limit} bytes; not a config file")
+        return data
 
     def probe(self, url: str, cancel: CancelToken | None = None) -> RemoteInfo:
         """Ask for a URL's size and validators without fetching its body (retries transients)."""
@@ -295,19 +376,17 @@ class FetchEngine:
                 attempt += 1
 
     def _probe_once(self, url: str) -> RemoteInfo:
-        response = open_url(url, self.policy, method="HEAD", timeout=self.read_timeout_s)
+        response = self._open(url, method="HEAD")
         try:
             if response.status in (403, 405, 501):
                 # Some hosts refuse HEAD; a one-byte ranged GET tells the same.
                 response.close()
-                response = open_url(
-                    url, self.policy, headers={"Range": "bytes=0-0"}, timeout=self.read_timeout_s
-                )
+                response = self._open(url, headers={"Range": "bytes=0-0"})
             if response.status >= 400:
                 error = _error_for_status(response)
                 if isinstance(error, TransientFetchError):
                     raise error
-                raise UpstreamError(error.message, error=error.error)
+                raise upstream_error(response.status, error.message)
             size = None
             content_range = response.header("Content-Range")
             if response.status == 206 and content_range:
@@ -360,6 +439,9 @@ class FetchEngine:
         file_progress = _FileProgress(progress or Progress())
         cancel = cancel or CancelToken()
         with self._lock_for(partial_key(spec)):
+            imported = self.import_local(spec, progress)
+            if imported is not None:
+                return imported
             attempt = 0
             while True:
                 cancel.raise_if_cancelled()
@@ -421,7 +503,7 @@ class FetchEngine:
             else:
                 headers["Range"] = f"bytes={offset}-"
                 headers["If-Range"] = validator
-        response = open_url(spec.url, self.policy, headers=headers, timeout=self.read_timeout_s)
+        response = self._open(spec.url, headers=headers)
         try:
             return self._receive(spec, response, part, meta, offset, state, progress, cancel)
         finally:
@@ -479,7 +561,8 @@ class FetchEngine:
         if offset:
             progress.add_existing(offset)
 
-        hasher = _Hasher(buffers=4)
+        git_size = (spec.size if spec.size is not None else total) if spec.git_sha1 else None
+        hasher = _Hasher(buffers=4, git_size=git_size)
         unregister = cancel.on_cancel(response.shutdown)
         try:
             received = self._stream(response, part, offset, total, hasher, progress, cancel)
@@ -489,20 +572,44 @@ class FetchEngine:
                     f"Connection closed after {size} of {total} bytes of {spec.url}"
                 )
             digest = hasher.hexdigest()
+            git_digest = hasher.git_hexdigest()
         finally:
             unregister()
             hasher.close()
-
-        if spec.size is not None and size != spec.size:
+        try:
+            verify(spec, size, digest, git_digest)
+        except FetchError:
             self._discard_partial(part, meta)
-            raise SizeMismatch(f"{spec.url} gave {size} bytes, expected {spec.size}")
-        if spec.sha256 is not None and digest != spec.sha256.lower():
-            self._discard_partial(part, meta)
-            raise DigestMismatch(
-                f"{spec.path}: sha256 of the downloaded bytes is {digest}, expected "
-                f"{spec.sha256.lower()}; the file was discarded"
-            )
+            raise
         return part, size, digest
+
+    def import_local(self, spec: FileSpec, progress: Progress | None = None) -> FetchedFile | None:
+        """Copy ``spec.local_source`` into the partial directory if its digests verify.
+
+        Returns None (and copies nothing) when the local file is missing or does not match:
+        the caller then fetches over the network.
+        """
+        if not spec.local_source:
+            return None
+        source = Path(spec.local_source)
+        try:
+            size = source.stat().st_size
+            sha256, git_sha1 = digest_file(source, git=spec.git_sha1 is not None)
+            verify(spec, size, sha256, git_sha1)
+        except (OSError, FetchError) as exc:
+            log.info("not importing %s: %s", source, exc)
+            return None
+        part, meta = self.partial_paths(spec)
+        meta.unlink(missing_ok=True)
+        shutil.copyfile(source, part)
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if progress is not None:
+            progress.add_existing(size)
+        return FetchedFile(spec, part, size, sha256, bytes_transferred=0)
 
     def _stream(
         self,

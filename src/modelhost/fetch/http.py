@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
@@ -17,6 +18,7 @@ from modelhost.errors import FetchError, TransientFetchError
 from modelhost.fetch.policy import Target, UrlPolicy
 
 MAX_REDIRECTS = 8
+Authorizer = Callable[[Target], "str | None"]
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 USER_AGENT = f"modelhost/{__version__}"
 
@@ -80,9 +82,12 @@ def open_url(
     method: str = "GET",
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
+    authorization: Authorizer | None = None,
 ) -> OpenResponse:
     """Send ``method`` to ``url`` following redirects, each hop checked against ``policy``.
 
+    ``authorization`` gives the Authorization header for a hop's host (or None); it is asked
+    again at every hop, so a token never follows a redirect to another host.
     Raises ``SourceNotAllowed`` for a refused hop, ``TransientFetchError`` for network errors.
     The caller owns the returned response and must close it.
     """
@@ -92,6 +97,10 @@ def open_url(
     for _ in range(MAX_REDIRECTS + 1):
         target = policy.check(current)
         address = policy.resolve(target)
+        request_headers.pop("Authorization", None)
+        credentials = authorization(target) if authorization else None
+        if credentials:
+            request_headers["Authorization"] = credentials
         conn_class = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
         conn = conn_class(target, address, timeout)
         try:
@@ -106,11 +115,7 @@ def open_url(
         if response.status in REDIRECT_STATUSES and location:
             response.close()
             conn.close()
-            next_url = urljoin(current, location)
-            if policy.check(next_url).host != target.host:
-                # Credentials never follow a redirect to another host (as the Hub's CDN expects).
-                request_headers.pop("Authorization", None)
-            current = next_url
+            current = urljoin(current, location)
             continue
         return OpenResponse(url=current, connection=conn, response=response)
     raise FetchError(f"Too many redirects (more than {MAX_REDIRECTS}) starting at {url}")

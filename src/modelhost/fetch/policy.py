@@ -46,6 +46,14 @@ class UrlPolicy:
     def from_hosts(cls, hosts: tuple[str, ...] | list[str]) -> UrlPolicy:
         return cls(frozenset(h.strip().lower() for h in hosts if h.strip()))
 
+    @staticmethod
+    def host_port_of(url: str) -> str:
+        """``host:port`` of a URL, as an allow-list entry names it."""
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower(), 443)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     def check(self, url: str) -> Target:
         """Parse ``url`` and check its scheme and host; raises ``SourceNotAllowed``."""
         try:

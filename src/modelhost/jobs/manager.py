@@ -23,16 +23,18 @@ from modelhost.errors import (
     Cancelled,
     Conflict,
     InsufficientStorage,
+    InvalidRequest,
     JobNotFound,
     ModelhostError,
     ModelNotFound,
+    UpstreamError,
 )
 from modelhost.fetch import CancelToken, FetchedFile, FetchEngine, FileSpec, Progress
 from modelhost.fetch.engine import set_thread_nice
 from modelhost.jobs.db import JobRepository
 from modelhost.jobs.models import Job, JobState, utcnow
 from modelhost.names import validate_name
-from modelhost.sources import DownloadRequest, Plan, SourceContext, get_source
+from modelhost.sources import DownloadRequest, HubSettings, Plan, SourceContext, get_source
 from modelhost.store import CommitFile, Manifest, Store
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,30 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 def plan_from_dict(data: dict[str, Any]) -> Plan:
     files = [FileSpec(**f) for f in data["files"]]
     return Plan(**{**data, "files": files})
+
+
+def describe_changes(installed: Manifest, plan: Plan) -> dict[str, Any]:
+    """What an update changes, file by file, compared by content."""
+    before = {f.path: (f.sha256, f.git_sha1) for f in installed.files}
+    added, modified, unchanged = [], [], []
+    for spec in plan.files:
+        old = before.get(spec.path)
+        if old is None:
+            added.append(spec.path)
+        elif (spec.sha256 and spec.sha256 == old[0]) or (spec.git_sha1 and spec.git_sha1 == old[1]):
+            unchanged.append(spec.path)
+        else:
+            modified.append(spec.path)
+    planned = {spec.path for spec in plan.files}
+    removed = sorted(path for path in before if path not in planned)
+    return {
+        "from_revision": installed.revision,
+        "to_revision": plan.revision,
+        "added": added,
+        "modified": modified,
+        "removed": removed,
+        "unchanged": len(unchanged),
+    }
 
 
 @dataclass(frozen=True)
@@ -118,7 +144,9 @@ class JobManager:
         max_downloads: int = 2,
         parallel_files: int = 4,
         cache_limit_bytes: int | None = None,
+        hub: HubSettings | None = None,
     ) -> None:
+        self.hub = hub
         self.store = store
         self.engine = engine
         self.repository = repository
@@ -181,11 +209,16 @@ class JobManager:
 
     # --- submitting ------------------------------------------------------------------------
 
-    async def submit(self, request: DownloadRequest, *, force: bool = False) -> SubmitResult:
+    async def submit(
+        self, request: DownloadRequest, *, force: bool = False, update: bool = False
+    ) -> SubmitResult:
         """Start (or join) the download ``request`` describes.
 
         Answers at once with the installed model (``already_exists``), the identical job
         already running, or a new job; raises for a bad request before anything is recorded.
+        An upstream failure while planning is recorded as a failed job (its id rides on the
+        exception). ``force`` re-downloads an installed model; ``update`` installs the
+        revision's newest commit over it, reusing unchanged files.
         """
         source = get_source(request.source)
         validate_name(request.name)
@@ -193,7 +226,7 @@ class JobManager:
         key = request_key(request)
 
         installed = await asyncio.to_thread(self.store.get, request.name)
-        if installed is not None and not force:
+        if installed is not None and not (force or update):
             if installed.source == request.source and installed.model_id == request.model_id:
                 self.cache_hits += 1
                 await asyncio.to_thread(self.store.touch, request.name)
@@ -226,19 +259,51 @@ class JobManager:
         self._planning[key] = future
         self._planning_names[request.name] = key
         try:
-            context = SourceContext(engine=self.engine)
+            context = SourceContext(engine=self.engine, hub=self.hub)
             plan = await asyncio.to_thread(source.plan, request, context)
+            if update and installed is not None:
+                if plan.revision == installed.revision:
+                    result = SubmitResult(job=None, installed=installed, plan=plan)
+                    future.set_result(result)
+                    return result
+                plan = dataclasses.replace(
+                    plan, extra={**plan.extra, "changes": describe_changes(installed, plan)}
+                )
             self._check_fits(plan)
             job = await self._create_job(request, key, plan, force)
             result = SubmitResult(job=job, installed=None, plan=plan)
             future.set_result(result)
             return result
+        except UpstreamError as exc:
+            exc.download_id = await self._record_failure(request, key, exc)
+            future.set_exception(exc)
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             raise
         finally:
             del self._planning[key]
             del self._planning_names[request.name]
+
+    async def _record_failure(self, request: DownloadRequest, key: str, exc: ModelhostError) -> str:
+        """A job that failed before its first byte, so its reason stays observable."""
+        now = utcnow()
+        job = Job(
+            id=secrets.token_hex(6),
+            key=key,
+            name=request.name,
+            source=request.source,
+            model_id=request.model_id,
+            state=JobState.FAILED,
+            message=f"Failed to download model '{request.name}': {exc.message}",
+            error=exc.error,
+            request=request.model_dump(),
+            started_at=now,
+            finished_at=now,
+        )
+        await asyncio.to_thread(self.repository.insert, job)
+        self._remember_finished(job)
+        return job.id
 
     def _check_fits(self, plan: Plan) -> None:
         size = plan.total_size
@@ -300,17 +365,28 @@ class JobManager:
         try:
             await self._save(job)
             fetched, reused = await asyncio.to_thread(self._fetch_all, active)
+            plan = active.plan
             manifest = Manifest(
                 name=job.name,
                 source=job.source,
                 model_id=job.model_id,
-                revision=active.plan.revision,
-                task=active.plan.task,
+                revision=plan.revision,
+                task=plan.task,
                 download_id=job.id,
-                extra={"description": active.plan.description} if active.plan.description else {},
+                extra={
+                    **{k: v for k, v in plan.extra.items() if k != "changes"},
+                    "description": plan.description,
+                    "model_type": plan.model_type,
+                },
             )
             files = [
-                CommitFile(path=f.spec.path, local_path=f.local_path, size=f.size, sha256=f.sha256)
+                CommitFile(
+                    path=f.spec.path,
+                    local_path=f.local_path,
+                    size=f.size,
+                    sha256=f.sha256,
+                    git_sha1=f.spec.git_sha1,
+                )
                 for f in fetched
             ] + reused
             await asyncio.to_thread(self.store.commit, manifest, files)
@@ -319,6 +395,14 @@ class JobManager:
             transferred = sum(f.bytes_transferred for f in fetched)
             self.bytes_transferred += transferred
             message = "Download completed successfully"
+            changes = plan.extra.get("changes")
+            if changes:
+                message = (
+                    f"Updated from {str(changes['from_revision'])[:12]} to "
+                    f"{str(changes['to_revision'])[:12]}: {len(changes['modified'])} changed, "
+                    f"{len(changes['added'])} added, {len(changes['removed'])} removed, "
+                    f"{changes['unchanged']} unchanged; {transferred} bytes transferred"
+                )
             if reused:
                 message += f" ({len(reused)} file(s) already in the cache were reused)"
             if evicted:
@@ -380,11 +464,13 @@ class JobManager:
         already holds are reused, not fetched. The first failure cancels the rest."""
         to_fetch: list[FileSpec] = []
         reused: list[CommitFile] = []
+        by_git_sha1 = {} if active.job.force else self.store.blobs_by_git_sha1()
         for spec in active.plan.files:
-            if spec.sha256 and not active.job.force and self.store.has_blob(spec.sha256):
-                size = self.store.blob_path(spec.sha256).stat().st_size
+            sha256 = spec.sha256 or by_git_sha1.get(spec.git_sha1 or "")
+            if sha256 and not active.job.force and self.store.has_blob(sha256):
+                size = self.store.blob_path(sha256).stat().st_size
                 active.progress.add_existing(size)
-                reused.append(CommitFile(spec.path, None, size, spec.sha256))
+                reused.append(CommitFile(spec.path, None, size, sha256, spec.git_sha1))
             else:
                 if active.job.force:
                     self.engine.discard(spec)
@@ -560,6 +646,35 @@ class JobManager:
                 )
             request = DownloadRequest(**last.request)
         return await self.submit(request, force=force)
+
+    async def update(self, name: str) -> SubmitResult:
+        """Install the newest commit of the revision ``name`` was installed from.
+
+        Unchanged files are reused; the old version stays installed until the new one is
+        verified and committed. ``SubmitResult.job`` is None when already up to date.
+        """
+        validate_name(name)
+        installed = await asyncio.to_thread(self.store.require, name)
+        if installed.source != "huggingface":
+            raise InvalidRequest(
+                f"Model '{name}' comes from the '{installed.source}' source, which has no "
+                "revisions to update to; use retry_download with force_redownload=true",
+                error="Nothing to update",
+            )
+        jobs = await asyncio.to_thread(self.repository.list, None, name, 1)
+        if jobs:
+            request = DownloadRequest(**jobs[0].request)
+        else:
+            request = DownloadRequest(
+                source=installed.source,
+                model_id=installed.model_id,
+                name=name,
+                task=installed.task or "text-generation",
+            )
+        request = request.model_copy(
+            update={"revision": installed.extra.get("requested_revision") or "main"}
+        )
+        return await self.submit(request, update=True)
 
     async def remove_model(self, name: str) -> tuple[Manifest | None, int, Job | None]:
         """Cancel the model's running download and delete it from the cache.

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from modelhost.errors import InvalidSource, NotImplementedYet
 from modelhost.sources.base import DownloadRequest, Plan, Source, SourceContext
+from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
 from modelhost.sources.url import UrlSource
 
 # The seed's order, plus torchaudio (its Tacotron2 entry names that source).
 VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto", "torchaudio")
 
 _NOT_BUILT = {
-    "huggingface": "issue #3 (Hugging Face source)",
     "pytorch_hub": "issue #5 (remaining sources)",
     "torchvision": "issue #5 (remaining sources)",
     "torchaudio": "issue #5 (remaining sources)",
@@ -39,7 +39,17 @@ def get_source(name: str) -> Source:
         )
     if name == "url":
         return UrlSource()
+    if name == "huggingface":
+        return HuggingFaceSource()
     return _NotBuiltSource(name)
 
 
-__all__ = ["VALID_SOURCES", "DownloadRequest", "Plan", "Source", "SourceContext", "get_source"]
+__all__ = [
+    "HubSettings",
+    "VALID_SOURCES",
+    "DownloadRequest",
+    "Plan",
+    "Source",
+    "SourceContext",
+    "get_source",
+]

@@ -36,6 +36,18 @@ class DownloadRequest(BaseModel):
         default=False,
         description="allow pickled weights (.pth, .pt, .bin, .ckpt, .pkl); loaded weights_only",
     )
+    revision: str | None = Field(
+        default=None,
+        max_length=256,
+        description="huggingface source: branch, tag or commit (default main); installs pin "
+        "the commit it resolves to",
+    )
+    allow_patterns: list[str] | None = Field(
+        default=None, description="huggingface source: only files matching these globs"
+    )
+    ignore_patterns: list[str] | None = Field(
+        default=None, description="huggingface source: skip files matching these globs"
+    )
 
 
 @dataclass(frozen=True)
@@ -60,9 +72,11 @@ class Plan:
 
 @dataclass(frozen=True)
 class SourceContext:
-    """What a source may use while planning: metadata requests through the engine's policy."""
+    """What a source may use while planning: metadata requests through the engine's policy,
+    and the Hub's settings."""
 
     engine: FetchEngine
+    hub: Any = None  # sources.huggingface.HubSettings
 
 
 class Source(Protocol):

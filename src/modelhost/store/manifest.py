@@ -12,6 +12,7 @@ class ManifestFile(BaseModel):
     path: str
     size: int
     sha256: str
+    git_sha1: str | None = None  # the Hub's id for files outside LFS
 
 
 class Manifest(BaseModel):

@@ -74,6 +74,7 @@ class CommitFile:
     local_path: Path | None  # None when the blob is already in the store
     size: int
     sha256: str
+    git_sha1: str | None = None
 
 
 class Store:
@@ -129,6 +130,10 @@ class Store:
                 continue  # a foreign or damaged file is not a model
         return manifests
 
+    def blobs_by_git_sha1(self) -> dict[str, str]:
+        """sha256 of every stored file the Hub knows by a git blob id."""
+        return {f.git_sha1: f.sha256 for m in self.list() for f in m.files if f.git_sha1}
+
     def total_size(self) -> int:
         """Bytes on disk in blobs (each shared blob counted once)."""
         return sum(p.stat().st_size for p in self.blobs_dir.iterdir() if p.is_file())
@@ -172,7 +177,12 @@ class Store:
             manifest = manifest.model_copy(
                 update={
                     "files": [
-                        ManifestFile(path=str(rel), size=item.size, sha256=item.sha256)
+                        ManifestFile(
+                            path=str(rel),
+                            size=item.size,
+                            sha256=item.sha256,
+                            git_sha1=item.git_sha1,
+                        )
                         for rel, item in entries
                     ],
                     "downloaded_at": manifest.downloaded_at or now,
