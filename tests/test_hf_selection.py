@@ -1,0 +1,106 @@
+"""Which files of a Hub repository get installed, and how an update is described."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub.hf_api import RepoFile
+
+from modelhost.errors import InvalidRequest
+from modelhost.fetch import FileSpec
+from modelhost.jobs.manager import describe_changes
+from modelhost.sources import Plan
+from modelhost.sources.huggingface import check_repo_id, select_files
+from modelhost.store import Manifest, ManifestFile
+
+REPO = [
+    "config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+    "onnx/model.onnx",
+    "rust_model.ot",
+    "tokenizer.json",
+    "speaker_embeddings/en_speaker_0_semantic_prompt.npy",
+]
+
+
+def files(paths: list[str]) -> list[RepoFile]:
+    return [RepoFile(type="file", path=p, size=1, oid="0" * 40) for p in paths]
+
+
+def paths(selected: list[RepoFile]) -> list[str]:
+    return [f.path for f in selected]
+
+
+def test_safetensors_wins_over_every_other_copy():
+    assert paths(select_files(files(REPO), None, None, allow_pickle=False)) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "speaker_embeddings/en_speaker_0_semantic_prompt.npy",
+    ]
+
+
+def test_only_pickled_weights_need_opt_in():
+    repo = files(["config.json", "pytorch_model.bin", "tf_model.h5"])
+    with pytest.raises(InvalidRequest, match="allow_pickle"):
+        select_files(repo, None, None, allow_pickle=False)
+    assert paths(select_files(repo, None, None, allow_pickle=True)) == [
+        "config.json",
+        "pytorch_model.bin",
+    ]
+
+
+def test_patterns_override_the_defaults():
+    repo = files(REPO)
+    assert paths(select_files(repo, ["*.json"], None, allow_pickle=False)) == [
+        "config.json",
+        "pytorch_model.bin.index.json",
+        "tokenizer.json",
+    ]
+    assert paths(select_files(repo, None, ["speaker_embeddings/*", "tok*"], False)) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    assert paths(select_files(repo, ["onnx/*"], None, allow_pickle=False)) == ["onnx/model.onnx"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b/c", "", "a/..", "/abs", "a b"])
+def test_repo_ids_are_validated(bad):
+    with pytest.raises(InvalidRequest, match="Invalid model_id"):
+        check_repo_id(bad)
+
+
+def test_update_changes_are_compared_by_content():
+    installed = Manifest(
+        name="m",
+        source="huggingface",
+        model_id="org/m",
+        revision="a" * 40,
+        files=[
+            ManifestFile(path="config.json", size=2, sha256="1" * 64, git_sha1="c" * 40),
+            ManifestFile(path="model.safetensors", size=9, sha256="2" * 64),
+            ManifestFile(path="old.txt", size=1, sha256="3" * 64, git_sha1="d" * 40),
+        ],
+    )
+    plan = Plan(
+        source="huggingface",
+        model_id="org/m",
+        task=None,
+        revision="b" * 40,
+        files=[
+            FileSpec("u", "config.json", 2, git_sha1="c" * 40),
+            FileSpec("u", "model.safetensors", 9, sha256="9" * 64),
+            FileSpec("u", "new.txt", 1, git_sha1="e" * 40),
+        ],
+    )
+    assert describe_changes(installed, plan) == {
+        "from_revision": "a" * 40,
+        "to_revision": "b" * 40,
+        "added": ["new.txt"],
+        "modified": ["model.safetensors"],
+        "removed": ["old.txt"],
+        "unchanged": 1,
+    }
