@@ -8,7 +8,7 @@ from enum import Enum
 from fastapi import APIRouter, Depends, Query
 
 from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
-from modelhost.catalog import available_view, is_tts_task, models_view
+from modelhost.catalog import available_view, entry_for_model_id, is_tts_task, models_view
 from modelhost.errors import NotImplementedYet
 from modelhost.names import validate_name
 from modelhost.store import Manifest, describe
@@ -19,10 +19,8 @@ MB = 1e6
 
 
 def _tags_for(manifest: Manifest, services: Services) -> list[str]:
-    for entry in services.catalog.models.values():
-        if entry.model_id == manifest.model_id:
-            return list(entry.tags)
-    return []
+    entry = entry_for_model_id(services.catalog, manifest.model_id)
+    return list(entry.tags) if entry else []
 
 
 @router.get("/models", summary="Configured models (models.json)")

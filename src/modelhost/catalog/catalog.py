@@ -248,6 +248,11 @@ def catalog_entry(catalog: Catalog, name: str) -> CatalogEntry | None:
     return next((entry for entry in catalog.models if entry.name == name), None)
 
 
+def entry_for_model_id(catalog: Catalog, model_id: str) -> CatalogEntry | None:
+    """The catalog entry of an upstream model id (``microsoft/speecht5_tts``), or None."""
+    return next((entry for entry in catalog.models if entry.model_id == model_id), None)
+
+
 # --------------------------------------------------------------------------- views
 
 

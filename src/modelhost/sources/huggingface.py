@@ -9,6 +9,7 @@ model may bring its vocoder along as a component of the same logical model.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -25,8 +26,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 
-from modelhost.catalog import load_catalog
+from modelhost.catalog import entry_for_model_id, load_catalog
 from modelhost.errors import (
+    DigestMismatch,
     InvalidRequest,
     ModelhostError,
     UpstreamDenied,
@@ -184,10 +186,10 @@ class HuggingFaceSource:
         repo_id = check_repo_id(request.model_id)
         main = self.snapshot(hub, repo_id, request.revision or "main", request)
         specs = self._specs(hub, main, prefix="")
-        config = self._read_config(context, hub, main)
+        config = self._read_config(context, specs)
         architecture = config.get("model_type") if config else None
 
-        entry = next((e for e in load_catalog().models.values() if e.model_id == repo_id), None)
+        entry = entry_for_model_id(load_catalog(), repo_id)
         components = []
         vocoder_id = None
         if request.include_vocoder:
@@ -287,15 +289,32 @@ class HuggingFaceSource:
         return specs
 
     @staticmethod
-    def _read_config(context: SourceContext, hub: HubSettings, snapshot: RepoSnapshot) -> dict:
-        if not any(f.path == "config.json" for f in snapshot.files):
+    def _read_config(context: SourceContext, specs: list[FileSpec]) -> dict:
+        """The model's config.json (verified against its git blob id), or {} if it has none.
+
+        A verified copy in the local huggingface_hub cache is read instead of the network.
+        """
+        spec = next((s for s in specs if s.path == "config.json"), None)
+        if spec is None:
             return {}
-        url = hf_hub_url(
-            snapshot.repo_id, "config.json", revision=snapshot.commit, endpoint=hub.endpoint
-        )
+        data = None
+        if spec.local_source:
+            local = Path(spec.local_source).read_bytes()
+            if spec.git_sha1 is None or git_blob_id(local) == spec.git_sha1:
+                data = local
+        if data is None:
+            data = context.engine.read_small(spec.url)
+            if spec.git_sha1 is not None and git_blob_id(data) != spec.git_sha1:
+                raise DigestMismatch(
+                    f"config.json: git blob id of the downloaded bytes is {git_blob_id(data)}, "
+                    f"expected {spec.git_sha1}; nothing was installed"
+                )
         try:
-            return json.loads(context.engine.read_small(url))
+            return json.loads(data)
         except ValueError as exc:
-            raise UpstreamError(
-                f"{snapshot.repo_id}'s config.json is not valid JSON: {exc}"
-            ) from exc
+            raise UpstreamError(f"{spec.url} is not valid JSON: {exc}") from exc
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git (and the Hub's listing) gives a file's content."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
