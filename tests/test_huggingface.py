@@ -271,6 +271,20 @@ def test_private_repository_needs_the_token(modelhost, hub, tiny_models, tmp_pat
     assert resolves and all(r.headers.get("Authorization") == "Bearer hf_good" for r in resolves)
 
 
+def test_gated_repository_says_how_to_get_access(modelhost, hub, tiny_models):
+    hub.add_repo(
+        "test-org/gated-bert", tiny_models["bert"], private=True, gated=True, token="hf_good"
+    )
+    response = modelhost().client.post(
+        "/models/download",
+        json={"source": "huggingface", "model_id": "test-org/gated-bert", "name": "g"},
+    )
+    assert response.status_code == 403
+    assert (
+        "gated" in response.json()["message"] and "accept its terms" in response.json()["message"]
+    )
+
+
 def test_file_disappearing_mid_install_fails_cleanly(modelhost, hub):
     hub.set_faults("test-org/tiny-bart", "model.safetensors", [Status(404, times=99)])
     server = modelhost()
