@@ -54,6 +54,19 @@ def request_key(request: DownloadRequest) -> str:
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:32]
 
 
+def new_job(request: DownloadRequest, key: str, **fields: Any) -> Job:
+    """A fresh job row for ``request`` with a new id."""
+    return Job(
+        id=secrets.token_hex(6),
+        key=key,
+        name=request.name,
+        source=request.source,
+        model_id=request.model_id,
+        request=request.model_dump(),
+        **fields,
+    )
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     data = dataclasses.asdict(plan)
     return data
@@ -288,16 +301,12 @@ class JobManager:
     async def _record_failure(self, request: DownloadRequest, key: str, exc: ModelhostError) -> str:
         """A job that failed before its first byte, so its reason stays observable."""
         now = utcnow()
-        job = Job(
-            id=secrets.token_hex(6),
-            key=key,
-            name=request.name,
-            source=request.source,
-            model_id=request.model_id,
+        job = new_job(
+            request,
+            key,
             state=JobState.FAILED,
             message=f"Failed to download model '{request.name}': {exc.message}",
             error=exc.error,
-            request=request.model_dump(),
             started_at=now,
             finished_at=now,
         )
@@ -319,15 +328,11 @@ class JobManager:
             )
 
     async def _create_job(self, request: DownloadRequest, key: str, plan: Plan, force: bool) -> Job:
-        job = Job(
-            id=secrets.token_hex(6),
-            key=key,
-            name=request.name,
-            source=request.source,
-            model_id=request.model_id,
+        job = new_job(
+            request,
+            key,
             state=JobState.PENDING,
             message="Queued",
-            request=request.model_dump(),
             plan=plan_to_dict(plan),
             bytes_total=plan.total_size,
             force=force,
