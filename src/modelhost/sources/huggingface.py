@@ -127,20 +127,20 @@ def select_files(
 
 def _hub_error(exc: Exception, repo_id: str, revision: str, endpoint: str) -> ModelhostError:
     """A Hub error as a message a user can act on."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, GatedRepoError):
         return UpstreamDenied(
             f"{repo_id} is gated on {endpoint}: accept its terms on the Hub with your account "
             "and set HF_TOKEN to a token of that account",
             error="Gated repository",
         )
+    if isinstance(exc, HfHubHTTPError) and status in (401, 403):
+        return UpstreamDenied(
+            f"{endpoint} refused access to {repo_id} ({status}): it is private or gated; "
+            "set HF_TOKEN to a token that can read it",
+            error=f"Hub answered {status}",
+        )
     if isinstance(exc, RepositoryNotFoundError):
-        status = getattr(getattr(exc, "response", None), "status_code", 404)
-        if status in (401, 403):
-            return UpstreamDenied(
-                f"{endpoint} refused access to {repo_id} ({status}): it is private or gated; "
-                "set HF_TOKEN to a token that can read it",
-                error=f"Hub answered {status}",
-            )
         return UpstreamNotFound(
             f"Repository {repo_id} not found on {endpoint} (if it is private, set HF_TOKEN)",
             error="Repository not found",
@@ -154,13 +154,6 @@ def _hub_error(exc: Exception, repo_id: str, revision: str, endpoint: str) -> Mo
     if isinstance(exc, HFValidationError):
         return InvalidRequest(f"Invalid repository id or revision: {exc}")
     if isinstance(exc, HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            return UpstreamDenied(
-                f"{endpoint} refused access to {repo_id} ({status}); set HF_TOKEN to a token "
-                "that can read it",
-                error=f"Hub answered {status}",
-            )
         return UpstreamError(f"The Hub failed for {repo_id}: {exc}")
     return UpstreamError(f"Cannot reach {endpoint} for {repo_id}: {exc}")
 
