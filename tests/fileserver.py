@@ -199,9 +199,10 @@ class _CIDict(dict[str, str]):
 class RequestRecord:
     """One request as the server saw it.
 
-    ``path`` is percent-decoded and without query; ``headers`` looks names up case-blind;
-    ``range_start`` is the first byte the Range header asked for (None without a valid single
-    range), whether or not it was honoured; ``faults`` names the faults applied.
+    ``path`` is percent-decoded and without query (``query`` is the raw query string);
+    ``headers`` looks names up case-blind; ``range_start`` is the first byte the Range header
+    asked for (None without a valid single range), whether or not it was honoured; ``faults``
+    names the faults applied.
     """
 
     method: str
@@ -211,6 +212,7 @@ class RequestRecord:
     status: int
     body_bytes_sent: int = 0
     faults: tuple[str, ...] = ()
+    query: str = ""
 
 
 # --------------------------------------------------------------------------- content
@@ -451,19 +453,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve(head=False)
 
-    # -- helpers
+    # -- helpers (also used by subclasses: see hubserver.py)
+
+    def _record(self) -> RequestRecord:
+        """A fresh, not yet logged record of the current request."""
+        url = urlsplit(self.path)
+        return RequestRecord(
+            method=self.command,
+            path=unquote(url.path),
+            headers=_CIDict(self.headers.items()),
+            range_start=_range_start(self.headers.get("Range")),
+            status=0,
+            query=url.query,
+        )
 
     def _serve(self, head: bool) -> None:
         owner = self.server.owner
-        path = unquote(urlsplit(self.path).path)
-        range_header = self.headers.get("Range")
-        record = RequestRecord(
-            method=self.command,
-            path=path,
-            headers=_CIDict(self.headers.items()),
-            range_start=_range_start(range_header),
-            status=0,
-        )
+        record = self._record()
+        path, range_header = record.path, self.headers.get("Range")
         entry, plan = owner._plan(path, head)
         record.faults = plan.names
         try:
@@ -507,8 +514,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and body:
             self._write(record, body)
 
-    def _status_fault(self, record: RequestRecord, fault: Status) -> None:
-        headers: dict[str, str] = {}
+    def _status_fault(
+        self, record: RequestRecord, fault: Status, extra: dict[str, str] | None = None
+    ) -> None:
+        headers: dict[str, str] = dict(extra or {})
         retry = fault.retry_after
         if retry is None and fault.code in (429, 503):
             retry = 0
@@ -517,8 +526,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._simple(record, fault.code, f"injected {fault.code}\n".encode(), headers)
 
     def _content(
-        self, record: RequestRecord, plan: _Plan, head: bool, range_header: str | None
+        self,
+        record: RequestRecord,
+        plan: _Plan,
+        head: bool,
+        range_header: str | None,
+        extra: dict[str, str] | None = None,
     ) -> None:
+        """Serve the plan's version (200, 206 or 416); ``extra`` headers go on every answer."""
         version = plan.version
         assert version is not None
         size = version.size
@@ -527,6 +542,7 @@ class _Handler(BaseHTTPRequestHandler):
             "Accept-Ranges": "bytes",
             "ETag": version.etag,
             "Last-Modified": version.last_modified,
+            **(extra or {}),
         }
         wanted = None
         if not head and not plan.ignore_range:
@@ -619,6 +635,8 @@ class FileServer:
     Resources can be added before or after ``start()``.
     """
 
+    _handler_class: type[BaseHTTPRequestHandler] = _Handler  # subclasses may route differently
+
     def __init__(self, rate_bytes_per_s: int | None = None) -> None:
         if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
             raise ValueError("rate_bytes_per_s must be positive")
@@ -638,13 +656,13 @@ class FileServer:
         """Bind a free port on 127.0.0.1 and serve in a daemon thread."""
         if self._httpd is not None or self._stopping.is_set():
             raise RuntimeError("FileServer can be started once")
-        httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        httpd = _HTTPServer(("127.0.0.1", 0), self._handler_class)
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,
             kwargs={"poll_interval": 0.01},
-            name=f"fileserver:{httpd.server_port}",
+            name=f"{type(self).__name__.lower()}:{httpd.server_port}",
             daemon=True,
         )
         self._thread.start()

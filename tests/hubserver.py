@@ -38,7 +38,9 @@ Endpoints (GET, and HEAD with the same headers)
   for LFS files, ``"<git blob sha1>"`` otherwise), ``Content-Length``, ``Accept-Ranges``;
   ``Range`` gives 206 / 416 as in ``FileServer``. With ``redirect_lfs_to(url)``, LFS files answer
   302 to ``{url}/{sha256}`` carrying ``X-Linked-Size``, ``X-Linked-Etag``, ``X-Repo-Commit`` and
-  ``ETag`` (both etags are the quoted sha256), like the real Hub's CDN redirect.
+  ``ETag`` (both etags are the quoted sha256), like the real Hub's CDN redirect. The client
+  follows a cross-origin 302 without its ``Authorization`` header. ``Last-Modified`` is one fixed
+  date for every file.
 
 ``rev`` is a branch, a tag or a full 40-hex commit sha (percent-encoded ``/`` in a revision is
 decoded, so ``refs%2Fpr%2F1`` is looked up as ``refs/pr/1``, which never exists). Never
@@ -290,14 +292,6 @@ def _collect(files: Mapping[str, bytes | Path | None] | Path) -> dict[str, bytes
 # --------------------------------------------------------------------------- HTTP
 
 
-class _HubEngine(FileServer):
-    """The FileServer underneath: its handler routes Hub URLs, its log and faults are reused."""
-
-    def __init__(self, hub: HubServer, rate_bytes_per_s: int | None) -> None:
-        super().__init__(rate_bytes_per_s)
-        self.hub = hub
-
-
 class _Answer(Exception):
     """Raised by routing code to answer with an error."""
 
@@ -307,7 +301,7 @@ class _Answer(Exception):
 
 
 def _error(code: int, error_code: str | None, message: str, **extra: str) -> _Answer:
-    headers = {"X-Error-Message": message, **extra}
+    headers = {"X-Error-Message": message.encode("ascii", "replace").decode(), **extra}
     if error_code is not None:
         headers["X-Error-Code"] = error_code
     return _Answer(code, message, headers)
@@ -319,6 +313,7 @@ def _flag(value: str | None) -> bool:
 
 class _HubHandler(_Handler):
     server_version = "hubserver/1"
+    _body_bytes = b""  # the body of the current POST
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -417,7 +412,7 @@ class _HubHandler(_Handler):
             raise _error(404, None, "not found")
 
     def _form(self) -> dict[str, list[str]]:
-        body = getattr(self, "_body_bytes", b"")
+        body = self._body_bytes
         if "json" in (self.headers.get("Content-Type") or ""):
             data = json.loads(body or b"{}")
             return {
@@ -521,6 +516,16 @@ def _fault_key(repo_id: str, path: str) -> str:
     return f"/{repo_id}/{path}"
 
 
+class _HubEngine(FileServer):
+    """The FileServer underneath: its handler routes Hub URLs, its log and faults are reused."""
+
+    _handler_class = _HubHandler
+
+    def __init__(self, hub: HubServer, rate_bytes_per_s: int | None) -> None:
+        super().__init__(rate_bytes_per_s)
+        self.hub = hub
+
+
 # --------------------------------------------------------------------------- public server
 
 
@@ -540,7 +545,6 @@ class HubServer:
         self._versions: dict[tuple[str, str], _Version] = {}
         self._cdn: str | None = None
         self._engine = _HubEngine(self, rate_bytes_per_s)
-        self._engine._handler_class = _HubHandler
 
     # -- lifecycle
 

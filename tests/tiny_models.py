@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "BUILDERS",
@@ -361,7 +362,7 @@ def build_bark(directory: Path) -> Path:
     return directory
 
 
-def _write_voice_preset(directory: Path, name: str, rng) -> None:  # noqa: ANN001
+def _write_voice_preset(directory: Path, name: str, rng: Any) -> None:
     """``speaker_embeddings/<name>_{semantic,coarse,fine}_prompt.npy`` plus the index JSON
     ``speaker_embeddings_path.json`` (the layout of suno/bark-small)."""
     import numpy as np
