@@ -520,5 +520,6 @@ def test_estimated_time_uses_measured_throughput(make_server, fileserver, payloa
     answer = server.client.post(
         "/models/download", json=body(fileserver.url("/second.safetensors"), "second")
     ).json()
-    assert answer["estimated_seconds"] == pytest.approx(len(second) / measured, rel=0.02)
+    # estimated_seconds is rounded to 0.1 s
+    assert answer["estimated_seconds"] == pytest.approx(len(second) / measured, abs=0.051)
     assert answer["estimated_time"] == "under a minute"
