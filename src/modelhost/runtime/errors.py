@@ -1,0 +1,46 @@
+"""The runtime's errors, rooted in ``modelhost.errors`` so the API maps them to a status.
+
+``InvalidInput`` is also a ``ValueError``: bad inference inputs are plain value errors to
+Python callers and 400s to HTTP clients.
+"""
+
+from __future__ import annotations
+
+from modelhost.errors import Conflict, InvalidRequest
+
+
+class UnsupportedModel(InvalidRequest):
+    """The installed model is of a kind the runtime has no loader for (400)."""
+
+    error = "Unsupported model"
+
+
+class PickleNotAllowed(InvalidRequest):
+    """The model's only weights are pickled and the caller did not opt in (400)."""
+
+    error = "Pickled weights need opt-in"
+
+
+class InvalidInput(InvalidRequest, ValueError):
+    """An inference input the model cannot take: says what it expected (400)."""
+
+    error = "Invalid input"
+
+
+class InvalidDevice(InvalidRequest, ValueError):
+    """A device setting that is malformed or names a device this machine lacks (400)."""
+
+    error = "Device not available"
+
+
+class ModelNotLoaded(Conflict):
+    """The model is installed (or not) but not loaded in this server (409)."""
+
+    error = "Model not loaded"
+
+
+class MemoryBudgetExceeded(Conflict):
+    """Loading would exceed the model-count or memory budget, and what would have to be
+    unloaded to make room is pinned (or the model alone is over budget) (409)."""
+
+    error = "Memory budget exceeded"

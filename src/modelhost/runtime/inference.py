@@ -1,0 +1,412 @@
+"""Inference on a loaded model: ``synthesize`` for TTS, ``predict`` for every other task.
+
+Both are blocking (call them from a worker thread) and hold the model's lock while they run,
+so concurrent requests to one model are serialised and safe (tokenizers and generation keep
+per-call state). Bad inputs raise ``InvalidInput``, a ``ValueError``, saying what was
+expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelhost.runtime.errors import InvalidInput, ModelNotLoaded
+from modelhost.runtime.families import Family
+from modelhost.runtime.images import decode_image, pixel_values
+from modelhost.runtime.loaded import LoadedModel
+from modelhost.runtime.speaker import parse_speaker_embedding
+from modelhost.runtime.wav import Audio, decode_base64, parse_wav, resample
+
+MAX_TEXT_CHARS = 20_000
+MAX_BATCH = 64
+MAX_NEW_TOKENS = 1024
+DEFAULT_NEW_TOKENS = 32
+MAX_AUDIO_SECONDS = 30.0  # Whisper's window; long-form transcription is not offered yet
+MAX_AUDIO_SAMPLES = 48_000 * 600
+
+
+@contextlib.contextmanager
+def _using(loaded: LoadedModel) -> Iterator[nn.Module]:
+    """Hold the model's lock, check it is still loaded, mark it used, no autograd."""
+    with loaded.lock:
+        model = loaded.model
+        if model is None:
+            raise ModelNotLoaded(f"Model {loaded.name!r} was unloaded; load it again")
+        loaded.touch()
+        with torch.inference_mode():
+            yield model
+
+
+def _device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype float inputs must have: the model's first floating parameter's."""
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _text(value: Any, what: str = "text") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{what} must be a non-empty string")
+    if len(value) > MAX_TEXT_CHARS:
+        raise InvalidInput(f"{what} is {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
+    return value
+
+
+def _texts(value: Any) -> tuple[list[str], bool]:
+    """A string or a list of strings, and whether a single string was given."""
+    if isinstance(value, str):
+        return [_text(value, "inputs")], True
+    if isinstance(value, list) and value:
+        if len(value) > MAX_BATCH:
+            raise InvalidInput(f"at most {MAX_BATCH} inputs per request, got {len(value)}")
+        return [_text(v, f"inputs[{i}]") for i, v in enumerate(value)], False
+    raise InvalidInput("inputs must be a non-empty string or a non-empty list of strings")
+
+
+def _int_param(params: Mapping[str, Any], key: str, default: int | None, low: int, high: int):
+    value = params.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"parameter {key} must be an integer from {low} to {high}")
+    return value
+
+
+def _max_length(tokenizer: Any, config: Any) -> int:
+    """The longest input the model takes, in tokens."""
+    limits = [int(tokenizer.model_max_length)] if tokenizer.model_max_length < 10**9 else []
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+    return min(limits) if limits else 512
+
+
+# --------------------------------------------------------------------------- synthesize
+
+
+def synthesize(
+    loaded: LoadedModel,
+    text: str,
+    speaker: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+) -> Audio:
+    """Speech for ``text`` at the model's own sample rate.
+
+    ``speaker``: SpeechT5, a list of ``speaker_embedding_dim`` floats (default: the packaged
+    embedding, see ``runtime.speaker``); Bark, a voice preset name the model ships; VITS, a
+    speaker id for multi-speaker models. ``max_new_tokens`` caps Bark's semantic tokens
+    (its audio length). ``seed`` seeds torch's global generator first (Bark samples; VITS
+    draws noise), so the same seed gives the same audio.
+    """
+    if not loaded.is_tts:
+        raise InvalidInput(
+            f"Model {loaded.name!r} is a {loaded.task} model, not text-to-speech: use predict"
+        )
+    text = _text(text)
+    if max_new_tokens is not None:
+        _int_param({"max_new_tokens": max_new_tokens}, "max_new_tokens", None, 1, 4096)
+    with _using(loaded) as model:
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        if loaded.family is Family.SPEECHT5:
+            wave = _speecht5(loaded, model, text, speaker)
+        elif loaded.family is Family.BARK:
+            wave = _bark(loaded, model, text, speaker, max_new_tokens)
+        else:
+            wave = _vits(loaded, model, text, speaker)
+    samples = wave.detach().float().reshape(-1).cpu().numpy().astype(np.float32)
+    assert loaded.sample_rate is not None
+    return Audio(samples, loaded.sample_rate)
+
+
+def _speecht5(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> torch.Tensor:
+    dim = int(loaded.extra["speaker_embedding_dim"])
+    if speaker is None:
+        embedding = loaded.extra["default_speaker"]
+    else:
+        embedding = parse_speaker_embedding(speaker, dim)
+    ids = loaded.processor(text=text, return_tensors="pt")["input_ids"]
+    limit = int(loaded.extra["max_text_positions"])
+    if ids.shape[1] > limit:
+        raise InvalidInput(f"text is {ids.shape[1]} tokens; this model takes at most {limit}")
+    device, dtype = _device(model), _float_dtype(model)
+    speaker_tensor = torch.from_numpy(np.asarray(embedding))[None].to(device, dtype)
+    return model.generate_speech(
+        ids.to(device), speaker_embeddings=speaker_tensor, vocoder=loaded.vocoder
+    )
+
+
+def _bark(
+    loaded: LoadedModel, model: nn.Module, text: str, speaker: Any, max_new_tokens: int | None
+) -> torch.Tensor:
+    presets = loaded.extra.get("voice_presets") or []
+    if speaker is not None and (not isinstance(speaker, str) or speaker not in presets):
+        offered = ", ".join(presets) if presets else "none (this model ships no presets)"
+        raise InvalidInput(f"speaker must be one of this Bark model's voice presets: {offered}")
+    inputs = loaded.processor(text, voice_preset=speaker)
+    device = _device(model)
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items() if v is not None}
+    kwargs = {"semantic_max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    return model.generate(**batch, **kwargs)
+
+
+def _vits(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> torch.Tensor:
+    speakers = int(loaded.extra.get("num_speakers", 1))
+    if speaker is not None:
+        if speakers <= 1:
+            raise InvalidInput("this VITS model has a single speaker: omit speaker")
+        if isinstance(speaker, bool) or not isinstance(speaker, int):
+            raise InvalidInput(f"speaker must be a speaker id from 0 to {speakers - 1}")
+        if not 0 <= speaker < speakers:
+            raise InvalidInput(f"speaker must be a speaker id from 0 to {speakers - 1}")
+    inputs = loaded.processor(text, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        raise InvalidInput("the text has no characters this model's tokenizer knows")
+    return model(**_to(inputs, _device(model)), speaker_id=speaker).waveform[0]
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def predict(
+    loaded: LoadedModel, inputs: Any, parameters: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Task-shaped results for ``inputs`` (the shape of Hugging Face's inference API).
+
+    - text-classification: ``inputs`` a string or list; ``{"predictions": [{label, score}]}``
+      sorted by score (a list of such lists for a list); ``top_k`` parameter.
+    - feature-extraction: a string or list; ``{"embeddings": [[...]], "dimension": n}``;
+      ``normalize`` parameter (unit L2 norm).
+    - text-generation / text2text-generation: a string; ``{"generated_text": ...}``;
+      ``max_new_tokens`` (default 32), ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+      ``return_full_text`` (causal LMs, default true).
+    - automatic-speech-recognition: base64 WAV, ``{"audio": base64}`` or
+      ``{"samples": [floats], "sampling_rate": n}``; ``{"text": ...}``.
+    - image-classification: base64 image, ``{"image": base64}`` or ``{"pixels": HxWx3}``;
+      ``{"predictions": [{label, score, class_id}]}``, ``top_k`` (default 5).
+    """
+    params = dict(parameters or {})
+    handlers = {
+        Family.TEXT_CLASSIFICATION: _classify_text,
+        Family.FEATURE_EXTRACTION: _embed,
+        Family.TEXT_GENERATION: _generate,
+        Family.TEXT2TEXT: _generate,
+        Family.WHISPER: _transcribe,
+        Family.IMAGE_CLASSIFICATION: _classify_image,
+    }
+    handler = handlers.get(loaded.family)
+    if handler is None:
+        raise InvalidInput(f"Model {loaded.name!r} is text-to-speech: use synthesize")
+    with _using(loaded) as model:
+        return handler(loaded, model, inputs, params)
+
+
+def _ranked(probs: torch.Tensor, labels: dict[int, str], top_k: int | None) -> list[dict]:
+    order = torch.argsort(probs, descending=True).tolist()
+    if top_k is not None:
+        order = order[:top_k]
+    return [
+        {"label": labels.get(i, f"LABEL_{i}"), "score": float(probs[i]), "class_id": i}
+        for i in order
+    ]
+
+
+def _classify_text(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    texts, single = _texts(inputs)
+    labels = loaded.extra.get("labels") or {}
+    top_k = _int_param(params, "top_k", None, 1, max(1, len(labels)))
+    tokenizer = loaded.processor
+    enc = tokenizer(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=_max_length(tokenizer, model.config),
+        return_tensors="pt",
+    )
+    logits = model(**_to(enc, _device(model))).logits.float()
+    if getattr(model.config, "problem_type", None) == "multi_label_classification":
+        probs = torch.sigmoid(logits)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    results = [_ranked(row, labels, top_k) for row in probs.cpu()]
+    return {"predictions": results[0] if single else results}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token vectors where ``mask`` is 1 (the sentence-transformers pooling)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def _embed(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    texts, _single = _texts(inputs)
+    normalize = params.get("normalize", False)
+    if not isinstance(normalize, bool):
+        raise InvalidInput("parameter normalize must be true or false")
+    if loaded.extra.get("backend") == "sentence-transformers":
+        vectors = model.encode(
+            texts,
+            batch_size=32,
+            convert_to_numpy=True,
+            normalize_embeddings=normalize,
+            show_progress_bar=False,
+        )
+        matrix = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
+    else:
+        tokenizer = loaded.processor
+        enc = tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=_max_length(tokenizer, model.config),
+            return_tensors="pt",
+        )
+        enc = _to(enc, _device(model))
+        hidden = model(**enc).last_hidden_state
+        matrix = mean_pool(hidden, enc["attention_mask"]).float().cpu()
+        if normalize:
+            matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
+    return {"embeddings": matrix.tolist(), "dimension": int(matrix.shape[1])}
+
+
+def _generation_kwargs(params: dict) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": _int_param(params, "max_new_tokens", DEFAULT_NEW_TOKENS, 1, 4096)
+    }
+    if kwargs["max_new_tokens"] > MAX_NEW_TOKENS:
+        raise InvalidInput(f"parameter max_new_tokens must be at most {MAX_NEW_TOKENS}")
+    do_sample = params.get("do_sample", False)
+    if not isinstance(do_sample, bool):
+        raise InvalidInput("parameter do_sample must be true or false")
+    kwargs["do_sample"] = do_sample
+    for key, low, high in (("temperature", 1e-4, 100.0), ("top_p", 1e-4, 1.0)):
+        if key in params:
+            value = params[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"parameter {key} must be a number")
+            if not (low <= float(value) <= high) or not math.isfinite(value):
+                raise InvalidInput(f"parameter {key} must be from {low} to {high}")
+            kwargs[key] = float(value)
+    top_k = _int_param(params, "top_k", None, 1, 100_000)
+    if top_k is not None:
+        kwargs["top_k"] = top_k
+    return kwargs
+
+
+def _generate(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    text = _text(inputs, "inputs")
+    kwargs = _generation_kwargs(params)
+    tokenizer = loaded.processor
+    limit = _max_length(tokenizer, model.config)
+    causal = loaded.family is Family.TEXT_GENERATION
+    enc = tokenizer(text, return_tensors="pt", truncation=not causal, max_length=limit)
+    length = int(enc["input_ids"].shape[1])
+    if causal and length + kwargs["max_new_tokens"] > limit:
+        raise InvalidInput(
+            f"prompt ({length} tokens) plus max_new_tokens ({kwargs['max_new_tokens']}) "
+            f"exceeds this model's {limit} positions"
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.eos_token_id
+    output = model.generate(**_to(enc, _device(model)), **kwargs)
+    if not causal:
+        return {"generated_text": tokenizer.decode(output[0], skip_special_tokens=True)}
+    new_text = tokenizer.decode(output[0, length:], skip_special_tokens=True)
+    full = params.get("return_full_text", True)
+    if not isinstance(full, bool):
+        raise InvalidInput("parameter return_full_text must be true or false")
+    return {"generated_text": text + new_text if full else new_text}
+
+
+def audio_input(inputs: Any) -> Audio:
+    """Audio from base64 WAV, ``{"audio": base64}`` or ``{"samples": [...], "sampling_rate":
+    n}`` (``array`` is accepted for ``samples``)."""
+    if isinstance(inputs, str):
+        return parse_wav(decode_base64(inputs))
+    if isinstance(inputs, dict):
+        if "audio" in inputs:
+            return parse_wav(decode_base64(inputs["audio"]))
+        samples = inputs.get("samples", inputs.get("array"))
+        rate = inputs.get("sampling_rate")
+        if samples is not None:
+            if isinstance(rate, bool) or not isinstance(rate, int) or not 1000 <= rate <= 384_000:
+                raise InvalidInput("sampling_rate must be an integer from 1000 to 384000")
+            if not isinstance(samples, list) or not samples:
+                raise InvalidInput("samples must be a non-empty list of numbers")
+            if len(samples) > MAX_AUDIO_SAMPLES:
+                raise InvalidInput("too many samples")
+            try:
+                array = np.asarray(samples, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"samples must be numbers: {exc}") from exc
+            if array.ndim != 1 or not np.isfinite(array).all():
+                raise InvalidInput("samples must be a flat list of finite numbers")
+            return Audio(array, rate)
+    raise InvalidInput(
+        'audio input must be base64 WAV, {"audio": base64} or '
+        '{"samples": [...], "sampling_rate": n}'
+    )
+
+
+def _transcribe(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    audio = audio_input(inputs)
+    if len(audio.samples) == 0:
+        raise InvalidInput("the audio has no samples")
+    if audio.duration_s > MAX_AUDIO_SECONDS:
+        raise InvalidInput(
+            f"audio is {audio.duration_s:.1f} s; at most {MAX_AUDIO_SECONDS:.0f} s per request "
+            "(long-form transcription is not supported yet)"
+        )
+    rate = int(loaded.extra["input_sample_rate"])
+    samples = resample(audio.samples, audio.sample_rate, rate)
+    features = loaded.processor.feature_extractor(
+        samples, sampling_rate=rate, return_tensors="pt"
+    ).input_features
+    features = features.to(_device(model), _float_dtype(model))
+    limit = int(getattr(model.config, "max_target_positions", 448))
+    kwargs: dict[str, Any] = {}
+    max_new = _int_param(params, "max_new_tokens", None, 1, max(1, limit - 4))
+    if max_new is not None:
+        kwargs["max_new_tokens"] = max_new
+    for key in ("language", "task"):
+        if key in params:
+            if not isinstance(params[key], str):
+                raise InvalidInput(f"parameter {key} must be a string")
+            kwargs[key] = params[key]
+    try:
+        tokens = model.generate(features, **kwargs)
+    except ValueError as exc:  # e.g. a language or task this checkpoint does not know
+        raise InvalidInput(str(exc)) from exc
+    text = loaded.processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+    return {"text": text, "sampling_rate": audio.sample_rate, "duration": audio.duration_s}
+
+
+def _classify_image(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    labels = loaded.extra.get("labels") or {}
+    top_k = _int_param(params, "top_k", min(5, max(1, len(labels))), 1, max(1, len(labels)))
+    image = decode_image(inputs)
+    pixels = pixel_values(loaded.processor, image).to(_device(model), _float_dtype(model))
+    logits = model(pixel_values=pixels).logits.float()
+    probs = torch.softmax(logits, dim=-1)[0].cpu()
+    return {"predictions": _ranked(probs, labels, top_k)}

@@ -1,0 +1,103 @@
+"""A model resident in memory, with what was measured about it."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from torch import nn
+
+from modelhost.runtime.families import Family
+
+MB = 1024 * 1024
+_use_counter = itertools.count(1)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One loaded model: its objects, measured memory, and use bookkeeping.
+
+    ``allocated_bytes`` / ``reserved_bytes`` are measured: on CUDA (and MPS) the allocator's
+    growth across the load, on CPU the bytes of parameters and buffers (CPU has no caching
+    allocator, so reserved equals allocated). On CUDA the allocator's figure is at least
+    ``weights_bytes``: it rounds each block up to 512 bytes and keeps the unsplit remainder
+    (up to 1 MiB) of a large free block it reuses. ``weights_bytes`` is always the parameter
+    and buffer bytes. ``lock`` serialises inference and optimisation on this model.
+    """
+
+    name: str
+    family: Family
+    task: str
+    device: str
+    model: nn.Module | None
+    processor: Any = None
+    vocoder: nn.Module | None = None
+    sample_rate: int | None = None
+    parameters: int = 0
+    allocated_bytes: int = 0
+    reserved_bytes: int = 0
+    weights_bytes: int = 0
+    estimated_bytes: int = 0
+    load_seconds: float = 0.0
+    optimized: bool = False
+    optimization: dict[str, Any] | None = None
+    pinned: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    loaded_at: datetime = field(default_factory=_now)
+    last_used: datetime = field(default_factory=_now)
+    use_seq: int = field(default_factory=lambda: next(_use_counter))
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def is_tts(self) -> bool:
+        return self.family.is_tts
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def touch(self) -> None:
+        """Mark the model as just used (the LRU order eviction follows)."""
+        self.last_used = _now()
+        self.use_seq = next(_use_counter)
+
+    def memory_usage(self) -> dict[str, float]:
+        """``allocated_mb`` / ``reserved_mb`` as the managed-models view reports them."""
+        return {
+            "allocated_mb": round(self.allocated_bytes / MB, 3),
+            "reserved_mb": round(self.reserved_bytes / MB, 3),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The model's row for ``GET /models/managed`` (the seed's fields, then extras)."""
+        return {
+            "name": self.name,
+            "loaded": self.loaded,
+            "device": self.device,
+            "is_tts": self.is_tts,
+            "optimized": self.optimized,
+            "memory_usage": self.memory_usage(),
+            "parameters": self.parameters,
+            "family": self.family.value,
+            "task": self.task,
+            "pinned": self.pinned,
+            "sample_rate": self.sample_rate,
+            "estimated_mb": round(self.estimated_bytes / MB, 3),
+            "load_seconds": round(self.load_seconds, 3),
+            "loaded_at": self.loaded_at.isoformat(),
+            "last_used": self.last_used.isoformat(),
+            "optimization": self.optimization,
+        }
+
+    def release(self) -> None:
+        """Drop the model's objects (the registry then frees the device memory)."""
+        self.model = None
+        self.vocoder = None
+        self.processor = None

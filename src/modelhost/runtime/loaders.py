@@ -1,0 +1,233 @@
+"""Loading an installed model: one loader per family, measured memory, pickle policy.
+
+Every loader reads only local files (``local_files_only``), never runs repository code
+(no ``trust_remote_code``), and reads safetensors unless the caller opted in to pickled
+weights, which Transformers then reads with ``torch.load(weights_only=True)``. Models load
+in float32 on CPU and MPS and in their stored dtype on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelhost.runtime.device import device_str
+from modelhost.runtime.errors import UnsupportedModel
+from modelhost.runtime.families import Family, FamilyInfo, detect_family
+from modelhost.runtime.images import ConfigPreprocessor
+from modelhost.runtime.loaded import LoadedModel
+from modelhost.runtime.memory import count_parameters, read_allocator, weights_bytes
+from modelhost.runtime.speaker import default_speaker_embedding
+from modelhost.runtime.weights import check_pickle, estimate_bytes
+from modelhost.store.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """What a family loader returns: the objects, on the CPU or already on the device."""
+
+    model: nn.Module
+    processor: Any = None
+    vocoder: nn.Module | None = None
+    sample_rate: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _hf_kwargs(device: torch.device, safetensors: bool) -> dict[str, Any]:
+    return {
+        "local_files_only": True,
+        "use_safetensors": safetensors,
+        "dtype": "auto" if device.type == "cuda" else torch.float32,
+    }
+
+
+def _text_classification(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    return Parts(model, tokenizer, extra={"labels": labels})
+
+
+def _feature_extraction(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    if info.sentence_transformers:
+        from sentence_transformers import SentenceTransformer
+
+        model_kwargs = {"dtype": kw["dtype"], "use_safetensors": kw["use_safetensors"]}
+        model = SentenceTransformer(
+            str(path), device="cpu", local_files_only=True, model_kwargs=model_kwargs
+        )
+        return Parts(model, None, extra={"backend": "sentence-transformers"})
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return Parts(model, tokenizer, extra={"backend": "transformers-mean-pooling"})
+
+
+def _text_generation(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _text2text(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, **kw)
+    return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _whisper(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(path, **kw)
+    processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
+    rate = int(processor.feature_extractor.sampling_rate)
+    return Parts(model, processor, extra={"input_sample_rate": rate})
+
+
+def _image_classification(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(path, **kw)
+    processor: Any
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        kind = "transformers"
+    except (ImportError, OSError, ValueError) as exc:
+        # Transformers' image processors need Pillow or torchvision.
+        log.info("image processor of %s unavailable (%s); using its config", path, exc)
+        image_size = getattr(model.config, "image_size", None)
+        processor = ConfigPreprocessor.from_model_dir(path, image_size)
+        kind = "config"
+    labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    return Parts(model, processor, extra={"labels": labels, "image_processor": kind})
+
+
+def _speecht5(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import SpeechT5ForTextToSpeech, SpeechT5HifiGan, SpeechT5Processor
+
+    assert info.vocoder_path is not None  # detect_family guarantees it
+    model = SpeechT5ForTextToSpeech.from_pretrained(path, **kw)
+    processor = SpeechT5Processor.from_pretrained(path, local_files_only=True)
+    vocoder = SpeechT5HifiGan.from_pretrained(info.vocoder_path, **kw)
+    dim = int(model.config.speaker_embedding_dim)
+    return Parts(
+        model,
+        processor,
+        vocoder=vocoder,
+        sample_rate=int(vocoder.config.sampling_rate),
+        extra={
+            "speaker_embedding_dim": dim,
+            "default_speaker": default_speaker_embedding(dim),
+            "max_text_positions": int(model.config.max_text_positions),
+        },
+    )
+
+
+def _bark(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import BarkModel, BarkProcessor
+
+    model = BarkModel.from_pretrained(path, **kw)
+    presets_file = "speaker_embeddings_path.json"
+    processor = BarkProcessor.from_pretrained(
+        path,
+        speaker_embeddings_dict_path=presets_file if (path / presets_file).is_file() else None,
+        local_files_only=True,
+    )
+    presets = sorted(processor.available_voice_presets) if processor.speaker_embeddings else []
+    rate = getattr(model.generation_config, "sample_rate", None)
+    if rate is None:  # the codec's own rate, when generation_config.json did not record it
+        rate = model.config.codec_config.sampling_rate
+    return Parts(model, processor, sample_rate=int(rate), extra={"voice_presets": presets})
+
+
+def _vits(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoTokenizer, VitsModel
+
+    model = VitsModel.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if getattr(tokenizer, "is_uroman", False):
+        raise UnsupportedModel(
+            f"{path.name}: this VITS tokenizer needs text romanised with uroman first, "
+            "which the server does not do yet"
+        )
+    speakers = int(getattr(model.config, "num_speakers", 1) or 1)
+    return Parts(
+        model,
+        tokenizer,
+        sample_rate=int(model.config.sampling_rate),
+        extra={"num_speakers": speakers},
+    )
+
+
+LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
+    Family.TEXT_CLASSIFICATION: _text_classification,
+    Family.FEATURE_EXTRACTION: _feature_extraction,
+    Family.TEXT_GENERATION: _text_generation,
+    Family.TEXT2TEXT: _text2text,
+    Family.WHISPER: _whisper,
+    Family.IMAGE_CLASSIFICATION: _image_classification,
+    Family.SPEECHT5: _speecht5,
+    Family.BARK: _bark,
+    Family.VITS: _vits,
+}
+
+
+def load(
+    manifest: Manifest, path: Path, device: torch.device, allow_pickle: bool = False
+) -> LoadedModel:
+    """Load an installed model onto ``device`` and measure it. Blocking: call it in a
+    worker thread. Raises ``UnsupportedModel`` / ``PickleNotAllowed`` before reading
+    weights when the model cannot or may not be loaded."""
+    path = Path(path)
+    info = detect_family(manifest, path)
+    safetensors = check_pickle(manifest, path, allow_pickle)
+    estimate = estimate_bytes(manifest, path, device.type)
+
+    started = time.perf_counter()
+    before = read_allocator(device)
+    parts = LOADERS[info.family](info, path, _hf_kwargs(device, safetensors))
+    parts.model.eval().to(device)
+    if parts.vocoder is not None:
+        parts.vocoder.eval().to(device)
+    after = read_allocator(device)
+    seconds = time.perf_counter() - started
+
+    exact = weights_bytes(parts.model, parts.vocoder)
+    if device.type == "cpu":
+        allocated = reserved = exact
+    else:
+        allocated = max(0, after.allocated - before.allocated)
+        reserved = max(0, after.reserved - before.reserved)
+    return LoadedModel(
+        name=manifest.name,
+        family=info.family,
+        task=info.task,
+        device=device_str(device),
+        model=parts.model,
+        processor=parts.processor,
+        vocoder=parts.vocoder,
+        sample_rate=parts.sample_rate,
+        parameters=count_parameters(parts.model, parts.vocoder),
+        allocated_bytes=allocated,
+        reserved_bytes=reserved,
+        weights_bytes=exact,
+        estimated_bytes=estimate,
+        load_seconds=seconds,
+        extra={**parts.extra, "model_type": info.model_type},
+    )

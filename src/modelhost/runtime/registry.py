@@ -1,0 +1,238 @@
+"""The loaded models of one server: load, unload, pin, and a memory budget with LRU eviction.
+
+The budget has two parts:
+
+- ``max_loaded``: at most this many models resident (``MODELHOST_MAX_LOADED``).
+- memory per device: on CUDA ``gpu_memory_fraction`` of the GPU's total memory, on CPU
+  ``cpu_memory_bytes`` when set. Before a load, the model's need is estimated from its
+  stored weights (``weights.estimate_bytes``) and added to the measured ``allocated_bytes``
+  of the models already on that device.
+
+When the new model does not fit, least-recently-used unpinned models are unloaded until it
+does. When even that is not enough (pinned models are in the way, or the model alone is
+over the budget), nothing is unloaded and ``MemoryBudgetExceeded`` names what would have to
+go. Loads are serialised (one at a time, which also keeps CUDA allocator deltas
+attributable); ``get`` and ``list`` never wait for a load.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modelhost.errors import Conflict
+from modelhost.runtime.device import device_str, resolve_device
+from modelhost.runtime.errors import MemoryBudgetExceeded, ModelNotLoaded
+from modelhost.runtime.loaded import MB, LoadedModel
+from modelhost.runtime.loaders import load as load_model
+from modelhost.runtime.memory import device_total_bytes, read_allocator, release_cached
+from modelhost.runtime.weights import estimate_bytes
+from modelhost.store.manifest import Manifest
+
+Loader = Callable[[Manifest, Path, torch.device, bool], LoadedModel]
+
+
+@dataclass(frozen=True)
+class UnloadReport:
+    """What unloading freed: the model's measured bytes, and the allocator afterwards."""
+
+    name: str
+    device: str
+    freed_bytes: int
+    allocated_after: int  # the device allocator's allocated bytes after (0 on CPU)
+    reserved_after: int
+    evicted: bool = False  # unloaded to make room for another model
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "device": self.device,
+            "freed_mb": round(self.freed_bytes / MB, 3),
+            "allocated_mb_after": round(self.allocated_after / MB, 3),
+            "reserved_mb_after": round(self.reserved_after / MB, 3),
+            "evicted": self.evicted,
+        }
+
+
+def _names(models: list[LoadedModel]) -> str:
+    return ", ".join(f"'{m.name}' ({m.allocated_bytes / MB:.1f} MB)" for m in models)
+
+
+class ModelRegistry:
+    """Thread-safe set of loaded models under a count and memory budget."""
+
+    def __init__(
+        self,
+        max_loaded: int | None = None,
+        gpu_memory_fraction: float = 0.9,
+        device_setting: str = "auto",
+        cpu_memory_bytes: int | None = None,
+        loader: Loader | None = None,
+    ) -> None:
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1 (or None for no limit)")
+        if not 0.0 < gpu_memory_fraction <= 1.0:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
+        self.max_loaded = max_loaded
+        self.gpu_memory_fraction = gpu_memory_fraction
+        self.device_setting = device_setting
+        self.cpu_memory_bytes = cpu_memory_bytes
+        self._loader: Loader = loader or load_model
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.RLock()  # guards _models; held briefly
+        self._load_lock = threading.Lock()  # one load or unload at a time
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, name: str, touch: bool = True) -> LoadedModel:
+        """The loaded model ``name`` (marked used), or ``ModelNotLoaded``."""
+        with self._lock:
+            model = self._models.get(name)
+        if model is None:
+            raise ModelNotLoaded(
+                f"Model {name!r} is not loaded: load it first (POST /models/{name}/load)"
+            )
+        if touch:
+            model.touch()
+        return model
+
+    def list(self) -> list[LoadedModel]:
+        """The loaded models, most recently used first."""
+        with self._lock:
+            models = list(self._models.values())
+        return sorted(models, key=lambda m: m.use_seq, reverse=True)
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._models
+
+    def budget_bytes(self, device: torch.device) -> int | None:
+        """The memory budget of ``device``: a fraction of a GPU, the CPU limit, or None."""
+        total = device_total_bytes(device)
+        if total is not None:
+            return int(total * self.gpu_memory_fraction)
+        if device.type == "cpu":
+            return self.cpu_memory_bytes
+        return None
+
+    # ------------------------------------------------------------------ changes
+
+    def load(
+        self,
+        manifest: Manifest,
+        path: Path,
+        device: str | None = None,
+        pin: bool = False,
+        allow_pickle: bool = False,
+    ) -> LoadedModel:
+        """Load ``manifest``'s model from ``path`` (blocking), evicting LRU unpinned models
+        if the budget requires. Loading a model already loaded on the same device returns
+        it (pinning it if asked); on another device is a ``Conflict``."""
+        target = resolve_device(device or self.device_setting)
+        with self._load_lock:
+            with self._lock:
+                existing = self._models.get(manifest.name)
+            if existing is not None:
+                if existing.device != device_str(target):
+                    raise Conflict(
+                        f"Model {manifest.name!r} is already loaded on {existing.device}; "
+                        f"unload it before loading it on {device_str(target)}",
+                        error="Already loaded",
+                    )
+                existing.pinned = existing.pinned or pin
+                existing.touch()
+                return existing
+            need = estimate_bytes(manifest, Path(path), target.type)
+            for victim in self._plan_eviction(manifest.name, need, target):
+                self._unload_locked(victim.name, evicted=True)
+            loaded = self._loader(manifest, Path(path), target, allow_pickle)
+            loaded.pinned = pin
+            loaded.touch()
+            with self._lock:
+                self._models[loaded.name] = loaded
+            return loaded
+
+    def unload(self, name: str) -> UnloadReport:
+        """Unload ``name``: waits for its in-flight requests, then frees its memory."""
+        with self._load_lock:
+            return self._unload_locked(name)
+
+    def pin(self, name: str, pinned: bool = True) -> LoadedModel:
+        """Keep ``name`` resident (never evicted) or release it to the LRU again."""
+        model = self.get(name, touch=False)
+        model.pinned = pinned
+        return model
+
+    def unload_all(self) -> list[UnloadReport]:
+        """Unload every model (server shutdown)."""
+        with self._load_lock:
+            return [self._unload_locked(m.name) for m in self.list()]
+
+    # ------------------------------------------------------------------ internals
+
+    def _unload_locked(self, name: str, evicted: bool = False) -> UnloadReport:
+        with self._lock:
+            model = self._models.pop(name, None)
+        if model is None:
+            raise ModelNotLoaded(f"Model {name!r} is not loaded")
+        device = torch.device(model.device)
+        with model.lock:  # in-flight inference finishes first
+            freed = model.allocated_bytes
+            model.release()
+        release_cached(device)
+        after = read_allocator(device)
+        return UnloadReport(name, model.device, freed, after.allocated, after.reserved, evicted)
+
+    def _plan_eviction(self, name: str, need: int, device: torch.device) -> list[LoadedModel]:
+        """The models to unload so ``name`` fits, or ``MemoryBudgetExceeded``."""
+        resident = sorted(self.list(), key=lambda m: m.use_seq)  # least recent first
+        victims: list[LoadedModel] = []
+
+        if self.max_loaded is not None and len(resident) + 1 > self.max_loaded:
+            excess = len(resident) + 1 - self.max_loaded
+            unpinned = [m for m in resident if not m.pinned]
+            if len(unpinned) < excess:
+                pinned = [m for m in resident if m.pinned]
+                raise MemoryBudgetExceeded(
+                    f"Cannot load {name!r}: {len(resident)} models are loaded and the limit "
+                    f"is {self.max_loaded} (MODELHOST_MAX_LOADED); making room would mean "
+                    f"unloading pinned models: {_names(pinned)}. Unpin or unload one first"
+                )
+            victims.extend(unpinned[:excess])
+
+        budget = self.budget_bytes(device)
+        if budget is None:
+            return victims
+        where = device_str(device)
+        if need > budget:
+            raise MemoryBudgetExceeded(
+                f"Cannot load {name!r}: it needs about {need / MB:.1f} MB, more than the "
+                f"whole budget of {where} ({budget / MB:.1f} MB{self._budget_note(device)})"
+            )
+        on_device = [m for m in resident if m.device == where]
+        used = sum(m.allocated_bytes for m in on_device if m not in victims)
+        for candidate in on_device:
+            if used + need <= budget:
+                break
+            if candidate.pinned or candidate in victims:
+                continue
+            victims.append(candidate)
+            used -= candidate.allocated_bytes
+        if used + need > budget:
+            pinned = [m for m in on_device if m.pinned]
+            raise MemoryBudgetExceeded(
+                f"Cannot load {name!r} on {where}: it needs about {need / MB:.1f} MB and the "
+                f"budget is {budget / MB:.1f} MB{self._budget_note(device)}; even after "
+                f"unloading every unpinned model, {used / MB:.1f} MB stay in use by pinned "
+                f"models that would have to be unloaded: {_names(pinned)}"
+            )
+        return victims
+
+    def _budget_note(self, device: torch.device) -> str:
+        if device.type == "cuda":
+            return f", {self.gpu_memory_fraction:g} of the GPU"
+        return ""
