@@ -378,7 +378,7 @@ def test_unknown_things_are_clear_errors(make_server, fileserver, method, path, 
     assert fragment in response.json()["message"]
 
 
-def test_optimize_answers_501_and_update_needs_revisions(make_server, fileserver):
+def test_optimize_needs_a_loaded_model_and_update_needs_revisions(make_server, fileserver):
     fileserver.add("/o.safetensors", b"weights")
     server = make_server([fileserver.host_port])
     job_id = server.client.post(
@@ -388,8 +388,10 @@ def test_optimize_answers_501_and_update_needs_revisions(make_server, fileserver
     optimize = server.client.post(
         "/models/manage", params={"action": "optimize", "model_name": "o"}
     )
-    assert optimize.status_code == 501
-    assert "issue #4" in optimize.json()["message"] and "unchanged" in optimize.json()["message"]
+    assert optimize.status_code == 409
+    assert "POST /models/o/load first" in optimize.json()["message"]
+    status = server.client.get(f"/models/download/status/{job_id}").json()
+    assert "not loaded: a bare weights file from the url source" in status["message"]
     update = server.client.post("/models/manage", params={"action": "update", "model_name": "o"})
     assert update.status_code == 400
     assert "no revisions to update to" in update.json()["message"]
@@ -432,6 +434,7 @@ def test_seed_listing_endpoints_have_the_seed_fields(make_server, fileserver):
     assert available["available_models"]["speecht5_tts"]["model_id"] == "microsoft/speecht5_tts"
     managed = server.client.get("/models/managed").json()
     assert managed["total_models"] == 0 and managed["summary"]["total_loaded"] == 0
+    assert managed["categories"] == {"tts_models": [], "other_models": []}
 
 
 def test_graceful_restart_resumes_interrupted_job(make_server, fileserver, payload, tmp_path):

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     max_downloads: int = Field(default=2, ge=1, le=64)
     cache_limit_gb: float | None = Field(default=None, gt=0)
 
+    # Loaded models (runtime).
+    max_loaded: int | None = Field(default=None, ge=1)
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    cpu_memory_limit_gb: float | None = Field(default=None, gt=0)
+    load_on_demand: bool = False
+
     # The Hugging Face Hub, read as huggingface_hub reads it.
     hf_endpoint: str = Field(
         default="https://huggingface.co",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from modelhost import __version__
-from modelhost.api import downloads, health, metrics, models
+from modelhost.api import downloads, health, inference, metrics, models
 from modelhost.api.deps import Services
 from modelhost.api.errors import install_error_handlers
 from modelhost.catalog import load_catalog, load_models_config
@@ -18,6 +19,7 @@ from modelhost.fetch import FetchEngine, RetryPolicy, UrlPolicy
 from modelhost.fetch.http import Authorizer
 from modelhost.fetch.policy import Target
 from modelhost.jobs import JobManager, JobRepository
+from modelhost.runtime.registry import ModelRegistry
 from modelhost.sources import HubSettings
 from modelhost.store import Store
 
@@ -55,6 +57,14 @@ def build_services(settings: Settings) -> Services:
         read_timeout_s=settings.fetch_read_timeout_s,
     )
     hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
+    runtime = ModelRegistry(
+        max_loaded=settings.max_loaded,
+        gpu_memory_fraction=settings.gpu_memory_fraction,
+        device_setting=settings.device,
+        cpu_memory_bytes=(
+            int(settings.cpu_memory_limit_gb * 1024**3) if settings.cpu_memory_limit_gb else None
+        ),
+    )
     jobs = JobManager(
         store,
         engine,
@@ -63,6 +73,7 @@ def build_services(settings: Settings) -> Services:
         parallel_files=settings.fetch_parallel_files,
         cache_limit_bytes=settings.cache_limit_bytes,
         hub=hub,
+        registry=runtime,
     )
     return Services(
         settings=settings,
@@ -70,6 +81,7 @@ def build_services(settings: Settings) -> Services:
         jobs=jobs,
         models_config=load_models_config(settings.models_config),
         catalog=load_catalog(),
+        runtime=runtime,
     )
 
 
@@ -87,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await services.jobs.stop()
+            await asyncio.to_thread(services.runtime.unload_all)
 
     app = FastAPI(
         title="modelhost",
@@ -101,4 +114,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(downloads.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
+    app.include_router(inference.router)
     return app

@@ -13,6 +13,7 @@ from modelhost.catalog import Catalog, ModelsConfig
 from modelhost.config import Settings
 from modelhost.errors import InvalidRequest, Unauthorized
 from modelhost.jobs import JobManager
+from modelhost.runtime.registry import ModelRegistry
 from modelhost.store import Store
 
 
@@ -25,6 +26,7 @@ class Services:
     jobs: JobManager
     models_config: ModelsConfig
     catalog: Catalog
+    runtime: ModelRegistry
 
 
 def get_services(request: Request) -> Services:

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Query
 
 from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
 from modelhost.catalog import available_view, entry_for_model_id, is_tts_task, models_view
-from modelhost.errors import NotImplementedYet
 from modelhost.names import validate_name
+from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.store import Manifest, describe
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
@@ -25,8 +25,8 @@ def _tags_for(manifest: Manifest, services: Services) -> list[str]:
 
 @router.get("/models", summary="Configured models (models.json)")
 async def list_models(services: ServicesDep) -> dict:
-    # Nothing can be loaded until the runtime lands (issue #4), so no model is loaded.
-    return models_view(services.models_config, loaded=set())
+    loaded = {model.name for model in services.runtime.list()}
+    return models_view(services.models_config, loaded=loaded)
 
 
 @router.get("/models/available", summary="The catalog of downloadable models")
@@ -35,20 +35,27 @@ async def available_models(services: ServicesDep) -> dict:
     return available_view(services.catalog, installed={m.name for m in manifests})
 
 
-@router.get("/models/managed", summary="Models loaded by the server")
-async def managed_models() -> dict:
+@router.get("/models/managed", summary="Models loaded by the server, measured")
+async def managed_models(services: ServicesDep) -> dict:
+    rows = [model.describe() for model in services.runtime.list()]
+    tts = [row for row in rows if row["is_tts"]]
     return {
-        "total_models": 0,
-        "downloaded_models": [],
-        "categories": {"tts_models": [], "other_models": []},
-        "summary": {
-            "total_loaded": 0,
-            "tts_models_count": 0,
-            "optimized_count": 0,
-            "total_parameters": 0,
+        "total_models": len(rows),
+        "downloaded_models": rows,
+        "categories": {
+            "tts_models": [{"name": r["name"], "loaded": True, "is_tts": True} for r in tts],
+            "other_models": [
+                {"name": r["name"], "loaded": True, "is_tts": False}
+                for r in rows
+                if not r["is_tts"]
+            ],
         },
-        "message": "Loading models onto a device is not built yet (issue #4); "
-        "installed models are listed by GET /models/cache/info",
+        "summary": {
+            "total_loaded": len(rows),
+            "tts_models_count": len(tts),
+            "optimized_count": sum(1 for r in rows if r["optimized"]),
+            "total_parameters": sum(r["parameters"] for r in rows),
+        },
     }
 
 
@@ -113,6 +120,7 @@ async def manage_model(
     action: str = Query(..., description="optimize, retry_download or update"),
     model_name: str = Query(...),
     force_redownload: bool = Query(default=False),
+    compile: bool = Query(default=False, description="optimize: also try torch.compile (CUDA)"),
 ) -> dict:
     chosen = parse_choice(ManageAction, action, "action")
     validate_name(model_name)
@@ -155,17 +163,30 @@ async def manage_model(
             "status": result.job.state.value,
             "changes": changes,
         }
+    from modelhost.runtime.optimize import optimize
+
     await asyncio.to_thread(services.store.require, model_name)
-    raise NotImplementedYet(
-        f"Action 'optimize' is not built yet (issue #4, runtime); model '{model_name}' is "
-        "unchanged",
-        error="Action not implemented: optimize",
-    )
+    if not services.runtime.is_loaded(model_name):
+        raise ModelNotLoaded(
+            f"Model '{model_name}' is not loaded; optimize works on a loaded model: "
+            f"POST /models/{model_name}/load first"
+        )
+    report = await asyncio.to_thread(optimize, services.runtime.get(model_name), compile)
+    return {
+        "success": report.applied,
+        "message": report.message,
+        "action": chosen.value,
+        "model_name": model_name,
+        **report.to_dict(),
+    }
 
 
 @router.delete("/models/download/{model_name}", summary="Remove a model from the cache")
 async def remove_model(model_name: str, services: ServicesDep) -> dict:
     validate_name(model_name)
+    unloaded = None
+    if services.runtime.is_loaded(model_name):
+        unloaded = await asyncio.to_thread(services.runtime.unload, model_name)
     manifest, freed, cancelled = await services.jobs.remove_model(model_name)
     if manifest is None:
         message = f"Cancelled the download of {model_name}; nothing was installed yet"
@@ -177,4 +198,5 @@ async def remove_model(model_name: str, services: ServicesDep) -> dict:
         "model_name": model_name,
         "freed_mb": round(freed / MB, 3),
         "cancelled_download_id": cancelled.id if cancelled else None,
+        "unloaded": unloaded.to_dict() if unloaded else None,
     }

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelhost.errors import (
     Cancelled,
@@ -37,6 +37,9 @@ from modelhost.names import validate_name
 from modelhost.sources import DownloadRequest, HubSettings, Plan, SourceContext, get_source
 from modelhost.store import CommitFile, Manifest, Store
 
+if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
+    from modelhost.runtime.registry import ModelRegistry
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -50,7 +53,20 @@ FINISHED_CACHE = 1000
 
 def request_key(request: DownloadRequest) -> str:
     """Requests with the same key are the same download."""
-    relevant = request.model_dump(include={"source", "model_id", "name", "sha256", "filename"})
+    relevant = request.model_dump(
+        include={
+            "source",
+            "model_id",
+            "name",
+            "sha256",
+            "filename",
+            "revision",
+            "allow_patterns",
+            "ignore_patterns",
+            "include_vocoder",
+            "vocoder_model",
+        }
+    )
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:32]
 
 
@@ -158,8 +174,10 @@ class JobManager:
         parallel_files: int = 4,
         cache_limit_bytes: int | None = None,
         hub: HubSettings | None = None,
+        registry: ModelRegistry | None = None,
     ) -> None:
         self.hub = hub
+        self.registry = registry
         self.store = store
         self.engine = engine
         self.repository = repository
@@ -186,12 +204,22 @@ class JobManager:
         """Recover the store and resume every job a shutdown or crash interrupted."""
         await asyncio.to_thread(self.store.recover)
         unfinished = await asyncio.to_thread(
-            self.repository.list, [JobState.PENDING, JobState.DOWNLOADING]
+            self.repository.list, [JobState.PENDING, JobState.DOWNLOADING, JobState.LOADING]
         )
         finished = await asyncio.to_thread(self.repository.list, [JobState.COMPLETED], None, 20)
         for job in reversed(finished):
             self._record_throughput(job)
         for job in sorted(unfinished, key=lambda j: j.created_at):
+            if job.state == JobState.LOADING:  # installed already; only the load was cut short
+                await self._save(
+                    job.evolve(
+                        state=JobState.COMPLETED,
+                        finished_at=utcnow(),
+                        message="Download completed; loading was interrupted by a restart "
+                        f"(load it with POST /models/{job.name}/load)",
+                    )
+                )
+                continue
             if job.plan is None:
                 await self._save(
                     job.evolve(
@@ -394,9 +422,10 @@ class JobManager:
                 )
                 for f in fetched
             ] + reused
-            await asyncio.to_thread(self.store.commit, manifest, files)
+            manifest = await asyncio.to_thread(self.store.commit, manifest, files)
             await asyncio.to_thread(self._discard_partials, active.plan)  # their .json state
             evicted = await self._enforce_cache_limit(job.name)
+            load_note = await self._load_installed(active, manifest)
             transferred = sum(f.bytes_transferred for f in fetched)
             self.bytes_transferred += transferred
             message = "Download completed successfully"
@@ -412,6 +441,7 @@ class JobManager:
                 message += f" ({len(reused)} file(s) already in the cache were reused)"
             if evicted:
                 message += f"; evicted to stay within the cache budget: {', '.join(evicted)}"
+            message += load_note
             total = sum(f.size for f in files)
             job = active.job.evolve(
                 state=JobState.COMPLETED,
@@ -463,6 +493,35 @@ class JobManager:
         self._active.pop(job.id, None)
         self._running.discard(job.id)
         self._maybe_start()
+
+    async def _load_installed(self, active: _Active, manifest: Manifest) -> str:
+        """Load a just-installed model when the request asks (the default); returns what to
+        add to the job's message. A model that cannot be loaded stays installed."""
+        request = active.job.request
+        if self.registry is None or not request.get("load", True):
+            return ""
+        if manifest.source == "url":
+            return (
+                "; not loaded: a bare weights file from the url source has no architecture "
+                "to load it into (not supported yet)"
+            )
+        active.job = active.job.evolve(state=JobState.LOADING, message="Loading")
+        await self._save(active.job)
+        try:
+            loaded = await asyncio.to_thread(
+                self.registry.load,
+                manifest,
+                self.store.model_path(manifest.name),
+                request.get("device"),
+                request.get("pin", False),
+                request.get("allow_pickle", False),
+            )
+        except ModelhostError as exc:
+            return f"; stored, but could not be loaded: {exc.message}"
+        except Exception as exc:  # a loader bug must not lose the installed model
+            log.exception("loading %s failed", manifest.name)
+            return f"; stored, but could not be loaded: {exc!r}"
+        return f"; loaded on {loaded.device}"
 
     def _fetch_all(self, active: _Active) -> tuple[list[FetchedFile], list[CommitFile]]:
         """Fetch the plan's files in parallel (worker thread). Files whose blob the store

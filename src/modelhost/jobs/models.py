@@ -11,6 +11,7 @@ from typing import Any
 class JobState(str, enum.Enum):
     PENDING = "pending"
     DOWNLOADING = "downloading"
+    LOADING = "loading"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -36,6 +36,11 @@ class DownloadRequest(BaseModel):
         default=False,
         description="allow pickled weights (.pth, .pt, .bin, .ckpt, .pkl); loaded weights_only",
     )
+    load: bool = Field(
+        default=True, description="load the model once installed (the seed's 'download and load')"
+    )
+    device: str | None = Field(default=None, description="device to load on (default: setting)")
+    pin: bool = Field(default=False, description="keep the model loaded (never evicted)")
     revision: str | None = Field(
         default=None,
         max_length=256,

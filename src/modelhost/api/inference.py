@@ -1,0 +1,130 @@
+"""Loaded models over HTTP: load, unload, ``/synthesize`` for TTS, predict for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelhost.api.deps import Services, ServicesDep, require_api_key
+from modelhost.errors import InvalidRequest
+from modelhost.names import validate_name
+from modelhost.runtime.errors import ModelNotLoaded
+from modelhost.runtime.loaded import LoadedModel
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = Field(default=None, description="auto, cpu, cuda, cuda:N or mps")
+    pin: bool = Field(default=False, description="never evict this model")
+    allow_pickle: bool = Field(default=False, description="allow pickled weights (weights_only)")
+
+
+class SynthesizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str
+    text: str = Field(min_length=1, max_length=5000)
+    speaker: Any = Field(
+        default=None,
+        description="SpeechT5: speaker embedding (list of floats); Bark: voice preset; "
+        "VITS: speaker id",
+    )
+    output_format: str = Field(default="wav", pattern="^wav$")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=2048)
+    seed: int | None = None
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Any
+    parameters: dict[str, Any] | None = None
+
+
+async def loaded_model(services: Services, name: str) -> LoadedModel:
+    """The loaded model ``name``; loads it on demand when MODELHOST_LOAD_ON_DEMAND is set."""
+    validate_name(name)
+    runtime = services.runtime
+    if runtime.is_loaded(name):
+        return runtime.get(name)
+    manifest = await asyncio.to_thread(services.store.require, name)
+    if not services.settings.load_on_demand:
+        raise ModelNotLoaded(
+            f"Model '{name}' is installed but not loaded: POST /models/{name}/load first "
+            "(or set MODELHOST_LOAD_ON_DEMAND=true)"
+        )
+    return await asyncio.to_thread(runtime.load, manifest, services.store.model_path(name))
+
+
+@router.post("/models/{model_name}/load", summary="Load an installed model onto a device")
+async def load_model(
+    model_name: str, services: ServicesDep, body: LoadRequest | None = None
+) -> dict:
+    validate_name(model_name)
+    body = body or LoadRequest()
+    manifest = await asyncio.to_thread(services.store.require, model_name)
+    loaded = await asyncio.to_thread(
+        services.runtime.load,
+        manifest,
+        services.store.model_path(model_name),
+        body.device,
+        body.pin,
+        body.allow_pickle,
+    )
+    await asyncio.to_thread(services.store.touch, model_name)
+    return {
+        "success": True,
+        "message": f"Model '{model_name}' loaded on {loaded.device}",
+        **loaded.describe(),
+    }
+
+
+@router.post("/models/{model_name}/unload", summary="Unload a model and free its memory")
+async def unload_model(model_name: str, services: ServicesDep) -> dict:
+    validate_name(model_name)
+    report = await asyncio.to_thread(services.runtime.unload, model_name)
+    return {"success": True, "message": f"Model '{model_name}' unloaded", **report.to_dict()}
+
+
+@router.post(
+    "/synthesize",
+    summary="Text to speech: audio/wav, or JSON with base64 audio (Accept: application/json)",
+    response_class=Response,
+)
+async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
+    from modelhost.runtime.inference import synthesize as run_synthesis
+
+    loaded = await loaded_model(services, body.model_name)
+    if not loaded.is_tts:
+        raise InvalidRequest(
+            f"Model '{body.model_name}' is a {loaded.task} model, not text-to-speech; use "
+            f"POST /models/{body.model_name}/predict",
+            error="Not a TTS model",
+        )
+    audio = await asyncio.to_thread(
+        run_synthesis,
+        loaded,
+        body.text,
+        body.speaker,
+        max_new_tokens=body.max_new_tokens,
+        seed=body.seed,
+    )
+    if "application/json" in request.headers.get("accept", ""):
+        return JSONResponse({"model_name": body.model_name, **audio.to_json()})
+    return Response(await asyncio.to_thread(audio.to_wav), media_type="audio/wav")
+
+
+@router.post("/models/{model_name}/predict", summary="Run a loaded model on inputs")
+async def predict(model_name: str, body: PredictRequest, services: ServicesDep) -> dict:
+    from modelhost.runtime.inference import predict as run_prediction
+
+    loaded = await loaded_model(services, model_name)
+    result = await asyncio.to_thread(run_prediction, loaded, body.inputs, body.parameters)
+    return {"model_name": model_name, "task": loaded.task, **result}
