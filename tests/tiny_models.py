@@ -298,7 +298,17 @@ def build_hifigan(directory: Path) -> Path:
         sampling_rate=16000,
     )
     _torch_seed()
-    SpeechT5HifiGan(config).eval().save_pretrained(directory)
+    vocoder = SpeechT5HifiGan(config).eval()
+    # Random initialisation leaves the output near 1e-9, below one 16-bit step: its WAV
+    # would be silence. Scaling the output convolution makes the speech audible.
+    import torch
+
+    with torch.no_grad():
+        peak = vocoder(torch.randn(20, 80, generator=torch.Generator().manual_seed(0)))
+        scale = 0.5 / float(peak.abs().max())
+        vocoder.conv_post.weight.mul_(scale)
+        vocoder.conv_post.bias.mul_(scale)
+    vocoder.save_pretrained(directory)
     return directory
 
 
