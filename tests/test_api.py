@@ -391,7 +391,7 @@ def test_optimize_needs_a_loaded_model_and_update_needs_revisions(make_server, f
     assert optimize.status_code == 409
     assert "POST /models/o/load first" in optimize.json()["message"]
     status = server.client.get(f"/models/download/status/{job_id}").json()
-    assert "not loaded: a bare weights file from the url source" in status["message"]
+    assert "not loaded: a bare weights file has no architecture" in status["message"]
     update = server.client.post("/models/manage", params={"action": "update", "model_name": "o"})
     assert update.status_code == 400
     assert "no revisions to update to" in update.json()["message"]

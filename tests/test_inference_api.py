@@ -246,3 +246,44 @@ def test_synthesize_refuses_a_text_model(modelhost):
     response = server.client.post("/synthesize", json={"model_name": "bert", "text": "hi"})
     assert response.status_code == 400
     assert "not text-to-speech" in response.json()["message"]
+
+
+def test_torchscript_file_from_the_url_source(make_server, fileserver, tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()))
+    archive = tmp_path / "tiny.pt"
+    torch.jit.save(module, str(archive))
+    fileserver.add("/tiny.pt", archive.read_bytes())
+    server = make_server([fileserver.host_port], device="cpu")
+    request = {
+        "source": "url",
+        "model_id": fileserver.url("/tiny.pt"),
+        "name": "ts",
+        "load_as": "torchscript",
+    }
+    refused = server.client.post("/models/download", json=request)
+    assert refused.status_code == 400 and "allow_pickle" in refused.json()["message"]
+
+    job = server.client.post("/models/download", json={**request, "allow_pickle": True}).json()
+    status = server.wait_for(job["download_id"])
+    assert status["status"] == "completed" and status["message"].endswith("loaded on cpu")
+    row = server.client.get("/models/managed").json()["downloaded_models"][0]
+    assert row["parameters"] == 4 * 3 + 3
+    assert row["memory_usage"]["allocated_mb"] == round(15 * 4 / 2**20, 3)
+
+    inputs = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    answer = server.client.post("/models/ts/predict", json={"inputs": inputs}).json()
+    expected = module(torch.tensor(inputs)).tolist()
+    assert answer["shape"] == [2, 3]
+    assert (
+        max(
+            abs(a - b)
+            for ra, rb in zip(answer["outputs"], expected, strict=True)
+            for a, b in zip(ra, rb, strict=True)
+        )
+        < 1e-6
+    )
+    wrong = server.client.post("/models/ts/predict", json={"inputs": [[1.0, 2.0]]})
+    assert wrong.status_code == 400 and "shape [1, 2]" in wrong.json()["message"]

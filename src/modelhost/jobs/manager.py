@@ -500,10 +500,10 @@ class JobManager:
         request = active.job.request
         if self.registry is None or not request.get("load", True):
             return ""
-        if manifest.source == "url":
+        if manifest.source == "url" and not manifest.extra.get("load_as"):
             return (
-                "; not loaded: a bare weights file from the url source has no architecture "
-                "to load it into (not supported yet)"
+                "; not loaded: a bare weights file has no architecture to load it into "
+                '(a TorchScript file loads with "load_as": "torchscript")'
             )
         active.job = active.job.evolve(state=JobState.LOADING, message="Loading")
         await self._save(active.job)

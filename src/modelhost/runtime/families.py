@@ -30,6 +30,7 @@ class Family(str, enum.Enum):
     SPEECHT5 = "speecht5"
     BARK = "bark"
     VITS = "vits"
+    TORCHSCRIPT = "torchscript"  # a TorchScript archive from the url source: tensors in, out
 
     @property
     def is_tts(self) -> bool:
@@ -64,7 +65,8 @@ SUPPORTED = (
     "(sentence-transformers layout or any encoder, mean-pooled); text-generation (a causal "
     "LM, or an encoder-decoder model); text2text-generation (encoder-decoder); "
     "automatic-speech-recognition with Whisper; image-classification "
-    "(a *ForImageClassification checkpoint)"
+    "(a *ForImageClassification checkpoint); a TorchScript archive from the url source "
+    "(load_as torchscript)"
 )
 
 
@@ -128,12 +130,14 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
     Raises ``UnsupportedModel`` naming what was found and what is supported.
     """
     path = Path(path)
+    if manifest.extra.get("load_as") == "torchscript":
+        return FamilyInfo(Family.TORCHSCRIPT, "tensor", None, (), {})
     config = read_config(path)
     if not config:
         raise UnsupportedModel(
             f"Model {manifest.name!r} has no config.json: only Transformers-layout models "
-            "(from_pretrained directories) can be loaded; plain weights files from the url "
-            f"source cannot be loaded yet. Supported: {SUPPORTED}"
+            "(from_pretrained directories) and TorchScript files (url source with "
+            f'load_as "torchscript") can be loaded. Supported: {SUPPORTED}'
         )
     model_type = config.get("model_type") or manifest.extra.get("architecture")
     architectures = tuple(str(a) for a in config.get("architectures") or ())

@@ -203,6 +203,8 @@ def predict(
       ``return_full_text`` (causal LMs, default true).
     - automatic-speech-recognition: base64 WAV, ``{"audio": base64}`` or
       ``{"samples": [floats], "sampling_rate": n}``; ``{"text": ...}``.
+    - tensor (TorchScript): a nested list of numbers (or ``{"tensor": ...}``), one float32
+      input; ``{"outputs": nested list, "shape": [...]}`` (a list of those for tuple outputs).
     - image-classification: base64 image, ``{"image": base64}`` or ``{"pixels": HxWx3}``;
       ``{"predictions": [{label, score, class_id}]}``, ``top_k`` (default 5).
     """
@@ -214,6 +216,7 @@ def predict(
         Family.TEXT2TEXT: _generate,
         Family.WHISPER: _transcribe,
         Family.IMAGE_CLASSIFICATION: _classify_image,
+        Family.TORCHSCRIPT: _run_tensors,
     }
     handler = handlers.get(loaded.family)
     if handler is None:
@@ -410,3 +413,31 @@ def _classify_image(loaded: LoadedModel, model: nn.Module, inputs: Any, params: 
     logits = model(pixel_values=pixels).logits.float()
     probs = torch.softmax(logits, dim=-1)[0].cpu()
     return {"predictions": _ranked(probs, labels, top_k)}
+
+
+def _run_tensors(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    """A TorchScript module on one float32 tensor built from nested lists."""
+    if isinstance(inputs, dict):
+        inputs = inputs.get("tensor")
+    try:
+        tensor = torch.tensor(inputs, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInput(
+            f"inputs must be a nested list of numbers for a TorchScript model: {exc}"
+        ) from exc
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        try:
+            output = model(tensor.to(device))
+        except RuntimeError as exc:
+            raise InvalidInput(
+                f"the model rejected a tensor of shape {list(tensor.shape)}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+
+    def shaped(value: Any) -> dict:
+        return {"outputs": value.cpu().tolist(), "shape": list(value.shape)}
+
+    if isinstance(output, torch.Tensor):
+        return shaped(output)
+    return {"outputs": [shaped(item) for item in output]}

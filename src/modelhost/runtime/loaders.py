@@ -175,6 +175,20 @@ def _vits(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     )
 
 
+def _torchscript(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+    """A TorchScript archive: compiled TorchScript code and tensors, no Python pickles run."""
+    archives = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ptl"))
+    if len(archives) != 1:
+        raise UnsupportedModel(
+            f"A TorchScript model is one .pt/.pth/.ptl file; found {len(archives)} in {path}"
+        )
+    try:
+        module = torch.jit.load(str(archives[0]), map_location="cpu")
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{archives[0].name} is not a TorchScript archive: {exc}") from exc
+    return Parts(model=module)
+
+
 LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.TEXT_CLASSIFICATION: _text_classification,
     Family.FEATURE_EXTRACTION: _feature_extraction,
@@ -185,6 +199,7 @@ LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.SPEECHT5: _speecht5,
     Family.BARK: _bark,
     Family.VITS: _vits,
+    Family.TORCHSCRIPT: _torchscript,
 }
 
 

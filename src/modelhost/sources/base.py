@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,10 @@ class DownloadRequest(BaseModel):
     )
     device: str | None = Field(default=None, description="device to load on (default: setting)")
     pin: bool = Field(default=False, description="keep the model loaded (never evicted)")
+    load_as: Literal["torchscript"] | None = Field(
+        default=None,
+        description="url source: how to load the file; 'torchscript' for a TorchScript archive",
+    )
     revision: str | None = Field(
         default=None,
         max_length=256,

@@ -56,4 +56,5 @@ class UrlSource:
             files=[spec],
             revision=info.etag or info.last_modified,
             description=f"{filename} from {target.host}",
+            extra={"load_as": request.load_as} if request.load_as else {},
         )
