@@ -287,3 +287,67 @@ def test_torchscript_file_from_the_url_source(make_server, fileserver, tmp_path)
     )
     wrong = server.client.post("/models/ts/predict", json={"inputs": [[1.0, 2.0]]})
     assert wrong.status_code == 400 and "shape [1, 2]" in wrong.json()["message"]
+
+
+def test_torchvision_state_dict_from_the_url_source(make_server, fileserver, tmp_path):
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    reference = torchvision.models.get_model("mobilenet_v3_small", weights=None).eval()
+    save_file(reference.state_dict(), str(tmp_path / "mnv3.safetensors"))
+    fileserver.add("/mnv3.safetensors", (tmp_path / "mnv3.safetensors").read_bytes())
+    server = make_server([fileserver.host_port], device="cpu")
+    job = server.client.post(
+        "/models/download",
+        json={
+            "source": "url",
+            "model_id": fileserver.url("/mnv3.safetensors"),
+            "name": "mnv3",
+            "load_as": "torchvision:mobilenet_v3_small",
+        },
+    ).json()
+    status = server.wait_for(job["download_id"])
+    assert status["message"].endswith("loaded on cpu"), status
+    row = server.client.get("/models/managed").json()["downloaded_models"][0]
+    assert row["parameters"] == sum(p.numel() for p in reference.parameters())
+
+    pixels = torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(1))
+    answer = server.client.post(
+        "/models/mnv3/predict",
+        json={"inputs": {"pixels": pixels.tolist()}, "parameters": {"top_k": 3}},
+    ).json()
+    weights = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT
+    batch = weights.transforms()(pixels.to(torch.uint8).permute(2, 0, 1)).unsqueeze(0)
+    with torch.no_grad():
+        probs = reference(batch).softmax(-1)[0]
+    top = torch.argsort(probs, descending=True)[:3].tolist()
+    assert [p["class_id"] for p in answer["predictions"]] == top
+    assert [p["label"] for p in answer["predictions"]] == [
+        weights.meta["categories"][i] for i in top
+    ]
+    assert answer["predictions"][0]["score"] == pytest.approx(float(probs[top[0]]), abs=1e-5)
+
+
+def test_state_dict_that_does_not_fit_is_stored_not_loaded(make_server, fileserver, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "odd.safetensors"))
+    fileserver.add("/odd.safetensors", (tmp_path / "odd.safetensors").read_bytes())
+    server = make_server([fileserver.host_port], device="cpu")
+    job = server.client.post(
+        "/models/download",
+        json={
+            "source": "url",
+            "model_id": fileserver.url("/odd.safetensors"),
+            "name": "odd",
+            "load_as": "torchvision:resnet18",
+        },
+    ).json()
+    status = server.wait_for(job["download_id"])
+    assert status["status"] == "completed"
+    assert "stored, but could not be loaded" in status["message"]
+    assert "does not fit torchvision's resnet18" in status["message"]
+    assert server.client.get("/models/managed").json()["total_models"] == 0

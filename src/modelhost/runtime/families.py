@@ -31,6 +31,7 @@ class Family(str, enum.Enum):
     BARK = "bark"
     VITS = "vits"
     TORCHSCRIPT = "torchscript"  # a TorchScript archive from the url source: tensors in, out
+    TORCHVISION = "torchvision"  # a torchvision architecture and a state dict for it
 
     @property
     def is_tts(self) -> bool:
@@ -65,8 +66,9 @@ SUPPORTED = (
     "(sentence-transformers layout or any encoder, mean-pooled); text-generation (a causal "
     "LM, or an encoder-decoder model); text2text-generation (encoder-decoder); "
     "automatic-speech-recognition with Whisper; image-classification "
-    "(a *ForImageClassification checkpoint); a TorchScript archive from the url source "
-    "(load_as torchscript)"
+    "(a *ForImageClassification checkpoint); from the url source, a TorchScript archive "
+    "(load_as torchscript) or a state dict for a torchvision architecture "
+    "(load_as torchvision:<name>)"
 )
 
 
@@ -130,8 +132,12 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
     Raises ``UnsupportedModel`` naming what was found and what is supported.
     """
     path = Path(path)
-    if manifest.extra.get("load_as") == "torchscript":
+    load_as = str(manifest.extra.get("load_as") or "")
+    if load_as == "torchscript":
         return FamilyInfo(Family.TORCHSCRIPT, "tensor", None, (), {})
+    if load_as.startswith("torchvision:"):
+        architecture = load_as.split(":", 1)[1]
+        return FamilyInfo(Family.TORCHVISION, "image-classification", architecture, (), {})
     config = read_config(path)
     if not config:
         raise UnsupportedModel(

@@ -217,6 +217,7 @@ def predict(
         Family.WHISPER: _transcribe,
         Family.IMAGE_CLASSIFICATION: _classify_image,
         Family.TORCHSCRIPT: _run_tensors,
+        Family.TORCHVISION: _classify_torchvision,
     }
     handler = handlers.get(loaded.family)
     if handler is None:
@@ -441,3 +442,20 @@ def _run_tensors(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dic
     if isinstance(output, torch.Tensor):
         return shaped(output)
     return {"outputs": [shaped(item) for item in output]}
+
+
+def _classify_torchvision(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    """Top-k ImageNet-style labels from a torchvision classifier and its weights' transforms."""
+    from modelhost.runtime.images import decode_image
+
+    image = decode_image(inputs)  # H x W x 3, uint8
+    tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    batch = loaded.processor(tensor).unsqueeze(0).to(_device(model))
+    with torch.no_grad():
+        probs = model(batch).softmax(-1)[0].float().cpu()
+    categories = loaded.extra.get("categories") or []
+    labels = {i: name for i, name in enumerate(categories)} or {
+        i: str(i) for i in range(probs.numel())
+    }
+    top_k = _int_param(params, "top_k", 5, 1, probs.numel())
+    return {"predictions": _ranked(probs, labels, top_k)}

@@ -189,6 +189,44 @@ def _torchscript(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     return Parts(model=module)
 
 
+def _torchvision(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+    """A torchvision architecture built by name, then the state dict loaded strictly into it.
+
+    Labels and preprocessing come from the architecture's default weights enum (metadata in
+    torchvision's code, nothing downloaded)."""
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise UnsupportedModel(
+            "torchvision is not installed: pip install 'modelhost[vision]'"
+        ) from exc
+    name = str(info.model_type)
+    if name not in torchvision.models.list_models():
+        raise UnsupportedModel(f"torchvision has no architecture {name!r}")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt"))
+    if len(files) != 1:
+        raise UnsupportedModel(f"expected one weights file in {path}, found {len(files)}")
+    if files[0].suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(files[0]))
+    else:  # pickled: only reached with allow_pickle (check_pickle), and never runs code
+        state = torch.load(files[0], map_location="cpu", weights_only=True)
+    model = torchvision.models.get_model(name, weights=None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(
+            f"{files[0].name} does not fit torchvision's {name}: {str(exc).splitlines()[0]}"
+        ) from exc
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    return Parts(
+        model=model,
+        processor=weights.transforms(),
+        extra={"categories": list(weights.meta.get("categories") or [])},
+    )
+
+
 LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.TEXT_CLASSIFICATION: _text_classification,
     Family.FEATURE_EXTRACTION: _feature_extraction,
@@ -200,6 +238,7 @@ LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.BARK: _bark,
     Family.VITS: _vits,
     Family.TORCHSCRIPT: _torchscript,
+    Family.TORCHVISION: _torchvision,
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,9 +41,11 @@ class DownloadRequest(BaseModel):
     )
     device: str | None = Field(default=None, description="device to load on (default: setting)")
     pin: bool = Field(default=False, description="keep the model loaded (never evicted)")
-    load_as: Literal["torchscript"] | None = Field(
+    load_as: str | None = Field(
         default=None,
-        description="url source: how to load the file; 'torchscript' for a TorchScript archive",
+        pattern=r"^(torchscript|torchvision:[a-z][a-z0-9_]{0,63})$",
+        description="url source: how to load the file: 'torchscript' (a TorchScript archive) "
+        "or 'torchvision:<architecture>' (a state dict for that torchvision model)",
     )
     revision: str | None = Field(
         default=None,
