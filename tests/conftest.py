@@ -21,6 +21,16 @@ from modelhost.api.app import create_app  # noqa: E402
 from modelhost.config import Settings  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny real-architecture models, built once per session, plus real MiniLM."""
+    from tiny_models import build_all, minilm_dir
+
+    dirs, _ = build_all(tmp_path_factory.mktemp("tiny-models"))
+    dirs["minilm"] = minilm_dir()
+    return dirs
+
+
 @pytest.fixture
 def fileserver() -> Iterator[FileServer]:
     with FileServer() as server:

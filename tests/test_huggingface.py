@@ -12,33 +12,16 @@ from pathlib import Path
 import pytest
 from fileserver import Corrupt, DropAfter, Status
 from hubserver import HubServer
-from tiny_models import LOADERS, build_all, minilm_dir
+from tiny_models import HUB_REPOS, LOADERS, MINILM_REPO, minilm_dir, publish_all
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-REPOS = {
-    "test-org/tiny-bert": "bert",
-    "test-org/tiny-bart": "bart",
-    "test-org/tiny-whisper": "whisper",
-    "microsoft/speecht5_tts": "speecht5",
-    "microsoft/speecht5_hifigan": "hifigan",
-    "suno/bark-small": "bark",
-    "facebook/mms-tts-eng": "vits",
-}
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    dirs, _ = build_all(tmp_path_factory.mktemp("tiny-models"))
-    dirs["minilm"] = minilm_dir()
-    return dirs
+MINILM = MINILM_REPO
+REPOS = HUB_REPOS
 
 
 @pytest.fixture
 def hub(tiny_models):
     with HubServer() as server:
-        for repo_id, name in REPOS.items():
-            server.add_repo(repo_id, tiny_models[name])
-        server.add_repo(MINILM, tiny_models["minilm"])
+        publish_all(server, tiny_models)
         yield server
 
 

@@ -488,3 +488,26 @@ def build_all(
         dirs[name] = BUILDERS[name](Path(root) / name)
         times[name] = time.perf_counter() - t0
     return dirs, times
+
+
+# --------------------------------------------------------------------------- the test Hub
+
+MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+# Where the tests publish each tiny model on the test Hub: real repository ids, so the
+# catalog's entries (vocoder defaults, TTS features) apply to them.
+HUB_REPOS = {
+    "test-org/tiny-bert": "bert",
+    "test-org/tiny-bart": "bart",
+    "test-org/tiny-whisper": "whisper",
+    "microsoft/speecht5_tts": "speecht5",
+    "microsoft/speecht5_hifigan": "hifigan",
+    "suno/bark-small": "bark",
+    "facebook/mms-tts-eng": "vits",
+    MINILM_REPO: "minilm",
+}
+
+
+def publish_all(hub: Any, dirs: dict[str, Path]) -> None:
+    """Add every tiny model (and MiniLM) to a ``HubServer`` under ``HUB_REPOS``."""
+    for repo_id, name in HUB_REPOS.items():
+        hub.add_repo(repo_id, dirs[name])
