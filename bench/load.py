@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fetch import BenchError, free_port  # noqa: E402
+from fetch import BenchError  # noqa: E402
 from hubserver import HubServer  # noqa: E402
+from modelhost_server import start_modelhost  # noqa: E402
 
 BARE = """
 import json, sys, time
@@ -71,32 +71,6 @@ def rss_field(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise BenchError(f"no {field} for process {pid}")
-
-
-def start_server(home: Path, hub_url: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODELHOST_HOME": str(home),
-        "HF_ENDPOINT": hub_url,
-        "HF_HUB_CACHE": str(home / "no-hf-cache"),
-        "MODELHOST_DEVICE": "cpu",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{base}/health", timeout=1)
-            return process, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise BenchError("modelhost did not start")
 
 
 def modelhost_load(client: httpx.Client, pid: int) -> tuple[float, int, int]:
@@ -137,7 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with HubServer() as hub:
         hub.add_repo("bench-org/bert-base-random", work / "model")
-        process, base = start_server(work / "home", hub.base_url)
+        home = work / "home"
+        process, base = start_modelhost(
+            {
+                "MODELHOST_HOME": str(home),
+                "HF_ENDPOINT": hub.base_url,
+                "HF_HUB_CACHE": str(home / "no-hf-cache"),
+                "MODELHOST_DEVICE": "cpu",
+            }
+        )
         try:
             with httpx.Client(base_url=base, timeout=600) as client:
                 job = client.post(

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import httpx
-from fetch import BenchError, ensure_data_file, free_port, nginx_serving
+from fetch import BenchError, ensure_data_file, nginx_serving
+from modelhost_server import start_modelhost
 
 MIB = 1024 * 1024
 
@@ -41,32 +42,6 @@ def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     index = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))
     return ordered[index]
-
-
-def start_modelhost(home: Path, nginx_port: int) -> tuple[subprocess.Popen, str]:
-    """A modelhost server subprocess allowed to fetch from the local nginx."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODELHOST_HOME": str(home),
-        "MODELHOST_URL_ALLOW": f"127.0.0.1:{nginx_port}",
-        "MODELHOST_MAX_DOWNLOADS": "2",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{base}/health", timeout=1)
-            return process, base
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise BenchError("modelhost did not start")
 
 
 def sample(client: httpx.Client, job_id: str, seconds: float, until=None) -> list[float]:
@@ -178,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     limit = int(args.rate_mb * MIB) if args.rate_mb else None
     with nginx_serving(root, workdir / "nginx", limit) as nginx_port:
         base_url = f"http://127.0.0.1:{nginx_port}"
-        process, api = start_modelhost(home, nginx_port)
+        process, api = start_modelhost(
+            {
+                "MODELHOST_HOME": str(home),
+                "MODELHOST_URL_ALLOW": f"127.0.0.1:{nginx_port}",
+                "MODELHOST_MAX_DOWNLOADS": "2",
+            }
+        )
         try:
             with httpx.Client(base_url=api, timeout=30) as client:
                 done_id = download(client, f"{base_url}/done.safetensors", "done")
