@@ -105,8 +105,13 @@ def test_download_loads_and_managed_reports_measured_figures(modelhost, tiny_mod
 )
 def test_synthesize_returns_real_wav(modelhost, tiny_models, repo_id, extra, rate_of):
     server = modelhost()
-    name = repo_id.split("/")[1].replace("_", "-")
+    # Named as in the packaged models.json, so GET /models reports it as a loaded audio model.
+    name = {"microsoft/speecht5_tts": "speecht5_tts", "suno/bark-small": "bark_tts"}.get(
+        repo_id, "mms-tts-eng"
+    )
     install(server, repo_id, name, task="text-to-speech", **extra)
+    loaded_audio = server.client.get("/models").json()["audio_models"]["loaded_audio_models"]
+    assert loaded_audio == ([] if name == "mms-tts-eng" else [name])
     request = {"model_name": name, "text": "hello there", "max_new_tokens": 8, "seed": 1}
     response = server.client.post("/synthesize", json=request)
     assert response.status_code == 200, response.text
