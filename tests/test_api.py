@@ -323,7 +323,11 @@ BAD_REQUESTS = [
     ({"source": "url", "model_id": "URL", "name": "n", "bogus_field": 1}, 422, "bogus_field"),
     ({"source": "url", "name": "n"}, 422, "model_id: Field required"),
     ({"source": "url", "model_id": "URL_PTH", "name": "n"}, 400, "allow_pickle"),
-    ({"source": "torchvision", "model_id": "resnet50", "name": "n"}, 501, "issue #5"),
+    (
+        {"source": "pytorch_hub", "model_id": "pytorch/vision:v0.10.0/resnet18", "name": "n"},
+        501,
+        "issue #5",
+    ),
 ]
 
 

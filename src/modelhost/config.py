@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     cpu_memory_limit_gb: float | None = Field(default=None, gt=0)
     load_on_demand: bool = False
 
+    # Where torchvision's weight files are fetched from (a mirror replaces download.pytorch.org).
+    torchvision_mirror: str | None = None
+
     # The Hugging Face Hub, read as huggingface_hub reads it.
     hf_endpoint: str = Field(
         default="https://huggingface.co",

@@ -44,7 +44,11 @@ def build_services(settings: Settings) -> Services:
     store = Store(home)
     # The configured Hub endpoint is trusted as the operator set it; its token goes to it only.
     hub_host = UrlPolicy.host_port_of(settings.hf_endpoint)
-    policy = UrlPolicy.from_hosts([*settings.url_allow, hub_host])
+    # A configured mirror is trusted like the Hub endpoint: the operator named it.
+    mirrors = (
+        [UrlPolicy.host_port_of(settings.torchvision_mirror)] if settings.torchvision_mirror else []
+    )
+    policy = UrlPolicy.from_hosts([*settings.url_allow, hub_host, *mirrors])
     engine = FetchEngine(
         partial_dir=home / "partial",
         policy=policy,
@@ -57,6 +61,7 @@ def build_services(settings: Settings) -> Services:
         read_timeout_s=settings.fetch_read_timeout_s,
     )
     hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
+    mirrors_by_source = {"torchvision": settings.torchvision_mirror}
     runtime = ModelRegistry(
         max_loaded=settings.max_loaded,
         gpu_memory_fraction=settings.gpu_memory_fraction,
@@ -74,6 +79,7 @@ def build_services(settings: Settings) -> Services:
         cache_limit_bytes=settings.cache_limit_bytes,
         hub=hub,
         registry=runtime,
+        mirrors=mirrors_by_source,
     )
     return Services(
         settings=settings,

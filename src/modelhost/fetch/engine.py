@@ -70,6 +70,7 @@ class FileSpec:
     size: int | None = None
     sha256: str | None = None
     git_sha1: str | None = None  # git blob id: what the Hub lists for files not in LFS
+    sha256_prefix: str | None = None  # what torchvision's file names carry: sha256's start
     local_source: str | None = None  # a local copy to verify and import instead of fetching
 
 
@@ -270,6 +271,11 @@ def verify(spec: FileSpec, size: int, sha256: str, git_sha1: str | None) -> None
         raise DigestMismatch(
             f"{spec.path}: sha256 of the downloaded bytes is {sha256}, expected "
             f"{spec.sha256.lower()}; the file was discarded"
+        )
+    if spec.sha256_prefix is not None and not sha256.startswith(spec.sha256_prefix.lower()):
+        raise DigestMismatch(
+            f"{spec.path}: sha256 of the downloaded bytes is {sha256}, which does not start "
+            f"with {spec.sha256_prefix.lower()} as its file name says; the file was discarded"
         )
     if spec.git_sha1 is not None and git_sha1 != spec.git_sha1.lower():
         raise DigestMismatch(

@@ -175,8 +175,10 @@ class JobManager:
         cache_limit_bytes: int | None = None,
         hub: HubSettings | None = None,
         registry: ModelRegistry | None = None,
+        mirrors: dict[str, str | None] | None = None,
     ) -> None:
         self.hub = hub
+        self.mirrors = mirrors or {}
         self.registry = registry
         self.store = store
         self.engine = engine
@@ -300,7 +302,7 @@ class JobManager:
         self._planning[key] = future
         self._planning_names[request.name] = key
         try:
-            context = SourceContext(engine=self.engine, hub=self.hub)
+            context = SourceContext(engine=self.engine, hub=self.hub, mirrors=self.mirrors)
             plan = await asyncio.to_thread(source.plan, request, context)
             if update and installed is not None:
                 if plan.revision == installed.revision:

@@ -137,7 +137,8 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
         return FamilyInfo(Family.TORCHSCRIPT, "tensor", None, (), {})
     if load_as.startswith("torchvision:"):
         architecture = load_as.split(":", 1)[1]
-        return FamilyInfo(Family.TORCHVISION, "image-classification", architecture, (), {})
+        weights = {"weights": manifest.extra.get("weights")}  # the enum member installed
+        return FamilyInfo(Family.TORCHVISION, "image-classification", architecture, (), weights)
     config = read_config(path)
     if not config:
         raise UnsupportedModel(

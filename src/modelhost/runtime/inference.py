@@ -457,5 +457,5 @@ def _classify_torchvision(loaded: LoadedModel, model: nn.Module, inputs: Any, pa
     labels = {i: name for i, name in enumerate(categories)} or {
         i: str(i) for i in range(probs.numel())
     }
-    top_k = _int_param(params, "top_k", 5, 1, probs.numel())
+    top_k = _int_param(params, "top_k", min(5, probs.numel()), 1, probs.numel())
     return {"predictions": _ranked(probs, labels, top_k)}

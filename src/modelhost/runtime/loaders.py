@@ -219,7 +219,9 @@ def _torchvision(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
         raise UnsupportedModel(
             f"{files[0].name} does not fit torchvision's {name}: {str(exc).splitlines()[0]}"
         ) from exc
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    enum = torchvision.models.get_model_weights(name)
+    member = info.config.get("weights")
+    weights = enum[member] if member in enum.__members__ else enum.DEFAULT
     return Parts(
         model=model,
         processor=weights.transforms(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from modelhost.errors import InvalidSource, NotImplementedYet
 from modelhost.sources.base import DownloadRequest, Plan, Source, SourceContext
 from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
+from modelhost.sources.torchvision import TorchvisionSource
 from modelhost.sources.url import UrlSource
 
 # The seed's order, plus torchaudio (its Tacotron2 entry names that source).
@@ -12,7 +13,6 @@ VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto",
 
 _NOT_BUILT = {
     "pytorch_hub": "issue #5 (remaining sources)",
-    "torchvision": "issue #5 (remaining sources)",
     "torchaudio": "issue #5 (remaining sources)",
     "tts_auto": "issue #5 (remaining sources)",
 }
@@ -41,6 +41,8 @@ def get_source(name: str) -> Source:
         return UrlSource()
     if name == "huggingface":
         return HuggingFaceSource()
+    if name == "torchvision":
+        return TorchvisionSource()
     return _NotBuiltSource(name)
 
 

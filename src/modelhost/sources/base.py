@@ -88,6 +88,7 @@ class SourceContext:
 
     engine: FetchEngine
     hub: Any = None  # sources.huggingface.HubSettings
+    mirrors: dict[str, str | None] = field(default_factory=dict)  # source -> base URL
 
 
 class Source(Protocol):
