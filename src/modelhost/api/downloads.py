@@ -64,10 +64,11 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
     throughput = services.jobs.recent_throughput()
     seconds = size / throughput if size is not None and throughput else None
     verb = "Joined the download already in progress of" if result.shared else "Started downloading"
+    notes = list(plan.extra.get("notes") or [])
     return {
         "success": True,
         "download_id": job.id,
-        "message": f"{verb} model '{job.name}'",
+        "message": f"{verb} model '{job.name}'" + "".join(f"; {note}" for note in notes),
         "model_name": job.name,
         "source": job.source,
         "model_id": job.model_id,
@@ -87,6 +88,8 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
             "vocoder_included": bool(plan.extra.get("vocoder_models")),
             "vocoder_models": plan.extra.get("vocoder_models", []),
             "components": plan.extra.get("components", []),
+            "loadable": plan.extra.get("loadable", True),
+            "notes": notes,
         },
     }
 

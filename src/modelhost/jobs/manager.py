@@ -270,7 +270,9 @@ class JobManager:
 
         installed = await asyncio.to_thread(self.store.get, request.name)
         if installed is not None and not (force or update):
-            if installed.source == request.source and installed.model_id == request.model_id:
+            asked = {"source": request.source, "model_id": request.model_id}
+            same = (installed.source, installed.model_id) == (request.source, request.model_id)
+            if same or installed.extra.get("requested") == asked:
                 self.cache_hits += 1
                 await asyncio.to_thread(self.store.touch, request.name)
                 return SubmitResult(job=None, installed=installed, plan=None)
@@ -403,8 +405,8 @@ class JobManager:
             plan = active.plan
             manifest = Manifest(
                 name=job.name,
-                source=job.source,
-                model_id=job.model_id,
+                source=plan.source,  # the concrete source, when tts_auto resolved one
+                model_id=plan.model_id,
                 revision=plan.revision,
                 task=plan.task,
                 download_id=job.id,
@@ -502,6 +504,8 @@ class JobManager:
         request = active.job.request
         if self.registry is None or not request.get("load", True):
             return ""
+        if manifest.extra.get("loadable") is False:
+            return "; download only: " + "; ".join(manifest.extra.get("notes") or ["no loader"])
         if manifest.source == "url" and not manifest.extra.get("load_as"):
             return (
                 "; not loaded: a bare weights file has no architecture to load it into "

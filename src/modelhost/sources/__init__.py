@@ -6,6 +6,7 @@ from modelhost.errors import InvalidSource, NotImplementedYet
 from modelhost.sources.base import DownloadRequest, Plan, Source, SourceContext
 from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
 from modelhost.sources.torchvision import TorchvisionSource
+from modelhost.sources.tts_auto import TtsAutoSource
 from modelhost.sources.url import UrlSource
 
 # The seed's order, plus torchaudio (its Tacotron2 entry names that source).
@@ -14,7 +15,6 @@ VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto",
 _NOT_BUILT = {
     "pytorch_hub": "issue #5 (remaining sources)",
     "torchaudio": "issue #5 (remaining sources)",
-    "tts_auto": "issue #5 (remaining sources)",
 }
 
 
@@ -43,6 +43,8 @@ def get_source(name: str) -> Source:
         return HuggingFaceSource()
     if name == "torchvision":
         return TorchvisionSource()
+    if name == "tts_auto":
+        return TtsAutoSource()
     return _NotBuiltSource(name)
 
 

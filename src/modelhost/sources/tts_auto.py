@@ -1,0 +1,109 @@
+"""The ``tts_auto`` source: a TTS name or id resolved through the catalog to a concrete plan.
+
+``speecht5``, ``microsoft/speecht5_tts``, ``bark``, ``bark-small``, ``mms-tts-eng``,
+``tacotron2``, ``vall-e-x``... name a catalog entry; the entry says which source, model id
+and vocoder make it speak, and the concrete source plans the whole bundle as one model.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import replace
+
+from modelhost.catalog import CatalogEntry, load_catalog
+from modelhost.errors import InvalidRequest, ModelNotFound
+from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+
+
+def _key(text: str) -> str:
+    key = text.strip().lower().replace("-", "_").replace(" ", "_")
+    return key.removesuffix("_tts")
+
+
+def tts_aliases() -> dict[str, CatalogEntry]:
+    """Every accepted spelling (catalog name, model id, short name) -> its TTS entry."""
+    aliases: dict[str, CatalogEntry] = {}
+    for entry in load_catalog().models:
+        if not entry.tts_features.supports_tts:
+            continue
+        short = entry.model_id.rsplit("/", 1)[-1]
+        for spelling in (entry.name, entry.model_id, short):
+            aliases.setdefault(_key(spelling), entry)
+    return aliases
+
+
+def resolve(model_id: str) -> CatalogEntry:
+    """The catalog entry ``model_id`` names; 404 with close matches when there is none."""
+    aliases = tts_aliases()
+    key = _key(model_id)
+    if key in aliases:
+        return aliases[key]
+    entry = next(
+        (e for e in load_catalog().models if _key(e.name) == key or _key(e.model_id) == key), None
+    )
+    if entry is not None:  # in the catalog, but it cannot speak
+        raise InvalidRequest(
+            f"{entry.model_id} is a {entry.task} model with no speech head: tts_auto installs "
+            "text-to-speech models only",
+            error="Not a TTS model",
+        )
+    close = difflib.get_close_matches(key, list(aliases), n=5, cutoff=0.5)
+    raise ModelNotFound(
+        f"No TTS model called {model_id!r} in the catalog"
+        + (f"; close matches: {', '.join(close)}" if close else "")
+        + f". Known: {', '.join(sorted({e.name for e in aliases.values()}))}",
+        error="Unknown TTS model",
+    )
+
+
+class TtsAutoSource:
+    name = "tts_auto"
+
+    def plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
+        """Resolve the name, apply the flags, and let the entry's own source plan it."""
+        from modelhost.sources import get_source
+
+        entry = resolve(request.model_id)
+        notes = []
+        if request.enable_large_model:
+            if entry.large_variant:
+                large = next(e for e in load_catalog().models if e.name == entry.large_variant)
+                notes.append(
+                    f"enable_large_model: using {large.model_id} instead of {entry.model_id}"
+                )
+                entry = large
+            else:
+                notes.append(f"enable_large_model ignored: {entry.name} has no larger variant")
+        if entry.experimental and not request.experimental:
+            raise InvalidRequest(
+                f'{entry.model_id} is experimental: set "experimental": true to install it',
+                error="Experimental model",
+            )
+        loadable = not entry.requires_custom_code
+        if not loadable:
+            notes.append(
+                f"{entry.model_id} needs its authors' own code, which modelhost never runs: "
+                "it is installed download-only (loadable: false)"
+            )
+        concrete = request.model_copy(
+            update={
+                "source": entry.source,
+                "model_id": entry.model_id,
+                "task": "text-to-speech",
+                "include_vocoder": entry.vocoder_model is not None,
+                "vocoder_model": entry.vocoder_model,
+            }
+        )
+        plan = get_source(entry.source).plan(concrete, context)
+        return replace(
+            plan,
+            model_type="tts",
+            description=f"{entry.description} (resolved from {request.model_id!r})",
+            extra={
+                **plan.extra,
+                "requested": {"source": self.name, "model_id": request.model_id},
+                "catalog_name": entry.name,
+                "loadable": loadable,
+                "notes": notes,
+            },
+        )
