@@ -335,3 +335,20 @@ def test_existing_hf_cache_is_imported_not_downloaded(modelhost, hub, tmp_path):
     _, info = installed_ok(server, "test-org/tiny-bert", "bert")
     assert hub.count("GET", "/resolve/") == 0
     assert info["revision"] == hub.commit_of("test-org/tiny-bert")
+
+
+def test_auto_convert_tts_does_not_pretend(modelhost):
+    server = modelhost()
+    response = server.client.post(
+        "/models/download",
+        json={
+            "source": "huggingface",
+            "model_id": "test-org/tiny-bart",
+            "name": "bart",
+            "auto_convert_tts": True,
+        },
+    )
+    assert response.status_code == 202, response.text
+    assert "has no speech head" in response.json()["message"]
+    assert response.json()["download_info"]["model_type"] == "bart"
+    server.wait_for(response.json()["download_id"])

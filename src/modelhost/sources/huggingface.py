@@ -211,6 +211,14 @@ class HuggingFaceSource:
             )
 
         is_tts = request.task in TTS_TASKS or architecture in TTS_ARCHITECTURES
+        notes = []
+        if request.auto_convert_tts and architecture not in TTS_ARCHITECTURES:
+            # Never pretend: a text model's output is not audio.
+            notes.append(
+                f"auto_convert_tts: {repo_id} ({architecture or 'unknown architecture'}) has no "
+                "speech head, so it cannot be converted to text-to-speech; it is installed as "
+                "it is"
+            )
         return Plan(
             source=self.name,
             model_id=repo_id,
@@ -229,6 +237,7 @@ class HuggingFaceSource:
                 "supports_voice_cloning": (
                     entry.tts_features.supports_voice_cloning if entry else None
                 ),
+                "notes": notes,
             },
         )
 
