@@ -324,7 +324,7 @@ BAD_REQUESTS = [
     ({"source": "url", "name": "n"}, 422, "model_id: Field required"),
     ({"source": "url", "model_id": "URL_PTH", "name": "n"}, 400, "allow_pickle"),
     (
-        {"source": "pytorch_hub", "model_id": "pytorch/vision:v0.10.0/resnet18", "name": "n"},
+        {"source": "torchaudio", "model_id": "TACOTRON2_WAVERNN_CHAR_LJSPEECH", "name": "n"},
         501,
         "issue #5",
     ),

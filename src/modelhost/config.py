@@ -63,6 +63,9 @@ class Settings(BaseSettings):
 
     # Where torchvision's weight files are fetched from (a mirror replaces download.pytorch.org).
     torchvision_mirror: str | None = None
+    # PyTorch Hub: repositories (owner/repo) whose hubconf.py may run, and an archive mirror.
+    torch_hub_allow: Annotated[tuple[str, ...], NoDecode] = ()
+    torch_hub_mirror: str | None = None
 
     # The Hugging Face Hub, read as huggingface_hub reads it.
     hf_endpoint: str = Field(
@@ -85,7 +88,7 @@ class Settings(BaseSettings):
     fetch_read_timeout_s: float = Field(default=30.0, gt=0)
     fetch_parallel_files: int = Field(default=4, ge=1, le=32)
 
-    @field_validator("url_allow", mode="before")
+    @field_validator("url_allow", "torch_hub_allow", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):

@@ -45,9 +45,11 @@ def build_services(settings: Settings) -> Services:
     # The configured Hub endpoint is trusted as the operator set it; its token goes to it only.
     hub_host = UrlPolicy.host_port_of(settings.hf_endpoint)
     # A configured mirror is trusted like the Hub endpoint: the operator named it.
-    mirrors = (
-        [UrlPolicy.host_port_of(settings.torchvision_mirror)] if settings.torchvision_mirror else []
-    )
+    mirrors = [
+        UrlPolicy.host_port_of(url)
+        for url in (settings.torchvision_mirror, settings.torch_hub_mirror)
+        if url
+    ]
     policy = UrlPolicy.from_hosts([*settings.url_allow, hub_host, *mirrors])
     engine = FetchEngine(
         partial_dir=home / "partial",
@@ -61,7 +63,10 @@ def build_services(settings: Settings) -> Services:
         read_timeout_s=settings.fetch_read_timeout_s,
     )
     hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
-    mirrors_by_source = {"torchvision": settings.torchvision_mirror}
+    mirrors_by_source = {
+        "torchvision": settings.torchvision_mirror,
+        "pytorch_hub": settings.torch_hub_mirror,
+    }
     runtime = ModelRegistry(
         max_loaded=settings.max_loaded,
         gpu_memory_fraction=settings.gpu_memory_fraction,
@@ -80,6 +85,7 @@ def build_services(settings: Settings) -> Services:
         hub=hub,
         registry=runtime,
         mirrors=mirrors_by_source,
+        torch_hub_allow=settings.torch_hub_allow,
     )
     return Services(
         settings=settings,

@@ -30,6 +30,7 @@ from modelhost.errors import (
     UpstreamError,
 )
 from modelhost.fetch import CancelToken, FetchedFile, FetchEngine, FileSpec, Progress
+from modelhost.fetch.archive import extract_zip, remove_tree
 from modelhost.fetch.engine import set_thread_nice
 from modelhost.jobs.db import JobRepository
 from modelhost.jobs.models import Job, JobState, utcnow
@@ -176,7 +177,9 @@ class JobManager:
         hub: HubSettings | None = None,
         registry: ModelRegistry | None = None,
         mirrors: dict[str, str | None] | None = None,
+        torch_hub_allow: tuple[str, ...] = (),
     ) -> None:
+        self.torch_hub_allow = torch_hub_allow
         self.hub = hub
         self.mirrors = mirrors or {}
         self.registry = registry
@@ -304,7 +307,12 @@ class JobManager:
         self._planning[key] = future
         self._planning_names[request.name] = key
         try:
-            context = SourceContext(engine=self.engine, hub=self.hub, mirrors=self.mirrors)
+            context = SourceContext(
+                engine=self.engine,
+                hub=self.hub,
+                mirrors=self.mirrors,
+                torch_hub_allow=self.torch_hub_allow,
+            )
             plan = await asyncio.to_thread(source.plan, request, context)
             if update and installed is not None:
                 if plan.revision == installed.revision:
@@ -426,8 +434,11 @@ class JobManager:
                 )
                 for f in fetched
             ] + reused
+            if plan.extra.get("archive") == "zip":
+                files = await asyncio.to_thread(self._unpack, job.id, files)
             manifest = await asyncio.to_thread(self.store.commit, manifest, files)
             await asyncio.to_thread(self._discard_partials, active.plan)  # their .json state
+            remove_tree(self.engine.partial_dir / f"extract-{job.id}")
             evicted = await self._enforce_cache_limit(job.name)
             load_note = await self._load_installed(active, manifest)
             transferred = sum(f.bytes_transferred for f in fetched)
@@ -567,6 +578,23 @@ class JobManager:
                 wait(futures)
                 raise first  # type: ignore[misc]
             return [f.result() for f in futures], reused
+
+    def _unpack(self, job_id: str, archives: list[CommitFile]) -> list[CommitFile]:
+        """A repository archive's files, extracted safely, in place of the archive."""
+        destination = self.engine.partial_dir / f"extract-{job_id}"
+        remove_tree(destination)
+        unpacked = []
+        try:
+            for archive in archives:
+                source = archive.local_path or self.store.blob_path(archive.sha256)
+                unpacked += [
+                    CommitFile(item.path, item.local_path, item.size, item.sha256)
+                    for item in extract_zip(source, destination)
+                ]
+        except BaseException:
+            remove_tree(destination)
+            raise
+        return unpacked
 
     def _discard_partials(self, plan: Plan) -> None:
         for spec in plan.files:

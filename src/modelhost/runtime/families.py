@@ -32,6 +32,7 @@ class Family(str, enum.Enum):
     VITS = "vits"
     TORCHSCRIPT = "torchscript"  # a TorchScript archive from the url source: tensors in, out
     TORCHVISION = "torchvision"  # a torchvision architecture and a state dict for it
+    TORCH_HUB = "torch_hub"  # an allow-listed PyTorch Hub repository's entrypoint
 
     @property
     def is_tts(self) -> bool:
@@ -135,6 +136,9 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
     load_as = str(manifest.extra.get("load_as") or "")
     if load_as == "torchscript":
         return FamilyInfo(Family.TORCHSCRIPT, "tensor", None, (), {})
+    if load_as.startswith("torch_hub:"):
+        entrypoint = load_as.split(":", 1)[1]
+        return FamilyInfo(Family.TORCH_HUB, "tensor", entrypoint, (), {})
     if load_as.startswith("torchvision:"):
         architecture = load_as.split(":", 1)[1]
         weights = {"weights": manifest.extra.get("weights")}  # the enum member installed

@@ -218,6 +218,7 @@ def predict(
         Family.IMAGE_CLASSIFICATION: _classify_image,
         Family.TORCHSCRIPT: _run_tensors,
         Family.TORCHVISION: _classify_torchvision,
+        Family.TORCH_HUB: _run_tensors,
     }
     handler = handlers.get(loaded.family)
     if handler is None:

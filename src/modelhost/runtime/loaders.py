@@ -229,6 +229,22 @@ def _torchvision(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     )
 
 
+def _torch_hub(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+    """``torch.hub.load`` of an installed repository snapshot (its hubconf.py runs: the
+    pytorch_hub source admits only allow-listed repositories pinned to a ref)."""
+    if not (path / "hubconf.py").is_file():
+        raise UnsupportedModel(f"{path} has no hubconf.py")
+    try:
+        module = torch.hub.load(str(path), str(info.model_type), source="local")
+    except Exception as exc:  # the repository's own code: report what it raised
+        raise UnsupportedModel(
+            f"torch.hub.load of entrypoint {info.model_type!r} failed: {exc!r}"
+        ) from exc
+    if not isinstance(module, torch.nn.Module):
+        raise UnsupportedModel(f"entrypoint {info.model_type!r} returned no torch.nn.Module")
+    return Parts(model=module)
+
+
 LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.TEXT_CLASSIFICATION: _text_classification,
     Family.FEATURE_EXTRACTION: _feature_extraction,
@@ -241,6 +257,7 @@ LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.VITS: _vits,
     Family.TORCHSCRIPT: _torchscript,
     Family.TORCHVISION: _torchvision,
+    Family.TORCH_HUB: _torch_hub,
 }
 
 
@@ -252,7 +269,8 @@ def load(
     weights when the model cannot or may not be loaded."""
     path = Path(path)
     info = detect_family(manifest, path)
-    safetensors = check_pickle(manifest, path, allow_pickle)
+    # A hub repository's code builds its own weights; there is no weights file to check.
+    safetensors = info.family is Family.TORCH_HUB or check_pickle(manifest, path, allow_pickle)
     estimate = estimate_bytes(manifest, path, device.type)
 
     started = time.perf_counter()

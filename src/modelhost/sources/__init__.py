@@ -5,6 +5,7 @@ from __future__ import annotations
 from modelhost.errors import InvalidSource, NotImplementedYet
 from modelhost.sources.base import DownloadRequest, Plan, Source, SourceContext
 from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
+from modelhost.sources.torch_hub import TorchHubSource
 from modelhost.sources.torchvision import TorchvisionSource
 from modelhost.sources.tts_auto import TtsAutoSource
 from modelhost.sources.url import UrlSource
@@ -13,7 +14,6 @@ from modelhost.sources.url import UrlSource
 VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto", "torchaudio")
 
 _NOT_BUILT = {
-    "pytorch_hub": "issue #5 (remaining sources)",
     "torchaudio": "issue #5 (remaining sources)",
 }
 
@@ -45,6 +45,8 @@ def get_source(name: str) -> Source:
         return TorchvisionSource()
     if name == "tts_auto":
         return TtsAutoSource()
+    if name == "pytorch_hub":
+        return TorchHubSource()
     return _NotBuiltSource(name)
 
 

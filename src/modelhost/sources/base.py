@@ -89,6 +89,7 @@ class SourceContext:
     engine: FetchEngine
     hub: Any = None  # sources.huggingface.HubSettings
     mirrors: dict[str, str | None] = field(default_factory=dict)  # source -> base URL
+    torch_hub_allow: tuple[str, ...] = ()  # owner/repo whose hubconf.py may run
 
 
 class Source(Protocol):
