@@ -548,7 +548,7 @@ def test_optimize_on_cpu_measures_and_keeps_only_real_gains(models, name) -> Non
     weights_before = model.weights_bytes
     report = optimize(model)
     print(name, json.dumps(report.to_dict()))
-    assert report.device == "cpu" and report.runs >= 10
+    assert report.device == "cpu" and report.runs >= optimize_module.MIN_RUNS
     assert report.latency_ms_before > 0 and report.latency_ms_after > 0
     assert report.memory_mb_before == pytest.approx(weights_before / 2**20, abs=1e-3)
     assert report.memory_mb_after == pytest.approx(model.weights_bytes / 2**20, abs=1e-3)
