@@ -14,10 +14,9 @@ import hashlib
 import logging
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from modelhost.errors import (
     Cancelled,
@@ -42,7 +41,6 @@ if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
     from modelhost.runtime.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 PROGRESS_FLUSH_S = 2.0
 # Transfers run at a lower CPU priority than the threads that answer requests, so that a
@@ -792,10 +790,6 @@ class JobManager:
                 raise
             return None, 0, cancelled
         return manifest, freed, cancelled
-
-    def run_blocking(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run ``func`` in a worker thread (for the API layer's blocking store reads)."""
-        return asyncio.ensure_future(asyncio.to_thread(func, *args))
 
     @property
     def running_count(self) -> int:

@@ -241,6 +241,17 @@ def _classify_text(loaded: LoadedModel, model: nn.Module, inputs: Any, params: d
     texts, single = _texts(inputs)
     labels = loaded.extra.get("labels") or {}
     top_k = _int_param(params, "top_k", None, 1, max(1, len(labels)))
+    logits = model(**_encode(loaded, model, texts)).logits.float()
+    if getattr(model.config, "problem_type", None) == "multi_label_classification":
+        probs = torch.sigmoid(logits)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    results = [_ranked(row, labels, top_k) for row in probs.cpu()]
+    return {"predictions": results[0] if single else results}
+
+
+def _encode(loaded: LoadedModel, model: nn.Module, texts: list[str]) -> dict[str, Any]:
+    """A padded, truncated batch of ``texts`` on the model's device."""
     tokenizer = loaded.processor
     enc = tokenizer(
         texts,
@@ -249,13 +260,7 @@ def _classify_text(loaded: LoadedModel, model: nn.Module, inputs: Any, params: d
         max_length=_max_length(tokenizer, model.config),
         return_tensors="pt",
     )
-    logits = model(**_to(enc, _device(model))).logits.float()
-    if getattr(model.config, "problem_type", None) == "multi_label_classification":
-        probs = torch.sigmoid(logits)
-    else:
-        probs = torch.softmax(logits, dim=-1)
-    results = [_ranked(row, labels, top_k) for row in probs.cpu()]
-    return {"predictions": results[0] if single else results}
+    return _to(enc, _device(model))
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -279,15 +284,7 @@ def _embed(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> 
         )
         matrix = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
     else:
-        tokenizer = loaded.processor
-        enc = tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=_max_length(tokenizer, model.config),
-            return_tensors="pt",
-        )
-        enc = _to(enc, _device(model))
+        enc = _encode(loaded, model, texts)
         hidden = model(**enc).last_hidden_state
         matrix = mean_pool(hidden, enc["attention_mask"]).float().cpu()
         if normalize:
