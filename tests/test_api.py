@@ -323,11 +323,6 @@ BAD_REQUESTS = [
     ({"source": "url", "model_id": "URL", "name": "n", "bogus_field": 1}, 422, "bogus_field"),
     ({"source": "url", "name": "n"}, 422, "model_id: Field required"),
     ({"source": "url", "model_id": "URL_PTH", "name": "n"}, 400, "allow_pickle"),
-    (
-        {"source": "torchaudio", "model_id": "TACOTRON2_WAVERNN_CHAR_LJSPEECH", "name": "n"},
-        501,
-        "issue #5",
-    ),
 ]
 
 

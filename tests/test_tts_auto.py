@@ -100,8 +100,3 @@ def test_experimental_needs_the_flag_and_installs_download_only(server):
     assert status["status"] == "completed"
     assert "download only" in status["message"] and "never runs" in status["message"]
     assert server.client.get("/models/managed").json()["total_models"] == 0
-
-
-def test_tacotron2_says_its_source_is_not_built(server):
-    response = post(server, "tacotron2", "taco")
-    assert response.status_code == 501 and "torchaudio" in response.json()["message"]

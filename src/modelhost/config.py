@@ -63,6 +63,8 @@ class Settings(BaseSettings):
 
     # Where torchvision's weight files are fetched from (a mirror replaces download.pytorch.org).
     torchvision_mirror: str | None = None
+    # Where torchaudio's bundle weights are fetched from (replaces .../torchaudio/models).
+    torchaudio_mirror: str | None = None
     # PyTorch Hub: repositories (owner/repo) whose hubconf.py may run, and an archive mirror.
     torch_hub_allow: Annotated[tuple[str, ...], NoDecode] = ()
     torch_hub_mirror: str | None = None

@@ -47,7 +47,11 @@ def build_services(settings: Settings) -> Services:
     # A configured mirror is trusted like the Hub endpoint: the operator named it.
     mirrors = [
         UrlPolicy.host_port_of(url)
-        for url in (settings.torchvision_mirror, settings.torch_hub_mirror)
+        for url in (
+            settings.torchvision_mirror,
+            settings.torchaudio_mirror,
+            settings.torch_hub_mirror,
+        )
         if url
     ]
     policy = UrlPolicy.from_hosts([*settings.url_allow, hub_host, *mirrors])
@@ -65,6 +69,7 @@ def build_services(settings: Settings) -> Services:
     hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
     mirrors_by_source = {
         "torchvision": settings.torchvision_mirror,
+        "torchaudio": settings.torchaudio_mirror,
         "pytorch_hub": settings.torch_hub_mirror,
     }
     runtime = ModelRegistry(

@@ -33,13 +33,14 @@ class Family(str, enum.Enum):
     TORCHSCRIPT = "torchscript"  # a TorchScript archive from the url source: tensors in, out
     TORCHVISION = "torchvision"  # a torchvision architecture and a state dict for it
     TORCH_HUB = "torch_hub"  # an allow-listed PyTorch Hub repository's entrypoint
+    TACOTRON2 = "tacotron2"  # a torchaudio Tacotron2 bundle (+ WaveRNN or Griffin-Lim)
 
     @property
     def is_tts(self) -> bool:
         return self in TTS_FAMILIES
 
 
-TTS_FAMILIES = frozenset({Family.SPEECHT5, Family.BARK, Family.VITS})
+TTS_FAMILIES = frozenset({Family.SPEECHT5, Family.BARK, Family.VITS, Family.TACOTRON2})
 
 # Task names as installed (the Hub's pipeline tags and common aliases) -> canonical task.
 TASK_ALIASES = {
@@ -69,7 +70,8 @@ SUPPORTED = (
     "automatic-speech-recognition with Whisper; image-classification "
     "(a *ForImageClassification checkpoint); from the url source, a TorchScript archive "
     "(load_as torchscript) or a state dict for a torchvision architecture "
-    "(load_as torchvision:<name>)"
+    "(load_as torchvision:<name>); from the torchaudio source, a Tacotron2 text-to-speech "
+    "bundle"
 )
 
 
@@ -139,6 +141,9 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
     if load_as.startswith("torch_hub:"):
         entrypoint = load_as.split(":", 1)[1]
         return FamilyInfo(Family.TORCH_HUB, "tensor", entrypoint, (), {})
+    if load_as.startswith("torchaudio:"):
+        bundle = load_as.split(":", 1)[1]
+        return FamilyInfo(Family.TACOTRON2, "text-to-speech", bundle, (), {})
     if load_as.startswith("torchvision:"):
         architecture = load_as.split(":", 1)[1]
         weights = {"weights": manifest.extra.get("weights")}  # the enum member installed

@@ -115,9 +115,9 @@ def synthesize(
 
     ``speaker``: SpeechT5, a list of ``speaker_embedding_dim`` floats (default: the packaged
     embedding, see ``runtime.speaker``); Bark, a voice preset name the model ships; VITS, a
-    speaker id for multi-speaker models. ``max_new_tokens`` caps Bark's semantic tokens
-    (its audio length). ``seed`` seeds torch's global generator first (Bark samples; VITS
-    draws noise), so the same seed gives the same audio.
+    speaker id for multi-speaker models; Tacotron2, none (one speaker). ``max_new_tokens``
+    caps Bark's semantic tokens (its audio length). ``seed`` seeds torch's global generator
+    first (Bark samples; VITS draws noise), so the same seed gives the same audio.
     """
     if not loaded.is_tts:
         raise InvalidInput(
@@ -133,6 +133,8 @@ def synthesize(
             wave = _speecht5(loaded, model, text, speaker)
         elif loaded.family is Family.BARK:
             wave = _bark(loaded, model, text, speaker, max_new_tokens)
+        elif loaded.family is Family.TACOTRON2:
+            wave = _tacotron2(loaded, model, text, speaker)
         else:
             wave = _vits(loaded, model, text, speaker)
     samples = wave.detach().float().reshape(-1).cpu().numpy().astype(np.float32)
@@ -184,6 +186,20 @@ def _vits(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> tor
     if inputs["input_ids"].shape[1] == 0:
         raise InvalidInput("the text has no characters this model's tokenizer knows")
     return model(**_to(inputs, _device(model)), speaker_id=speaker).waveform[0]
+
+
+def _tacotron2(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> torch.Tensor:
+    if speaker is not None:
+        raise InvalidInput("this Tacotron2 model has a single speaker: omit speaker")
+    if not any("a" <= c <= "z" for c in text.lower()):
+        # It reads letters and punctuation only; digits are not spelled out.
+        raise InvalidInput("the text has no characters this model reads (English letters)")
+    tokens, lengths = loaded.processor(text)
+    device = _device(model)
+    spectrogram, frames, _ = model.infer(tokens.to(device), lengths.to(device))
+    assert loaded.vocoder is not None
+    waveform, _ = loaded.vocoder(spectrogram, frames)
+    return waveform[0]
 
 
 # --------------------------------------------------------------------------- predict

@@ -245,6 +245,39 @@ def _torch_hub(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     return Parts(model=module)
 
 
+def _tacotron2(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+    """A torchaudio Tacotron2 bundle built by torchaudio from the installed weight files.
+
+    torchaudio's own getters build the models; their ``load_state_dict_from_url`` finds each
+    file already in ``path`` (checked first, so it never downloads) and reads it with
+    ``weights_only=True``."""
+    try:
+        from torchaudio import pipelines
+    except ImportError as exc:
+        raise UnsupportedModel(
+            "torchaudio is not installed: pip install 'modelhost[audio]'"
+        ) from exc
+    name = str(info.model_type)
+    bundle = getattr(pipelines, name, None)
+    if not isinstance(bundle, pipelines.Tacotron2TTSBundle):
+        raise UnsupportedModel(f"this torchaudio has no text-to-speech bundle {name!r}")
+    # The files torchaudio's getters will look for (the torchaudio source fetched these).
+    wanted = [getattr(bundle, a, None) for a in ("_tacotron2_path", "_wavernn_path")]
+    missing = [f for f in wanted if f and not (path / f).is_file()]
+    if missing:
+        raise UnsupportedModel(f"{path} lacks the bundle's weight files: {', '.join(missing)}")
+    local = {"model_dir": str(path), "weights_only": True, "progress": False}
+    tacotron2 = bundle.get_tacotron2(dl_kwargs=local)
+    vocoder = bundle.get_vocoder(dl_kwargs=local)
+    return Parts(
+        model=tacotron2,
+        processor=bundle.get_text_processor(),
+        vocoder=vocoder,
+        sample_rate=int(vocoder.sample_rate),
+        extra={"bundle": name, "vocoder": type(vocoder).__name__.strip("_")},
+    )
+
+
 LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.TEXT_CLASSIFICATION: _text_classification,
     Family.FEATURE_EXTRACTION: _feature_extraction,
@@ -258,6 +291,7 @@ LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.TORCHSCRIPT: _torchscript,
     Family.TORCHVISION: _torchvision,
     Family.TORCH_HUB: _torch_hub,
+    Family.TACOTRON2: _tacotron2,
 }
 
 

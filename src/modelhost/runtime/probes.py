@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family
 from modelhost.runtime.images import pixel_values
 from modelhost.runtime.loaded import LoadedModel
@@ -188,7 +189,10 @@ def probe_for(loaded: LoadedModel) -> Probe:
             "semantic model next-token probabilities",
             PROBABILITY_TOLERANCE,
         )
-    raise ValueError(f"no probe for {family}")  # pragma: no cover
+    raise UnsupportedModel(
+        f"optimize has no representative input for {family.value} models yet, so it cannot "
+        "measure a change; the model is served as loaded"
+    )
 
 
 def smoke_inputs(loaded: LoadedModel) -> tuple[str, dict]:

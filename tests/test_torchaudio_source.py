@@ -1,0 +1,224 @@
+"""The torchaudio source: a Tacotron2 bundle's weight files from a mirror, installed as one
+model, loaded by torchaudio's own getters and spoken through /synthesize.
+
+The bundles under test are tiny Tacotron2 + WaveRNN (and Griffin-Lim) models built with
+torchaudio's classes and registered in ``torchaudio.pipelines`` beside its own bundles, as a
+site's own bundle would be; random weights, so the speech is noise, but every step is real.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fileserver import Status
+
+from modelhost.runtime.wav import parse_wav
+
+torchaudio = pytest.importorskip(
+    "torchaudio", reason="torchaudio is not installed (pip install 'modelhost[audio]')"
+)
+from torchaudio.models import Tacotron2, WaveRNN  # noqa: E402
+from torchaudio.pipelines._tts.impl import (  # noqa: E402
+    _Tacotron2GriffinLimCharBundle,
+    _Tacotron2WaveRNNCharBundle,
+    _WaveRNNVocoder,
+)
+
+TACOTRON2_PARAMS = {
+    "mask_padding": False,
+    "n_mels": 80,
+    "n_frames_per_step": 1,
+    "symbol_embedding_dim": 16,
+    "encoder_embedding_dim": 16,
+    "encoder_n_convolution": 1,
+    "encoder_kernel_size": 5,
+    "decoder_rnn_dim": 32,
+    "decoder_max_step": 24,  # random weights never stop by themselves
+    "decoder_dropout": 0.1,
+    "decoder_early_stopping": True,
+    "attention_rnn_dim": 32,
+    "attention_hidden_dim": 16,
+    "attention_location_n_filter": 4,
+    "attention_location_kernel_size": 31,
+    "attention_dropout": 0.1,
+    "prenet_dim": 16,
+    "postnet_n_convolution": 2,
+    "postnet_kernel_size": 5,
+    "postnet_embedding_dim": 16,
+    "gate_threshold": 0.5,
+    "n_symbol": 38,
+}
+WAVERNN_PARAMS = {
+    "upsample_scales": [2, 2, 4],
+    "n_classes": 256,
+    "hop_length": 16,
+    "n_res_block": 1,
+    "n_rnn": 16,
+    "n_fc": 16,
+    "kernel_size": 5,
+    "n_freq": 80,
+    "n_hidden": 8,
+    "n_output": 8,
+}
+TACOTRON2_FILE = "mh_tiny_tacotron2_char.pth"
+WAVERNN_FILE = "mh_tiny_wavernn_8bits.pth"
+WAVERNN_BUNDLE = "MH_TINY_TACOTRON2_WAVERNN_CHAR"
+GRIFFINLIM_BUNDLE = "MH_TINY_TACOTRON2_GRIFFINLIM_CHAR"
+
+
+def _state_bytes(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+torch.manual_seed(0)
+FILES = {
+    TACOTRON2_FILE: _state_bytes(Tacotron2(**TACOTRON2_PARAMS)),
+    WAVERNN_FILE: _state_bytes(WaveRNN(**WAVERNN_PARAMS)),
+}
+setattr(
+    torchaudio.pipelines,
+    WAVERNN_BUNDLE,
+    _Tacotron2WaveRNNCharBundle(TACOTRON2_FILE, TACOTRON2_PARAMS, WAVERNN_FILE, WAVERNN_PARAMS),
+)
+setattr(
+    torchaudio.pipelines,
+    GRIFFINLIM_BUNDLE,
+    _Tacotron2GriffinLimCharBundle(TACOTRON2_FILE, TACOTRON2_PARAMS),
+)
+
+
+@pytest.fixture
+def mirror(fileserver):
+    for name, data in FILES.items():
+        fileserver.add(f"/audio/{name}", data)
+    return fileserver
+
+
+@pytest.fixture
+def server(make_server, mirror):
+    return make_server([], torchaudio_mirror=mirror.url("/audio"), device="cpu")
+
+
+def post(server, model_id: str, name: str = "taco", **extra):
+    body = {"source": "torchaudio", "model_id": model_id, "name": name, "allow_pickle": True}
+    return server.client.post("/models/download", json={**body, **extra})
+
+
+def install(server, model_id: str, name: str = "taco") -> dict:
+    answer = post(server, model_id, name)
+    assert answer.status_code == 202, answer.text
+    status = server.wait_for(answer.json()["download_id"], timeout=120)
+    assert status["status"] == "completed", status
+    return status
+
+
+def reference_speech(bundle_name: str, text: str, seed: int) -> np.ndarray:
+    """The same synthesis done directly with torchaudio, from the served bytes."""
+    bundle = getattr(torchaudio.pipelines, bundle_name)
+    tacotron2 = Tacotron2(**TACOTRON2_PARAMS)
+    tacotron2.load_state_dict(torch.load(io.BytesIO(FILES[TACOTRON2_FILE]), weights_only=True))
+    tacotron2.eval()
+    if bundle_name == WAVERNN_BUNDLE:
+        wavernn = WaveRNN(**WAVERNN_PARAMS)
+        wavernn.load_state_dict(torch.load(io.BytesIO(FILES[WAVERNN_FILE]), weights_only=True))
+        vocoder = _WaveRNNVocoder(wavernn.eval())
+    else:
+        vocoder = bundle.get_vocoder()
+    tokens, lengths = bundle.get_text_processor()(text)
+    with torch.inference_mode():
+        torch.manual_seed(seed)
+        spectrogram, frames, _ = tacotron2.infer(tokens, lengths)
+        waveform, _ = vocoder(spectrogram, frames)
+    return waveform[0].numpy()
+
+
+@pytest.mark.parametrize("bundle_name", [WAVERNN_BUNDLE, GRIFFINLIM_BUNDLE])
+def test_bundle_installs_loads_and_speaks_what_torchaudio_would(server, mirror, bundle_name):
+    answer = post(server, bundle_name)
+    assert answer.status_code == 202, answer.text
+    info = answer.json()["download_info"]
+    wanted = [TACOTRON2_FILE, WAVERNN_FILE] if bundle_name == WAVERNN_BUNDLE else [TACOTRON2_FILE]
+    assert sorted(info["files"]) == sorted(wanted)
+    status = server.wait_for(answer.json()["download_id"], timeout=120)
+    assert status["status"] == "completed" and status["message"].endswith("loaded on cpu")
+
+    manifest = server.client.get("/models/download/taco/info").json()
+    digests = {f["path"]: f["sha256"] for f in manifest["files"]}
+    assert digests == {name: hashlib.sha256(FILES[name]).hexdigest() for name in wanted}
+    assert mirror.count("GET", f"/audio/{TACOTRON2_FILE}") == 1
+
+    text = "Hello, world!"
+    response = server.client.post(
+        "/synthesize",
+        json={"model_name": "taco", "text": text, "seed": 7},
+        headers={"accept": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["sample_rate"] == 22050  # the bundle's vocoder rate
+    audio = parse_wav(base64.b64decode(body["audio_base64"]))
+    expected = reference_speech(bundle_name, text, seed=7)
+    assert audio.sample_rate == 22050 and len(audio.samples) == len(expected) > 0
+    # Same samples up to 16-bit rounding and float summation order (another seed is ~0.1 off).
+    assert np.abs(audio.samples - np.clip(expected, -1, 1)).max() < 2e-4
+
+    wav = server.client.post("/synthesize", json={"model_name": "taco", "text": text})
+    assert wav.status_code == 200 and wav.headers["content-type"] == "audio/wav"
+    assert wav.content[:4] == b"RIFF" and parse_wav(wav.content).sample_rate == 22050
+
+    refused = server.client.post(
+        "/synthesize", json={"model_name": "taco", "text": "hi", "speaker": 1}
+    )
+    assert refused.status_code == 400 and "single speaker" in refused.json()["message"]
+    nothing = server.client.post("/synthesize", json={"model_name": "taco", "text": "123 %%"})
+    assert nothing.status_code == 400 and "no characters" in nothing.json()["message"]
+    optimize = server.client.post("/models/manage?action=optimize&model_name=taco")
+    assert optimize.status_code == 400
+    assert "no representative input for tacotron2" in optimize.json()["message"]
+
+
+def test_bundle_is_all_or_nothing_when_the_vocoder_file_fails(server, mirror):
+    mirror.set_faults(f"/audio/{WAVERNN_FILE}", [Status(404, times=99)])  # HEAD still answers
+    answer = post(server, WAVERNN_BUNDLE)
+    assert answer.status_code == 202, answer.text
+    status = server.wait_for(answer.json()["download_id"], timeout=60)
+    assert status["status"] == "failed" and "404" in status["message"], status
+    assert mirror.count("GET", f"/audio/{TACOTRON2_FILE}") == 1  # the other file did arrive
+    assert server.client.get("/models/cache/info").json()["total_models"] == 0
+    assert not (server.settings.home / "models" / "taco").exists()
+
+
+@pytest.mark.parametrize(
+    "model_id, extra, status, fragment",
+    [
+        (WAVERNN_BUNDLE, {"allow_pickle": False}, 400, "allow_pickle"),
+        ("TACOTRON2_WAVERNN_PHONE_LJSPEECH", {}, 400, "deep-phonemizer"),
+        ("TACOTRON2_WAVERNN_CHAR_LJSPEEC", {}, 404, "close: TACOTRON2_WAVERNN_CHAR_LJSPEECH"),
+        ("WAV2VEC2_ASR_BASE_960H", {}, 400, "not a text-to-speech bundle"),
+        ("tacotron2", {}, 400, "in capitals"),
+    ],
+)
+def test_bad_bundles_are_refused_and_change_nothing(server, mirror, model_id, extra, status,
+                                                    fragment):  # fmt: skip
+    response = post(server, model_id, **extra)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["message"]
+    assert response.json()["success"] is False
+    assert server.client.get("/models/managed").json()["total_models"] == 0
+    assert not [r for r in mirror.requests if r.method == "GET"]
+
+
+def test_without_torchaudio_the_download_names_the_extra(server, mirror, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchaudio", None)  # import torchaudio -> ImportError
+    response = post(server, WAVERNN_BUNDLE)
+    assert response.status_code == 400
+    assert "pip install 'modelhost[audio]'" in response.json()["message"]
+    assert not mirror.requests
