@@ -45,7 +45,9 @@ class Parts:
 def _hf_kwargs(device: torch.device, safetensors: bool) -> dict[str, Any]:
     return {
         "local_files_only": True,
-        "use_safetensors": safetensors,
+        # Pickles were allowed (check_pickle): each folder then takes safetensors where it
+        # has them and its .bin otherwise (a bundle may mix the two).
+        "use_safetensors": True if safetensors else None,
         "dtype": "auto" if device.type == "cuda" else torch.float32,
     }
 

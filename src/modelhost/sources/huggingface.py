@@ -199,7 +199,7 @@ class HuggingFaceSource:
                     error="No vocoder for this model",
                 )
             check_repo_id(vocoder_id, "vocoder_model")
-            vocoder = self.snapshot(hub, vocoder_id, "main", None)
+            vocoder = self.snapshot(hub, vocoder_id, "main", None, request.allow_pickle)
             specs += self._specs(hub, vocoder, prefix=f"{VOCODER_DIR}/")
             components.append(
                 {
@@ -242,9 +242,17 @@ class HuggingFaceSource:
         )
 
     def snapshot(
-        self, hub: HubSettings, repo_id: str, revision: str, request: DownloadRequest | None
+        self,
+        hub: HubSettings,
+        repo_id: str,
+        revision: str,
+        request: DownloadRequest | None,
+        allow_pickle: bool = False,
     ) -> RepoSnapshot:
-        """The repository at ``revision``, pinned to its commit, with the files to install."""
+        """The repository at ``revision``, pinned to its commit, with the files to install.
+
+        Without a ``request`` (a component such as the vocoder) the default selection
+        applies, with ``allow_pickle`` as the request that brought it along says."""
         api = HfApi(endpoint=hub.endpoint, token=hub.token)
         try:
             commit = api.model_info(repo_id, revision=revision).sha
@@ -259,7 +267,7 @@ class HuggingFaceSource:
                 files, request.allow_patterns, request.ignore_patterns, request.allow_pickle
             )
         else:
-            files = select_files(files, None, None, allow_pickle=False)
+            files = select_files(files, None, None, allow_pickle=allow_pickle)
         if not files:
             raise InvalidRequest(f"No files of {repo_id}@{revision} match the patterns given")
         return RepoSnapshot(repo_id, revision, commit, files)
