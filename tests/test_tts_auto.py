@@ -31,7 +31,7 @@ def test_names_resolve_to_catalog_entries(spelling, entry):
 
 def test_every_catalog_tts_entry_resolves_by_its_name_and_id():
     for entry in load_catalog().models:
-        if entry.tts_features.supports_tts:
+        if entry.task == "text-to-speech":
             assert resolve(entry.name) == entry
             assert resolve(entry.model_id) == entry
 
@@ -48,8 +48,8 @@ def hub(tiny_models):
     with HubServer() as server:
         publish_all(server, tiny_models)
         server.add_repo(
-            "Plachtaa/VALL-E-X",
-            {"vallex-checkpoint.safetensors": b"\0" * 64, "README.md": b"needs its own code"},
+            "Plachta/VALL-E-X",
+            {"vallex-checkpoint.pt": b"\x80\x02" + b"\0" * 62, "README.md": b"its own code"},
         )
         yield server
 
@@ -93,10 +93,22 @@ def test_large_variant_is_chosen_or_reported_ignored(server):
 def test_experimental_needs_the_flag_and_installs_download_only(server):
     refused = post(server, "vall-e-x", "vallex")
     assert refused.status_code == 400 and "experimental" in refused.json()["message"]
-    answer = post(server, "vall-e-x", "vallex", experimental=True)
+    pickled = post(server, "vall-e-x", "vallex", experimental=True)
+    assert pickled.status_code == 400 and "allow_pickle" in pickled.json()["message"]
+    answer = post(server, "vall-e-x", "vallex", experimental=True, allow_pickle=True)
     assert answer.status_code == 202, answer.text
     assert answer.json()["download_info"]["loadable"] is False
     status = server.wait_for(answer.json()["download_id"])
     assert status["status"] == "completed"
     assert "download only" in status["message"] and "never runs" in status["message"]
     assert server.client.get("/models/managed").json()["total_models"] == 0
+    files = server.client.get("/models/download/vallex/info").json()["files"]
+    assert [f["path"] for f in files] == ["README.md", "vallex-checkpoint.pt"]
+    # Stored, never unpickled: /synthesize cannot use it, and says why.
+    spoken = server.client.post("/synthesize", json={"model_name": "vallex", "text": "hi"})
+    assert spoken.status_code == 400 and "stored download-only" in spoken.json()["message"]
+    load = server.client.post("/models/vallex/load")
+    assert load.status_code == 400 and "never runs" in load.json()["message"]
+    available = server.client.get("/models/available").json()["available_models"]["vall_e_x"]
+    assert available["installed_as"] == ["vallex"]
+    assert available["tts_features"]["supports_tts"] is False

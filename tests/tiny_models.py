@@ -511,3 +511,74 @@ def publish_all(hub: Any, dirs: dict[str, Path]) -> None:
     """Add every tiny model (and MiniLM) to a ``HubServer`` under ``HUB_REPOS``."""
     for repo_id, name in HUB_REPOS.items():
         hub.add_repo(repo_id, dirs[name])
+
+
+# --------------------------------------------------------------------------- torchaudio Tacotron2
+
+# A Tacotron2 and a WaveRNN small enough to synthesize in milliseconds; the decoder stops
+# after 24 frames (random weights never end by themselves).
+TACOTRON2_PARAMS: dict[str, Any] = {
+    "mask_padding": False,
+    "n_mels": 80,
+    "n_frames_per_step": 1,
+    "symbol_embedding_dim": 16,
+    "encoder_embedding_dim": 16,
+    "encoder_n_convolution": 1,
+    "encoder_kernel_size": 5,
+    "decoder_rnn_dim": 32,
+    "decoder_max_step": 24,
+    "decoder_dropout": 0.1,
+    "decoder_early_stopping": True,
+    "attention_rnn_dim": 32,
+    "attention_hidden_dim": 16,
+    "attention_location_n_filter": 4,
+    "attention_location_kernel_size": 31,
+    "attention_dropout": 0.1,
+    "prenet_dim": 16,
+    "postnet_n_convolution": 2,
+    "postnet_kernel_size": 5,
+    "postnet_embedding_dim": 16,
+    "gate_threshold": 0.5,
+    "n_symbol": 38,
+}
+WAVERNN_PARAMS: dict[str, Any] = {
+    "upsample_scales": [2, 2, 4],
+    "n_classes": 256,
+    "hop_length": 16,
+    "n_res_block": 1,
+    "n_rnn": 16,
+    "n_fc": 16,
+    "kernel_size": 5,
+    "n_freq": 80,
+    "n_hidden": 8,
+    "n_output": 8,
+}
+
+
+def tacotron2_files(tacotron2_name: str, wavernn_name: str) -> dict[str, bytes]:
+    """Seeded state dicts of the tiny Tacotron2 and WaveRNN, as torch.save writes them."""
+    import torch
+    from torchaudio.models import Tacotron2, WaveRNN
+
+    def saved(module: torch.nn.Module) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(module.state_dict(), buffer)
+        return buffer.getvalue()
+
+    torch.manual_seed(SEED)
+    return {
+        tacotron2_name: saved(Tacotron2(**TACOTRON2_PARAMS)),
+        wavernn_name: saved(WaveRNN(**WAVERNN_PARAMS)),
+    }
+
+
+def tacotron2_bundle(tacotron2_name: str, wavernn_name: str | None) -> Any:
+    """A torchaudio Tacotron2 text-to-speech bundle of the tiny models, reading characters:
+    with a WaveRNN vocoder, or Griffin-Lim when ``wavernn_name`` is None."""
+    from torchaudio.pipelines._tts import impl
+
+    if wavernn_name is None:
+        return impl._Tacotron2GriffinLimCharBundle(tacotron2_name, TACOTRON2_PARAMS)
+    return impl._Tacotron2WaveRNNCharBundle(
+        tacotron2_name, TACOTRON2_PARAMS, wavernn_name, WAVERNN_PARAMS
+    )

@@ -13,6 +13,7 @@ from modelhost.api.deps import Services, ServicesDep, require_api_key
 from modelhost.errors import InvalidRequest
 from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
+from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
@@ -55,6 +56,7 @@ async def loaded_model(services: Services, name: str) -> LoadedModel:
     if runtime.is_loaded(name):
         return runtime.get(name)
     manifest = await asyncio.to_thread(services.store.require, name)
+    check_loadable(manifest)
     if not services.settings.load_on_demand:
         raise ModelNotLoaded(
             f"Model '{name}' is installed but not loaded: POST /models/{name}/load first "

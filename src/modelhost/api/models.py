@@ -32,7 +32,7 @@ async def list_models(services: ServicesDep) -> dict:
 @router.get("/models/available", summary="The catalog of downloadable models")
 async def available_models(services: ServicesDep) -> dict:
     manifests = await asyncio.to_thread(services.store.list)
-    return available_view(services.catalog, installed={m.name for m in manifests})
+    return available_view(services.catalog, installed=manifests)
 
 
 @router.get("/models/managed", summary="Models loaded by the server, measured")

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from modelhost.names import NAME_PATTERN
+from modelhost.store.manifest import Manifest
 
 ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
 Source = Literal["huggingface", "pytorch_hub", "torchvision", "torchaudio", "url", "tts_auto"]
@@ -87,6 +88,10 @@ class TTSFeatures(BaseModel):
     vocoder_bundled: bool | None = None
     languages: tuple[str, ...] | None = None
 
+    def advertised(self) -> list[str]:
+        """The capabilities claimed true (what the server must be able to deliver)."""
+        return [name for name, value in self if value is True]
+
 
 class CatalogEntry(BaseModel):
     """One downloadable model of the packaged catalog."""
@@ -104,6 +109,7 @@ class CatalogEntry(BaseModel):
     large_variant: ModelName | None
     vocoder_model: str | None
     weights: str | None = None
+    pickled_weights: bool = False  # only pickles published: installing needs allow_pickle
     size_bytes: int | None = Field(ge=0)
     size_note: str | None = None
     tts_features: TTSFeatures
@@ -111,7 +117,8 @@ class CatalogEntry(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def size_mb(self) -> float | None:
-        """Decimal megabytes, from ``size_bytes``; None until the size is measured."""
+        """Decimal megabytes of the weights file(s), from ``size_bytes`` (``size_note`` says
+        which files and how it was measured); None while unmeasured."""
         return None if self.size_bytes is None else round(self.size_bytes / BYTES_PER_MB, 1)
 
     @computed_field  # type: ignore[prop-decorator]
@@ -120,12 +127,37 @@ class CatalogEntry(BaseModel):
         """Whether ``size_bytes`` comes from a real file listing."""
         return self.size_bytes is not None
 
+    def download_request(self) -> dict[str, Any]:
+        """The ``POST /models/download`` body that installs this entry as the catalog means it."""
+        model_id = self.model_id
+        if self.source == "torchvision" and self.weights:
+            model_id = f"{self.model_id}:{self.weights}"
+        body: dict[str, Any] = {
+            "source": self.source,
+            "model_id": model_id,
+            "name": self.name,
+            "task": self.task,
+        }
+        if self.vocoder_model:
+            body.update(include_vocoder=True, vocoder_model=self.vocoder_model)
+        if self.experimental:
+            body["experimental"] = True
+        if self.pickled_weights:
+            body["allow_pickle"] = True
+        return body
+
     @model_validator(mode="after")
     def _consistent(self) -> CatalogEntry:
-        if self.tts_features.supports_tts != is_tts_task(self.task):
+        features = self.tts_features
+        if features.supports_tts and not is_tts_task(self.task):
+            raise ValueError(f"{self.name}: supports_tts for task {self.task!r}")
+        if is_tts_task(self.task) and not features.supports_tts and not self.requires_custom_code:
+            raise ValueError(f"{self.name}: a text-to-speech model the server runs must say so")
+        # The runtime never runs a project's own code, so such an entry can deliver nothing.
+        if self.requires_custom_code and features.advertised():
             raise ValueError(
-                f"{self.name}: tts_features.supports_tts must be "
-                f"{is_tts_task(self.task)} for task {self.task!r}"
+                f"{self.name}: needs its own code, so it cannot advertise "
+                f"{', '.join(features.advertised())}"
             )
         if self.vocoder_model is not None and not self.tts_features.vocoder_required:
             raise ValueError(f"{self.name}: vocoder_model set but vocoder_required is false")
@@ -175,9 +207,7 @@ class Catalog(BaseModel):
             unknown = [r for r in refs if r not in known]
             if unknown:
                 raise ValueError(f"{where} names entries not in the catalog: {unknown}")
-        not_tts = [
-            n for n in self.popular_tts_models if not self._entry(n).tts_features.supports_tts
-        ]
+        not_tts = [n for n in self.popular_tts_models if not is_tts_task(self._entry(n).task)]
         if not_tts:
             raise ValueError(f"popular_tts_models lists models without TTS support: {not_tts}")
         lists = {"popular_tts_models", *Recommendations.model_fields}
@@ -315,18 +345,33 @@ def models_view(config: ModelsConfig, loaded: set[str]) -> dict:
 
 
 def _category(entry: CatalogEntry) -> str:
-    if entry.tts_features.supports_tts:
+    if is_tts_task(entry.task):
         return "tts_models"
     if entry.task in STT_TASKS:
         return "stt_models"
     return "general_models"
 
 
-def available_view(catalog: Catalog, installed: set[str]) -> dict:
-    """The body of ``GET /models/available``; ``installed`` names the models in the cache.
+def _installed_as(entry: CatalogEntry, manifests: list[Manifest]) -> list[Manifest]:
+    """The installed models that are this entry: by catalog name (tts_auto records it) or
+    by source and model id (a torchvision id may carry ``:WEIGHTS``)."""
+    found = []
+    for manifest in manifests:
+        same_id = manifest.model_id in (entry.model_id, entry.download_request()["model_id"])
+        if manifest.extra.get("catalog_name") == entry.name or (
+            manifest.source == entry.source and same_id
+        ):
+            found.append(manifest)
+    return found
+
+
+def available_view(catalog: Catalog, installed: list[Manifest]) -> dict:
+    """The body of ``GET /models/available``; ``installed`` are the models in the cache.
 
     Each entry carries its catalog fields (``size_mb`` null while unmeasured, with
-    ``size_measured``), its ``tts_features`` without unknown fields, and ``installed``.
+    ``size_measured`` and ``size_note``), its ``tts_features`` without unknown fields, the
+    ``download_request`` that installs it, and ``installed`` / ``installed_as`` (the names it
+    is installed under) with ``installed_size_mb``, measured from that install's files.
     ``recommendation_criteria`` states what each curated list is based on.
     """
     available: dict[str, dict[str, Any]] = {}
@@ -334,7 +379,13 @@ def available_view(catalog: Catalog, installed: set[str]) -> dict:
     for entry in catalog.models:
         body = entry.model_dump(mode="json")
         body["tts_features"] = entry.tts_features.model_dump(mode="json", exclude_none=True)
-        body["installed"] = entry.name in installed
+        body["download_request"] = entry.download_request()
+        installs = _installed_as(entry, installed)
+        body["installed"] = bool(installs)
+        body["installed_as"] = [m.name for m in installs]
+        body["installed_size_mb"] = (
+            round(installs[0].total_size / BYTES_PER_MB, 3) if installs else None
+        )
         available[entry.name] = body
         categories[_category(entry)].append(entry.name)
     return {

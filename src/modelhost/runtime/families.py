@@ -129,11 +129,19 @@ def _vocoder_path(manifest: Manifest, path: Path) -> Path | None:
     return None
 
 
+def check_loadable(manifest: Manifest) -> None:
+    """Raise ``UnsupportedModel`` for a model installed download-only (its plan said so)."""
+    if manifest.extra.get("loadable") is False:
+        why = "; ".join(manifest.extra.get("notes") or ["modelhost has no loader for it"])
+        raise UnsupportedModel(f"Model {manifest.name!r} is stored download-only: {why}")
+
+
 def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
     """The loader family for an installed model, from its task and ``config.json``.
 
     Raises ``UnsupportedModel`` naming what was found and what is supported.
     """
+    check_loadable(manifest)
     path = Path(path)
     load_as = str(manifest.extra.get("load_as") or "")
     if load_as == "torchscript":

@@ -89,6 +89,7 @@ class LoadedModel:
             "task": self.task,
             "pinned": self.pinned,
             "sample_rate": self.sample_rate,
+            "has_vocoder": self.vocoder is not None,
             "estimated_mb": round(self.estimated_bytes / MB, 3),
             "load_seconds": round(self.load_seconds, 3),
             "loaded_at": self.loaded_at.isoformat(),

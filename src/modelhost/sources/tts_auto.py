@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import replace
 
-from modelhost.catalog import CatalogEntry, load_catalog
+from modelhost.catalog import CatalogEntry, is_tts_task, load_catalog
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext
 
@@ -24,7 +24,7 @@ def tts_aliases() -> dict[str, CatalogEntry]:
     """Every accepted spelling (catalog name, model id, short name) -> its TTS entry."""
     aliases: dict[str, CatalogEntry] = {}
     for entry in load_catalog().models:
-        if not entry.tts_features.supports_tts:
+        if not is_tts_task(entry.task):
             continue
         short = entry.model_id.rsplit("/", 1)[-1]
         for spelling in (entry.name, entry.model_id, short):
