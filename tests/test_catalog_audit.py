@@ -151,6 +151,14 @@ def test_each_tts_entry_resolves_through_tts_auto_to_its_bundle(entry, context):
         assert plan.extra["catalog_name"] == entry.name
         assert plan.extra["loadable"] is (not entry.requires_custom_code)
         assert plan.extra["requested"] == {"source": "tts_auto", "model_id": spelling}
+        voices = plan.extra["speaker_embeddings"]
+        presets = [f for f in plan.files if f.path.startswith("speaker_embeddings/")]
+        if entry.tts_features.speaker_presets:
+            assert presets and voices.startswith(f"{len(presets)} voice preset files")
+        elif entry.tts_features.speaker_embedding_required:
+            assert "packaged default" in voices
+        else:
+            assert voices is None
 
 
 # --------------------------------------------------------------------------- advertised features
@@ -164,11 +172,33 @@ def _synthesize(server, name: str, **body):
     )
 
 
+def rate_in_files(server, name: str, entry: CatalogEntry) -> int:
+    """The sample rate the installed files themselves declare, read without modelhost."""
+    root = server.settings.home / "models" / name
+
+    def config(path: str) -> dict:
+        return json.loads((root / path).read_text())
+
+    if entry.source == "torchaudio":
+        import torchaudio
+
+        bundle = getattr(torchaudio.pipelines, entry.model_id)
+        local = {"model_dir": str(root), "weights_only": True}  # the installed files only
+        return int(bundle.get_vocoder(dl_kwargs=local).sample_rate)
+    model_type = config("config.json")["model_type"]
+    if model_type == "speecht5":
+        return int(config("vocoder/config.json")["sampling_rate"])
+    if model_type == "bark":
+        return int(config("generation_config.json")["sample_rate"])
+    return int(config("config.json")["sampling_rate"])  # VITS
+
+
 def check_supports_tts(server, name, entry, row):
     response = _synthesize(server, name, seed=1)
     assert response.status_code == 200, response.text
     audio = parse_wav(base64.b64decode(response.json()["audio_base64"]))
-    assert audio.sample_rate == row["sample_rate"] > 0 and len(audio.samples) > 0
+    assert audio.sample_rate == row["sample_rate"] == rate_in_files(server, name, entry)
+    assert len(audio.samples) > 0 and float(abs(audio.samples).max()) > 0
 
 
 def check_vocoder_required(server, name, entry, row):

@@ -89,6 +89,7 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
             "vocoder_models": plan.extra.get("vocoder_models", []),
             "components": plan.extra.get("components", []),
             "loadable": plan.extra.get("loadable", True),
+            "speaker_embeddings": plan.extra.get("speaker_embeddings"),
             "notes": notes,
         },
     }

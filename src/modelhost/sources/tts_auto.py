@@ -56,6 +56,22 @@ def resolve(model_id: str) -> CatalogEntry:
     )
 
 
+def speaker_embeddings(entry: CatalogEntry, plan: Plan) -> str | None:
+    """Where the bundle's voices come from, read from the planned files and the entry."""
+    presets = [f.path for f in plan.files if f.path.startswith("speaker_embeddings/")]
+    if presets:
+        return (
+            f"{len(presets)} voice preset files from the repository (speaker_embeddings/); "
+            'pass "speaker": "<preset name>" to /synthesize'
+        )
+    if entry.tts_features.speaker_embedding_required:
+        return (
+            "none published with the model: /synthesize uses a packaged default (a fixed "
+            'seeded x-vector, not a recorded voice); pass "speaker": [floats] for a real one'
+        )
+    return None  # the model speaks with its own voice(s)
+
+
 class TtsAutoSource:
     name = "tts_auto"
 
@@ -105,5 +121,6 @@ class TtsAutoSource:
                 "catalog_name": entry.name,
                 "loadable": loadable,
                 "notes": notes,
+                "speaker_embeddings": speaker_embeddings(entry, plan),
             },
         )
