@@ -293,3 +293,72 @@ def test_advertised_features_are_delivered(entry, overrides, make_server, monkey
     rows = {r["name"]: r for r in server.client.get("/models/managed").json()["downloaded_models"]}
     for feature in entry.tts_features.advertised():
         FEATURE_CHECKS[feature](server, name, entry, rows.get(name))
+
+
+# --------------------------------------------------------------------------- measured sizes
+
+
+def expected_download_bytes(entry: CatalogEntry, tiny_models) -> int:
+    """What an install of the entry's stand-in transfers, summed from the files themselves."""
+
+    def tree(directory: Path) -> int:
+        files = [p for p in directory.rglob("*") if p.is_file() and p.name != ".gitattributes"]
+        return sum(p.stat().st_size for p in files)  # git metadata is not installed
+
+    if entry.source == "torchvision":
+        return len(b"resnet50 stand-in")
+    if entry.source == "torchaudio":
+        from tiny_models import tacotron2_files
+
+        return sum(len(data) for data in tacotron2_files(*TACOTRON2_FILES).values())
+    if entry.model_id == "Plachta/VALL-E-X":
+        return 64
+    standins = {**HUB_REPOS, **EXTRA_STANDINS}
+    total = tree(tiny_models[standins[entry.model_id]])
+    if entry.vocoder_model:
+        total += sum(len(d) for d in pickled(tiny_models[standins[entry.vocoder_model]]).values())
+    return total
+
+
+def test_download_sizes_are_measured_from_the_listings_and_kept(
+    make_server, overrides, hub, mirror, tiny_models
+):
+    server = make_server([], **overrides)
+    before = server.client.get("/models/available").json()["available_models"]
+    assert all(body["download_size"] is None for body in before.values())  # never measured
+
+    measured = server.client.get("/models/available?measure=true")
+    assert measured.status_code == 200, measured.text
+    models = measured.json()["available_models"]
+    for entry in ENTRIES:
+        size = models[entry.name]["download_size"]
+        if entry.source == "torchaudio" and not HAS_TORCHAUDIO:
+            assert size["size_bytes"] is None and "modelhost[audio]" in size["error"]
+            continue
+        assert size["error"] is None, (entry.name, size)
+        assert size["size_bytes"] == expected_download_bytes(entry, tiny_models), entry.name
+        assert size["size_mb"] == round(size["size_bytes"] / 1e6, 3)
+        host = mirror.host_port if entry.source in ("torchvision", "torchaudio") else None
+        assert size["listed_by"] == (host or hub.base_url.split("://", 1)[1]), entry.name
+    assert not [r for r in mirror.requests if r.method == "GET"]  # listings only, no bytes
+
+    # Kept: a server on the same home answers from the record, asking no upstream.
+    server.stop()
+    hub_requests, mirror_requests = len(hub.requests), len(mirror.requests)
+    again = make_server([], **overrides, home=server.settings.home)
+    kept = again.client.get("/models/available").json()["available_models"]
+    assert {n: b["download_size"] for n, b in kept.items()} == {
+        n: b["download_size"] for n, b in models.items()
+    }
+    assert (len(hub.requests), len(mirror.requests)) == (hub_requests, mirror_requests)
+
+
+def test_an_unreachable_upstream_is_recorded_not_guessed(make_server, overrides, mirror):
+    server = make_server([], **{**overrides, "hf_endpoint": "http://127.0.0.1:9"})
+    models = server.client.get("/models/available?measure=true").json()["available_models"]
+    for entry in ENTRIES:
+        size = models[entry.name]["download_size"]
+        if entry.source == "huggingface":
+            assert size["size_bytes"] is None and size["error"], entry.name
+        elif entry.source == "torchvision":
+            assert size["size_bytes"] == len(b"resnet50 stand-in") and size["error"] is None

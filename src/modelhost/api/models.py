@@ -8,9 +8,18 @@ from enum import Enum
 from fastapi import APIRouter, Depends, Query
 
 from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
-from modelhost.catalog import available_view, entry_for_model_id, is_tts_task, models_view
+from modelhost.catalog import (
+    available_view,
+    entry_for_model_id,
+    is_tts_task,
+    load_sizes,
+    measure_sizes,
+    models_view,
+    save_sizes,
+)
 from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
+from modelhost.sources import DownloadRequest, Plan
 from modelhost.store import Manifest, describe
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
@@ -30,9 +39,26 @@ async def list_models(services: ServicesDep) -> dict:
 
 
 @router.get("/models/available", summary="The catalog of downloadable models")
-async def available_models(services: ServicesDep) -> dict:
+async def available_models(
+    services: ServicesDep,
+    measure: bool = Query(
+        default=False,
+        description="first measure every entry's download size from the upstream file "
+        "listings (metadata requests only), and keep the result",
+    ),
+) -> dict:
+    home = services.settings.home
+    if measure:
+
+        def plan(body: dict) -> Plan:
+            return services.jobs.plan_only(DownloadRequest(**body))
+
+        sizes = await asyncio.to_thread(measure_sizes, services.catalog, plan)
+        await asyncio.to_thread(save_sizes, home, sizes)
+    else:
+        sizes = await asyncio.to_thread(load_sizes, home)
     manifests = await asyncio.to_thread(services.store.list)
-    return available_view(services.catalog, installed=manifests)
+    return available_view(services.catalog, installed=manifests, sizes=sizes)
 
 
 @router.get("/models/managed", summary="Models loaded by the server, measured")

@@ -17,6 +17,7 @@ from modelhost.catalog.catalog import (
     load_models_config,
     models_view,
 )
+from modelhost.catalog.sizes import SizeMeasurement, load_sizes, measure_sizes, save_sizes
 
 __all__ = [
     "STT_TASKS",
@@ -34,4 +35,8 @@ __all__ = [
     "load_catalog",
     "load_models_config",
     "models_view",
+    "SizeMeasurement",
+    "load_sizes",
+    "measure_sizes",
+    "save_sizes",
 ]

@@ -8,6 +8,7 @@ every list and count in them is computed from the data, never written by hand.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
@@ -365,8 +366,12 @@ def _installed_as(entry: CatalogEntry, manifests: list[Manifest]) -> list[Manife
     return found
 
 
-def available_view(catalog: Catalog, installed: list[Manifest]) -> dict:
-    """The body of ``GET /models/available``; ``installed`` are the models in the cache.
+def available_view(
+    catalog: Catalog, installed: list[Manifest], sizes: Mapping[str, Any] | None = None
+) -> dict:
+    """The body of ``GET /models/available``; ``installed`` are the models in the cache,
+    ``sizes`` the last measurements of ``catalog.sizes`` (``download_size``, null until
+    measured).
 
     Each entry carries its catalog fields (``size_mb`` null while unmeasured, with
     ``size_measured`` and ``size_note``), its ``tts_features`` without unknown fields, the
@@ -386,6 +391,8 @@ def available_view(catalog: Catalog, installed: list[Manifest]) -> dict:
         body["installed_size_mb"] = (
             round(installs[0].total_size / BYTES_PER_MB, 3) if installs else None
         )
+        measured = (sizes or {}).get(entry.name)
+        body["download_size"] = measured.view() if measured is not None else None
         available[entry.name] = body
         categories[_category(entry)].append(entry.name)
     return {

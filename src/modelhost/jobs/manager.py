@@ -305,13 +305,7 @@ class JobManager:
         self._planning[key] = future
         self._planning_names[request.name] = key
         try:
-            context = SourceContext(
-                engine=self.engine,
-                hub=self.hub,
-                mirrors=self.mirrors,
-                torch_hub_allow=self.torch_hub_allow,
-            )
-            plan = await asyncio.to_thread(source.plan, request, context)
+            plan = await asyncio.to_thread(source.plan, request, self._source_context())
             if update and installed is not None:
                 if plan.revision == installed.revision:
                     result = SubmitResult(job=None, installed=installed, plan=plan)
@@ -335,6 +329,19 @@ class JobManager:
         finally:
             del self._planning[key]
             del self._planning_names[request.name]
+
+    def _source_context(self) -> SourceContext:
+        return SourceContext(
+            engine=self.engine,
+            hub=self.hub,
+            mirrors=self.mirrors,
+            torch_hub_allow=self.torch_hub_allow,
+        )
+
+    def plan_only(self, request: DownloadRequest) -> Plan:
+        """What ``request`` would fetch, from the upstream's metadata; no job, no bytes.
+        Blocking (metadata requests): call it in a worker thread."""
+        return get_source(request.source).plan(request, self._source_context())
 
     async def _record_failure(self, request: DownloadRequest, key: str, exc: ModelhostError) -> str:
         """A job that failed before its first byte, so its reason stays observable."""
