@@ -95,6 +95,7 @@ def test_bundle_installs_loads_and_speaks_what_torchaudio_would(server, mirror, 
     info = answer.json()["download_info"]
     wanted = [TACOTRON2_FILE, WAVERNN_FILE] if bundle_name == WAVERNN_BUNDLE else [TACOTRON2_FILE]
     assert sorted(info["files"]) == sorted(wanted)
+    assert info["vocoder_models"] == wanted[1:] and info["vocoder_included"] is (len(wanted) > 1)
     status = server.wait_for(answer.json()["download_id"], timeout=120)
     assert status["status"] == "completed" and status["message"].endswith("loaded on cpu")
 
@@ -148,6 +149,7 @@ def test_bundle_is_all_or_nothing_when_the_vocoder_file_fails(server, mirror):
     "model_id, extra, status, fragment",
     [
         (WAVERNN_BUNDLE, {"allow_pickle": False}, 400, "allow_pickle"),
+        (WAVERNN_BUNDLE, {"vocoder_model": "microsoft/speecht5_hifigan"}, 400, "own vocoder"),
         ("TACOTRON2_WAVERNN_PHONE_LJSPEECH", {}, 400, "deep-phonemizer"),
         ("TACOTRON2_WAVERNN_CHAR_LJSPEEC", {}, 404, "close: TACOTRON2_WAVERNN_CHAR_LJSPEECH"),
         ("WAV2VEC2_ASR_BASE_960H", {}, 400, "not a text-to-speech bundle"),

@@ -102,6 +102,12 @@ class TorchaudioSource:
     def plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
         """The bundle's weight files, from download.pytorch.org or the mirror."""
         bundle = resolve_bundle(request.model_id)
+        if request.vocoder_model:
+            raise InvalidRequest(
+                f"{request.model_id} brings its own vocoder (WaveRNN or Griffin-Lim, by its "
+                "name); drop vocoder_model",
+                error="Bundle has its own vocoder",
+            )
         if not request.allow_pickle:
             raise InvalidRequest(
                 "torchaudio publishes its weights as pickled .pth files. Set "
@@ -123,5 +129,10 @@ class TorchaudioSource:
             revision=f"torchaudio {_version()}",
             model_type="tts",
             description=f"torchaudio {request.model_id}: Tacotron2 with a {vocoder} vocoder",
-            extra={"load_as": f"torchaudio:{request.model_id}", "vocoder": vocoder},
+            extra={
+                "load_as": f"torchaudio:{request.model_id}",
+                "vocoder": vocoder,
+                # Griffin-Lim is an algorithm: nothing to download for it.
+                "vocoder_models": [spec.path for spec in files[1:]],
+            },
         )
