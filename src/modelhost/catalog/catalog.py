@@ -125,7 +125,7 @@ class CatalogEntry(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def size_measured(self) -> bool:
-        """Whether ``size_bytes`` comes from a real file listing."""
+        """Whether ``size_bytes`` was measured (``size_note`` says from what, and when)."""
         return self.size_bytes is not None
 
     def download_request(self) -> dict[str, Any]:
