@@ -38,7 +38,13 @@ class SynthesizeRequest(BaseModel):
         "VITS: speaker id",
     )
     output_format: str = Field(default="wav", pattern="^wav$")
-    max_new_tokens: int | None = Field(default=None, ge=1, le=2048)
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=2048,
+        description="Bark: semantic tokens (audio length); a speak_with pipeline: the text "
+        "model's new tokens",
+    )
     seed: int | None = None
 
 
@@ -101,25 +107,43 @@ async def unload_model(model_name: str, services: ServicesDep) -> dict:
     response_class=Response,
 )
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
+    from modelhost.runtime.inference import speak_generated
     from modelhost.runtime.inference import synthesize as run_synthesis
 
     loaded = await loaded_model(services, body.model_name)
-    if not loaded.is_tts:
-        raise InvalidRequest(
-            f"Model '{body.model_name}' is a {loaded.task} model, not text-to-speech; use "
-            f"POST /models/{body.model_name}/predict",
-            error="Not a TTS model",
+    pipeline: dict[str, str] = {}
+    if loaded.is_tts:
+        audio = await asyncio.to_thread(
+            run_synthesis,
+            loaded,
+            body.text,
+            body.speaker,
+            max_new_tokens=body.max_new_tokens,
+            seed=body.seed,
         )
-    audio = await asyncio.to_thread(
-        run_synthesis,
-        loaded,
-        body.text,
-        body.speaker,
-        max_new_tokens=body.max_new_tokens,
-        seed=body.seed,
-    )
+    else:
+        manifest = await asyncio.to_thread(services.store.get, body.model_name)
+        speak_with = manifest.extra.get("speak_with") if manifest else None
+        if not speak_with:
+            raise InvalidRequest(
+                f"Model '{body.model_name}' is a {loaded.task} model, not text-to-speech; use "
+                f"POST /models/{body.model_name}/predict (or install it with auto_convert_tts "
+                'and "speak_with": "<a TTS model>" to have its output spoken)',
+                error="Not a TTS model",
+            )
+        tts = await loaded_model(services, speak_with)
+        generated, audio = await asyncio.to_thread(
+            speak_generated,
+            loaded,
+            tts,
+            body.text,
+            body.speaker,
+            max_new_tokens=body.max_new_tokens,
+            seed=body.seed,
+        )
+        pipeline = {"generated_text": generated, "spoken_by": speak_with}
     if "application/json" in request.headers.get("accept", ""):
-        return JSONResponse({"model_name": body.model_name, **audio.to_json()})
+        return JSONResponse({"model_name": body.model_name, **pipeline, **audio.to_json()})
     return Response(await asyncio.to_thread(audio.to_wav), media_type="audio/wav")
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from modelhost.catalog import is_tts_task
 from modelhost.errors import (
     Cancelled,
     Conflict,
@@ -64,6 +65,8 @@ def request_key(request: DownloadRequest) -> str:
             "ignore_patterns",
             "include_vocoder",
             "vocoder_model",
+            "auto_convert_tts",
+            "speak_with",
         }
     )
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:32]
@@ -266,6 +269,8 @@ class JobManager:
         """
         source = get_source(request.source)
         validate_name(request.name)
+        if request.speak_with is not None:
+            await asyncio.to_thread(self._check_speak_with, request)
         self.download_requests += 1
         key = request_key(request)
 
@@ -329,6 +334,32 @@ class JobManager:
         finally:
             del self._planning[key]
             del self._planning_names[request.name]
+
+    def _check_speak_with(self, request: DownloadRequest) -> None:
+        """``speak_with`` must name another installed model that can speak."""
+        name = request.speak_with
+        if not request.auto_convert_tts:
+            raise InvalidRequest(
+                "speak_with goes with auto_convert_tts: true (it names the TTS model that "
+                "speaks this text model's output)",
+                error="speak_with without auto_convert_tts",
+            )
+        if name == request.name:
+            raise InvalidRequest("speak_with must name another model", error="Invalid speak_with")
+        tts = self.store.get(name)
+        if tts is None:
+            raise InvalidRequest(
+                f"speak_with names '{name}', which is not installed: install a text-to-speech "
+                "model first (e.g. source tts_auto, model_id mms-tts-eng)",
+                error="speak_with model not installed",
+            )
+        speaks = tts.extra.get("model_type") == "tts" or bool(tts.task and is_tts_task(tts.task))
+        if not speaks or tts.extra.get("loadable") is False:
+            raise InvalidRequest(
+                f"speak_with names '{name}' ({tts.source}: {tts.model_id}), which is not a "
+                "text-to-speech model the server can run",
+                error="speak_with model cannot speak",
+            )
 
     def _source_context(self) -> SourceContext:
         return SourceContext(

@@ -202,6 +202,31 @@ def _tacotron2(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -
     return waveform[0]
 
 
+def speak_generated(
+    text_model: LoadedModel,
+    tts_model: LoadedModel,
+    text: str,
+    speaker: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+) -> tuple[str, Audio]:
+    """A two-model pipeline: ``text_model`` generates text from ``text`` (greedy,
+    ``max_new_tokens``), then ``tts_model`` speaks what it generated. Returns both."""
+    if text_model.family not in (Family.TEXT2TEXT, Family.TEXT_GENERATION):
+        raise InvalidInput(
+            f"Model {text_model.name!r} is a {text_model.task} model: a speak_with pipeline "
+            "needs a text generation model"
+        )
+    params: dict[str, Any] = {"max_new_tokens": max_new_tokens or DEFAULT_NEW_TOKENS}
+    if text_model.family is Family.TEXT_GENERATION:
+        params["return_full_text"] = False
+    generated = str(predict(text_model, text, params)["generated_text"]).strip()
+    if not generated:
+        raise InvalidInput(f"Model {text_model.name!r} generated no text to speak")
+    return generated, synthesize(tts_model, generated, speaker, seed=seed)
+
+
 # --------------------------------------------------------------------------- predict
 
 

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.fetch import FetchEngine, FileSpec
+from modelhost.names import NAME_PATTERN
 
 
 class DownloadRequest(BaseModel):
@@ -20,6 +21,12 @@ class DownloadRequest(BaseModel):
     name: str
     task: str = "text-generation"
     auto_convert_tts: bool = False
+    speak_with: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN.pattern,
+        description="with auto_convert_tts on a text model: an installed text-to-speech model "
+        "that speaks the text this model generates (a pipeline: the text model makes no audio)",
+    )
     include_vocoder: bool = False
     vocoder_model: str | None = None
     enable_large_model: bool = False

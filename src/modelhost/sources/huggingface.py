@@ -214,10 +214,24 @@ class HuggingFaceSource:
         notes = []
         if request.auto_convert_tts and architecture not in TTS_ARCHITECTURES:
             # Never pretend: a text model's output is not audio.
-            notes.append(
-                f"auto_convert_tts: {repo_id} ({architecture or 'unknown architecture'}) has no "
-                "speech head, so it cannot be converted to text-to-speech; it is installed as "
-                "it is"
+            kind = architecture or "unknown architecture"
+            head = f"auto_convert_tts: {repo_id} ({kind}) has no speech head"
+            if request.speak_with:
+                notes.append(
+                    f"{head}; /synthesize will generate text with it and speak that text with "
+                    f"'{request.speak_with}' (a pipeline of two models, not a conversion)"
+                )
+            else:
+                notes.append(
+                    f"{head}, so it cannot be converted to text-to-speech; it is installed as "
+                    'it is (add "speak_with": "<an installed TTS model>" for a text -> speech '
+                    "pipeline)"
+                )
+        elif request.speak_with:
+            raise InvalidRequest(
+                f"{repo_id} speaks by itself: speak_with is for a text model installed with "
+                "auto_convert_tts",
+                error="speak_with not applicable",
             )
         return Plan(
             source=self.name,
@@ -234,6 +248,7 @@ class HuggingFaceSource:
                 "architecture": architecture,
                 "components": components,
                 "vocoder_models": [vocoder_id] if vocoder_id else [],
+                "speak_with": request.speak_with if request.auto_convert_tts else None,
                 "supports_voice_cloning": (
                     entry.tts_features.supports_voice_cloning if entry else None
                 ),
