@@ -84,6 +84,10 @@ def test_text_model_output_is_spoken_by_the_named_tts_model(server):
     audio = parse_wav(base64.b64decode(spoken["audio_base64"]))
     assert audio.sample_rate == 16_000 and len(audio.samples) > 0
 
+    assert server.client.delete("/models/download/voice").status_code == 200
+    orphan = server.client.post("/synthesize", json={"model_name": "writer", "text": "hi"})
+    assert orphan.status_code == 409 and "'voice', which is no longer" in orphan.json()["message"]
+
 
 @pytest.mark.parametrize(
     "extra, fragment",

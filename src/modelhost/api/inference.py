@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key
-from modelhost.errors import InvalidRequest
+from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
@@ -131,7 +131,15 @@ async def synthesize(body: SynthesizeRequest, request: Request, services: Servic
                 'and "speak_with": "<a TTS model>" to have its output spoken)',
                 error="Not a TTS model",
             )
-        tts = await loaded_model(services, speak_with)
+        try:
+            tts = await loaded_model(services, speak_with)
+        except ModelNotFound:
+            raise Conflict(
+                f"Model '{body.model_name}' speaks with '{speak_with}', which is no longer "
+                f"installed: install it again, or reinstall '{body.model_name}' with another "
+                "speak_with",
+                error="speak_with model missing",
+            ) from None
         generated, audio = await asyncio.to_thread(
             speak_generated,
             loaded,
