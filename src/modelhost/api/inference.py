@@ -15,6 +15,7 @@ from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
+from modelhost.runtime.wav import Audio
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
 
@@ -107,7 +108,6 @@ async def unload_model(model_name: str, services: ServicesDep) -> dict:
     response_class=Response,
 )
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
-    from modelhost.runtime.inference import speak_generated
     from modelhost.runtime.inference import synthesize as run_synthesis
 
     loaded = await loaded_model(services, body.model_name)
@@ -122,37 +122,46 @@ async def synthesize(body: SynthesizeRequest, request: Request, services: Servic
             seed=body.seed,
         )
     else:
-        manifest = await asyncio.to_thread(services.store.get, body.model_name)
-        speak_with = manifest.extra.get("speak_with") if manifest else None
-        if not speak_with:
-            raise InvalidRequest(
-                f"Model '{body.model_name}' is a {loaded.task} model, not text-to-speech; use "
-                f"POST /models/{body.model_name}/predict (or install it with auto_convert_tts "
-                'and "speak_with": "<a TTS model>" to have its output spoken)',
-                error="Not a TTS model",
-            )
-        try:
-            tts = await loaded_model(services, speak_with)
-        except ModelNotFound:
-            raise Conflict(
-                f"Model '{body.model_name}' speaks with '{speak_with}', which is no longer "
-                f"installed: install it again, or reinstall '{body.model_name}' with another "
-                "speak_with",
-                error="speak_with model missing",
-            ) from None
-        generated, audio = await asyncio.to_thread(
-            speak_generated,
-            loaded,
-            tts,
-            body.text,
-            body.speaker,
-            max_new_tokens=body.max_new_tokens,
-            seed=body.seed,
-        )
-        pipeline = {"generated_text": generated, "spoken_by": speak_with}
+        pipeline, audio = await _speak_generated_text(services, loaded, body)
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({"model_name": body.model_name, **pipeline, **audio.to_json()})
     return Response(await asyncio.to_thread(audio.to_wav), media_type="audio/wav")
+
+
+async def _speak_generated_text(
+    services: Services, loaded: LoadedModel, body: SynthesizeRequest
+) -> tuple[dict[str, str], Audio]:
+    """A text model installed with ``speak_with``: its generated text, spoken by that model."""
+    from modelhost.runtime.inference import speak_generated
+
+    manifest = await asyncio.to_thread(services.store.get, body.model_name)
+    speak_with = manifest.extra.get("speak_with") if manifest else None
+    if not speak_with:
+        raise InvalidRequest(
+            f"Model '{body.model_name}' is a {loaded.task} model, not text-to-speech; use "
+            f"POST /models/{body.model_name}/predict (or install it with auto_convert_tts "
+            'and "speak_with": "<a TTS model>" to have its output spoken)',
+            error="Not a TTS model",
+        )
+    try:
+        tts = await loaded_model(services, speak_with)
+    except ModelNotFound:
+        raise Conflict(
+            f"Model '{body.model_name}' speaks with '{speak_with}', which is no longer "
+            f"installed: install it again, or reinstall '{body.model_name}' with another "
+            "speak_with",
+            error="speak_with model missing",
+        ) from None
+    generated, audio = await asyncio.to_thread(
+        speak_generated,
+        loaded,
+        tts,
+        body.text,
+        body.speaker,
+        max_new_tokens=body.max_new_tokens,
+        seed=body.seed,
+    )
+    return {"generated_text": generated, "spoken_by": speak_with}, audio
 
 
 @router.post("/models/{model_name}/predict", summary="Run a loaded model on inputs")
