@@ -464,7 +464,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
+def raise_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [WORKER_FLAG]:
         return engine_worker(*argv[1:])
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so nginx is stopped on kill too
+    signal.signal(signal.SIGTERM, raise_on_sigterm)  # so nginx is stopped on kill too
     try:
         summary = benchmark(args)
     except BenchError as exc:

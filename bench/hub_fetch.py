@@ -61,6 +61,7 @@ from fetch import (
     ensure_data_file,
     free_port,
     nginx_serving,
+    raise_on_sigterm,
     sha256_of,
     stop_process,
 )
@@ -559,17 +560,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the benchmark, print the results, return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [HF_WORKER_FLAG]:
         return hf_worker(*argv[1:])
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so nginx and modelhost are stopped
+    signal.signal(signal.SIGTERM, raise_on_sigterm)  # so nginx and modelhost are stopped
     try:
         summary = benchmark(args)
     except BenchError as exc:

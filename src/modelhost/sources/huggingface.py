@@ -248,7 +248,7 @@ class HuggingFaceSource:
                 "architecture": architecture,
                 "components": components,
                 "vocoder_models": [vocoder_id] if vocoder_id else [],
-                "speak_with": request.speak_with if request.auto_convert_tts else None,
+                "speak_with": request.speak_with,
                 "supports_voice_cloning": (
                     entry.tts_features.supports_voice_cloning if entry else None
                 ),
