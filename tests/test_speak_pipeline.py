@@ -106,6 +106,15 @@ def test_bad_speak_with_is_refused_and_changes_nothing(server, extra, fragment):
     assert server.client.get("/models/download/writer/info").status_code == 404
 
 
+def test_speak_with_on_another_source_is_refused_not_ignored(server):
+    install(server, "facebook/mms-tts-eng", "voice", task="text-to-speech")
+    body = {"source": "url", "model_id": "http://127.0.0.1:9/w.safetensors", "name": "w",
+            "auto_convert_tts": True, "speak_with": "voice"}  # fmt: skip
+    response = server.client.post("/models/download", json=body)
+    assert response.status_code == 400 and "huggingface source" in response.json()["message"]
+    assert server.client.get("/models/download/w/info").status_code == 404
+
+
 def test_a_speaking_model_takes_no_speak_with_and_a_plain_text_model_says_how(server):
     install(server, "facebook/mms-tts-eng", "voice", task="text-to-speech")
     refused = server.client.post(

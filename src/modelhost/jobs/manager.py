@@ -344,6 +344,11 @@ class JobManager:
                 "speaks this text model's output)",
                 error="speak_with without auto_convert_tts",
             )
+        if request.source != "huggingface":
+            raise InvalidRequest(
+                "speak_with applies to text generation models from the huggingface source",
+                error="speak_with not applicable",
+            )
         if name == request.name:
             raise InvalidRequest("speak_with must name another model", error="Invalid speak_with")
         tts = self.store.get(name)
