@@ -14,6 +14,9 @@ from modelhost.config import Settings
 
 app = typer.Typer(help="modelhost: a self-hosted model-management server.", no_args_is_help=True)
 console = Console(stderr=True)
+# On SIGTERM, requests still running after this long are cancelled; then the job manager
+# aborts plans and transfers (leaving them resumable), so the process ends within seconds.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 @app.callback()
@@ -41,7 +44,13 @@ def serve(
     from modelhost.api.app import create_app
 
     console.print(f"modelhost on http://{settings.host}:{settings.port}  (home: {settings.home})")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
 
 
 if __name__ == "__main__":

@@ -87,7 +87,11 @@ class Settings(BaseSettings):
     fetch_retries: int = Field(default=6, ge=0)
     fetch_backoff_s: float = Field(default=0.5, ge=0)
     fetch_backoff_max_s: float = Field(default=30.0, ge=0)
-    fetch_read_timeout_s: float = Field(default=30.0, gt=0)
+    # Connect and read timeout of every call to another host (Hub metadata, probes,
+    # config.json, file transfers).
+    upstream_timeout_s: float = Field(default=30.0, gt=0)
+    # Overrides upstream_timeout_s for the reads of file transfers only (None: use it).
+    fetch_read_timeout_s: float | None = Field(default=None, gt=0)
     fetch_parallel_files: int = Field(default=4, ge=1, le=32)
 
     @field_validator("url_allow", "torch_hub_allow", mode="before")

@@ -95,6 +95,13 @@ class UpstreamDenied(UpstreamError):
     error = "Upstream refused access"
 
 
+class UpstreamTimeout(UpstreamError):
+    """The upstream accepted (or never accepted) the connection but did not answer in time."""
+
+    status_code = 504
+    error = "Upstream timed out"
+
+
 # Errors of the fetch engine. They are raised in worker threads and end up in a
 # job's ``message``; ``transient`` decides whether the engine retries.
 
@@ -109,6 +116,18 @@ class TransientFetchError(FetchError):
     """A dropped connection, a stall, a 5xx or 429: worth retrying with backoff."""
 
     transient = True
+
+
+class FetchTimeout(TransientFetchError):
+    """A connect or a read that ran past its timeout: retried like any transient fault, and
+    told apart so that a metadata call can answer 504 naming the silent host."""
+
+    error = "Upstream timed out"
+
+    def __init__(self, message: str, *, host_port: str, timeout_s: float) -> None:
+        super().__init__(message)
+        self.host_port = host_port
+        self.timeout_s = timeout_s
 
 
 class DigestMismatch(FetchError):

@@ -64,7 +64,15 @@ def build_services(settings: Settings) -> Services:
             backoff_s=settings.fetch_backoff_s,
             backoff_max_s=settings.fetch_backoff_max_s,
         ),
-        read_timeout_s=settings.fetch_read_timeout_s,
+        # Every connect and metadata read waits MODELHOST_UPSTREAM_TIMEOUT_S; transfers' reads
+        # too, unless MODELHOST_FETCH_READ_TIMEOUT_S overrides it.
+        read_timeout_s=settings.fetch_read_timeout_s or settings.upstream_timeout_s,
+        upstream_timeout_s=settings.upstream_timeout_s,
+        read_timeout_setting=(
+            "MODELHOST_FETCH_READ_TIMEOUT_S"
+            if settings.fetch_read_timeout_s
+            else "MODELHOST_UPSTREAM_TIMEOUT_S"
+        ),
     )
     hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
     mirrors_by_source = {

@@ -25,30 +25,41 @@ import re
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
+from typing import TypeVar
 
 from modelhost.errors import (
     Cancelled,
     DigestMismatch,
     FetchError,
+    FetchTimeout,
     InsufficientStorage,
     SizeMismatch,
     TransientFetchError,
     UpstreamDenied,
     UpstreamError,
     UpstreamNotFound,
+    UpstreamTimeout,
 )
 from modelhost.fetch.cancel import CancelToken
-from modelhost.fetch.http import Authorizer, OpenResponse, open_url
+from modelhost.fetch.http import TIMEOUT_SETTING, Authorizer, OpenResponse, open_url
 from modelhost.fetch.policy import UrlPolicy
 from modelhost.fetch.progress import Progress
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
-PROBE_RETRIES = 2
+PROBE_RETRIES = 2  # retries of a metadata call someone waits for (fewer than a transfer)
+# A metadata call (with its retries) ends within its timeout plus this much.
+METADATA_GRACE_S = 3.0
+MIN_ATTEMPT_S = 0.5  # no retry is started with less time than this left
+METADATA_LIMIT = 16 * 1024 * 1024  # the largest metadata document read into memory
+METADATA_READ = 64 * 1024
+_T = TypeVar("_T")
 WRITEBACK_EVERY = 64 * 1024 * 1024
 # Writes go to the page cache in slices: measured on a 2-core VM, 1 GiB written in 16 KiB
 # slices took 0.5 s where 4 MiB writes took 1.9 s (large writes into freshly reclaimed
@@ -84,6 +95,19 @@ class RemoteInfo:
     etag: str | None
     last_modified: str | None
     accept_ranges: bool
+
+
+@dataclass(frozen=True)
+class Document:
+    """A metadata response read whole: a status that is not transient, headers, body."""
+
+    url: str  # the final URL, after redirects
+    status: int
+    headers: Message
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
 
 
 @dataclass(frozen=True)
@@ -293,6 +317,56 @@ def upstream_error(status: int, message: str) -> UpstreamError:
     return UpstreamError(message, error=f"HTTP {status}")
 
 
+def _gave_up(exc: TransientFetchError, url: str, tries: int, seconds: float) -> UpstreamError:
+    """The error a metadata call ends with once its retries or its time are used up."""
+    summary = f"gave up after {tries} {'try' if tries == 1 else 'tries'} in {seconds:.1f} s"
+    if isinstance(exc, FetchTimeout):
+        return UpstreamTimeout(
+            f"{exc.message} for {url} ({summary})", error=f"Upstream timed out: {exc.host_port}"
+        )
+    return UpstreamError(f"{exc.message} ({summary})")
+
+
+def _read_body(
+    response: OpenResponse, limit: int, deadline: float, cancel: CancelToken | None
+) -> bytes:
+    """Read a metadata body whole, at most ``limit`` bytes, by ``deadline`` (a host that
+    trickles bytes is as silent as one that sends none)."""
+    host_port = UrlPolicy.host_port_of(response.url)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            sock = response.connection.sock
+            if left <= 0 or sock is None:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = response.response.read1(METADATA_READ)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError(f"{response.url} is larger than {limit} bytes; refused")
+            chunks.append(chunk)
+        if cancel is not None:
+            cancel.raise_if_cancelled()  # a shut socket reads as the end of the body
+        if response.response.length:  # Content-Length said more
+            raise TransientFetchError(f"{response.url}: connection closed after {size} bytes")
+    except TimeoutError as exc:
+        raise FetchTimeout(
+            f"{host_port} timed out (sending {response.url}; {size} bytes in time, "
+            f"{TIMEOUT_SETTING})",
+            host_port=host_port,
+            timeout_s=0.0,
+        ) from exc
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        raise TransientFetchError(f"Reading {response.url} failed: {exc}") from exc
+    return b"".join(chunks)
+
+
 class _FileProgress:
     """One file's share of a job's progress, so that a retry can take back what it counted."""
 
@@ -325,69 +399,138 @@ class FetchEngine:
         retry: RetryPolicy | None = None,
         read_timeout_s: float = 30.0,
         authorization: Authorizer | None = None,
+        *,
+        upstream_timeout_s: float | None = None,
+        read_timeout_setting: str = TIMEOUT_SETTING,
     ) -> None:
         self.partial_dir = Path(partial_dir)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.policy = policy
         self.retry = retry or RetryPolicy()
+        # Transfers read with read_timeout_s; connects and metadata use upstream_timeout_s.
         self.read_timeout_s = read_timeout_s
+        self.upstream_timeout_s = upstream_timeout_s or read_timeout_s
+        self.read_timeout_setting = read_timeout_setting
         self.authorization = authorization
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
     def _open(
-        self, url: str, method: str = "GET", headers: dict[str, str] | None = None
+        self,
+        url: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+        cancel: CancelToken | None = None,
     ) -> OpenResponse:
+        """Open ``url``; ``timeout`` (a metadata call's) replaces the transfers' read timeout."""
         return open_url(
             url,
             self.policy,
             method=method,
             headers=headers,
-            timeout=self.read_timeout_s,
+            timeout=timeout or self.read_timeout_s,
+            connect_timeout=min(self.upstream_timeout_s, timeout or self.upstream_timeout_s),
             authorization=self.authorization,
+            cancel=cancel,
+            timeout_setting=TIMEOUT_SETTING if timeout else self.read_timeout_setting,
         )
 
     # --- metadata -------------------------------------------------------------------------
 
-    def read_small(self, url: str, limit: int = 1024 * 1024) -> bytes:
-        """GET a small document (a config.json) into memory; refuses anything over ``limit``."""
-        response = self._open(url)
-        try:
-            if response.status >= 400:
-                raise upstream_error(response.status, _error_for_status(response).message)
-            data = response.response.read(limit + 1)
-        except (OSError, http.client.HTTPException) as exc:
-            raise UpstreamError(f"Reading {url} failed: {exc}") from exc
-        finally:
-            response.close()
-        if len(data) > limit:
-            raise UpstreamError(f"{url} is larger than {limit} bytes; not a config file")
-        return data
+    def bounded(
+        self, url: str, once: Callable[[float], _T], cancel: CancelToken | None = None
+    ) -> _T:
+        """Run the metadata call ``once(timeout_s)`` with retries of transient faults, all
+        within the upstream timeout plus ``METADATA_GRACE_S``: someone waits for the answer.
 
-    def probe(self, url: str, cancel: CancelToken | None = None) -> RemoteInfo:
-        """Ask for a URL's size and validators without fetching its body (retries transients)."""
+        A silent host ends as ``UpstreamTimeout`` (504, naming it), other transient faults
+        as ``UpstreamError`` (502) once the retries or the time are used up.
+        """
         cancel = cancel or CancelToken()
+        started = time.monotonic()
+        deadline = started + self.upstream_timeout_s + METADATA_GRACE_S
         attempt = 0
         while True:
             cancel.raise_if_cancelled()
+            left = deadline - time.monotonic()
             try:
-                return self._probe_once(url)
+                return once(max(MIN_ATTEMPT_S, min(self.upstream_timeout_s, left)))
             except TransientFetchError as exc:
-                # Someone waits for this answer: fewer tries than a transfer gets.
-                if attempt >= min(self.retry.retries, PROBE_RETRIES):
-                    raise UpstreamError(
-                        f"{exc.message} (gave up after {attempt + 1} tries)"
-                    ) from exc
-                cancel.sleep(self.retry.delay(attempt))
+                delay = self.retry.delay(attempt)
+                left = deadline - time.monotonic()
+                tries_left = attempt < min(self.retry.retries, PROBE_RETRIES)
+                if not tries_left or left < delay + MIN_ATTEMPT_S:
+                    raise _gave_up(exc, url, attempt + 1, time.monotonic() - started) from exc
+                log.info("retrying %s in %.2fs after: %s", url, delay, exc.message)
+                cancel.sleep(delay)
                 attempt += 1
 
-    def _probe_once(self, url: str) -> RemoteInfo:
-        response = self._open(url, method="HEAD")
+    def get_metadata(
+        self,
+        url: str,
+        *,
+        cancel: CancelToken | None = None,
+        limit: int = METADATA_LIMIT,
+        headers: dict[str, str] | None = None,
+    ) -> Document:
+        """GET a metadata document (JSON, a config) whole, bounded like ``bounded`` says.
+
+        Transient statuses (5xx, 429) are retried; any other status is returned with its
+        body for the caller to explain. A body over ``limit`` is refused.
+        """
+        return self.bounded(
+            url, lambda t: self._document_once(url, t, limit, headers, cancel), cancel
+        )
+
+    def _document_once(
+        self,
+        url: str,
+        timeout: float,
+        limit: int,
+        headers: dict[str, str] | None,
+        cancel: CancelToken | None,
+    ) -> Document:
+        deadline = time.monotonic() + timeout
+        response = self._open(url, headers=headers, timeout=timeout, cancel=cancel)
+        unregister = cancel.on_cancel(response.shutdown) if cancel else lambda: None
+        try:
+            if response.status >= 400:
+                error = _error_for_status(response)
+                if isinstance(error, TransientFetchError):
+                    raise error
+            body = _read_body(response, limit, deadline, cancel)
+        finally:
+            unregister()
+            response.close()
+        return Document(response.url, response.status, response.response.msg, body)
+
+    def read_small(
+        self, url: str, limit: int = 1024 * 1024, cancel: CancelToken | None = None
+    ) -> bytes:
+        """GET a small document (a config.json) into memory; refuses anything over ``limit``."""
+        document = self.get_metadata(url, cancel=cancel, limit=limit)
+        if document.status >= 400:
+            raise upstream_error(
+                document.status, f"Upstream answered {document.status} for {document.url}"
+            )
+        return document.body
+
+    def probe(self, url: str, cancel: CancelToken | None = None) -> RemoteInfo:
+        """Ask for a URL's size and validators without fetching its body (retries transients,
+        bounded like ``bounded`` says)."""
+        return self.bounded(url, lambda t: self._probe_once(url, t, cancel), cancel)
+
+    def _probe_once(self, url: str, timeout: float, cancel: CancelToken | None) -> RemoteInfo:
+        response = self._open(url, method="HEAD", timeout=timeout, cancel=cancel)
         try:
             if response.status in (403, 405, 501):
                 # Some hosts refuse HEAD; a one-byte ranged GET tells the same.
                 response.close()
-                response = self._open(url, headers={"Range": "bytes=0-0"})
+                response = self._open(
+                    url, headers={"Range": "bytes=0-0"}, timeout=timeout, cancel=cancel
+                )
             if response.status >= 400:
                 error = _error_for_status(response)
                 if isinstance(error, TransientFetchError):
@@ -509,7 +652,7 @@ class FetchEngine:
             else:
                 headers["Range"] = f"bytes={offset}-"
                 headers["If-Range"] = validator
-        response = self._open(spec.url, headers=headers)
+        response = self._open(spec.url, headers=headers, cancel=cancel)
         try:
             return self._receive(spec, response, part, meta, offset, state, progress, cancel)
         finally:

@@ -14,36 +14,57 @@ from dataclasses import dataclass
 from urllib.parse import urljoin
 
 from modelhost import __version__
-from modelhost.errors import FetchError, TransientFetchError
+from modelhost.errors import Cancelled, FetchError, FetchTimeout, TransientFetchError
+from modelhost.fetch.cancel import CancelToken
 from modelhost.fetch.policy import Target, UrlPolicy
 
 MAX_REDIRECTS = 8
 Authorizer = Callable[[Target], "str | None"]
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 USER_AGENT = f"modelhost/{__version__}"
+# What timeout messages name, so that a user knows which setting to change.
+TIMEOUT_SETTING = "MODELHOST_UPSTREAM_TIMEOUT_S"
+
+
+def _connect(address: str, port: int, connect_timeout: float, read_timeout: float) -> socket.socket:
+    """A TCP connection within ``connect_timeout``, then reads bounded by ``read_timeout``."""
+    sock = socket.create_connection((address, port), connect_timeout)
+    sock.settimeout(read_timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, target: Target, address: str, timeout: float) -> None:
+    def __init__(self, target: Target, address: str, timeout: float, connect_timeout: float):
         super().__init__(target.host, target.port, timeout=timeout)
         self._address = address
+        self._connect_timeout = connect_timeout
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = _connect(self._address, self.port, self._connect_timeout, self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, target: Target, address: str, timeout: float) -> None:
+    def __init__(self, target: Target, address: str, timeout: float, connect_timeout: float):
         super().__init__(
             target.host, target.port, timeout=timeout, context=ssl.create_default_context()
         )
         self._address = address
+        self._connect_timeout = connect_timeout
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = _connect(self._address, self.port, self._connect_timeout, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _shutdown_socket(connection: http.client.HTTPConnection) -> None:
+    """Unblock a read or write in progress on another thread (a no-op before connecting)."""
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -63,12 +84,7 @@ class OpenResponse:
 
     def shutdown(self) -> None:
         """Abort from another thread: unblocks a read in progress."""
-        sock = self.connection.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shutdown_socket(self.connection)
 
     def close(self) -> None:
         self.response.close()
@@ -83,12 +99,18 @@ def open_url(
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
     authorization: Authorizer | None = None,
+    connect_timeout: float | None = None,
+    cancel: CancelToken | None = None,
+    timeout_setting: str = TIMEOUT_SETTING,
 ) -> OpenResponse:
     """Send ``method`` to ``url`` following redirects, each hop checked against ``policy``.
 
     ``authorization`` gives the Authorization header for a hop's host (or None); it is asked
-    again at every hop, so a token never follows a redirect to another host.
-    Raises ``SourceNotAllowed`` for a refused hop, ``TransientFetchError`` for network errors.
+    again at every hop, so a token never follows a redirect to another host. ``timeout``
+    bounds every read, ``connect_timeout`` (default: ``timeout``) the TCP connect; a
+    ``cancel`` token aborts a hop that waits for its answer. Raises ``SourceNotAllowed`` for
+    a refused hop (before connecting to it), ``FetchTimeout`` when a host is silent,
+    ``TransientFetchError`` for other network errors, ``Cancelled``.
     The caller owns the returned response and must close it.
     """
     request_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -102,15 +124,8 @@ def open_url(
         if credentials:
             request_headers["Authorization"] = credentials
         conn_class = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-        conn = conn_class(target, address, timeout)
-        try:
-            conn.request(method, target.path, headers=request_headers)
-            response = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise TransientFetchError(
-                f"Connection to {target.host}:{target.port} failed: {exc}"
-            ) from exc
+        conn = conn_class(target, address, timeout, connect_timeout or timeout)
+        response = _send(conn, target, method, request_headers, cancel, timeout_setting)
         location = response.getheader("Location")
         if response.status in REDIRECT_STATUSES and location:
             response.close()
@@ -119,3 +134,48 @@ def open_url(
             continue
         return OpenResponse(url=current, connection=conn, response=response)
     raise FetchError(f"Too many redirects (more than {MAX_REDIRECTS}) starting at {url}")
+
+
+def _send(
+    conn: http.client.HTTPConnection,
+    target: Target,
+    method: str,
+    headers: dict[str, str],
+    cancel: CancelToken | None,
+    timeout_setting: str,
+) -> http.client.HTTPResponse:
+    """One hop: connect, send, read the status and headers; errors become ours."""
+    host_port = UrlPolicy.host_port_of(target.url)
+    unregister = cancel.on_cancel(lambda: _shutdown_socket(conn)) if cancel else None
+    connected = False
+    try:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        conn.connect()
+        connected = True
+        if cancel is not None:  # a cancel during the connect found no socket to shut
+            cancel.raise_if_cancelled()
+        conn.request(method, target.path, headers=headers)
+        return conn.getresponse()
+    except TimeoutError as exc:
+        conn.close()
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        phase = "waiting for an answer" if connected else "connecting"
+        seconds = conn.timeout if connected else getattr(conn, "_connect_timeout", conn.timeout)
+        raise FetchTimeout(
+            f"{host_port} timed out ({phase}; no answer within {seconds:g} s, {timeout_setting})",
+            host_port=host_port,
+            timeout_s=float(seconds or 0),
+        ) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        raise TransientFetchError(f"Connection to {host_port} failed: {exc}") from exc
+    except Cancelled:
+        conn.close()
+        raise
+    finally:
+        if unregister is not None:
+            unregister()

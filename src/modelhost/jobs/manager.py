@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import threading
 from collections import OrderedDict, deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -35,7 +36,14 @@ from modelhost.fetch.engine import set_thread_nice
 from modelhost.jobs.db import JobRepository
 from modelhost.jobs.models import Job, JobState, utcnow
 from modelhost.names import validate_name
-from modelhost.sources import DownloadRequest, HubSettings, Plan, SourceContext, get_source
+from modelhost.sources import (
+    DownloadRequest,
+    HubSettings,
+    Plan,
+    Source,
+    SourceContext,
+    get_source,
+)
 from modelhost.store import CommitFile, Manifest, Store
 
 if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
@@ -49,6 +57,9 @@ PROGRESS_FLUSH_S = 2.0
 TRANSFER_NICE = 10
 THROUGHPUT_HISTORY = 5
 FINISHED_CACHE = 1000
+# How long stop() waits for cancelled jobs to record their state; a job still busy then
+# (a commit's fsync) stays "downloading" in the database and resumes on the next start.
+STOP_WAIT_S = 3.0
 
 
 def request_key(request: DownloadRequest) -> str:
@@ -195,6 +206,10 @@ class JobManager:
         self._running: set[str] = set()
         self._planning: dict[str, asyncio.Future[SubmitResult]] = {}
         self._planning_names: dict[str, str] = {}
+        # Cancel tokens of plans in progress (worker threads), so that stop() can abort their
+        # metadata requests instead of waiting for a silent upstream.
+        self._plan_cancels: set[CancelToken] = set()
+        self._plan_cancels_lock = threading.Lock()
         # Jobs this process finished, so status polls of them need no database round trip.
         self._finished: OrderedDict[str, Job] = OrderedDict()
         self._throughputs: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_HISTORY)
@@ -241,17 +256,26 @@ class JobManager:
         self._maybe_start()
 
     async def stop(self) -> None:
-        """Interrupt running transfers, leaving them resumable (state ``pending``)."""
+        """Interrupt plans and running transfers, leaving jobs resumable (state ``pending``).
+
+        Bounded: in-flight requests are aborted (their sockets shut), and jobs get
+        ``STOP_WAIT_S`` to record their state."""
         self._stopping = True
         if self._flusher:
             self._flusher.cancel()
+        with self._plan_cancels_lock:
+            planning = list(self._plan_cancels)
+        for token in planning:
+            token.cancel("server shutting down")
         tasks = []
         for active in list(self._active.values()):
             active.cancel.cancel("server shutting down")
             if active.task:
                 tasks.append(active.task)
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, late = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            if late:
+                log.warning("%d job(s) still busy at shutdown; they resume on restart", len(late))
         await asyncio.to_thread(self.repository.close)
 
     # --- submitting ------------------------------------------------------------------------
@@ -310,7 +334,7 @@ class JobManager:
         self._planning[key] = future
         self._planning_names[request.name] = key
         try:
-            plan = await asyncio.to_thread(source.plan, request, self._source_context())
+            plan = await asyncio.to_thread(self._plan_cancellable, source, request)
             if update and installed is not None:
                 if plan.revision == installed.revision:
                     result = SubmitResult(job=None, installed=installed, plan=plan)
@@ -366,18 +390,32 @@ class JobManager:
                 error="speak_with model cannot speak",
             )
 
-    def _source_context(self) -> SourceContext:
+    def _source_context(self, cancel: CancelToken | None = None) -> SourceContext:
         return SourceContext(
             engine=self.engine,
             hub=self.hub,
             mirrors=self.mirrors,
             torch_hub_allow=self.torch_hub_allow,
+            cancel=cancel,
         )
+
+    def _plan_cancellable(self, source: Source, request: DownloadRequest) -> Plan:
+        """``source.plan`` with a cancel token ``stop()`` can reach (worker thread)."""
+        cancel = CancelToken()
+        with self._plan_cancels_lock:
+            self._plan_cancels.add(cancel)
+        try:
+            if self._stopping:
+                raise Cancelled("server shutting down")
+            return source.plan(request, self._source_context(cancel))
+        finally:
+            with self._plan_cancels_lock:
+                self._plan_cancels.discard(cancel)
 
     def plan_only(self, request: DownloadRequest) -> Plan:
         """What ``request`` would fetch, from the upstream's metadata; no job, no bytes.
         Blocking (metadata requests): call it in a worker thread."""
-        return get_source(request.source).plan(request, self._source_context())
+        return self._plan_cancellable(get_source(request.source), request)
 
     async def _record_failure(self, request: DownloadRequest, key: str, exc: ModelhostError) -> str:
         """A job that failed before its first byte, so its reason stays observable."""

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelhost.fetch import FetchEngine, FileSpec
+from modelhost.fetch import CancelToken, FetchEngine, FileSpec
 from modelhost.names import NAME_PATTERN
 
 
@@ -97,6 +97,7 @@ class SourceContext:
     hub: Any = None  # sources.huggingface.HubSettings
     mirrors: dict[str, str | None] = field(default_factory=dict)  # source -> base URL
     torch_hub_allow: tuple[str, ...] = ()  # owner/repo whose hubconf.py may run
+    cancel: CancelToken | None = None  # aborts the planning's requests (shutdown)
 
 
 class Source(Protocol):

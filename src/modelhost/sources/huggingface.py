@@ -1,9 +1,10 @@
 """The ``huggingface`` source: a Hub repository, pinned to a commit, as a list of files.
 
-Metadata comes from ``huggingface_hub`` (``HfApi``: revision, file listing with sizes, LFS
-sha256 and git blob ids; ``HF_ENDPOINT`` and ``HF_TOKEN`` honoured); the bytes move through
-modelhost's fetch engine, so resume, verification and progress apply to every file. A TTS
-model may bring its vocoder along as a component of the same logical model.
+Metadata comes from the Hub's API through modelhost's own client (``hub_api``: revision,
+file listing with sizes, LFS sha256 and git blob ids; ``HF_ENDPOINT`` and ``HF_TOKEN``
+honoured), the bytes through the fetch engine: both under the same allow-list, timeouts and
+cancellation, so resume, verification and progress apply to every file. A TTS model may
+bring its vocoder along as a component of the same logical model.
 """
 
 from __future__ import annotations
@@ -16,16 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import HfApi, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.hf_api import RepoFile
-
 from modelhost.catalog import entry_for_model_id, load_catalog
 from modelhost.errors import (
     DigestMismatch,
@@ -37,6 +28,7 @@ from modelhost.errors import (
 )
 from modelhost.fetch import FileSpec
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.sources.hub_api import HubApi, HubResponseError, RepoFile, resolve_url
 
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -125,37 +117,49 @@ def select_files(
     return chosen
 
 
-def _hub_error(exc: Exception, repo_id: str, revision: str, endpoint: str) -> ModelhostError:
-    """A Hub error as a message a user can act on."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, GatedRepoError):
+def _hub_error(exc: HubResponseError, repo_id: str, revision: str, endpoint: str) -> ModelhostError:
+    """A Hub error answer (status and ``X-Error-Code``) as a message a user can act on."""
+    status, code = exc.status, exc.code
+    if code == "GatedRepo":
         return UpstreamDenied(
             f"{repo_id} is gated on {endpoint}: accept its terms on the Hub with your account "
             "and set HF_TOKEN to a token of that account",
             error="Gated repository",
         )
-    if isinstance(exc, HfHubHTTPError) and status in (401, 403):
+    if status in (401, 403):
         return UpstreamDenied(
             f"{endpoint} refused access to {repo_id} ({status}): it is private or gated; "
             "set HF_TOKEN to a token that can read it",
             error=f"Hub answered {status}",
         )
-    if isinstance(exc, RepositoryNotFoundError):
+    if code == "RepoNotFound":
         return UpstreamNotFound(
             f"Repository {repo_id} not found on {endpoint} (if it is private, set HF_TOKEN)",
             error="Repository not found",
         )
-    if isinstance(exc, RevisionNotFoundError):
+    if code == "RevisionNotFound":
         return UpstreamNotFound(
             f"Revision {revision!r} not found in {repo_id}: use a branch, tag or commit that "
             "exists",
             error="Revision not found",
         )
-    if isinstance(exc, HFValidationError):
-        return InvalidRequest(f"Invalid repository id or revision: {exc}")
-    if isinstance(exc, HfHubHTTPError):
-        return UpstreamError(f"The Hub failed for {repo_id}: {exc}")
-    return UpstreamError(f"Cannot reach {endpoint} for {repo_id}: {exc}")
+    if code == "EntryNotFound":
+        return UpstreamNotFound(
+            f"{endpoint} has no such entry in {repo_id}@{revision} ({exc.url})",
+            error="Entry not found",
+        )
+    if status in (404, 410):
+        return UpstreamNotFound(
+            f"{repo_id}@{revision} not found: {exc.url} answered {status} without saying "
+            "what is missing (is HF_ENDPOINT a Hugging Face Hub?)",
+            error="Not found upstream",
+        )
+    if status == 400:
+        return InvalidRequest(
+            f"{endpoint} refused {repo_id}@{revision} as invalid: {exc.detail or 'no detail'}",
+            error="Invalid repository id or revision",
+        )
+    return UpstreamError(f"The Hub failed for {repo_id}: {exc.message}", error=exc.error)
 
 
 def check_repo_id(repo_id: str, what: str = "model_id") -> str:
@@ -177,7 +181,8 @@ class HuggingFaceSource:
         if hub is None:
             raise InvalidRequest("The Hugging Face source is not configured")
         repo_id = check_repo_id(request.model_id)
-        main = self.snapshot(hub, repo_id, request.revision or "main", request)
+        api = HubApi(context.engine, hub.endpoint, context.cancel)
+        main = self.snapshot(api, repo_id, request.revision or "main", request)
         specs = self._specs(hub, main, prefix="")
         config = self._read_config(context, specs)
         architecture = config.get("model_type") if config else None
@@ -199,7 +204,7 @@ class HuggingFaceSource:
                     error="No vocoder for this model",
                 )
             check_repo_id(vocoder_id, "vocoder_model")
-            vocoder = self.snapshot(hub, vocoder_id, "main", None, request.allow_pickle)
+            vocoder = self.snapshot(api, vocoder_id, "main", None, request.allow_pickle)
             specs += self._specs(hub, vocoder, prefix=f"{VOCODER_DIR}/")
             components.append(
                 {
@@ -258,7 +263,7 @@ class HuggingFaceSource:
 
     def snapshot(
         self,
-        hub: HubSettings,
+        api: HubApi,
         repo_id: str,
         revision: str,
         request: DownloadRequest | None,
@@ -268,15 +273,11 @@ class HuggingFaceSource:
 
         Without a ``request`` (a component such as the vocoder) the default selection
         applies, with ``allow_pickle`` as the request that brought it along says."""
-        api = HfApi(endpoint=hub.endpoint, token=hub.token)
         try:
-            commit = api.model_info(repo_id, revision=revision).sha
-            entries = list(api.list_repo_tree(repo_id, revision=commit, recursive=True))
-        except Exception as exc:  # huggingface_hub raises many kinds; all become ours
-            raise _hub_error(exc, repo_id, revision, hub.endpoint) from exc
-        if not commit:
-            raise UpstreamError(f"{hub.endpoint} gave no commit for {repo_id}@{revision}")
-        files = [e for e in entries if isinstance(e, RepoFile)]
+            commit = api.commit(repo_id, revision)
+            files = api.list_files(repo_id, commit)
+        except HubResponseError as exc:
+            raise _hub_error(exc, repo_id, revision, api.endpoint) from exc
         if request is not None:
             files = select_files(
                 files, request.allow_patterns, request.ignore_patterns, request.allow_pickle
@@ -300,12 +301,7 @@ class HuggingFaceSource:
                 local = str(candidate) if candidate.is_file() else None
             specs.append(
                 FileSpec(
-                    url=hf_hub_url(
-                        snapshot.repo_id,
-                        entry.path,
-                        revision=snapshot.commit,
-                        endpoint=hub.endpoint,
-                    ),
+                    url=resolve_url(hub.endpoint, snapshot.repo_id, entry.path, snapshot.commit),
                     path=prefix + entry.path,
                     size=entry.lfs.size if entry.lfs else entry.size,
                     sha256=entry.lfs.sha256 if entry.lfs else None,
@@ -330,7 +326,7 @@ class HuggingFaceSource:
             if spec.git_sha1 is None or git_blob_id(local) == spec.git_sha1:
                 data = local
         if data is None:
-            data = context.engine.read_small(spec.url)
+            data = context.engine.read_small(spec.url, cancel=context.cancel)
             if spec.git_sha1 is not None and git_blob_id(data) != spec.git_sha1:
                 raise DigestMismatch(
                     f"config.json: git blob id of the downloaded bytes is {git_blob_id(data)}, "

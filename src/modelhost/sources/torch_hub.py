@@ -44,7 +44,7 @@ class TorchHubSource:
         base = (context.mirrors.get(self.name) or CODELOAD).rstrip("/")
         url = f"{base}/{repo}/zip/{ref}"
         archive = f"{repo.split('/')[1]}-{ref}.zip"
-        spec = FileSpec(url=url, path=archive, size=context.engine.probe(url).size)
+        spec = FileSpec(url=url, path=archive, size=context.engine.probe(url, context.cancel).size)
         return Plan(
             source=self.name,
             model_id=request.model_id,

@@ -119,7 +119,11 @@ class TorchaudioSource:
         files = []
         for filename in weight_files(bundle):
             url = f"{base}/{filename}"
-            files.append(FileSpec(url=url, path=filename, size=context.engine.probe(url).size))
+            files.append(
+                FileSpec(
+                    url=url, path=filename, size=context.engine.probe(url, context.cancel).size
+                )
+            )
         vocoder = "wavernn" if len(files) > 1 else "griffinlim"
         return Plan(
             source=self.name,

@@ -81,7 +81,7 @@ class TorchvisionSource:
         spec = FileSpec(
             url=url,
             path=filename,
-            size=context.engine.probe(url).size,
+            size=context.engine.probe(url, context.cancel).size,
             sha256_prefix=prefix.group(1) if prefix else None,
         )
         return Plan(

@@ -42,7 +42,7 @@ class UrlSource:
                 "(it will be loaded with weights_only=True)",
                 error="Pickled weights need opt-in",
             )
-        info = context.engine.probe(target.url)
+        info = context.engine.probe(target.url, context.cancel)
         spec = FileSpec(
             url=request.model_id,
             path=filename,
