@@ -53,6 +53,11 @@ private repo answers 401 without ``Authorization: Bearer <token>`` (``RepoNotFou
 
 Faults
 ------
+``answer_api(repo, code, headers)`` makes every API request about ``repo`` (model info,
+revision, tree...) answer ``code`` with ``headers`` and a JSON ``{"error": ...}`` body, no
+``X-Error-Code`` unless given: a 302 with ``Location``, a bare 404, a 503 (``None``: normal
+answers again).
+
 ``set_faults(repo, path, faults)`` arms ``fileserver`` faults for GET ``resolve`` of that path
 (whatever the revision), with ``FileServer``'s semantics: HEAD is never faulted; ``Status(404)``
 answers like a missing entry (``EntryNotFound`` + ``X-Repo-Commit``). On a 302 (LFS redirect)
@@ -383,6 +388,11 @@ class _HubHandler(_Handler):
         return commit
 
     def _api(self, record: RequestRecord, rest: list[str]) -> None:
+        override = self.hub._api_answer(["/".join(rest[:2]), rest[0]])
+        if override is not None:
+            code, headers = override
+            self._json(record, code, {"error": f"answer_api: {code}"}, headers)
+            return
         if len(rest) >= 2 and self.hub._has("/".join(rest[:2])):
             repo_id, tail = "/".join(rest[:2]), rest[2:]
         elif self.hub._has(rest[0]):
@@ -544,6 +554,7 @@ class HubServer:
         self._repos: dict[str, _Repo] = {}
         self._versions: dict[tuple[str, str], _Version] = {}
         self._cdn: str | None = None
+        self._api_answers: dict[str, tuple[int, dict[str, str]]] = {}
         self._engine = _HubEngine(self, rate_bytes_per_s)
 
     # -- lifecycle
@@ -692,6 +703,17 @@ class HubServer:
         them directly again)."""
         self._cdn = base_url.rstrip("/") if base_url else None
 
+    def answer_api(
+        self, repo_id: str, code: int | None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer every API request about ``repo_id`` with ``code`` and ``headers`` (None:
+        answer normally again). The repo need not exist."""
+        with self._lock:
+            if code is None:
+                self._api_answers.pop(repo_id, None)
+            else:
+                self._api_answers[repo_id] = (code, dict(headers or {}))
+
     def export_blobs(self, directory: Path) -> list[Path]:
         """Write every LFS blob of every repo and commit as ``directory/<sha256>``."""
         directory = Path(directory)
@@ -731,6 +753,10 @@ class HubServer:
         self._engine.reset_log()
 
     # -- internals (the handler's)
+
+    def _api_answer(self, candidates: list[str]) -> tuple[int, dict[str, str]] | None:
+        with self._lock:
+            return next((self._api_answers[c] for c in candidates if c in self._api_answers), None)
 
     def _has(self, repo_id: str) -> bool:
         with self._lock:
