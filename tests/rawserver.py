@@ -23,6 +23,7 @@ class Answer:
     status: str  # e.g. "200 OK"
     headers: list[tuple[str, str]]
     body: bytes = b""
+    gate: threading.Event | None = None  # the body waits until it is set
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,13 @@ class RawServer:
         headers: list[tuple[str, str]],
         body: bytes = b"",
         status: str = "200 OK",
+        gate: threading.Event | None = None,
     ) -> None:
         """Answer ``method path`` with these headers (sent as given, plus ``Connection:
-        close``) and, for GET, this body; the connection closes after it."""
+        close``) and, for GET, this body (once ``gate`` is set, if given); the connection
+        closes after it."""
         with self._lock:
-            self._routes[(method, path)] = Answer(status, list(headers), body)
+            self._routes[(method, path)] = Answer(status, list(headers), body, gate)
 
     def count(self, method: str, path: str) -> int:
         with self._lock:
@@ -112,6 +115,8 @@ class RawServer:
             try:
                 conn.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
                 if method != "HEAD" and answer.body:
+                    if answer.gate is not None:
+                        answer.gate.wait(30)
                     conn.sendall(answer.body)
             except OSError:
                 pass  # the client gave up on a lying answer: nothing left to do

@@ -135,9 +135,7 @@ def lying_archive(lie: str) -> bytes:
 
 
 @pytest.mark.parametrize("lie", ["crc", "size_smaller", "size_larger"])
-def test_archive_entry_that_lies_fails_the_job_and_installs_nothing(
-    make_server, fileserver, lie
-):
+def test_archive_entry_that_lies_fails_the_job_and_installs_nothing(make_server, fileserver, lie):
     server = make_server(
         [], torch_hub_allow=("acme/tinyrepo",), torch_hub_mirror=fileserver.base_url, device="cpu"
     )
@@ -181,13 +179,12 @@ def test_bad_content_length_in_the_probe_fails_the_request(make_server, raw, len
     assert response.status_code == 502, response.text
     body = response.json()
     assert body["error"] == "Invalid Content-Length"
-    assert body["message"].startswith(
-        f"invalid Content-Length from {raw.host_port}: "
-    )
+    assert body["message"].startswith(f"invalid Content-Length from {raw.host_port}: ")
     assert body["status"] == "failed"
     status = server.client.get(f"/models/download/status/{body['download_id']}").json()
-    assert status["status"] == "failed" and f"invalid Content-Length from {raw.host_port}" in (
-        status["message"]
+    assert (
+        status["status"] == "failed"
+        and f"invalid Content-Length from {raw.host_port}" in (status["message"])
     )
     assert raw.count("GET", "/w.safetensors") == 0
     assert_nothing_written(server)
