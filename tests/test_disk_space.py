@@ -157,6 +157,28 @@ def test_full_state_database_answers_507(make_server, fileserver, small_disk, tm
     assert server.client.get("/health").status_code == 200  # still serving
 
 
+def test_disk_already_full_when_a_transfer_starts_fails_the_job(
+    make_server, raw, small_disk, tmp_path
+):
+    # Size unknown, so the check passes; the first write (the partial's state file) fails.
+    raw.route("HEAD", "/u.safetensors", [("ETag", '"v1"')])
+    raw.route("GET", "/u.safetensors", [("ETag", '"v1"')], b"w" * 10_000)
+    server = make_server(
+        [raw.host_port],
+        home=small_disk,
+        db_url=f"sqlite:///{tmp_path / 'state.db'}",
+        disk_reserve_mb=0,
+    )
+    fill(small_disk)
+    response = post_url(server, raw.url("/u.safetensors"), "u")
+    assert response.status_code == 202, response.text
+    status = server.wait_for(response.json()["download_id"])
+    assert status["status"] == "failed"
+    assert status["error"] == "Disk full"
+    assert "No space left to write the download (No space left on device)" in status["message"]
+    assert server.client.get("/models/cache/info").json()["total_models"] == 0
+
+
 def _blob_file(directory: Path, data: bytes) -> CommitFile:
     part = directory / f"{hashlib.sha256(data).hexdigest()[:8]}.part"
     part.write_bytes(data)

@@ -205,3 +205,26 @@ def test_bad_content_length_in_the_transfer_fails_the_job(make_server, raw, leng
     home = server.settings.home
     assert list((home / "models").iterdir()) == []
     assert not list((home / "partial").glob("*.part"))
+
+
+def test_archive_entry_name_over_the_limit_fails_the_job(make_server, fileserver):
+    server = make_server(
+        [], torch_hub_allow=("acme/tinyrepo",), torch_hub_mirror=fileserver.base_url, device="cpu"
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zipped:
+        zipped.writestr("tinyrepo-v1/hubconf.py", HUBCONF)
+        zipped.writestr("tinyrepo-v1/" + "w" * 256, b"weights")
+    fileserver.add("/acme/tinyrepo/zip/v1", buffer.getvalue())
+    response = server.client.post(
+        "/models/download",
+        json={"source": "pytorch_hub", "model_id": "acme/tinyrepo:v1/tiny", "name": "hub"},
+    )
+    status = server.wait_for(response.json()["download_id"])
+    assert status["status"] == "failed"
+    assert status["error"] == "File name too long"
+    assert "File name too long for the filesystem: " in status["message"]
+    assert "a component of 256 bytes (the limit is 255 bytes per component)" in status["message"]
+    home = server.settings.home
+    assert list((home / "models").iterdir()) == []
+    assert not any(p.name.startswith("extract-") for p in (home / "partial").iterdir())

@@ -7,6 +7,7 @@ bounded count and size. GitHub's archives wrap everything in one top-level direc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 import stat
@@ -15,7 +16,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from modelhost.errors import FetchError, InvalidRequest
+from modelhost.errors import FetchError, InsufficientStorage, InvalidRequest
+from modelhost.names import check_path_limits
 
 MAX_ENTRIES = 20_000
 MAX_TOTAL_BYTES = 4 * 1024**3
@@ -48,6 +50,7 @@ def _member_paths(archive: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, PureP
             raise InvalidRequest(
                 f"Archive entry {name!r} is a link; refused", error="Unsafe archive"
             )
+        check_path_limits(name)  # a name the filesystem cannot hold fails here, with a message
         checked.append((member, PurePosixPath(name)))
     tops = {path.parts[0] for _, path in checked}
     if len(tops) == 1 and all(len(path.parts) > 1 for _, path in checked):
@@ -91,6 +94,14 @@ def _extract_member(
                 size += len(chunk)
     except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
         raise _corrupt(member, str(exc) or type(exc).__name__) from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise InsufficientStorage(
+                f"No space left to unpack the archive ({exc.strerror}); free disk space under "
+                "MODELHOST_HOME, then retry. Nothing was installed",
+                error="Disk full",
+            ) from exc
+        raise
     if size != member.file_size:
         raise _corrupt(member, f"it unpacks to {size} bytes, its header says {member.file_size}")
     return size, digest.hexdigest()

@@ -257,17 +257,25 @@ def set_thread_nice(nice: int | None) -> None:
         pass
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(exc: OSError) -> InsufficientStorage:
+    """The error a write that found no space raises, for the job's message."""
+    return InsufficientStorage(
+        f"No space left to write the download ({os.strerror(exc.errno or errno.ENOSPC)}); "
+        "free disk space under MODELHOST_HOME, then retry: the bytes already fetched are kept",
+        error="Disk full",
+    )
+
+
 def _write_all(fd: int, view: memoryview) -> None:
     try:
         while view:
             view = view[os.write(fd, view[:WRITE_SLICE]) :]
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise InsufficientStorage(
-                f"No space left to write the download ({os.strerror(exc.errno)}); free disk "
-                "space under MODELHOST_HOME, then retry: the bytes already fetched are kept",
-                error="Disk full",
-            ) from exc
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full(exc) from exc
         raise
 
 
@@ -492,6 +500,17 @@ class FetchEngine:
         Raises ``Cancelled``, ``DigestMismatch``, ``SizeMismatch``, ``SourceNotAllowed`` or
         ``FetchError`` (with the last transient error once retries are exhausted).
         """
+        try:
+            return self._fetch(spec, progress, cancel)
+        except OSError as exc:
+            # The state file, an fsync or a local import can find the disk full too.
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc) from exc
+            raise
+
+    def _fetch(
+        self, spec: FileSpec, progress: Progress | None, cancel: CancelToken | None
+    ) -> FetchedFile:
         file_progress = _FileProgress(progress or Progress())
         cancel = cancel or CancelToken()
         with self._lock_for(partial_key(spec)):

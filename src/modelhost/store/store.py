@@ -250,7 +250,13 @@ class Store:
             manifest = self.get(name)
             if manifest is not None:
                 updated = manifest.model_copy(update={"last_used": _utcnow()})
-                _write_atomic(self._manifest_path(name), updated.model_dump_json(indent=2).encode())
+                try:
+                    data = updated.model_dump_json(indent=2).encode()
+                    _write_atomic(self._manifest_path(name), data)
+                except OSError as exc:
+                    # Only the eviction order is lost: a full disk must not fail the request.
+                    if exc.errno not in DISK_FULL_ERRNOS:
+                        raise
 
     def delete(self, name: str) -> tuple[Manifest, int]:
         """Remove a model, and the blobs no other model uses. Raises ``ModelNotFound``.
