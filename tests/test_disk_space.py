@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,35 @@ def test_a_queued_job_is_checked_again_when_it_starts(
         in (status["message"])
     )
     assert fileserver.count("GET", "/second.safetensors") == 0
+
+
+def test_what_running_jobs_still_write_is_not_free(make_server, raw, small_disk, tmp_path):
+    gate = threading.Event()
+    size = 2_600_000
+    raw.route("HEAD", "/a.safetensors", [("Content-Length", str(size)), ("ETag", '"a"')])
+    headers = [("Content-Length", str(size)), ("ETag", '"a"')]
+    raw.route("GET", "/a.safetensors", headers, os.urandom(size), gate=gate)
+    raw.route("HEAD", "/b.safetensors", [("Content-Length", "1700000"), ("ETag", '"b"')])
+    server = make_server(
+        [raw.host_port],
+        home=small_disk,
+        db_url=f"sqlite:///{tmp_path / 'state.db'}",
+        disk_reserve_mb=0,
+    )
+    first = post_url(server, raw.url("/a.safetensors"), "a")
+    assert first.status_code == 202, first.text
+    deadline = time.monotonic() + 10
+    while raw.count("GET", "/a.safetensors") == 0:  # its disk check passed: it is fetching
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = post_url(server, raw.url("/b.safetensors"), "b")
+    gate.set()
+    assert second.status_code == 507, second.text
+    message = second.json()["message"]
+    assert message.startswith("Not enough disk space for 'b': it needs 1.7 MB plus the 0 MB")
+    assert ", of which running downloads still have to write 2.6 MB; " in message
+    assert server.wait_for(first.json()["download_id"])["status"] == "completed"
+    assert raw.count("GET", "/b.safetensors") == 0
 
 
 # --- A5: a full disk anywhere is 507 ----------------------------------------------------------
