@@ -51,6 +51,9 @@ Errors: JSON ``{"error": msg}`` with ``X-Error-Code``/``X-Error-Message``: 404 `
 private repo answers 401 without ``Authorization: Bearer <token>`` (``RepoNotFound``, or
 ``GatedRepo`` when added with ``gated=True``) and 403 with a wrong token.
 
+``add_listing_entries(repo, entries)`` appends raw entries to the recursive root listing (a
+duplicate path, a file that is also a directory): what a broken Hub could send.
+
 Faults
 ------
 ``answer_api(repo, code, headers)`` makes every API request about ``repo`` (model info,
@@ -555,6 +558,7 @@ class HubServer:
         self._versions: dict[tuple[str, str], _Version] = {}
         self._cdn: str | None = None
         self._api_answers: dict[str, tuple[int, dict[str, str]]] = {}
+        self._extra_entries: dict[str, list[dict[str, Any]]] = {}
         self._engine = _HubEngine(self, rate_bytes_per_s)
 
     # -- lifecycle
@@ -697,6 +701,14 @@ class HubServer:
         with self._engine._lock:
             self._engine._entries.setdefault(key, _Entry())  # an entry that only holds faults
         self._engine.set_faults(key, faults)
+
+    def add_listing_entries(self, repo_id: str, entries: list[dict[str, Any]]) -> None:
+        """Append raw entries (``{"type": "file", "path": ..., "size": ..., "oid": ...}``) to
+        ``repo_id``'s recursive tree listing, whatever the revision, as a broken or hostile
+        Hub could send them: duplicates, a file that is also a directory. They are listed
+        only; their ``resolve`` URLs answer 404."""
+        with self._lock:
+            self._extra_entries.setdefault(repo_id, []).extend(dict(e) for e in entries)
 
     def redirect_lfs_to(self, base_url: str | None) -> None:
         """Answer ``resolve`` of LFS files with 302 to ``{base_url}/{sha256}`` (None: serve
@@ -882,7 +894,11 @@ class HubServer:
         chosen = sorted(
             n for n in names if n.startswith(prefix) and (recursive or "/" not in n[len(prefix) :])
         )
-        return [e for n in chosen if (e := self._entry(repo, commit, n, expand)) is not None]
+        listed = [e for n in chosen if (e := self._entry(repo, commit, n, expand)) is not None]
+        if recursive and not path:
+            with self._lock:
+                listed += [dict(e) for e in self._extra_entries.get(repo.repo_id, [])]
+        return listed
 
     def _paths_info(
         self, repo: _Repo, commit: _Commit, paths: Iterable[str], form: dict[str, list[str]]

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     max_downloads: int = Field(default=2, ge=1, le=64)
     cache_limit_gb: float | None = Field(default=None, gt=0)
+    # Disk space (MB) a download must leave free on the home's filesystem; checked before
+    # any byte moves, so a download that cannot fit is refused instead of filling the disk.
+    disk_reserve_mb: float = Field(default=512, ge=0)
 
     # Loaded models (runtime).
     max_loaded: int | None = Field(default=None, ge=1)
@@ -135,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.home / 'state.db'}"
+
+    @property
+    def disk_reserve_bytes(self) -> int:
+        return int(self.disk_reserve_mb * 1e6)
 
     @property
     def cache_limit_bytes(self) -> int | None:

@@ -71,6 +71,7 @@ class NotImplementedYet(ModelhostError):
 class InsufficientStorage(ModelhostError):
     status_code = 507
     error = "Insufficient storage"
+    download_id: str | None = None  # the failed job that records a refusal, when one was made
 
 
 class UpstreamError(ModelhostError):

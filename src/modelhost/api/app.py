@@ -95,6 +95,7 @@ def build_services(settings: Settings) -> Services:
         max_downloads=settings.max_downloads,
         parallel_files=settings.fetch_parallel_files,
         cache_limit_bytes=settings.cache_limit_bytes,
+        disk_reserve_bytes=settings.disk_reserve_bytes,
         hub=hub,
         registry=runtime,
         mirrors=mirrors_by_source,

@@ -93,12 +93,17 @@ async def cache_info(services: ServicesDep) -> dict:
     tts = [m for m in manifests if m.task and is_tts_task(m.task)]
     tts_bytes = sum(m.total_size for m in tts)
     limit = services.settings.cache_limit_bytes
+    partial_bytes = await asyncio.to_thread(jobs.engine.partial_bytes)
     return {
         "cache_directory": str(store.root),
         "total_models": len(manifests),
         "total_size_mb": round(total_bytes / MB, 3),
         "total_size_bytes": total_bytes,
         "models": [m.name for m in manifests],
+        # Bytes unfinished, failed and cancelled downloads hold in partial files (resumable;
+        # DELETE /models/download/{name} of a failed download removes them).
+        "partial_bytes": partial_bytes,
+        "partial_mb": round(partial_bytes / MB, 3),
         "tts_specific": {
             "tts_models_count": len(tts),
             "tts_models": [
@@ -213,16 +218,27 @@ async def remove_model(model_name: str, services: ServicesDep) -> dict:
     unloaded = None
     if services.runtime.is_loaded(model_name):
         unloaded = await asyncio.to_thread(services.runtime.unload, model_name)
-    manifest, freed, cancelled = await services.jobs.remove_model(model_name)
-    if manifest is None:
+    removal = await services.jobs.remove_model(model_name)
+    cancelled = removal.cancelled
+    if removal.manifest is not None:
+        message = f"Successfully removed model from cache: {model_name}"
+    elif cancelled is not None:
         message = f"Cancelled the download of {model_name}; nothing was installed yet"
     else:
-        message = f"Successfully removed model from cache: {model_name}"
+        message = (
+            f"{model_name} was not installed; removed the partial bytes its failed or "
+            "cancelled download(s) left"
+        )
+    if removal.partial_bytes:
+        message += f" ({removal.partial_bytes} partial bytes removed)"
+    elif removal.manifest is None and cancelled is None:
+        message += " (0 partial bytes were left)"
     return {
         "success": True,
         "message": message,
         "model_name": model_name,
-        "freed_mb": round(freed / MB, 3),
+        "freed_mb": round(removal.freed / MB, 3),
+        "partial_bytes_removed": removal.partial_bytes,
         "cancelled_download_id": cancelled.id if cancelled else None,
         "unloaded": unloaded.to_dict() if unloaded else None,
     }

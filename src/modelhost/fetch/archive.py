@@ -7,14 +7,17 @@ bounded count and size. GitHub's archives wrap everything in one top-level direc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from modelhost.errors import InvalidRequest
+from modelhost.errors import FetchError, InsufficientStorage, InvalidRequest
+from modelhost.names import check_path_limits
 
 MAX_ENTRIES = 20_000
 MAX_TOTAL_BYTES = 4 * 1024**3
@@ -47,6 +50,7 @@ def _member_paths(archive: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, PureP
             raise InvalidRequest(
                 f"Archive entry {name!r} is a link; refused", error="Unsafe archive"
             )
+        check_path_limits(name)  # a name the filesystem cannot hold fails here, with a message
         checked.append((member, PurePosixPath(name)))
     tops = {path.parts[0] for _, path in checked}
     if len(tops) == 1 and all(len(path.parts) > 1 for _, path in checked):
@@ -67,15 +71,48 @@ def extract_zip(archive_path: Path, destination: Path) -> list[ExtractedFile]:
         for member, relative in members:
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            with archive.open(member) as source, open(target, "wb") as sink:
-                while chunk := source.read(1024 * 1024):
-                    digest.update(chunk)
-                    sink.write(chunk)
-            extracted.append(
-                ExtractedFile(str(relative), target, member.file_size, digest.hexdigest())
-            )
+            size, digest = _extract_member(archive, member, target)
+            extracted.append(ExtractedFile(str(relative), target, size, digest))
     return extracted
+
+
+def _extract_member(
+    archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path
+) -> tuple[int, str]:
+    """Write one entry to ``target``; its CRC and declared size must match what it unpacks to.
+
+    zipfile checks the CRC at the entry's end; a declared size that lies shows up as a CRC
+    error, a truncated stream or a count that differs. Any of them: ``FetchError``.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with archive.open(member) as source, open(target, "wb") as sink:
+            while chunk := source.read(1024 * 1024):
+                digest.update(chunk)
+                sink.write(chunk)
+                size += len(chunk)
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+        raise _corrupt(member, str(exc) or type(exc).__name__) from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise InsufficientStorage(
+                f"No space left to unpack the archive ({exc.strerror}); free disk space under "
+                "MODELHOST_HOME, then retry. Nothing was installed",
+                error="Disk full",
+            ) from exc
+        raise
+    if size != member.file_size:
+        raise _corrupt(member, f"it unpacks to {size} bytes, its header says {member.file_size}")
+    return size, digest.hexdigest()
+
+
+def _corrupt(member: zipfile.ZipInfo, why: str) -> FetchError:
+    return FetchError(
+        f"corrupt archive: {member.filename} ({why}); the extraction was removed and "
+        "nothing was installed",
+        error="Corrupt archive",
+    )
 
 
 def remove_tree(path: Path) -> None:

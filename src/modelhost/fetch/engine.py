@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from modelhost.errors import (
     Cancelled,
@@ -70,6 +71,8 @@ TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 # flaky link keeps going as long as it keeps making progress.
 PROGRESS_RESETS_RETRIES = 8 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# No file is larger than the largest file offset (off_t); a length past it is a lie.
+MAX_LENGTH = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,43 @@ class _Hasher:
             self._thread.join()
 
 
+def _host_of(url: str) -> str:
+    return urlsplit(url).netloc or url
+
+
+def _checked_length(value: str, url: str, header: str = "Content-Length") -> int:
+    """A length an upstream sent, as a number; ``UpstreamError`` if it is not one.
+
+    RFC 9110 lets a recipient accept a list of identical values ("16, 16"); anything else
+    (differing values, non-digits, a number no file can have) is refused, never guessed at.
+    """
+    values = {part.strip() for part in value.split(",")}
+    if len(values) == 1:
+        (single,) = values
+        # Length first: int() refuses strings of thousands of digits with a ValueError.
+        if single.isascii() and single.isdigit() and len(single) <= 19:
+            if int(single) <= MAX_LENGTH:
+                return int(single)
+    shown = value if len(value) <= 40 else f"{value[:40]}... ({len(value)} characters)"
+    raise UpstreamError(
+        f"invalid {header} from {_host_of(url)}: {shown!r} is not a byte count; "
+        "the server's answer cannot be trusted, nothing was written",
+        error=f"Invalid {header}",
+    )
+
+
+def _content_length(response: OpenResponse) -> int | None:
+    value = response.header("Content-Length")
+    return None if value is None else _checked_length(value, response.url)
+
+
+def _range_total(match: re.Match[str], url: str) -> int | None:
+    """The total size a ``Content-Range`` match states, None for ``*``."""
+    if match.group(3) == "*":
+        return None
+    return _checked_length(match.group(3), url, "Content-Range")
+
+
 def _strong_etag(etag: str | None) -> str | None:
     return etag if etag and not etag.startswith("W/") else None
 
@@ -241,17 +281,25 @@ def set_thread_nice(nice: int | None) -> None:
         pass
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(exc: OSError) -> InsufficientStorage:
+    """The error a write that found no space raises, for the job's message."""
+    return InsufficientStorage(
+        f"No space left to write the download ({os.strerror(exc.errno or errno.ENOSPC)}); "
+        "free disk space under MODELHOST_HOME, then retry: the bytes already fetched are kept",
+        error="Disk full",
+    )
+
+
 def _write_all(fd: int, view: memoryview) -> None:
     try:
         while view:
             view = view[os.write(fd, view[:WRITE_SLICE]) :]
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise InsufficientStorage(
-                f"No space left to write the download ({os.strerror(exc.errno)}); free disk "
-                "space under MODELHOST_HOME, then retry: the bytes already fetched are kept",
-                error="Disk full",
-            ) from exc
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full(exc) from exc
         raise
 
 
@@ -540,10 +588,10 @@ class FetchEngine:
             content_range = response.header("Content-Range")
             if response.status == 206 and content_range:
                 match = _CONTENT_RANGE.match(content_range)
-                if match and match.group(3) != "*":
-                    size = int(match.group(3))
-            elif response.header("Content-Length") is not None:
-                size = int(response.header("Content-Length") or 0)
+                if match:
+                    size = _range_total(match, response.url)
+            else:
+                size = _content_length(response)
             return RemoteInfo(
                 url=url,
                 final_url=response.url,
@@ -569,6 +617,16 @@ class FetchEngine:
         except FileNotFoundError:
             return 0
 
+    def partial_bytes(self) -> int:
+        """Bytes held in partial files (``*.part``) right now, measured."""
+        total = 0
+        for part in self.partial_dir.glob("*.part"):
+            try:
+                total += part.stat().st_size
+            except FileNotFoundError:  # finished or discarded while we looked
+                continue
+        return total
+
     def discard(self, spec: FileSpec) -> None:
         """Forget any partial bytes of ``spec`` (cancel, force re-download)."""
         for path in self.partial_paths(spec):
@@ -585,6 +643,17 @@ class FetchEngine:
         Raises ``Cancelled``, ``DigestMismatch``, ``SizeMismatch``, ``SourceNotAllowed`` or
         ``FetchError`` (with the last transient error once retries are exhausted).
         """
+        try:
+            return self._fetch(spec, progress, cancel)
+        except OSError as exc:
+            # The state file, an fsync or a local import can find the disk full too.
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc) from exc
+            raise
+
+    def _fetch(
+        self, spec: FileSpec, progress: Progress | None, cancel: CancelToken | None
+    ) -> FetchedFile:
         file_progress = _FileProgress(progress or Progress())
         cancel = cancel or CancelToken()
         with self._lock_for(partial_key(spec)):
@@ -671,7 +740,6 @@ class FetchEngine:
     ) -> tuple[Path, int, str]:
         etag = response.header("ETag")
         last_modified = response.header("Last-Modified")
-        length_header = response.header("Content-Length")
         if response.status == 416 and offset and state and offset == state.total:
             total = offset  # the earlier attempt had everything; only verification is left
         elif response.status == 206 and offset:
@@ -679,19 +747,19 @@ class FetchEngine:
             same_version = state is not None and (
                 etag is None or state.etag is None or etag == state.etag
             )
-            if not match or int(match.group(1)) != offset or not same_version:
+            if not match or match.group(1) != str(offset) or not same_version:
                 # A range we did not ask for, or from another version: start over cleanly.
                 self._discard_partial(part, meta)
                 raise TransientFetchError(
                     f"{spec.url} changed or answered an unexpected range; restarting from zero"
                 )
-            total = int(match.group(3)) if match.group(3) != "*" else None
+            total = _range_total(match, response.url)
         elif response.status == 200:
             if offset:
                 # The server sent the whole file: a new version, or no range support.
                 self._discard_partial(part, meta)
                 offset = 0
-            total = int(length_header) if length_header is not None else None
+            total = _content_length(response)
         else:
             if response.status == 416:
                 self._discard_partial(part, meta)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
+from modelhost.errors import InsufficientStorage
 from modelhost.jobs.models import Job, JobState
 
 metadata = MetaData()
@@ -81,12 +85,41 @@ def _to_row(job: Job) -> dict:
     return row
 
 
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_disk_full(exc: OperationalError) -> bool:
+    """SQLite says SQLITE_FULL as "database or disk is full"; other drivers carry ENOSPC."""
+    original = exc.orig
+    if isinstance(original, OSError) and original.errno in _DISK_FULL_ERRNOS:
+        return True
+    text = str(original).lower()
+    return "disk is full" in text or "no space left" in text or "disk full" in text
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Turn the database's "disk full" into ``InsufficientStorage`` (507), in this one place,
+    so that every caller (API handlers, the job manager) answers it as storage, not as a bug."""
+    try:
+        yield
+    except OperationalError as exc:
+        if not _is_disk_full(exc):
+            raise
+        raise InsufficientStorage(
+            f"The state database cannot be written: its disk is full ({exc.orig}); free disk "
+            "space where MODELHOST_DB_URL / MODELHOST_HOME point, then retry",
+            error="Insufficient storage",
+        ) from exc
+
+
 class JobRepository:
     """Blocking CRUD on the jobs table; the job manager calls it from worker threads."""
 
     def __init__(self, url: str) -> None:
         self.engine: Engine = self._make_engine(url)
-        metadata.create_all(self.engine)
+        with _storage_errors():
+            metadata.create_all(self.engine)
 
     @staticmethod
     def _make_engine(url: str) -> Engine:
@@ -107,15 +140,15 @@ class JobRepository:
         return create_engine(url, pool_pre_ping=True)
 
     def insert(self, job: Job) -> None:
-        with self.engine.begin() as conn:
+        with _storage_errors(), self.engine.begin() as conn:
             conn.execute(insert(jobs_table).values(**_to_row(job)))
 
     def save(self, job: Job) -> None:
-        with self.engine.begin() as conn:
+        with _storage_errors(), self.engine.begin() as conn:
             conn.execute(update(jobs_table).where(jobs_table.c.id == job.id).values(**_to_row(job)))
 
     def get(self, job_id: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with _storage_errors(), self.engine.connect() as conn:
             row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
         return _to_job(row) if row else None
 
@@ -128,7 +161,7 @@ class JobRepository:
             query = query.where(jobs_table.c.state.in_([s.value for s in states]))
         if name is not None:
             query = query.where(jobs_table.c.name == name)
-        with self.engine.connect() as conn:
+        with _storage_errors(), self.engine.connect() as conn:
             return [_to_job(row) for row in conn.execute(query)]
 
     def close(self) -> None:

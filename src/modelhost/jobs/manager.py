@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import secrets
+import shutil
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -23,6 +24,7 @@ from modelhost.catalog import is_tts_task
 from modelhost.errors import (
     Cancelled,
     Conflict,
+    FetchError,
     InsufficientStorage,
     InvalidRequest,
     JobNotFound,
@@ -44,6 +46,7 @@ from modelhost.sources import (
     SourceContext,
     get_source,
 )
+from modelhost.sources.base import check_file_paths
 from modelhost.store import CommitFile, Manifest, Store
 
 if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
@@ -60,6 +63,7 @@ FINISHED_CACHE = 1000
 # How long stop() waits for cancelled jobs to record their state; a job still busy then
 # (a commit's fsync) stays "downloading" in the database and resumes on the next start.
 STOP_WAIT_S = 3.0
+MB = 1e6
 
 
 def request_key(request: DownloadRequest) -> str:
@@ -144,6 +148,17 @@ class SubmitResult:
         return self.installed is not None
 
 
+@dataclass(frozen=True)
+class Removal:
+    """What ``remove_model`` removed."""
+
+    manifest: Manifest | None  # None when it was not installed
+    freed: int  # bytes of blobs freed
+    cancelled: Job | None  # the download it cancelled
+    partial_bytes: int  # bytes of partial files of failed / cancelled downloads removed
+    ended_jobs: int  # failed / cancelled downloads of the name whose partials it looked at
+
+
 @dataclass
 class _Active:
     """A job that has not finished: its row plus what only the running process knows."""
@@ -186,6 +201,7 @@ class JobManager:
         max_downloads: int = 2,
         parallel_files: int = 4,
         cache_limit_bytes: int | None = None,
+        disk_reserve_bytes: int = 0,
         hub: HubSettings | None = None,
         registry: ModelRegistry | None = None,
         mirrors: dict[str, str | None] | None = None,
@@ -201,6 +217,11 @@ class JobManager:
         self.max_downloads = max_downloads
         self.parallel_files = parallel_files
         self.cache_limit_bytes = cache_limit_bytes
+        self.disk_reserve_bytes = disk_reserve_bytes
+        # What each started job still had to write when its disk check passed, and how many
+        # bytes it had moved then: running jobs' claims on the free space.
+        self._disk_claims: dict[str, tuple[int, int]] = {}
+        self._disk_check_lock = asyncio.Lock()
         self._active: dict[str, _Active] = {}
         self._pending: deque[str] = deque()
         self._running: set[str] = set()
@@ -343,7 +364,9 @@ class JobManager:
                 plan = dataclasses.replace(
                     plan, extra={**plan.extra, "changes": describe_changes(installed, plan)}
                 )
+            check_file_paths([spec.path for spec in plan.files])
             self._check_fits(plan)
+            await self._check_disk_or_record(request, key, plan, force)
             job = await self._create_job(request, key, plan, force)
             result = SubmitResult(job=job, installed=None, plan=plan)
             future.set_result(result)
@@ -446,6 +469,106 @@ class JobManager:
                 error="Larger than the cache budget",
             )
 
+    async def _check_disk_or_record(
+        self, request: DownloadRequest, key: str, plan: Plan, force: bool
+    ) -> None:
+        """Refuse (507) a download the disk cannot hold, recording it as a failed job when
+        the database can still be written; the 507 comes back either way."""
+        claims = self._claimed_bytes()
+        try:
+            await asyncio.to_thread(self._check_disk, request.name, plan, force, claims)
+        except InsufficientStorage as exc:
+            try:
+                exc.download_id = await self._record_failure(request, key, exc)
+            except InsufficientStorage:
+                log.warning("could not record the refused download of %s", request.name)
+            raise
+
+    def _claimed_bytes(self, exclude: str | None = None) -> int:
+        """Bytes that started jobs still have to write (on the event loop: no locking)."""
+        claimed = 0
+        for job_id, (needed, moved_then) in self._disk_claims.items():
+            active = self._active.get(job_id)
+            if job_id == exclude or active is None:
+                continue
+            claimed += max(0, needed - (active.progress.transferred - moved_then))
+        return claimed
+
+    def bytes_to_write(self, plan: Plan, force: bool) -> int:
+        """What ``plan`` still has to write to disk: its files' sizes minus the bytes already
+        in partial files and the blobs the store already holds (blocking: stats files).
+
+        Files of unknown size count zero (the transfer's own ENOSPC check covers them); an
+        archive counts twice, since it is unpacked beside itself before the commit."""
+        by_git_sha1 = {} if force else self.store.blobs_by_git_sha1()
+        needed = 0
+        for spec in plan.files:
+            if spec.size is None:
+                continue
+            sha256 = spec.sha256 or by_git_sha1.get(spec.git_sha1 or "")
+            if not force and sha256 and self.store.has_blob(sha256):
+                continue
+            present = 0 if force else self.engine.partial_size(spec)
+            needed += max(0, spec.size - present)
+            if plan.extra.get("archive") == "zip":
+                needed += spec.size
+        return needed
+
+    def _check_disk(self, name: str, plan: Plan, force: bool, claimed: int) -> int:
+        """Raise ``InsufficientStorage`` unless the home's free space, less what running jobs
+        still write, covers this plan plus the reserve. Returns the bytes it needs."""
+        needed = self.bytes_to_write(plan, force)
+        free = shutil.disk_usage(self.engine.partial_dir).free
+        if needed + self.disk_reserve_bytes <= free - claimed:
+            return needed
+        others = (
+            f", of which running downloads still have to write {claimed / MB:.1f} MB"
+            if claimed
+            else ""
+        )
+        raise InsufficientStorage(
+            f"Not enough disk space for '{name}': it needs {needed / MB:.1f} MB plus the "
+            f"{self.disk_reserve_bytes / MB:g} MB reserve (MODELHOST_DISK_RESERVE_MB), "
+            f"{free / MB:.1f} MB free under {self.store.root}{others}; free disk space or "
+            "lower the reserve, then retry. Nothing was written",
+            error="Insufficient storage",
+        )
+
+    async def _start_checked(self, active: _Active) -> None:
+        """Run a job once the disk still has room for it: a job that waited in the queue
+        may find the space taken by the jobs that ran before it."""
+        async with self._disk_check_lock:  # one check at a time: each sees the others' claims
+            claims = self._claimed_bytes(exclude=active.job.id)
+            try:
+                needed = await asyncio.to_thread(
+                    self._check_disk, active.job.name, active.plan, active.job.force, claims
+                )
+            except InsufficientStorage as exc:
+                await self._fail_before_start(active, exc)
+                return
+            self._disk_claims[active.job.id] = (needed, active.progress.transferred)
+        try:
+            await self._run(active)
+        finally:
+            self._disk_claims.pop(active.job.id, None)
+
+    async def _fail_before_start(self, active: _Active, exc: ModelhostError) -> None:
+        job = active.job.evolve(
+            state=JobState.FAILED,
+            message=f"Failed to download model '{active.job.name}': {exc.message}",
+            error=exc.error,
+            finished_at=utcnow(),
+        )
+        active.job = job
+        try:
+            await self._save(job)
+        except Exception:  # the database's disk may be full too: the state stays in memory
+            log.exception("could not persist the end of job %s", job.id)
+        self._remember_finished(job)
+        self._active.pop(job.id, None)
+        self._running.discard(job.id)
+        self._maybe_start()
+
     async def _create_job(self, request: DownloadRequest, key: str, plan: Plan, force: bool) -> Job:
         job = new_job(
             request,
@@ -480,7 +603,7 @@ class JobManager:
             active.job = active.job.evolve(
                 state=JobState.DOWNLOADING, started_at=utcnow(), message="Downloading"
             )
-            active.task = asyncio.create_task(self._run(active), name=f"job-{job_id}")
+            active.task = asyncio.create_task(self._start_checked(active), name=f"job-{job_id}")
 
     # --- running ---------------------------------------------------------------------------
 
@@ -670,8 +793,13 @@ class JobManager:
                     CommitFile(item.path, item.local_path, item.size, item.sha256)
                     for item in extract_zip(source, destination)
                 ]
-        except BaseException:
+        except BaseException as exc:
             remove_tree(destination)
+            if isinstance(exc, FetchError):  # a corrupt archive: fetching it again is cleaner
+                for archive in archives:
+                    if archive.local_path is not None:
+                        archive.local_path.unlink(missing_ok=True)
+                        archive.local_path.with_suffix(".json").unlink(missing_ok=True)
             raise
         return unpacked
 
@@ -822,6 +950,8 @@ class JobManager:
                     error="Unknown model",
                 )
             request = DownloadRequest(**last.request)
+        if force:  # from byte 0: what earlier attempts left must not be resumed
+            await asyncio.to_thread(self._discard_partials_of, jobs)
         return await self.submit(request, force=force)
 
     async def update(self, name: str) -> SubmitResult:
@@ -853,24 +983,45 @@ class JobManager:
         )
         return await self.submit(request, update=True)
 
-    async def remove_model(self, name: str) -> tuple[Manifest | None, int, Job | None]:
-        """Cancel the model's running download and delete it from the cache.
+    async def remove_model(self, name: str) -> Removal:
+        """Cancel the model's running download, delete it from the cache and remove the
+        partial bytes its failed or cancelled downloads left.
 
-        Returns the removed manifest (None if it was not installed yet), the bytes freed and
-        the cancelled job. Raises ``ModelNotFound`` when there is neither.
+        Raises ``ModelNotFound`` when there is none of these.
         """
         validate_name(name)
         cancelled = None
         for active in list(self._active.values()):
             if active.job.name == name:
                 cancelled = await self.cancel(active.job.id)
+        ended = await asyncio.to_thread(
+            self.repository.list, [JobState.FAILED, JobState.CANCELLED], name, 20
+        )
+        partial = await asyncio.to_thread(self._discard_partials_of, ended)
         try:
             manifest, freed = await asyncio.to_thread(self.store.delete, name)
         except ModelNotFound:
-            if cancelled is None:
+            if cancelled is None and not ended:
                 raise
-            return None, 0, cancelled
-        return manifest, freed, cancelled
+            return Removal(None, 0, cancelled, partial, len(ended))
+        return Removal(manifest, freed, cancelled, partial, len(ended))
+
+    def _discard_partials_of(self, jobs: list[Job]) -> int:
+        """Delete the partial files of these ended jobs' plans; returns the bytes removed.
+
+        A partial file another unfinished job would write (same URL) is left alone."""
+        busy = {spec for active in list(self._active.values()) for spec in active.plan.files}
+        removed = 0
+        for job in jobs:
+            if job.state not in (JobState.FAILED, JobState.CANCELLED) or not job.plan:
+                continue
+            for spec in plan_from_dict(job.plan).files:
+                if spec in busy:
+                    continue
+                removed += self.engine.partial_size(spec)
+                self.engine.discard(spec)
+            remove_tree(self.engine.partial_dir / f"extract-{job.id}")
+        return removed
 
     @property
     def running_count(self) -> int:

@@ -7,8 +7,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modelhost.errors import InvalidRequest
 from modelhost.fetch import CancelToken, FetchEngine, FileSpec
-from modelhost.names import NAME_PATTERN
+from modelhost.names import NAME_PATTERN, check_path_limits, shorten
 
 
 class DownloadRequest(BaseModel):
@@ -106,3 +107,32 @@ class Source(Protocol):
     name: str
 
     def plan(self, request: DownloadRequest, context: SourceContext) -> Plan: ...
+
+
+def check_file_paths(paths: list[str]) -> None:
+    """Refuse a plan whose files cannot all exist side by side in one model directory.
+
+    Each path must fit the filesystem's name limits; no path may appear twice, nor be both a
+    file and a directory (``config.json`` and ``config.json/inner.json``). Checked while
+    planning, so such a listing fails before any byte moves or anything is installed.
+    """
+    seen: set[str] = set()
+    for path in paths:
+        check_path_limits(path)
+        if path in seen:
+            raise InvalidRequest(
+                f"Conflicting paths in the file listing: {shorten(path)!r} appears twice; "
+                "nothing was installed",
+                error="Conflicting paths",
+            )
+        seen.add(path)
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in seen:
+                raise InvalidRequest(
+                    f"Conflicting paths in the file listing: {shorten(parent)!r} is a file "
+                    f"and also the directory of {shorten(path)!r}; nothing was installed",
+                    error="Conflicting paths",
+                )

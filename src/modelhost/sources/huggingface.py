@@ -27,6 +27,7 @@ from modelhost.errors import (
     UpstreamNotFound,
 )
 from modelhost.fetch import FileSpec
+from modelhost.names import check_path_limits
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext
 from modelhost.sources.hub_api import HubApi, HubResponseError, RepoFile, resolve_url
 
@@ -294,6 +295,9 @@ class HuggingFaceSource:
         for entry in snapshot.files:
             if PurePosixPath(entry.path).name == ".gitattributes":
                 continue
+            # Before the path touches the filesystem (the cache lookup below): a name over
+            # the limits must be refused with a message, not fail as an OSError.
+            check_path_limits(prefix + entry.path)
             local = None
             if hub.cache_dir is not None:
                 folder = "models--" + snapshot.repo_id.replace("/", "--")

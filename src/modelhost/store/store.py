@@ -13,6 +13,7 @@ state or the new one visible; ``recover()`` sweeps what a crash left behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from modelhost.errors import InvalidRequest, ModelNotFound
-from modelhost.names import validate_name
+from modelhost.errors import InsufficientStorage, InvalidRequest, ModelNotFound
+from modelhost.names import check_path_limits, validate_name
 from modelhost.store.manifest import Manifest, ManifestFile
 
 TMP_PREFIX = ".tmp-"
@@ -44,12 +45,27 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temp file
+        raise
     _fsync_dir(path.parent)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(exc: OSError) -> InsufficientStorage:
+    return InsufficientStorage(
+        f"No space left to install the model ({os.strerror(exc.errno or 0)}); nothing was "
+        "installed. Free disk space under MODELHOST_HOME, then retry",
+        error="Insufficient storage",
+    )
 
 
 def safe_relative_path(path: str) -> PurePosixPath:
@@ -63,7 +79,7 @@ def safe_relative_path(path: str) -> PurePosixPath:
         or raw_parts[0].startswith(TMP_PREFIX)
     ):
         raise InvalidRequest(f"Unsafe file path in model: {path!r}", error="Invalid file path")
-    return PurePosixPath(path)
+    return PurePosixPath(check_path_limits(path))
 
 
 @dataclass(frozen=True)
@@ -155,45 +171,66 @@ class Store:
                 raise InvalidRequest(f"Duplicate file path in model: {item.path}")
             seen.add(rel)
             entries.append((rel, item))
+        name = validate_name(manifest.name)
+        staging = self.models_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
         with self._lock:
-            for _, item in entries:
-                self._adopt_blob(item)
-            name = validate_name(manifest.name)
-            staging = self.models_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
-            staging.mkdir()
-            for rel, item in entries:
-                link = staging / rel
-                link.parent.mkdir(parents=True, exist_ok=True)
-                blob = self.blob_path(item.sha256)
-                link.symlink_to(os.path.relpath(blob, link.parent))
-            final = self.models_dir / name
-            old = None
-            if final.exists():
-                old = self.models_dir / f"{TMP_PREFIX}old-{name}.{uuid.uuid4().hex}"
-                os.replace(final, old)
-            os.replace(staging, final)
+            try:
+                return self._commit_locked(manifest, entries, name, staging)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                if exc.errno in DISK_FULL_ERRNOS:
+                    raise _disk_full(exc) from exc
+                raise
+
+    def _commit_locked(
+        self,
+        manifest: Manifest,
+        entries: list[tuple[PurePosixPath, CommitFile]],
+        name: str,
+        staging: Path,
+    ) -> Manifest:
+        """``commit``'s steps, under the lock. On an error nothing new is visible: the
+        previous model directory, if any, is put back before the error goes up."""
+        for _, item in entries:
+            self._adopt_blob(item)
+        staging.mkdir()
+        for rel, item in entries:
+            link = staging / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            blob = self.blob_path(item.sha256)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        final = self.models_dir / name
+        old = None
+        if final.exists():
+            old = self.models_dir / f"{TMP_PREFIX}old-{name}.{uuid.uuid4().hex}"
+            os.replace(final, old)
+        os.replace(staging, final)
+        now = _utcnow()
+        manifest = manifest.model_copy(
+            update={
+                "files": [
+                    ManifestFile(
+                        path=str(rel), size=item.size, sha256=item.sha256, git_sha1=item.git_sha1
+                    )
+                    for rel, item in entries
+                ],
+                "downloaded_at": manifest.downloaded_at or now,
+                "last_used": now,
+            }
+        )
+        try:
             _fsync_dir(self.models_dir)
-            now = _utcnow()
-            manifest = manifest.model_copy(
-                update={
-                    "files": [
-                        ManifestFile(
-                            path=str(rel),
-                            size=item.size,
-                            sha256=item.sha256,
-                            git_sha1=item.git_sha1,
-                        )
-                        for rel, item in entries
-                    ],
-                    "downloaded_at": manifest.downloaded_at or now,
-                    "last_used": now,
-                }
-            )
             _write_atomic(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
+        except BaseException:
+            # The manifest still describes the previous state: make the directory match it.
+            os.replace(final, staging)
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-                self._collect_garbage()
-            return manifest
+                os.replace(old, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            self._collect_garbage()
+        return manifest
 
     def _adopt_blob(self, item: CommitFile) -> None:
         blob = self.blob_path(item.sha256)
@@ -213,7 +250,13 @@ class Store:
             manifest = self.get(name)
             if manifest is not None:
                 updated = manifest.model_copy(update={"last_used": _utcnow()})
-                _write_atomic(self._manifest_path(name), updated.model_dump_json(indent=2).encode())
+                try:
+                    data = updated.model_dump_json(indent=2).encode()
+                    _write_atomic(self._manifest_path(name), data)
+                except OSError as exc:
+                    # Only the eviction order is lost: a full disk must not fail the request.
+                    if exc.errno not in DISK_FULL_ERRNOS:
+                        raise
 
     def delete(self, name: str) -> tuple[Manifest, int]:
         """Remove a model, and the blobs no other model uses. Raises ``ModelNotFound``.
