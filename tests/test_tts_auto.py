@@ -91,10 +91,6 @@ def test_large_variant_is_chosen_or_reported_ignored(server):
 
 
 def test_experimental_opt_ins_come_from_the_entry_and_it_installs_download_only(server):
-    refused = post(server, "vall-e-x", "vallex", experimental=False)
-    assert refused.status_code == 400 and "experimental" in refused.json()["message"]
-    pickled = post(server, "vall-e-x", "vallex", allow_pickle=False)
-    assert pickled.status_code == 400 and "allow_pickle" in pickled.json()["message"]
     answer = post(server, "vall-e-x", "vallex")  # as the catalog's download_request installs it
     assert answer.status_code == 202, answer.text
     notes = answer.json()["download_info"]["notes"]

@@ -77,8 +77,8 @@ def entry_fields(entry: CatalogEntry, request: DownloadRequest, notes: list[str]
 
     Naming a catalog entry asks for it as the catalog means it: its source, id, task and
     vocoder, and the opt-ins the entry needs (``experimental``, ``allow_pickle`` for
-    published pickles). An opt-in the request sets itself wins, so an explicit
-    ``"allow_pickle": false`` still refuses pickles; one taken from the entry is noted.
+    published pickles), each taken from the entry is noted. (An opt-in cannot be refused
+    by sending false: a retried job's stored request has every field set.)
     """
     wanted = entry.download_request()
     fields = {
@@ -88,20 +88,13 @@ def entry_fields(entry: CatalogEntry, request: DownloadRequest, notes: list[str]
         "include_vocoder": wanted.get("include_vocoder", False),
         "vocoder_model": wanted.get("vocoder_model"),
     }
-    given = request.model_fields_set
     for flag, why in (
         ("experimental", "the catalog marks it experimental"),
         ("allow_pickle", "its published weights are pickles"),
     ):
-        if wanted.get(flag) and flag not in given:
+        if wanted.get(flag) and not getattr(request, flag):
             fields[flag] = True
             notes.append(f"{flag}: taken from the catalog entry {entry.name} ({why})")
-    if entry.experimental and not fields.get("experimental", request.experimental):
-        raise InvalidRequest(
-            f'{entry.model_id} is experimental: set "experimental": true to install it '
-            '(or leave "experimental" out to take it from the catalog entry)',
-            error="Experimental model",
-        )
     return fields
 
 
