@@ -126,3 +126,31 @@ def test_schema_fuzz_finds_no_server_error_or_undocumented_answer(served):
 @pytest.mark.slow
 def test_schema_fuzz_long(served):
     assert report(run_fuzz(served, per_operation=60)) >= 1000
+
+
+def test_schema_documents_the_error_body_everywhere(tmp_path):
+    """Every error status of every operation carries ErrorBody (FastAPI's own
+    HTTPValidationError is gone), and names carry their pattern."""
+    from modelhost.api.app import create_app
+    from modelhost.names import NAME_PATTERN
+
+    schema = create_app(make_settings(tmp_path, [])).openapi()
+    components = schema["components"]["schemas"]
+    assert "HTTPValidationError" not in components and "ValidationError" not in components
+    assert components["ErrorBody"]["required"] == ["success", "message", "error"]
+    assert components["ErrorBody"]["properties"]["success"]["const"] is False
+    body_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            errors = {code: r for code, r in operation["responses"].items() if code >= "400"}
+            assert "403" in errors, where  # the Host/Origin guard answers on every route
+            if operation.get("parameters") or "requestBody" in operation:
+                assert "422" in errors, where
+            for code, response in errors.items():
+                assert response["content"]["application/json"]["schema"] == body_ref, (where, code)
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "model_name":
+                    assert parameter["schema"]["pattern"] == NAME_PATTERN.pattern, where
+    name = components["DownloadRequest"]["properties"]["name"]
+    assert name["pattern"] == NAME_PATTERN.pattern
