@@ -86,7 +86,7 @@ def main() -> int:
             hf_endpoint=hub.base_url,
             hf_hub_cache=work / "no-cache",
             device=args.device,
-            url_allow=(),
+            url_allow_defaults=False,
         )
         server, base = serve(settings)
         client = httpx.Client(base_url=base, timeout=600)

@@ -261,6 +261,7 @@ def modelhost_server(setup: Setup, home: Path, empty_cache: Path) -> Iterator[st
         "MODELHOST_HOME": str(home),
         "HF_ENDPOINT": setup.hub.base_url,
         "MODELHOST_URL_ALLOW": f"127.0.0.1:{setup.nginx_port}",
+        "MODELHOST_URL_ALLOW_DEFAULTS": "false",
         "HF_HUB_CACHE": str(empty_cache),
         "MODELHOST_FETCH_PARALLEL_FILES": str(setup.parallel_files),
     }

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "MODELHOST_HOME": str(home),
                 "MODELHOST_URL_ALLOW": f"127.0.0.1:{nginx_port}",
+                "MODELHOST_URL_ALLOW_DEFAULTS": "false",
                 "MODELHOST_MAX_DOWNLOADS": "2",
             }
         )

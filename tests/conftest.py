@@ -39,10 +39,12 @@ def fileserver() -> Iterator[FileServer]:
 
 
 def make_settings(home: Path, allow: list[str], **overrides) -> Settings:
-    """Settings for a test server: its own home, the loopback hosts allowed, quick retries."""
+    """Settings for a test server: its own home, only the loopback hosts allowed (the public
+    defaults dropped, so nothing reaches outside), quick retries."""
     values = dict(
         home=home,
         url_allow=tuple(allow),
+        url_allow_defaults=False,
         fetch_retries=3,
         fetch_backoff_s=0.01,
         fetch_backoff_max_s=0.05,

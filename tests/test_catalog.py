@@ -442,3 +442,57 @@ def test_catalog_rejects_features_a_custom_code_model_cannot_deliver() -> None:
     vallex["requires_custom_code"] = False
     with pytest.raises(ValidationError, match="text-to-speech model the server runs must say"):
         Catalog.model_validate(raw)
+
+
+# --------------------------------------------------------------------------- CPU-usable lists
+
+
+def test_newcomer_lists_hold_only_models_that_run_usably_on_a_cpu() -> None:
+    catalog = load_catalog()
+    rec = catalog.download_recommendations
+    for where, names in {
+        "popular_tts_models": catalog.popular_tts_models,
+        "beginners": rec.beginners,
+        "fast_setup": rec.fast_setup,
+    }.items():
+        for name in names:
+            entry = catalog_entry(catalog, name)
+            assert entry is not None and entry.cpu_usable, (where, name)
+            assert not entry.requires_custom_code, (where, name)
+            assert entry.cpu_realtime_factor is None or entry.cpu_realtime_factor <= 1.0
+    tacotron2 = catalog_entry(catalog, "tacotron2_tts")
+    assert tacotron2 is not None and tacotron2.cpu_realtime_factor == 41.0
+    assert not tacotron2.cpu_usable and "bench/tacotron2.py" in tacotron2.cpu_note
+    view = available_view(catalog, installed=[])
+    assert view["available_models"]["vall_e_x"]["cpu_usable"] is False
+    assert view["available_models"]["mms_tts_eng"]["cpu_usable"] is True
+
+
+@pytest.mark.parametrize("where", ["popular_tts_models", "beginners", "fast_setup"])
+@pytest.mark.parametrize("name", ["tacotron2_tts", "vall_e_x"])
+def test_catalog_rejects_a_slow_or_download_only_model_in_a_newcomer_list(where, name) -> None:
+    raw = _raw("available.json")
+    if where == "popular_tts_models":
+        raw[where].append(name)
+    else:
+        raw["download_recommendations"][where].append(name)
+    with pytest.raises(
+        ValidationError, match=rf"{where} lists models modelhost cannot run .*{name}"
+    ):
+        Catalog.model_validate(raw)
+
+
+def test_catalog_rejects_cpu_usable_claims_it_cannot_back() -> None:
+    raw = _raw("available.json")
+    tacotron2 = next(m for m in raw["models"] if m["name"] == "tacotron2_tts")
+    tacotron2["cpu_usable"] = True
+    with pytest.raises(ValidationError, match="cpu_realtime_factor 41 .* not cpu_usable"):
+        Catalog.model_validate(raw)
+    raw = _raw("available.json")
+    vallex = next(m for m in raw["models"] if m["name"] == "vall_e_x")
+    vallex["cpu_usable"] = True
+    with pytest.raises(ValidationError, match="vall_e_x: download-only"):
+        Catalog.model_validate(raw)
+    del vallex["cpu_usable"]
+    with pytest.raises(ValidationError, match="cpu_usable"):  # every entry must declare it
+        Catalog.model_validate(raw)

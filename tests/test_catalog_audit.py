@@ -161,6 +161,45 @@ def test_each_tts_entry_resolves_through_tts_auto_to_its_bundle(entry, context):
             assert voices is None
 
 
+@pytest.mark.parametrize("entry", TTS_ENTRIES, ids=lambda e: e.name)
+def test_tts_auto_plans_what_the_entrys_download_request_plans(entry, context):
+    """Naming an entry with tts_auto (no flags) installs it as its own download_request does:
+    same source, id, task, vocoder, files, revision and opt-ins."""
+    if entry.source == "torchaudio" and not HAS_TORCHAUDIO:
+        pytest.skip("torchaudio is not installed")
+    request = DownloadRequest(source="tts_auto", model_id=entry.name, name="voice")
+    plan = get_source("tts_auto").plan(request, context)
+    direct = plan_of(entry, context)
+    assert (plan.source, plan.model_id, plan.task, plan.revision) == (
+        direct.source,
+        direct.model_id,
+        direct.task,
+        direct.revision,
+    )
+    assert plan.files == direct.files  # urls, paths, sizes and digests
+    assert {key: plan.extra[key] for key in direct.extra if key != "notes"} == {
+        key: value for key, value in direct.extra.items() if key != "notes"
+    }
+    wanted = entry.download_request()
+    taken = [f for f in ("experimental", "allow_pickle") if wanted.get(f)]
+    for flag in taken:
+        assert any(
+            note.startswith(f"{flag}: taken from the catalog entry") for note in plan.extra["notes"]
+        )
+
+
+@pytest.mark.parametrize("entry", [e for e in TTS_ENTRIES if e.large_variant], ids=lambda e: e.name)
+def test_tts_auto_large_variant_plans_the_large_entrys_download_request(entry, context):
+    large = next(e for e in ENTRIES if e.name == entry.large_variant)
+    request = DownloadRequest(
+        source="tts_auto", model_id=entry.name, name="voice", enable_large_model=True
+    )
+    plan = get_source("tts_auto").plan(request, context)
+    direct = plan_of(large, context)
+    assert (plan.model_id, plan.task, plan.files) == (direct.model_id, direct.task, direct.files)
+    assert plan.extra["catalog_name"] == large.name
+
+
 # --------------------------------------------------------------------------- advertised features
 
 

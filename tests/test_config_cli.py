@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from modelhost.cli import app
 from modelhost.config import DEFAULT_URL_ALLOW, Settings
+from modelhost.errors import SourceNotAllowed
 
 
 def test_environment_is_read_once_into_settings(monkeypatch, tmp_path):
@@ -31,7 +32,9 @@ def test_defaults(monkeypatch):
     settings = Settings()
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.home == Path.home() / ".cache" / "modelhost"
-    assert settings.url_allow == DEFAULT_URL_ALLOW and "huggingface.co" in settings.url_allow
+    assert settings.url_allow == () and settings.url_allow_defaults is True
+    assert settings.effective_url_allow == DEFAULT_URL_ALLOW
+    assert "huggingface.co" in settings.effective_url_allow
     assert settings.api_key is None and settings.cache_limit_bytes is None
 
 
@@ -58,3 +61,39 @@ def test_serve_refuses_public_bind_without_key(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--home", str(tmp_path)])
     assert result.exit_code == 2
     assert "MODELHOST_API_KEY" in result.output
+
+
+def _policy_of(settings: Settings):
+    from modelhost.api.app import build_services
+
+    return build_services(settings).jobs.engine.policy
+
+
+def test_url_allow_adds_to_the_public_hosts(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELHOST_URL_ALLOW", "127.0.0.1:9000")
+    settings = Settings(home=tmp_path)
+    assert settings.effective_url_allow == (*DEFAULT_URL_ALLOW, "127.0.0.1:9000")
+    policy = _policy_of(settings)
+    assert policy.check("http://127.0.0.1:9000/m.bin").host == "127.0.0.1"
+    # torchvision's and torchaudio's weights host stays allowed next to the listed one.
+    assert policy.check("https://download.pytorch.org/models/resnet50.pth").port == 443
+    assert policy.check("https://huggingface.co/x/resolve/main/a").host == "huggingface.co"
+    with pytest.raises(SourceNotAllowed, match="Host 127.0.0.1:9001 is not in MODELHOST_URL"):
+        policy.check("http://127.0.0.1:9001/m.bin")
+
+
+def test_url_allow_defaults_false_drops_the_public_hosts(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELHOST_URL_ALLOW", "127.0.0.1:9000")
+    monkeypatch.setenv("MODELHOST_URL_ALLOW_DEFAULTS", "false")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    settings = Settings(home=tmp_path)
+    assert settings.effective_url_allow == ("127.0.0.1:9000",)
+    policy = _policy_of(settings)
+    assert policy.check("http://127.0.0.1:9000/m.bin").port == 9000
+    for url in (
+        "https://download.pytorch.org/models/resnet50.pth",
+        "https://huggingface.co/x/resolve/main/a",
+        "https://github.com/a/b/archive/main.zip",
+    ):
+        with pytest.raises(SourceNotAllowed, match="is not in MODELHOST_URL_ALLOW"):
+            policy.check(url)

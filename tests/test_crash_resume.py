@@ -40,6 +40,7 @@ def start_server(home: Path, port: int, allow: str) -> subprocess.Popen:
         **os.environ,
         "MODELHOST_HOME": str(home),
         "MODELHOST_URL_ALLOW": allow,
+        "MODELHOST_URL_ALLOW_DEFAULTS": "false",
         "MODELHOST_FETCH_BACKOFF_S": "0.05",
         "MODELHOST_FETCH_READ_TIMEOUT_S": "5",
     }

@@ -90,13 +90,14 @@ def test_large_variant_is_chosen_or_reported_ignored(server):
     assert "enable_large_model ignored" in same.json()["message"]
 
 
-def test_experimental_needs_the_flag_and_installs_download_only(server):
-    refused = post(server, "vall-e-x", "vallex")
-    assert refused.status_code == 400 and "experimental" in refused.json()["message"]
-    pickled = post(server, "vall-e-x", "vallex", experimental=True)
-    assert pickled.status_code == 400 and "allow_pickle" in pickled.json()["message"]
-    answer = post(server, "vall-e-x", "vallex", experimental=True, allow_pickle=True)
+def test_experimental_opt_ins_come_from_the_entry_and_it_installs_download_only(server):
+    answer = post(server, "vall-e-x", "vallex")  # as the catalog's download_request installs it
     assert answer.status_code == 202, answer.text
+    notes = answer.json()["download_info"]["notes"]
+    assert notes[:2] == [
+        "experimental: taken from the catalog entry vall_e_x (the catalog marks it experimental)",
+        "allow_pickle: taken from the catalog entry vall_e_x (its published weights are pickles)",
+    ]
     assert answer.json()["download_info"]["loadable"] is False
     status = server.wait_for(answer.json()["download_id"])
     assert status["status"] == "completed"

@@ -9,8 +9,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Hosts the ``url`` source may fetch from when MODELHOST_URL_ALLOW is not set: the public
-# model hosts and the CDNs they redirect to.
+# Hosts the ``url`` source may always fetch from: the public model hosts and the CDNs they
+# redirect to. MODELHOST_URL_ALLOW adds to them; MODELHOST_URL_ALLOW_DEFAULTS=false drops them.
 DEFAULT_URL_ALLOW = (
     "huggingface.co",
     "cdn-lfs.huggingface.co",
@@ -48,7 +48,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: str | None = None
-    url_allow: Annotated[tuple[str, ...], NoDecode] = DEFAULT_URL_ALLOW
+    # Extra hosts the url source may fetch from, added to DEFAULT_URL_ALLOW (unless
+    # url_allow_defaults is false, then they are the whole list).
+    url_allow: Annotated[tuple[str, ...], NoDecode] = ()
+    url_allow_defaults: bool = True
+    # Host headers the server answers (DNS rebinding): ``host`` (any port) or ``host:port``.
+    # Empty means the loopback names and the bind address (see ``effective_allowed_hosts``).
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # Origins (scheme://host[:port]) a browser page may change state from; CORS headers too.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     models_config: Path | None = None
     db_url: str | None = None
     device: str = "auto"
@@ -97,11 +105,21 @@ class Settings(BaseSettings):
     fetch_read_timeout_s: float | None = Field(default=None, gt=0)
     fetch_parallel_files: int = Field(default=4, ge=1, le=32)
 
-    @field_validator("url_allow", "torch_hub_allow", mode="before")
+    @field_validator("url_allow", "torch_hub_allow", "allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # An Origin header never ends in '/', so a pasted 'http://app.example/' must not either.
+        if isinstance(value, str):
+            value = [o for o in value.split(",")]
+        if isinstance(value, (list, tuple)):
+            return tuple(str(o).strip().rstrip("/").lower() for o in value if str(o).strip())
         return value
 
     @field_validator("device")
@@ -134,6 +152,25 @@ class Settings(BaseSettings):
         from huggingface_hub import constants
 
         return Path(constants.HF_HUB_CACHE)
+
+    @property
+    def effective_url_allow(self) -> tuple[str, ...]:
+        """The hosts the url source may fetch from: the built-ins (unless dropped) plus
+        MODELHOST_URL_ALLOW, in that order, without repeats."""
+        base = DEFAULT_URL_ALLOW if self.url_allow_defaults else ()
+        return tuple(dict.fromkeys((*base, *self.url_allow)))
+
+    @property
+    def effective_allowed_hosts(self) -> tuple[str, ...]:
+        """The Host headers the server answers: MODELHOST_ALLOWED_HOSTS, or by default the
+        loopback names and the bind address, each bare (any port) and with the bind port."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        host = self.host.lower()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 bind address, as a Host header writes it
+        names = dict.fromkeys(("localhost", "127.0.0.1", "[::1]", host))
+        return tuple(entry for name in names for entry in (name, f"{name}:{self.port}"))
 
     @property
     def database_url(self) -> str:

@@ -7,12 +7,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from modelhost import __version__
 from modelhost.api import downloads, health, inference, metrics, models
-from modelhost.api.deps import Services
+from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
+from modelhost.api.security import install_security
 from modelhost.catalog import load_catalog, load_models_config
 from modelhost.config import Settings
 from modelhost.fetch import FetchEngine, RetryPolicy, UrlPolicy
@@ -54,7 +57,7 @@ def build_services(settings: Settings) -> Services:
         )
         if url
     ]
-    policy = UrlPolicy.from_hosts([*settings.url_allow, hub_host, *mirrors])
+    policy = UrlPolicy.from_hosts([*settings.effective_url_allow, hub_host, *mirrors])
     engine = FetchEngine(
         partial_dir=home / "partial",
         policy=policy,
@@ -111,6 +114,24 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+def install_docs(app: FastAPI) -> None:
+    """/openapi.json, /docs and /redoc, needing the API key when MODELHOST_API_KEY is set
+    (the schema maps the whole API; FastAPI's own routes for them take no dependencies)."""
+    guarded = {"include_in_schema": False, "dependencies": [Depends(require_api_key)]}
+
+    @app.get("/openapi.json", **guarded)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", **guarded)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", **guarded)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The modelhost ASGI app. Settings default to the environment (``MODELHOST_*``)."""
     settings = settings or Settings()
@@ -133,9 +154,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Model management and inference server: verified cache, resumable "
         "downloads, persistent jobs.",
         lifespan=lifespan,
+        # Served by install_docs instead, behind the API key like every other route.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_security(app, settings.effective_allowed_hosts, settings.cors_origins)
+    install_docs(app)
     app.include_router(health.router)
     app.include_router(downloads.router)
     app.include_router(models.router)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
+from modelhost.api.errors import error_responses
 from modelhost.jobs import JobState, JobView, SubmitResult
 from modelhost.sources import DownloadRequest
 
@@ -95,29 +96,53 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
     }
 
 
-@router.post("/models/download", summary="Download a model into the verified cache")
+@router.post(
+    "/models/download",
+    summary="Download a model into the verified cache",
+    status_code=202,
+    responses={
+        200: {"description": "Already installed: nothing was transferred"},
+        **error_responses(400, 404, 409, 422, 501, 502, 507),
+    },
+)
 async def download(request: DownloadRequest, services: ServicesDep) -> JSONResponse:
     result = await services.jobs.submit(request)
     status = 200 if result.already_exists else 202
     return JSONResponse(_download_body(result, request, services), status_code=status)
 
 
-@router.get("/models/download/status/{download_id}", summary="Status of one download")
+@router.get(
+    "/models/download/status/{download_id}",
+    summary="Status of one download",
+    responses=error_responses(404, 422),
+)
 async def download_status(download_id: str, services: ServicesDep) -> dict:
     return status_body(await services.jobs.get(download_id))
 
 
-@router.get("/models/downloads", summary="All downloads, newest first")
+@router.get(
+    "/models/downloads",
+    summary="All downloads, newest first",
+    responses=error_responses(400, 422),
+)
 async def list_downloads(
     services: ServicesDep,
-    status: str | None = Query(default=None, description="pending, downloading, completed, ..."),
+    status: str | None = Query(
+        default=None,
+        description="pending, downloading, completed, ...",
+        json_schema_extra={"enum": [s.value for s in JobState]},
+    ),
 ) -> dict:
     state = None if status is None else parse_choice(JobState, status, "status")
     views = await services.jobs.list(state)
     return {"total": len(views), "downloads": [status_body(v) for v in views]}
 
 
-@router.post("/models/download/{download_id}/cancel", summary="Cancel a download")
+@router.post(
+    "/models/download/{download_id}/cancel",
+    summary="Cancel a download",
+    responses=error_responses(404, 409, 422),
+)
 async def cancel_download(download_id: str, services: ServicesDep) -> dict:
     job = await services.jobs.cancel(download_id)
     return {"success": True, **status_body(await services.jobs.get(job.id))}

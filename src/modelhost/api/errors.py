@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelhost.errors import ModelhostError
@@ -14,7 +16,48 @@ from modelhost.errors import ModelhostError
 log = logging.getLogger(__name__)
 
 
+class ErrorBody(BaseModel):
+    """Every error response of the API (4xx and 5xx alike), as ``error_body`` builds it."""
+
+    success: Literal[False] = Field(description="always false on an error")
+    message: str = Field(description="what went wrong and what to do about it")
+    error: str = Field(description="a short summary of the kind of error")
+    download_id: str | None = Field(
+        default=None, description="a failure recorded as a download job: that job's id"
+    )
+    status: str | None = Field(default=None, description="with download_id: 'failed'")
+
+
+# Why each status is answered; the routes list the ones they can return (``error_responses``).
+ERROR_STATUSES = {
+    400: "Invalid request: a bad name, source, choice or input; the message says which",
+    401: "MODELHOST_API_KEY is set and the request lacks 'Authorization: Bearer <key>'",
+    403: "Host not in MODELHOST_ALLOWED_HOSTS, a state change from an Origin not in "
+    "MODELHOST_CORS_ORIGINS, a URL outside MODELHOST_URL_ALLOW, or the upstream refused access",
+    404: "No such model, download or upstream repository/file",
+    409: "Conflicts with the current state (a running job, a model not loaded, a memory budget)",
+    422: "The request does not match the schema (types, lengths, patterns, unknown fields)",
+    501: "Named by the API contract but not built in this version",
+    502: "The upstream host failed or could not be reached",
+    503: "The server cannot take the request now",
+    507: "Not enough disk space (or cache budget) for the download",
+}
+
+# Every route can answer these: the Host/Origin guard and the API key run before it.
+GUARD_STATUSES = (401, 403)
+
+
+def error_responses(*statuses: int, api_key: bool = True) -> dict[int | str, dict]:
+    """``responses=`` for a route: the guard's statuses plus ``statuses``, each with the
+    error body's schema, so the OpenAPI schema lists what the route really answers.
+    ``api_key=False`` for a route open without the key (/health)."""
+    guard = GUARD_STATUSES if api_key else tuple(s for s in GUARD_STATUSES if s != 401)
+    codes = sorted({*guard, *statuses})
+    return {code: {"model": ErrorBody, "description": ERROR_STATUSES[code]} for code in codes}
+
+
 def error_body(message: str, error: str, **extra: object) -> dict:
+    """The error body every error response carries (see ``ErrorBody``)."""
     return {"success": False, "message": message, "error": error, **extra}
 
 

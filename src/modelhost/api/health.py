@@ -6,11 +6,16 @@ from fastapi import APIRouter
 
 from modelhost import __version__
 from modelhost.api.deps import ServicesDep
+from modelhost.api.errors import error_responses
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness and a summary of the job queue")
+@router.get(
+    "/health",
+    summary="Liveness and a summary of the job queue",
+    responses=error_responses(api_key=False),
+)
 async def health(services: ServicesDep) -> dict:
     jobs = services.jobs
     return {

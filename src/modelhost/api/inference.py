@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelhost.api.deps import Services, ServicesDep, require_api_key
+from modelhost.api.deps import ModelNamePath, Services, ServicesDep, require_api_key
+from modelhost.api.errors import error_responses
 from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
@@ -72,9 +73,13 @@ async def loaded_model(services: Services, name: str) -> LoadedModel:
     return await asyncio.to_thread(runtime.load, manifest, services.store.model_path(name))
 
 
-@router.post("/models/{model_name}/load", summary="Load an installed model onto a device")
+@router.post(
+    "/models/{model_name}/load",
+    summary="Load an installed model onto a device",
+    responses=error_responses(400, 404, 409, 422),
+)
 async def load_model(
-    model_name: str, services: ServicesDep, body: LoadRequest | None = None
+    model_name: ModelNamePath, services: ServicesDep, body: LoadRequest | None = None
 ) -> dict:
     validate_name(model_name)
     body = body or LoadRequest()
@@ -95,8 +100,12 @@ async def load_model(
     }
 
 
-@router.post("/models/{model_name}/unload", summary="Unload a model and free its memory")
-async def unload_model(model_name: str, services: ServicesDep) -> dict:
+@router.post(
+    "/models/{model_name}/unload",
+    summary="Unload a model and free its memory",
+    responses=error_responses(400, 404, 409, 422),
+)
+async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict:
     validate_name(model_name)
     report = await asyncio.to_thread(services.runtime.unload, model_name)
     return {"success": True, "message": f"Model '{model_name}' unloaded", **report.to_dict()}
@@ -106,6 +115,16 @@ async def unload_model(model_name: str, services: ServicesDep) -> dict:
     "/synthesize",
     summary="Text to speech: audio/wav, or JSON with base64 audio (Accept: application/json)",
     response_class=Response,
+    responses={
+        200: {
+            "description": "The speech, as audio/wav (default) or JSON with base64 audio",
+            "content": {
+                "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "object"}},
+            },
+        },
+        **error_responses(400, 404, 409, 422),
+    },
 )
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
     from modelhost.runtime.inference import synthesize as run_synthesis
@@ -164,8 +183,12 @@ async def _speak_generated_text(
     return {"generated_text": generated, "spoken_by": speak_with}, audio
 
 
-@router.post("/models/{model_name}/predict", summary="Run a loaded model on inputs")
-async def predict(model_name: str, body: PredictRequest, services: ServicesDep) -> dict:
+@router.post(
+    "/models/{model_name}/predict",
+    summary="Run a loaded model on inputs",
+    responses=error_responses(400, 404, 409, 422),
+)
+async def predict(model_name: ModelNamePath, body: PredictRequest, services: ServicesDep) -> dict:
     from modelhost.runtime.inference import predict as run_prediction
 
     loaded = await loaded_model(services, model_name)

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key
+from modelhost.api.errors import error_responses
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["health"])
 
@@ -51,7 +52,15 @@ class _ServicesCollector:
         )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **error_responses(),
+    },
+)
 async def metrics(services: ServicesDep) -> Response:
     cache_bytes = await asyncio.to_thread(services.store.total_size)
     installed = len(await asyncio.to_thread(services.store.list))

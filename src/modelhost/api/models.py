@@ -7,7 +7,15 @@ from enum import Enum
 
 from fastapi import APIRouter, Depends, Query
 
-from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
+from modelhost.api.deps import (
+    ModelNamePath,
+    ModelNameQuery,
+    Services,
+    ServicesDep,
+    parse_choice,
+    require_api_key,
+)
+from modelhost.api.errors import error_responses
 from modelhost.catalog import (
     available_view,
     entry_for_model_id,
@@ -32,13 +40,17 @@ def _tags_for(manifest: Manifest, services: Services) -> list[str]:
     return list(entry.tags) if entry else []
 
 
-@router.get("/models", summary="Configured models (models.json)")
+@router.get("/models", summary="Configured models (models.json)", responses=error_responses())
 async def list_models(services: ServicesDep) -> dict:
     loaded = {model.name for model in services.runtime.list()}
     return models_view(services.models_config, loaded=loaded)
 
 
-@router.get("/models/available", summary="The catalog of downloadable models")
+@router.get(
+    "/models/available",
+    summary="The catalog of downloadable models",
+    responses=error_responses(422, 502),
+)
 async def available_models(
     services: ServicesDep,
     measure: bool = Query(
@@ -61,7 +73,11 @@ async def available_models(
     return available_view(services.catalog, installed=manifests, sizes=sizes)
 
 
-@router.get("/models/managed", summary="Models loaded by the server, measured")
+@router.get(
+    "/models/managed",
+    summary="Models loaded by the server, measured",
+    responses=error_responses(),
+)
 async def managed_models(services: ServicesDep) -> dict:
     rows = [model.describe() for model in services.runtime.list()]
     tts = [row for row in rows if row["is_tts"]]
@@ -85,7 +101,9 @@ async def managed_models(services: ServicesDep) -> dict:
     }
 
 
-@router.get("/models/cache/info", summary="What the cache holds, measured")
+@router.get(
+    "/models/cache/info", summary="What the cache holds, measured", responses=error_responses()
+)
 async def cache_info(services: ServicesDep) -> dict:
     store, jobs = services.store, services.jobs
     manifests = await asyncio.to_thread(store.list)
@@ -130,8 +148,12 @@ async def cache_info(services: ServicesDep) -> dict:
     }
 
 
-@router.get("/models/download/{model_name}/info", summary="An installed model's manifest")
-async def model_info(model_name: str, services: ServicesDep) -> dict:
+@router.get(
+    "/models/download/{model_name}/info",
+    summary="An installed model's manifest",
+    responses=error_responses(400, 404, 422),
+)
+async def model_info(model_name: ModelNamePath, services: ServicesDep) -> dict:
     validate_name(model_name)
     manifest = await asyncio.to_thread(services.store.require, model_name)
     data = describe(manifest, services.store)
@@ -145,11 +167,19 @@ class ManageAction(str, Enum):
     update = "update"
 
 
-@router.post("/models/manage", summary="Retry a download, optimize or update a model")
+@router.post(
+    "/models/manage",
+    summary="Retry a download, optimize or update a model",
+    responses=error_responses(400, 404, 409, 422, 502, 507),
+)
 async def manage_model(
     services: ServicesDep,
-    action: str = Query(..., description="optimize, retry_download or update"),
-    model_name: str = Query(...),
+    action: str = Query(
+        ...,
+        description="optimize, retry_download or update",
+        json_schema_extra={"enum": [a.value for a in ManageAction]},
+    ),
+    model_name: ModelNameQuery = ...,
     force_redownload: bool = Query(default=False),
     compile: bool = Query(default=False, description="optimize: also try torch.compile (CUDA)"),
 ) -> dict:
@@ -212,8 +242,12 @@ async def manage_model(
     }
 
 
-@router.delete("/models/download/{model_name}", summary="Remove a model from the cache")
-async def remove_model(model_name: str, services: ServicesDep) -> dict:
+@router.delete(
+    "/models/download/{model_name}",
+    summary="Remove a model from the cache",
+    responses=error_responses(400, 404, 409, 422),
+)
+async def remove_model(model_name: ModelNamePath, services: ServicesDep) -> dict:
     validate_name(model_name)
     unloaded = None
     if services.runtime.is_loaded(model_name):

@@ -34,6 +34,10 @@ Source = Literal["huggingface", "pytorch_hub", "torchvision", "torchaudio", "url
 TTS_TASKS = frozenset({"text-to-speech", "text-to-audio"})
 STT_TASKS = frozenset({"automatic-speech-recognition"})
 BYTES_PER_MB = 1_000_000  # size_mb is decimal megabytes, as the Hugging Face Hub shows sizes
+# Seconds of CPU compute per second of output above which a model is not usable on a CPU.
+CPU_REALTIME_LIMIT = 1.0
+# The curated lists a newcomer follows: each may list only models that run usably on a CPU.
+CPU_LISTS = ("popular_tts_models", "beginners", "fast_setup")
 
 _PACKAGE = __package__ or "modelhost.catalog"
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -111,6 +115,11 @@ class CatalogEntry(BaseModel):
     vocoder_model: str | None
     weights: str | None = None
     pickled_weights: bool = False  # only pickles published: installing needs allow_pickle
+    # Whether modelhost runs it at usable speed on a CPU; cpu_realtime_factor is the measured
+    # seconds of CPU compute per second of output (TTS), cpu_note says how it was judged.
+    cpu_usable: bool
+    cpu_realtime_factor: float | None = Field(default=None, gt=0)
+    cpu_note: str = Field(min_length=1)
     size_bytes: int | None = Field(ge=0)
     size_note: str | None = None
     tts_features: TTSFeatures
@@ -164,6 +173,14 @@ class CatalogEntry(BaseModel):
             raise ValueError(f"{self.name}: vocoder_model set but vocoder_required is false")
         if self.large_variant == self.name:
             raise ValueError(f"{self.name}: large_variant names the entry itself")
+        if self.cpu_usable and self.requires_custom_code:
+            raise ValueError(f"{self.name}: download-only (its own code), so not cpu_usable")
+        rtf = self.cpu_realtime_factor
+        if self.cpu_usable and rtf is not None and rtf > CPU_REALTIME_LIMIT:
+            raise ValueError(
+                f"{self.name}: cpu_realtime_factor {rtf:g} (s of CPU per s of output) is "
+                f"above {CPU_REALTIME_LIMIT:g}, so not cpu_usable"
+            )
         return self
 
 
@@ -211,6 +228,17 @@ class Catalog(BaseModel):
         not_tts = [n for n in self.popular_tts_models if not is_tts_task(self._entry(n).task)]
         if not_tts:
             raise ValueError(f"popular_tts_models lists models without TTS support: {not_tts}")
+        slow = {
+            where: [n for n in refs if not self._entry(n).cpu_usable]
+            for where, refs in referenced.items()
+            if where in CPU_LISTS
+        }
+        for where, names in slow.items():
+            if names:
+                raise ValueError(
+                    f"{where} lists models modelhost cannot run at usable speed on a CPU "
+                    f"(download-only or cpu_usable false): {names}"
+                )
         lists = {"popular_tts_models", *Recommendations.model_fields}
         if set(self.criteria) != lists:
             raise ValueError(f"criteria must explain exactly these lists: {sorted(lists)}")

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from modelhost.errors import InvalidSource
-from modelhost.sources.base import DownloadRequest, Plan, Source, SourceContext
+from modelhost.sources.base import VALID_SOURCES, DownloadRequest, Plan, Source, SourceContext
 from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
 from modelhost.sources.torch_hub import TorchHubSource
 from modelhost.sources.torchaudio import TorchaudioSource
 from modelhost.sources.torchvision import TorchvisionSource
 from modelhost.sources.tts_auto import TtsAutoSource
 from modelhost.sources.url import UrlSource
-
-# The seed's order, plus torchaudio (its Tacotron2 entry names that source).
-VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto", "torchaudio")
 
 _SOURCES: dict[str, type[Source]] = {
     "pytorch_hub": TorchHubSource,

@@ -11,15 +11,26 @@ from modelhost.errors import InvalidRequest
 from modelhost.fetch import CancelToken, FetchEngine, FileSpec
 from modelhost.names import NAME_PATTERN, check_path_limits, shorten
 
+# The seed's order, plus torchaudio (its Tacotron2 entry names that source).
+VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto", "torchaudio")
+
 
 class DownloadRequest(BaseModel):
     """The body of ``POST /models/download`` (the seed's fields plus modelhost's options)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    source: str
+    # The choices are shown in the schema, not enforced here: get_source answers an unknown
+    # source with the seed's 400 message.
+    source: str = Field(
+        description="where the model comes from", json_schema_extra={"enum": list(VALID_SOURCES)}
+    )
     model_id: str = Field(min_length=1, max_length=2048)
-    name: str
+    name: str = Field(
+        description="the model's name here: 1-128 letters, digits, '.', '_' or '-', starting "
+        "with a letter or digit (checked by the server, which answers 400 otherwise)",
+        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+    )
     task: str = "text-generation"
     auto_convert_tts: bool = False
     speak_with: str | None = Field(

@@ -72,6 +72,32 @@ def speaker_embeddings(entry: CatalogEntry, plan: Plan) -> str | None:
     return None  # the model speaks with its own voice(s)
 
 
+def entry_fields(entry: CatalogEntry, request: DownloadRequest, notes: list[str]) -> dict:
+    """The fields of the entry's own ``download_request`` that the concrete request takes.
+
+    Naming a catalog entry asks for it as the catalog means it: its source, id, task and
+    vocoder, and the opt-ins the entry needs (``experimental``, ``allow_pickle`` for
+    published pickles), each taken from the entry is noted. (An opt-in cannot be refused
+    by sending false: a retried job's stored request has every field set.)
+    """
+    wanted = entry.download_request()
+    fields = {
+        "source": wanted["source"],
+        "model_id": wanted["model_id"],
+        "task": wanted["task"],
+        "include_vocoder": wanted.get("include_vocoder", False),
+        "vocoder_model": wanted.get("vocoder_model"),
+    }
+    for flag, why in (
+        ("experimental", "the catalog marks it experimental"),
+        ("allow_pickle", "its published weights are pickles"),
+    ):
+        if wanted.get(flag) and not getattr(request, flag):
+            fields[flag] = True
+            notes.append(f"{flag}: taken from the catalog entry {entry.name} ({why})")
+    return fields
+
+
 class TtsAutoSource:
     name = "tts_auto"
 
@@ -90,26 +116,13 @@ class TtsAutoSource:
                 entry = large
             else:
                 notes.append(f"enable_large_model ignored: {entry.name} has no larger variant")
-        if entry.experimental and not request.experimental:
-            raise InvalidRequest(
-                f'{entry.model_id} is experimental: set "experimental": true to install it',
-                error="Experimental model",
-            )
+        concrete = request.model_copy(update=entry_fields(entry, request, notes))
         loadable = not entry.requires_custom_code
         if not loadable:
             notes.append(
                 f"{entry.model_id} needs its authors' own code, which modelhost never runs: "
                 "it is installed download-only (loadable: false)"
             )
-        concrete = request.model_copy(
-            update={
-                "source": entry.source,
-                "model_id": entry.model_id,
-                "task": "text-to-speech",
-                "include_vocoder": entry.vocoder_model is not None,
-                "vocoder_model": entry.vocoder_model,
-            }
-        )
         plan = get_source(entry.source).plan(concrete, context)
         return replace(
             plan,
