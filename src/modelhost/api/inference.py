@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelhost.api.deps import Services, ServicesDep, require_api_key
+from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
 from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
@@ -17,7 +17,9 @@ from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.runtime.wav import Audio
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
+router = APIRouter(
+    dependencies=[Depends(require_api_key), Depends(require_valid_text)], tags=["inference"]
+)
 
 
 class LoadRequest(BaseModel):
