@@ -411,6 +411,8 @@ def test_runtime_text_check_refuses_lone_surrogates() -> None:
          "parameters: Input should be a valid dictionary"),
         ("/synthesize", {"model_name": "vits", "text": "hi", "max_new_tokens": 10**9}, 422,
          "max_new_tokens: Input should be less than or equal to 2048"),
+        ("/synthesize", {"model_name": "vits", "text": "hi", "seed": 10**30}, 422,
+         "seed: Input should be less than or equal to 18446744073709551615"),
         ("/synthesize", {"model_name": "vits", "text": "hi", "speaker": [1.5]}, 400,
          "this VITS model has a single speaker: omit speaker"),
         ("/synthesize", {"model_name": "vits", "text": 7}, 422, "text: Input should be a "

@@ -48,7 +48,8 @@ class SynthesizeRequest(BaseModel):
         description="Bark: semantic tokens (audio length); a speak_with pipeline: the text "
         "model's new tokens",
     )
-    seed: int | None = None
+    # The range torch.manual_seed takes; beyond it torch raises instead of seeding.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
 
 
 class PredictRequest(BaseModel):

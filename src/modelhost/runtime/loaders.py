@@ -353,7 +353,8 @@ def preflight(
     info = detect_family(manifest, path)
     # A hub repository's code builds its own weights; there is no weights file to check.
     safetensors = info.family is Family.TORCH_HUB or check_pickle(manifest, path, allow_pickle)
-    if not safetensors:
+    # A TorchScript archive is read by torch.jit.load (no Python pickle runs), not torch.load.
+    if not safetensors and info.family is not Family.TORCHSCRIPT:
         check_pickled_weights(manifest, path)
     weights = estimate_bytes(manifest, path, device_type)
     if not from_config or info.family not in META_CLASSES:
