@@ -410,7 +410,7 @@ def _config_size(
     except Exception as exc:  # the architecture's code; not sizing it is safe, loading checks
         log.warning("could not size %s from its config on meta: %r", path, exc)
         return 0, 0
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(config, "dtype", None)  # transformers maps a saved torch_dtype here
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     float_size = (
