@@ -44,7 +44,7 @@ def require_api_key(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):
+    if scheme.lower() != "bearer" or not _same_key(token.strip(), expected):
         raise Unauthorized(
             "This server requires an API key: send 'Authorization: Bearer <MODELHOST_API_KEY>'",
             error="Missing or wrong API key",
@@ -57,6 +57,62 @@ NAME_SCHEMA = {"pattern": NAME_PATTERN.pattern}
 NAME_DOC = "a model name: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 ModelNamePath = Annotated[str, Path(description=NAME_DOC, json_schema_extra=NAME_SCHEMA)]
 ModelNameQuery = Annotated[str, Query(description=NAME_DOC, json_schema_extra=NAME_SCHEMA)]
+
+
+def _same_key(token: str, expected: str) -> bool:
+    """Constant-time comparison of the sent token with the key, as bytes: Starlette decodes
+    header bytes as latin-1 (so this recovers exactly what was sent), and
+    ``compare_digest`` on str accepts ASCII only (a non-ASCII token would raise)."""
+    return secrets.compare_digest(token.encode("latin-1"), expected.encode("utf-8"))
+
+
+def first_invalid_text(value: object, where: str = "") -> str | None:
+    """Where in ``value`` (nested lists and objects, keys too) a string holds a lone UTF-16
+    surrogate, which JSON's ``\\ud800`` escapes can smuggle in but no text is made of;
+    ``None`` when every string is valid Unicode text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            surrogate = f"U+{ord(value[exc.start]):04X}"
+            return (
+                f"{where or 'the body'} holds a lone surrogate {surrogate} at character {exc.start}"
+            )
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+        for key in value:
+            found = first_invalid_text(key, f"a key of {where or 'the body'}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = first_invalid_text(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+async def require_valid_text(request: Request) -> None:
+    """Refuse a JSON body whose strings are not valid Unicode text (400) before a handler
+    passes them to a tokenizer or echoes them in a response, where they would fail."""
+    if "json" not in request.headers.get("content-type", ""):
+        return
+    try:
+        body = await request.json()  # FastAPI has parsed it already: this is its cache
+    except ValueError:
+        return  # not JSON: the body's own validation answers 422
+    found = first_invalid_text(body)
+    if found:
+        raise InvalidRequest(
+            f"input is not valid Unicode text: {found}. Send text as UTF-8 "
+            "(JSON \\uXXXX escapes must pair surrogates)",
+            error="Invalid input",
+        )
+
 
 E = TypeVar("E", bound=Enum)
 

@@ -9,7 +9,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelhost.api.deps import ModelNamePath, Services, ServicesDep, require_api_key
+from modelhost.api.deps import (
+    ModelNamePath,
+    Services,
+    ServicesDep,
+    require_api_key,
+    require_valid_text,
+)
 from modelhost.api.errors import error_responses
 from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
@@ -18,7 +24,9 @@ from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.runtime.wav import Audio
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
+router = APIRouter(
+    dependencies=[Depends(require_api_key), Depends(require_valid_text)], tags=["inference"]
+)
 
 
 class LoadRequest(BaseModel):
@@ -47,7 +55,8 @@ class SynthesizeRequest(BaseModel):
         description="Bark: semantic tokens (audio length); a speak_with pipeline: the text "
         "model's new tokens",
     )
-    seed: int | None = None
+    # The range torch.manual_seed takes; beyond it torch raises instead of seeding.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
 
 
 class PredictRequest(BaseModel):

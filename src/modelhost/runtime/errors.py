@@ -44,3 +44,16 @@ class MemoryBudgetExceeded(Conflict):
     unloaded to make room is pinned (or the model alone is over budget) (409)."""
 
     error = "Memory budget exceeded"
+
+
+class MalformedWeights(InvalidRequest):
+    """A weights or config file of the model is damaged or not what it claims (400)."""
+
+    error = "Malformed model file"
+
+
+class PickleRefused(InvalidRequest):
+    """``torch.load(weights_only=True)`` refused a pickled weights file: it names a global
+    that only a full unpickle would run (400)."""
+
+    error = "Pickled weights refused"

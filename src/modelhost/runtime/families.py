@@ -89,15 +89,31 @@ class FamilyInfo:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """``config.json`` of the model directory, or ``{}`` when there is none."""
+    """``config.json`` of the model directory, or ``{}`` when there is none. Raises
+    ``UnsupportedModel`` naming config.json when it is not a JSON object or its
+    ``model_type`` / ``architectures`` have the wrong types."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         return {}
     try:
         data = json.loads(config_path.read_text("utf-8"))
     except (OSError, ValueError) as exc:
-        raise UnsupportedModel(f"{config_path} is not readable JSON: {exc}") from exc
-    return data if isinstance(data, dict) else {}
+        raise UnsupportedModel(
+            f"config.json of {Path(path).name} is not valid JSON: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise UnsupportedModel(f"config.json of {Path(path).name} is not a JSON object")
+    model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise UnsupportedModel(f"config.json of {Path(path).name}: model_type must be a string")
+    architectures = data.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise UnsupportedModel(
+            f"config.json of {Path(path).name}: architectures must be a list of class names"
+        )
+    return data
 
 
 def canonical_task(task: str | None) -> str | None:

@@ -65,6 +65,12 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 def _text(value: Any, what: str = "text") -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(f"{what} must be a non-empty string")
+    try:
+        value.encode("utf-8")  # tokenizers raise on lone surrogates
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"{what} is not valid Unicode text: a lone surrogate at character {exc.start}"
+        ) from None
     if len(value) > MAX_TEXT_CHARS:
         raise InvalidInput(f"{what} is {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
     return value

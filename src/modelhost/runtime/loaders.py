@@ -16,16 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
+from modelhost.errors import ModelhostError
 from modelhost.runtime.device import device_str
-from modelhost.runtime.errors import UnsupportedModel
+from modelhost.runtime.errors import MalformedWeights, MemoryBudgetExceeded, UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo, detect_family
 from modelhost.runtime.images import ConfigPreprocessor
 from modelhost.runtime.loaded import LoadedModel
-from modelhost.runtime.memory import count_parameters, read_allocator, weights_bytes
+from modelhost.runtime.memory import (
+    count_parameters,
+    read_allocator,
+    release_cached,
+    weights_bytes,
+)
 from modelhost.runtime.speaker import default_speaker_embedding
-from modelhost.runtime.weights import check_pickle, estimate_bytes
+from modelhost.runtime.weights import check_pickle, check_pickled_weights, estimate_bytes
 from modelhost.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -297,24 +304,175 @@ LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
 }
 
 
-def load(
-    manifest: Manifest, path: Path, device: torch.device, allow_pickle: bool = False
-) -> LoadedModel:
-    """Load an installed model onto ``device`` and measure it. Blocking: call it in a
-    worker thread. Raises ``UnsupportedModel`` / ``PickleNotAllowed`` before reading
-    weights when the model cannot or may not be loaded."""
+# The class each family builds, for sizing it from config.json alone (on the meta device).
+META_CLASSES: dict[Family, str] = {
+    Family.TEXT_CLASSIFICATION: "AutoModelForSequenceClassification",
+    Family.FEATURE_EXTRACTION: "AutoModel",
+    Family.TEXT_GENERATION: "AutoModelForCausalLM",
+    Family.TEXT2TEXT: "AutoModelForSeq2SeqLM",
+    Family.WHISPER: "WhisperForConditionalGeneration",
+    Family.IMAGE_CLASSIFICATION: "AutoModelForImageClassification",
+    Family.SPEECHT5: "SpeechT5ForTextToSpeech",
+    Family.BARK: "BarkModel",
+    Family.VITS: "VitsModel",
+}
+# More layers than any real model has: building that many modules, even on the meta
+# device, would take the server's time and memory before the budget could refuse it.
+MAX_CONFIG_LAYERS = 10_000
+_LAYER_KEYS = ("layers", "n_layer", "num_blocks")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What ``preflight`` checked and found, before anything is allocated."""
+
+    info: FamilyInfo
+    safetensors: bool  # no pickled weights are read
+    weights_bytes: int  # what the stored weights take loaded (``estimate_bytes``)
+    config_bytes: int = 0  # what config.json's architecture takes loaded (0: not sized)
+    config_parameters: int = 0
+
+    @property
+    def need_bytes(self) -> int:
+        """The larger of the two estimates: a config can declare far more than its files."""
+        return max(self.weights_bytes, self.config_bytes)
+
+
+def preflight(
+    manifest: Manifest,
+    path: Path,
+    device_type: str,
+    allow_pickle: bool = False,
+    from_config: bool = True,
+) -> Preflight:
+    """Every check a load makes before it allocates: the family, the pickle policy, pickled
+    files through ``weights_only``, each safetensors header, and (``from_config``) the
+    architecture config.json declares, sized on the meta device. Raises a 4xx error naming
+    the file at fault."""
     path = Path(path)
     info = detect_family(manifest, path)
     # A hub repository's code builds its own weights; there is no weights file to check.
     safetensors = info.family is Family.TORCH_HUB or check_pickle(manifest, path, allow_pickle)
-    estimate = estimate_bytes(manifest, path, device.type)
+    # A TorchScript archive is read by torch.jit.load (no Python pickle runs), not torch.load.
+    if not safetensors and info.family is not Family.TORCHSCRIPT:
+        check_pickled_weights(manifest, path)
+    weights = estimate_bytes(manifest, path, device_type)
+    if not from_config or info.family not in META_CLASSES:
+        return Preflight(info, safetensors, weights)
+    parameters, nbytes = _config_size(info, path, device_type)
+    if info.vocoder_path is not None:
+        vocoder = _config_size(info, info.vocoder_path, device_type, "SpeechT5HifiGan")
+        parameters, nbytes = parameters + vocoder[0], nbytes + vocoder[1]
+    return Preflight(info, safetensors, weights, nbytes, parameters)
+
+
+def _config_error(path: Path, what: object) -> MalformedWeights:
+    return MalformedWeights(
+        f"{path.name}/config.json is not a valid model config: {what}. Reinstall the model, "
+        "or fix its config.json"
+    )
+
+
+def _check_layer_counts(values: Any, path: Path) -> None:
+    """Refuse a config (or nested sub-config) declaring an absurd number of layers."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            if (
+                isinstance(value, int)
+                and any(k in str(key) for k in _LAYER_KEYS)
+                and value > MAX_CONFIG_LAYERS
+            ):
+                raise _config_error(path, f"{key} is {value}, over {MAX_CONFIG_LAYERS}")
+            _check_layer_counts(value, path)
+
+
+def _config_size(
+    info: FamilyInfo, path: Path, device_type: str, class_name: str | None = None
+) -> tuple[int, int]:
+    """Parameters and loaded bytes of the architecture ``path``/config.json declares: the
+    model class built on the meta device (no memory), its parameters priced as the loaders
+    load them (float32 off CUDA, the config's dtype on CUDA)."""
+    import transformers
+
+    cls = getattr(transformers, class_name or META_CLASSES[info.family])
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # parsing only, no model code runs: any failure is the file's
+        raise _config_error(path, _first_line(exc)) from None
+    _check_layer_counts(config.to_dict(), path)
+    try:
+        with torch.device("meta"):
+            build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
+            model = build(config)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError,
+            OverflowError, AssertionError) as exc:  # fmt: skip
+        raise _config_error(path, f"{cls.__name__} cannot be built from it ({exc})") from None
+    except Exception as exc:  # the architecture's code; not sizing it is safe, loading checks
+        log.warning("could not size %s from its config on meta: %r", path, exc)
+        return 0, 0
+    stored = getattr(config, "dtype", None)  # transformers maps a saved torch_dtype here
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    float_size = (
+        torch.empty((), dtype=stored).element_size()
+        if (device_type == "cuda" and isinstance(stored, torch.dtype))
+        else 4
+    )
+    parameters = nbytes = 0
+    for tensor in model.parameters():  # shared (tied) parameters are yielded once
+        parameters += tensor.numel()
+        size = float_size if tensor.is_floating_point() else tensor.element_size()
+        nbytes += tensor.numel() * size
+    return parameters, nbytes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _build(info: FamilyInfo, path: Path, device: torch.device, safetensors: bool) -> Parts:
+    """The family loader's parts moved to ``device``. Whatever Transformers or torch raise
+    about the model's own files becomes a 400 naming the model; running out of memory a
+    409; either way nothing stays allocated."""
+    try:
+        parts = LOADERS[info.family](info, path, _hf_kwargs(device, safetensors))
+        parts.model.eval().to(device)
+        if parts.vocoder is not None:
+            parts.vocoder.eval().to(device)
+        return parts
+    except ModelhostError:
+        raise
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        release_cached(device)
+        raise MemoryBudgetExceeded(
+            f"Loading {path.name} ran out of memory on {device_str(device)} "
+            f"({_first_line(exc)}): unload other models or lower the memory budget"
+        ) from None
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError,
+            IndexError, EOFError, StrictDataclassError) as exc:  # fmt: skip
+        log.warning("loading %s failed", path, exc_info=True)
+        release_cached(device)
+        raise UnsupportedModel(
+            f"Model files in {path.name} could not be loaded: {_first_line(exc)}"
+        ) from None
+
+
+def load(
+    manifest: Manifest, path: Path, device: torch.device, allow_pickle: bool = False
+) -> LoadedModel:
+    """Load an installed model onto ``device`` and measure it. Blocking: call it in a
+    worker thread. Raises ``UnsupportedModel`` / ``PickleNotAllowed`` / ``PickleRefused`` /
+    ``MalformedWeights`` before reading weights when the model cannot or may not be
+    loaded (``preflight``; the registry also sizes it from its config first)."""
+    path = Path(path)
+    checked = preflight(manifest, path, device.type, allow_pickle, from_config=False)
+    info = checked.info
+    estimate = checked.weights_bytes
 
     started = time.perf_counter()
     before = read_allocator(device)
-    parts = LOADERS[info.family](info, path, _hf_kwargs(device, safetensors))
-    parts.model.eval().to(device)
-    if parts.vocoder is not None:
-        parts.vocoder.eval().to(device)
+    parts = _build(info, path, device, checked.safetensors)
     after = read_allocator(device)
     seconds = time.perf_counter() - started
 

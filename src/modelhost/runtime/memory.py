@@ -7,6 +7,7 @@ Dynamically quantized Linear layers keep their int8 weight in packed form, outsi
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -103,3 +104,11 @@ def device_total_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     return None
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory, where the OS reports it (Linux, macOS)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None

@@ -5,8 +5,10 @@ The budget has two parts:
 - ``max_loaded``: at most this many models resident (``MODELHOST_MAX_LOADED``).
 - memory per device: on CUDA ``gpu_memory_fraction`` of the GPU's total memory, on CPU
   ``cpu_memory_bytes`` when set. Before a load, the model's need is estimated from its
-  stored weights (``weights.estimate_bytes``) and added to the measured ``allocated_bytes``
-  of the models already on that device.
+  stored weights (``weights.estimate_bytes``) and from the architecture its config.json
+  declares (built on the meta device), the larger of the two, and added to the measured
+  ``allocated_bytes`` of the models already on that device. With no CPU budget set, a model
+  needing more than the machine's physical memory is still refused.
 
 When the new model does not fit, least-recently-used unpinned models are unloaded until it
 does. When even that is not enough (pinned models are in the way, or the model alone is
@@ -28,9 +30,14 @@ from modelhost.errors import Conflict
 from modelhost.runtime.device import device_str, resolve_device
 from modelhost.runtime.errors import MemoryBudgetExceeded, ModelNotLoaded
 from modelhost.runtime.loaded import MB, LoadedModel
+from modelhost.runtime.loaders import Preflight, preflight
 from modelhost.runtime.loaders import load as load_model
-from modelhost.runtime.memory import device_total_bytes, read_allocator, release_cached
-from modelhost.runtime.weights import estimate_bytes
+from modelhost.runtime.memory import (
+    device_total_bytes,
+    physical_memory_bytes,
+    read_allocator,
+    release_cached,
+)
 from modelhost.store.manifest import Manifest
 
 Loader = Callable[[Manifest, Path, torch.device, bool], LoadedModel]
@@ -146,8 +153,9 @@ class ModelRegistry:
                 existing.pinned = existing.pinned or pin
                 existing.touch()
                 return existing
-            need = estimate_bytes(manifest, Path(path), target.type)
-            for victim in self._plan_eviction(manifest.name, need, target):
+            # Every check that can refuse the model runs before anything is evicted.
+            checked = preflight(manifest, Path(path), target.type, allow_pickle)
+            for victim in self._plan_eviction(manifest.name, checked, target):
                 self._unload_locked(victim.name, evicted=True)
             loaded = self._loader(manifest, Path(path), target, allow_pickle)
             loaded.pinned = pin
@@ -187,8 +195,11 @@ class ModelRegistry:
         after = read_allocator(device)
         return UnloadReport(name, model.device, freed, after.allocated, after.reserved, evicted)
 
-    def _plan_eviction(self, name: str, need: int, device: torch.device) -> list[LoadedModel]:
+    def _plan_eviction(
+        self, name: str, checked: Preflight, device: torch.device
+    ) -> list[LoadedModel]:
         """The models to unload so ``name`` fits, or ``MemoryBudgetExceeded``."""
+        need = checked.need_bytes
         resident = sorted(self.list(), key=lambda m: m.use_seq)  # least recent first
         victims: list[LoadedModel] = []
 
@@ -205,13 +216,20 @@ class ModelRegistry:
             victims.extend(unpinned[:excess])
 
         budget = self.budget_bytes(device)
-        if budget is None:
-            return victims
         where = device_str(device)
+        if budget is None:
+            # No budget set: still refuse what this machine's memory could never hold.
+            physical = physical_memory_bytes() if device.type in ("cpu", "mps") else None
+            if physical is not None and need > physical:
+                raise MemoryBudgetExceeded(
+                    f"Cannot load {name!r}: it needs about {_size(need)}{_why(checked)}, more "
+                    f"than this machine's {_size(physical)} of memory"
+                )
+            return victims
         if need > budget:
             raise MemoryBudgetExceeded(
-                f"Cannot load {name!r}: it needs about {need / MB:.1f} MB, more than the "
-                f"whole budget of {where} ({budget / MB:.1f} MB{self._budget_note(device)})"
+                f"Cannot load {name!r}: it needs about {_size(need)}{_why(checked)}, more "
+                f"than the whole budget of {where} ({_size(budget)}{self._budget_note(device)})"
             )
         on_device = [m for m in resident if m.device == where]
         used = sum(m.allocated_bytes for m in on_device if m not in victims)
@@ -234,5 +252,24 @@ class ModelRegistry:
 
     def _budget_note(self, device: torch.device) -> str:
         if device.type == "cuda":
-            return f", {self.gpu_memory_fraction:g} of the GPU"
+            return f", {self.gpu_memory_fraction:g} of the GPU: MODELHOST_GPU_MEMORY_FRACTION"
+        if device.type == "cpu":
+            return ": MODELHOST_CPU_MEMORY_LIMIT_GB"
         return ""
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for a message: MB below a GB, GB above."""
+    if nbytes >= 1024**3:
+        return f"{nbytes / 1024**3:,.1f} GB"
+    return f"{nbytes / MB:.1f} MB"
+
+
+def _why(checked: Preflight) -> str:
+    """Where the estimate came from, when it is config.json rather than the weights files."""
+    if checked.config_bytes <= checked.weights_bytes:
+        return ""
+    return (
+        f" (its config.json declares {checked.config_parameters:,} parameters; its weights "
+        f"files hold {_size(checked.weights_bytes)})"
+    )

@@ -10,26 +10,38 @@ file size. Buffers that are not saved (e.g. position ids) are not in the estimat
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-from modelhost.runtime.errors import PickleNotAllowed, UnsupportedModel
+from modelhost.runtime.errors import (
+    MalformedWeights,
+    PickleNotAllowed,
+    PickleRefused,
+    UnsupportedModel,
+)
 from modelhost.store.manifest import Manifest
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# Element sizes of the safetensors dtype names.
-DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "C64": 8,
-    "F32": 4, "I32": 4, "U32": 4,
-    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+# Element sizes, in bits, of the safetensors dtype names (the format's full list: sub-byte
+# floats included, so a valid file is never refused for its dtype).
+DTYPE_BITS = {
+    "F64": 64, "I64": 64, "U64": 64, "C64": 64,
+    "F32": 32, "I32": 32, "U32": 32,
+    "F16": 16, "BF16": 16, "I16": 16, "U16": 16,
+    "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
+    "I8": 8, "U8": 8, "BOOL": 8,
+    "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
 }  # fmt: skip
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-MAX_HEADER = 100 * 1024 * 1024
+FLOAT_DTYPES = {n for n in DTYPE_BITS if n.startswith(("F", "BF"))}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own cap
+MAX_TENSORS = 100_000  # far above any real checkpoint (a few thousand per file)
 
 
 @dataclass(frozen=True)
@@ -97,18 +109,131 @@ def check_pickle(manifest: Manifest, path: Path, allow_pickle: bool) -> bool:
     return not pickled
 
 
-def safetensors_header(file: Path) -> dict[str, dict]:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets)."""
-    with open(file, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise UnsupportedModel(f"{file} is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        if length > MAX_HEADER:
-            raise UnsupportedModel(f"{file} has an implausible safetensors header")
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header, checked: its dtype, shape and byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _malformed(name: str, what: str) -> MalformedWeights:
+    return MalformedWeights(
+        f"{name} is malformed: {what}. Reinstall the model, or check the file's source"
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_entry(name: str, key: str, value: object) -> TensorEntry:
+    """One header entry checked for types: dtype known, shape and offsets non-negative ints."""
+    if not isinstance(value, dict):
+        raise _malformed(name, f"tensor {key!r} is not a JSON object")
+    unknown = set(value) - {"dtype", "shape", "data_offsets"}
+    if unknown or len(value) != 3:
+        raise _malformed(name, f"tensor {key!r} must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise _malformed(name, f"tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _malformed(name, f"tensor {key!r} has a shape that is not a list of integers >= 0")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+    ):
+        raise _malformed(name, f"tensor {key!r} has data_offsets that are not two integers >= 0")
+    begin, end = offsets
+    if end < begin:
+        raise _malformed(name, f"tensor {key!r} ends (byte {end}) before it begins ({begin})")
+    entry = TensorEntry(dtype, tuple(shape), begin, end)
+    bits = entry.numel * DTYPE_BITS[dtype]
+    if bits % 8 or end - begin != bits // 8:
+        raise _malformed(
+            name,
+            f"tensor {key!r} ({dtype} {list(shape)}) needs {bits / 8:g} bytes but its "
+            f"data_offsets span {end - begin}",
+        )
+    return entry
+
+
+def _check_layout(name: str, tensors: dict[str, TensorEntry], data_size: int) -> None:
+    """The tensors tile the data section exactly, as the safetensors library requires."""
+    position = 0
+    for key, entry in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if entry.end > data_size:
+            raise _malformed(
+                name,
+                f"tensor {key!r} ends at byte {entry.end} of a {data_size}-byte data section "
+                "(out of bounds)",
+            )
+        if entry.begin < position:
+            raise _malformed(name, f"tensor {key!r} overlaps the tensor before it")
+        if entry.begin > position:
+            raise _malformed(name, f"bytes {position}-{entry.begin} belong to no tensor")
+        position = entry.end
+    if position != data_size:
+        raise _malformed(
+            name, f"the data section is {data_size} bytes but the tensors cover {position}"
+        )
+
+
+def _read_header_json(handle: BinaryIO, name: str, file_size: int) -> tuple[dict, int]:
+    """The header's JSON object and its length, checked against the cap and the file."""
+    raw = handle.read(8)
+    if len(raw) != 8:
+        raise _malformed(name, f"it is {file_size} bytes, too short to be a safetensors file")
+    (length,) = struct.unpack("<Q", raw)
+    if length > MAX_HEADER:
+        raise _malformed(
+            name, f"its header claims {length} bytes, over the {MAX_HEADER // 2**20} MB cap"
+        )
+    if length > file_size - 8:
+        raise _malformed(
+            name, f"its header claims {length} bytes but the file has {file_size - 8} after it"
+        )
+    try:
+        header = json.loads(handle.read(length).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _malformed(name, f"its header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _malformed(name, "its header is not a JSON object")
+    return header, length
+
+
+def safetensors_header(file: Path, name: str | None = None) -> dict[str, TensorEntry]:
+    """The checked header of a safetensors file: tensor name -> dtype, shape, byte range.
+
+    Everything the safetensors library would trip over is checked here first, so a bad
+    file is a ``MalformedWeights`` (400) naming ``name`` (default: the file's name) and what
+    is wrong, before any loader sees it."""
+    name = name or Path(file).name
+    try:
+        with open(file, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            header, length = _read_header_json(handle, name, file_size)
+    except OSError as exc:
+        raise _malformed(name, f"it cannot be read ({exc.strerror or exc})") from None
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise _malformed(name, "__metadata__ must map names to strings")
+    if len(header) > MAX_TENSORS:
+        raise _malformed(
+            name, f"it declares {len(header)} tensors, more than the limit of {MAX_TENSORS}"
+        )
+    tensors = {key: _tensor_entry(name, key, value) for key, value in header.items()}
+    _check_layout(name, tensors, file_size - 8 - length)
+    return tensors
 
 
 def estimate_bytes(manifest: Manifest, path: Path, device_type: str) -> int:
@@ -118,13 +243,43 @@ def estimate_bytes(manifest: Manifest, path: Path, device_type: str) -> int:
         if not weight.is_safetensors:
             total += weight.size
             continue
-        for tensor in safetensors_header(Path(path) / weight.path).values():
-            dtype = tensor.get("dtype", "F32")
-            numel = 1
-            for dim in tensor.get("shape", []):
-                numel *= int(dim)
-            size = DTYPE_BYTES.get(dtype, 4)
-            if dtype in FLOAT_DTYPES and device_type != "cuda":
-                size = 4
-            total += numel * size
+        header = safetensors_header(Path(path) / weight.path, weight.path)
+        for tensor in header.values():
+            bits = DTYPE_BITS[tensor.dtype]
+            if tensor.dtype in FLOAT_DTYPES and device_type != "cuda":
+                bits = 32  # the loaders load floating weights in float32 off CUDA
+            total += tensor.numel * bits // 8
     return total
+
+
+_GLOBAL_NAMED = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def check_pickled_weights(manifest: Manifest, path: Path) -> None:
+    """Unpickle each pickled weights file with ``torch.load(weights_only=True)`` first, so a
+    file that names a forbidden global is refused with what it tried (``PickleRefused``)
+    rather than failing deep in a loader. Zip checkpoints are memory-mapped: the tensors'
+    bytes are not read, only the pickle runs (in torch's restricted unpickler)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    for weight in weight_files(manifest, path):
+        if not weight.is_pickled:
+            continue
+        file = Path(path) / weight.path
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except pickle.UnpicklingError as exc:
+            found = _GLOBAL_NAMED.search(str(exc))
+            what = f"it needs the global {found.group(1)}" if found else str(exc).splitlines()[0]
+            raise PickleRefused(
+                f"{weight.path} was refused by torch.load(weights_only=True): {what}, which "
+                "only a full unpickle (able to run any code) would provide. Use a safetensors "
+                "copy of these weights"
+            ) from None
+        except (OSError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            what = f"it is not a readable torch checkpoint ({first})"
+            raise _malformed(weight.path, what) from None
