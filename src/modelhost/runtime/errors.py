@@ -21,6 +21,13 @@ class PickleNotAllowed(InvalidRequest):
     error = "Pickled weights need opt-in"
 
 
+class PickleRefused(InvalidRequest):
+    """torch's weights_only unpickler refused a stored pickle: it asks for something
+    outside tensor reconstruction (400); nothing of it ran."""
+
+    error = "Pickled weights refused"
+
+
 class InvalidInput(InvalidRequest, ValueError):
     """An inference input the model cannot take: says what it expected (400)."""
 

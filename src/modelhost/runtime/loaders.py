@@ -9,6 +9,8 @@ in float32 on CPU and MPS and in their stored dtype on CUDA.
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from modelhost.runtime.device import device_str
-from modelhost.runtime.errors import UnsupportedModel
+from modelhost.runtime.errors import PickleRefused, UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo, detect_family
 from modelhost.runtime.images import ConfigPreprocessor
 from modelhost.runtime.loaded import LoadedModel
@@ -265,12 +267,18 @@ def _tacotron2(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
         raise UnsupportedModel(f"this torchaudio has no text-to-speech bundle {name!r}")
     # The files torchaudio's getters will look for (the torchaudio source fetched these).
     wanted = [getattr(bundle, a, None) for a in ("_tacotron2_path", "_wavernn_path")]
-    missing = [f for f in wanted if f and not (path / f).is_file()]
-    if missing:
-        raise UnsupportedModel(f"{path} lacks the bundle's weight files: {', '.join(missing)}")
-    local = {"model_dir": str(path), "weights_only": True, "progress": False}
-    tacotron2 = bundle.get_tacotron2(dl_kwargs=local)
-    vocoder = bundle.get_vocoder(dl_kwargs=local)
+    converted = [f for f in wanted if f and _converted(path, f).is_file()]
+    if converted and len(converted) == len([f for f in wanted if f]):
+        tacotron2, vocoder = _tacotron2_from_safetensors(bundle, path, wanted)
+    else:
+        missing = [f for f in wanted if f and not (path / f).is_file()]
+        if missing:
+            raise UnsupportedModel(
+                f"{path} lacks the bundle's weight files: {', '.join(missing)}"
+            )
+        local = {"model_dir": str(path), "weights_only": True, "progress": False}
+        tacotron2 = bundle.get_tacotron2(dl_kwargs=local)
+        vocoder = bundle.get_vocoder(dl_kwargs=local)
     return Parts(
         model=tacotron2,
         processor=bundle.get_text_processor(),
@@ -278,6 +286,28 @@ def _tacotron2(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
         sample_rate=int(vocoder.sample_rate),
         extra={"bundle": name, "vocoder": type(vocoder).__name__.strip("_")},
     )
+
+
+def _converted(path: Path, name: str) -> Path:
+    """Where the pickle policy ``convert`` put ``name``'s tensors (same stem, .safetensors)."""
+    return path / (Path(name).stem + ".safetensors")
+
+
+def _tacotron2_from_safetensors(bundle: Any, path: Path, wanted: list[str | None]) -> tuple:
+    """The bundle's models built as its getters build them (same classes and parameters),
+    with the converted safetensors weights instead of torchaudio's pickles."""
+    from safetensors.torch import load_file
+    from torchaudio.models import Tacotron2, WaveRNN
+    from torchaudio.pipelines._tts import impl
+
+    tacotron2 = Tacotron2(**bundle._tacotron2_params)
+    tacotron2.load_state_dict(load_file(str(_converted(path, str(wanted[0])))))
+    tacotron2.eval()
+    if wanted[1] is None:  # Griffin-Lim: an algorithm, no weights
+        return tacotron2, bundle.get_vocoder()
+    wavernn = WaveRNN(**bundle._wavernn_params)
+    wavernn.load_state_dict(load_file(str(_converted(path, wanted[1]))))
+    return tacotron2, impl._WaveRNNVocoder(wavernn.eval())
 
 
 LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
@@ -297,6 +327,17 @@ LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
 }
 
 
+def _weights_only_refusal(exc: BaseException) -> str | None:
+    """What torch's restricted unpickler refused, when ``exc`` (or its cause) is that."""
+    while exc is not None:
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            return f"it tries to use {found.group(1)}" if found else " ".join(text.split())[:300]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def load(
     manifest: Manifest, path: Path, device: torch.device, allow_pickle: bool = False
 ) -> LoadedModel:
@@ -311,7 +352,16 @@ def load(
 
     started = time.perf_counter()
     before = read_allocator(device)
-    parts = LOADERS[info.family](info, path, _hf_kwargs(device, safetensors))
+    try:
+        parts = LOADERS[info.family](info, path, _hf_kwargs(device, safetensors))
+    except Exception as exc:
+        refusal = _weights_only_refusal(exc)
+        if refusal is None:
+            raise
+        raise PickleRefused(
+            f"Model {manifest.name!r}: a pickled weights file was refused by "
+            f"torch.load(weights_only=True): {refusal}; nothing of it ran"
+        ) from exc
     parts.model.eval().to(device)
     if parts.vocoder is not None:
         parts.vocoder.eval().to(device)

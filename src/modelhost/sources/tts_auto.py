@@ -110,6 +110,10 @@ class TtsAutoSource:
                 "vocoder_model": entry.vocoder_model,
             }
         )
+        if not loadable and context.pickle_policy == "convert":
+            # Download-only files are stored, never unpickled: converting them buys nothing
+            # (they are often not plain state dicts), so their pickles keep needing opt-in.
+            context = replace(context, pickle_policy="allow")
         plan = get_source(entry.source).plan(concrete, context)
         return replace(
             plan,
