@@ -143,7 +143,8 @@ def to_convert(
     specs: list[FileSpec], policy: PicklePolicy, allow_pickle: bool
 ) -> list[str]:
     """The planned files the converter turns into safetensors (main repo and components)."""
-    pickled = pickled_weights(s.path for s in specs)
+    # Component files carry their folder (vocoder/...): match the patterns on the name.
+    pickled = [s.path for s in specs if pickled_weights([PurePosixPath(s.path).name])]
     return decide_pickles(pickled, policy, allow_pickle, "") if policy == "convert" else []
 
 
