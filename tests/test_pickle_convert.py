@@ -366,3 +366,48 @@ def test_a_malicious_pickle_is_never_run(modelhost, hub, tiny_models, tmp_path, 
         assert "weights_only=True" in load.json()["message"]
         assert "posix.system" in load.json()["message"]
     assert not marker.exists()
+
+
+def test_url_state_dict_is_converted_and_a_non_state_dict_fails(make_server, fileserver):
+    from safetensors.torch import load_file
+
+    state = {"linear.weight": torch.randn(3, 4), "linear.bias": torch.randn(3)}
+    fileserver.add("/weights.pth", saved(state))
+    fileserver.add("/other.pt", saved({"epoch": 3, "optimizer": [1, 2]}))
+    server = make_server([fileserver.host_port], device="cpu")
+
+    answer = server.client.post(
+        "/models/download",
+        json={"source": "url", "model_id": fileserver.url("/weights.pth"), "name": "sd"},
+    )
+    assert answer.status_code == 202, answer.text
+    status = server.wait_for(answer.json()["download_id"], timeout=120)
+    assert status["status"] == "completed", status
+    info = server.client.get("/models/download/sd/info").json()
+    assert [f["path"] for f in info["files"]] == ["weights.safetensors"]
+    assert info["conversions"][0]["original_sha256"] == sha256(saved(state))
+    loaded = load_file(str(Path(info["path"]) / "weights.safetensors"))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+    failed = server.client.post(
+        "/models/download",
+        json={"source": "url", "model_id": fileserver.url("/other.pt"), "name": "other"},
+    )
+    status = server.wait_for(failed.json()["download_id"], timeout=120)
+    assert status["status"] == "failed", status
+    assert "other.pt: it is not a state dict" in status["message"]
+    assert "allow_pickle" in status["message"] and "load_as" in status["message"]
+    assert server.client.get("/models/download/other/info").status_code == 404
+
+    torchscript = server.client.post(
+        "/models/download",
+        json={
+            "source": "url",
+            "model_id": fileserver.url("/weights.pth"),
+            "name": "ts",
+            "load_as": "torchscript",
+        },
+    )
+    assert torchscript.status_code == 400
+    assert "TorchScript archive" in torchscript.json()["message"]
+    assert "allow_pickle" in torchscript.json()["message"]
