@@ -411,3 +411,40 @@ def test_url_state_dict_is_converted_and_a_non_state_dict_fails(make_server, fil
     assert torchscript.status_code == 400
     assert "TorchScript archive" in torchscript.json()["message"]
     assert "allow_pickle" in torchscript.json()["message"]
+
+
+def test_status_shows_the_converting_phase(make_server, fileserver, monkeypatch):
+    import threading
+    import time
+
+    import modelhost.jobs.manager as manager
+
+    release, entered = threading.Event(), threading.Event()
+    real = manager.convert_pickles
+
+    def held(*args, **kwargs):  # the real conversion, once the test has seen the phase
+        entered.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "convert_pickles", held)
+    fileserver.add("/w.pth", saved({"w": torch.ones(2)}))
+    server = make_server([fileserver.host_port], device="cpu")
+    answer = server.client.post(
+        "/models/download",
+        json={"source": "url", "model_id": fileserver.url("/w.pth"), "name": "w"},
+    )
+    download_id = answer.json()["download_id"]
+    assert entered.wait(60)
+    deadline = time.monotonic() + 10
+    while True:
+        status = server.client.get(f"/models/download/status/{download_id}").json()
+        if status["phase"] == "converting" or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert status["status"] == "downloading" and status["phase"] == "converting", status
+    assert status["message"] == "Converting pickled weights to safetensors: w.pth"
+    release.set()
+    done = server.wait_for(download_id, timeout=120)
+    assert done["status"] == "completed" and done["phase"] is None
+    assert "w.pth -> w.safetensors" in done["message"]
