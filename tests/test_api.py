@@ -322,7 +322,12 @@ BAD_REQUESTS = [
     ({"source": "url", "model_id": "URL", "name": "n", "sha256": "xyz"}, 422, "sha256"),
     ({"source": "url", "model_id": "URL", "name": "n", "bogus_field": 1}, 422, "bogus_field"),
     ({"source": "url", "name": "n"}, 422, "model_id: Field required"),
-    ({"source": "url", "model_id": "URL_PTH", "name": "n"}, 400, "allow_pickle"),
+    # A TorchScript archive is code, not a state dict: never converted, always opt-in.
+    (
+        {"source": "url", "model_id": "URL_PTH", "name": "n", "load_as": "torchscript"},
+        400,
+        "allow_pickle",
+    ),
 ]
 
 

@@ -11,6 +11,7 @@ plans and code paths are the real ones; only the weights are small.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 import io
 import json
@@ -126,9 +127,13 @@ def test_every_entry_plans_through_its_own_source(entry, context, mirror):
         assert paths == ["resnet50-11ad3fa6.pth"] and plan.files[0].sha256_prefix == "11ad3fa6"
     if entry.source == "torchaudio":
         assert paths == list(TACOTRON2_FILES)
-    if entry.pickled_weights:  # the catalog says the opt-in is needed: without it, refused
+    if entry.pickled_weights:
+        # Under policy allow the catalog's opt-in is needed: without it, refused. Under
+        # convert (the default) the pickled state dicts are planned for conversion instead.
+        allow = dataclasses.replace(context, pickle_policy="allow")
         with pytest.raises(InvalidRequest, match="allow_pickle"):
-            plan_of(entry, context, allow_pickle=False)
+            plan_of(entry, allow, allow_pickle=False)
+        assert plan_of(entry, context, allow_pickle=False).extra["convert"]
 
 
 @pytest.mark.parametrize("entry", TTS_ENTRIES, ids=lambda e: e.name)
@@ -220,10 +225,18 @@ def rate_in_files(server, name: str, entry: CatalogEntry) -> int:
 
     if entry.source == "torchaudio":
         import torchaudio
+        from safetensors.torch import load_file
+        from torchaudio.models import WaveRNN
+        from torchaudio.pipelines._tts.impl import _WaveRNNVocoder
 
         bundle = getattr(torchaudio.pipelines, entry.model_id)
-        local = {"model_dir": str(root), "weights_only": True}  # the installed files only
-        return int(bundle.get_vocoder(dl_kwargs=local).sample_rate)
+        if bundle._wavernn_path is None:
+            return int(bundle.get_vocoder().sample_rate)
+        # The installed (converted) vocoder weights, in torchaudio's own vocoder class.
+        wavernn = WaveRNN(**bundle._wavernn_params)
+        stem = bundle._wavernn_path.rsplit(".", 1)[0]
+        wavernn.load_state_dict(load_file(str(root / f"{stem}.safetensors")))
+        return int(_WaveRNNVocoder(wavernn).sample_rate)
     model_type = config("config.json")["model_type"]
     if model_type == "speecht5":
         return int(config("vocoder/config.json")["sampling_rate"])
@@ -247,7 +260,11 @@ def check_vocoder_required(server, name, entry, row):
 def check_vocoder_bundled(server, name, entry, row):
     info = server.client.get(f"/models/download/{name}/info").json()
     assert entry.vocoder_model is None and not info["extra"].get("components")
-    assert sorted(f["path"] for f in info["files"]) == sorted(TACOTRON2_FILES)
+    # Both weight files arrived (as their safetensors conversions, the default policy).
+    assert sorted(c["original_path"] for c in info["conversions"]) == sorted(TACOTRON2_FILES)
+    assert sorted(f["path"] for f in info["files"]) == sorted(
+        name.rsplit(".", 1)[0] + ".safetensors" for name in TACOTRON2_FILES
+    )
 
 
 def check_speaker_embedding_required(server, name, entry, row):

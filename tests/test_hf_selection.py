@@ -43,14 +43,32 @@ def test_safetensors_wins_over_every_other_copy():
     ]
 
 
-def test_only_pickled_weights_need_opt_in():
+def test_only_pickled_weights_need_opt_in_under_policy_allow():
     repo = files(["config.json", "pytorch_model.bin", "tf_model.h5"])
     with pytest.raises(InvalidRequest, match="allow_pickle"):
-        select_files(repo, None, None, allow_pickle=False)
-    assert paths(select_files(repo, None, None, allow_pickle=True)) == [
+        select_files(repo, None, None, allow_pickle=False, pickle_policy="allow")
+    assert paths(select_files(repo, None, None, True, "allow")) == [
         "config.json",
         "pytorch_model.bin",
     ]
+
+
+def test_pickled_state_dicts_are_selected_for_conversion_by_default():
+    repo = files(["config.json", "pytorch_model.bin", "tf_model.h5"])
+    assert paths(select_files(repo, None, None, allow_pickle=False)) == [
+        "config.json",
+        "pytorch_model.bin",
+    ]
+    # A .pkl is no state dict the converter takes: it still needs the opt-in.
+    other = files(["config.json", "weights.pkl"])
+    with pytest.raises(InvalidRequest, match="allow_pickle"):
+        select_files(other, None, None, allow_pickle=False)
+
+
+def test_policy_refuse_refuses_pickles_even_with_the_opt_in():
+    repo = files(["config.json", "pytorch_model.bin"])
+    with pytest.raises(InvalidRequest, match="MODELHOST_PICKLE_POLICY=refuse"):
+        select_files(repo, None, None, allow_pickle=True, pickle_policy="refuse")
 
 
 def test_patterns_override_the_defaults():

@@ -100,8 +100,12 @@ def test_bundle_installs_loads_and_speaks_what_torchaudio_would(server, mirror, 
     assert status["status"] == "completed" and status["message"].endswith("loaded on cpu")
 
     manifest = server.client.get("/models/download/taco/info").json()
-    digests = {f["path"]: f["sha256"] for f in manifest["files"]}
-    assert digests == {name: hashlib.sha256(FILES[name]).hexdigest() for name in wanted}
+    # Under the default pickle policy (convert) the verified .pth files become safetensors.
+    originals = {c["original_path"]: c["original_sha256"] for c in manifest["conversions"]}
+    assert originals == {name: hashlib.sha256(FILES[name]).hexdigest() for name in wanted}
+    assert sorted(f["path"] for f in manifest["files"]) == sorted(
+        name.replace(".pth", ".safetensors") for name in wanted
+    )
     assert mirror.count("GET", f"/audio/{TACOTRON2_FILE}") == 1
 
     text = "Hello, world!"
@@ -148,7 +152,6 @@ def test_bundle_is_all_or_nothing_when_the_vocoder_file_fails(server, mirror):
 @pytest.mark.parametrize(
     "model_id, extra, status, fragment",
     [
-        (WAVERNN_BUNDLE, {"allow_pickle": False}, 400, "allow_pickle"),
         (WAVERNN_BUNDLE, {"vocoder_model": "microsoft/speecht5_hifigan"}, 400, "own vocoder"),
         ("TACOTRON2_WAVERNN_PHONE_LJSPEECH", {}, 400, "deep-phonemizer"),
         ("TACOTRON2_WAVERNN_CHAR_LJSPEEC", {}, 404, "close: TACOTRON2_WAVERNN_CHAR_LJSPEECH"),
@@ -163,6 +166,20 @@ def test_bad_bundles_are_refused_and_change_nothing(server, mirror, model_id, ex
     assert fragment in response.json()["message"]
     assert response.json()["success"] is False
     assert server.client.get("/models/managed").json()["total_models"] == 0
+    assert not [r for r in mirror.requests if r.method == "GET"]
+
+
+@pytest.mark.parametrize(
+    "policy, extra, fragment",
+    [("allow", {"allow_pickle": False}, "allow_pickle"), ("refuse", {}, "=refuse")],
+)
+def test_pickle_policies_allow_and_refuse(make_server, mirror, policy, extra, fragment):
+    server = make_server(
+        [], torchaudio_mirror=mirror.url("/audio"), device="cpu", pickle_policy=policy
+    )
+    response = post(server, WAVERNN_BUNDLE, **extra)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["message"] and response.json()["success"] is False
     assert not [r for r in mirror.requests if r.method == "GET"]
 
 

@@ -81,7 +81,13 @@ def test_weights_from_the_mirror_verified_loaded_and_labelled(make_server, files
     status = server.wait_for(answer.json()["download_id"])
     assert status["status"] == "completed" and status["message"].endswith("loaded on cpu")
     info = server.client.get("/models/download/tiny/info").json()
-    assert info["files"][0]["sha256"] == hashlib.sha256(WEIGHTS).hexdigest()
+    # Under the default pickle policy (convert) the verified .pth is installed as safetensors.
+    [conversion] = info["conversions"]
+    assert conversion["original_path"] == FILENAME
+    assert conversion["original_sha256"] == hashlib.sha256(WEIGHTS).hexdigest()
+    converted = FILENAME.rsplit(".", 1)[0] + ".safetensors"
+    assert [f["path"] for f in info["files"]] == [converted]
+    assert info["files"][0]["sha256"] == conversion["converted_sha256"]
     assert info["revision"] == "MhTinyNetWeights.IMAGENET_TOY"
 
     pixels = torch.randint(0, 256, (20, 24, 3), generator=torch.Generator().manual_seed(3))
@@ -115,11 +121,16 @@ def test_wrong_hash_fails_verification(make_server, fileserver):
         ({"model_id": "no_such_net"}, 404, "torchvision has no architecture 'no_such_net'"),
         ({"model_id": "mh_tiny_net:V9"}, 404, "has no weights 'V9'; it has: IMAGENET_TOY"),
         ({"model_id": "Bad Name"}, 400, "Invalid model_id"),
-        ({"allow_pickle": False}, 400, "weights_only=True"),
+        ({"allow_pickle": False, "policy": "allow"}, 400, "weights_only=True"),
+        ({"policy": "refuse"}, 400, "MODELHOST_PICKLE_POLICY=refuse"),
     ],
 )
 def test_bad_requests(make_server, fileserver, body, code, fragment):
-    server = make_server([], torchvision_mirror=fileserver.url("/models"), device="cpu")
+    body = dict(body)
+    policy = body.pop("policy", "convert")
+    server = make_server(
+        [], torchvision_mirror=fileserver.url("/models"), device="cpu", pickle_policy=policy
+    )
     response = server.client.post("/models/download", json=request(**body))
     assert response.status_code == code, response.text
     assert fragment in response.json()["message"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +26,10 @@ DEFAULT_URL_ALLOW = (
 )
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# convert: pickled state dicts are converted to safetensors by an isolated worker process;
+# refuse: no pickle is ever downloaded; allow: pickles are stored as they are, with the
+# request's allow_pickle, and loaded with torch.load(weights_only=True) in the server.
+PicklePolicy = Literal["convert", "refuse", "allow"]
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -65,6 +69,11 @@ class Settings(BaseSettings):
     # Disk space (MB) a download must leave free on the home's filesystem; checked before
     # any byte moves, so a download that cannot fit is refused instead of filling the disk.
     disk_reserve_mb: float = Field(default=512, ge=0)
+
+    # Pickled weights (see PicklePolicy), and the limits of the worker that converts them.
+    pickle_policy: PicklePolicy = "convert"
+    convert_timeout_s: float = Field(default=1800.0, gt=0)
+    convert_memory_gb: float | None = Field(default=None, gt=0)
 
     # Loaded models (runtime).
     max_loaded: int | None = Field(default=None, ge=1)

@@ -139,6 +139,14 @@ class SizeMismatch(FetchError):
     error = "Size mismatch"
 
 
+class PickleRejected(FetchError):
+    """A pickled weights file the converter refused: it is not a state dict, or its pickle
+    asks for something outside tensor reconstruction. The job fails; nothing is installed."""
+
+    status_code = 422
+    error = "Pickled weights refused"
+
+
 class Cancelled(ModelhostError):
     status_code = 409
     error = "Cancelled"

@@ -18,6 +18,7 @@ from modelhost.api.errors import install_error_handlers
 from modelhost.api.security import install_security
 from modelhost.catalog import load_catalog, load_models_config
 from modelhost.config import Settings
+from modelhost.convert import ConvertLimits
 from modelhost.fetch import FetchEngine, RetryPolicy, UrlPolicy
 from modelhost.fetch.http import Authorizer
 from modelhost.fetch.policy import Target
@@ -103,6 +104,13 @@ def build_services(settings: Settings) -> Services:
         registry=runtime,
         mirrors=mirrors_by_source,
         torch_hub_allow=settings.torch_hub_allow,
+        pickle_policy=settings.pickle_policy,
+        convert_limits=ConvertLimits(
+            timeout_s=settings.convert_timeout_s,
+            address_space=(
+                int(settings.convert_memory_gb * 1024**3) if settings.convert_memory_gb else None
+            ),
+        ),
     )
     return Services(
         settings=settings,

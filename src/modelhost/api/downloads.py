@@ -33,6 +33,7 @@ def status_body(view: JobView) -> dict:
         "progress": view.progress_percent,
         "eta": None if view.eta_s is None else round(view.eta_s, 1),
         "message": job.message,
+        "phase": view.phase,  # a running job's step: downloading, converting, loading
         "error": job.error,
         "model_name": job.name,
         "source": job.source,

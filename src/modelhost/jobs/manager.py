@@ -18,9 +18,12 @@ import threading
 from collections import OrderedDict, deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelhost.catalog import is_tts_task
+from modelhost.config import PicklePolicy
+from modelhost.convert import ConvertLimits, convert_pickles
 from modelhost.errors import (
     Cancelled,
     Conflict,
@@ -30,6 +33,7 @@ from modelhost.errors import (
     JobNotFound,
     ModelhostError,
     ModelNotFound,
+    PickleRejected,
     UpstreamError,
 )
 from modelhost.fetch import CancelToken, FetchedFile, FetchEngine, FileSpec, Progress
@@ -168,6 +172,7 @@ class _Active:
     progress: Progress
     cancel: CancelToken
     task: asyncio.Task | None = None
+    phase: str = "downloading"  # while DOWNLOADING: "downloading", then "converting"
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class JobView:
     bytes_total: int | None
     speed_bps: float | None
     eta_s: float | None
+    phase: str | None = None  # what a running job is doing: downloading, converting, loading
 
     @property
     def progress_percent(self) -> float:
@@ -206,8 +212,12 @@ class JobManager:
         registry: ModelRegistry | None = None,
         mirrors: dict[str, str | None] | None = None,
         torch_hub_allow: tuple[str, ...] = (),
+        pickle_policy: PicklePolicy = "convert",
+        convert_limits: ConvertLimits | None = None,
     ) -> None:
         self.torch_hub_allow = torch_hub_allow
+        self.pickle_policy = pickle_policy
+        self.convert_limits = convert_limits or ConvertLimits()
         self.hub = hub
         self.mirrors = mirrors or {}
         self.registry = registry
@@ -420,6 +430,7 @@ class JobManager:
             mirrors=self.mirrors,
             torch_hub_allow=self.torch_hub_allow,
             cancel=cancel,
+            pickle_policy=self.pickle_policy,
         )
 
     def _plan_cancellable(self, source: Source, request: DownloadRequest) -> Plan:
@@ -621,7 +632,7 @@ class JobManager:
                 task=plan.task,
                 download_id=job.id,
                 extra={
-                    **{k: v for k, v in plan.extra.items() if k != "changes"},
+                    **{k: v for k, v in plan.extra.items() if k not in ("changes", "convert")},
                     "description": plan.description,
                     "model_type": plan.model_type,
                 },
@@ -638,6 +649,9 @@ class JobManager:
             ] + reused
             if plan.extra.get("archive") == "zip":
                 files = await asyncio.to_thread(self._unpack, job.id, files)
+            if plan.extra.get("convert"):
+                files, conversions = await self._convert(active, files, plan.extra["convert"])
+                manifest = manifest.model_copy(update={"conversions": conversions})
             manifest = await asyncio.to_thread(self.store.commit, manifest, files)
             await asyncio.to_thread(self._discard_partials, active.plan)  # their .json state
             remove_tree(self.engine.partial_dir / f"extract-{job.id}")
@@ -656,6 +670,11 @@ class JobManager:
                 )
             if reused:
                 message += f" ({len(reused)} file(s) already in the cache were reused)"
+            if manifest.conversions:
+                converted = ", ".join(
+                    f"{c.original_path} -> {c.converted_path}" for c in manifest.conversions
+                )
+                message += f"; pickled weights converted to safetensors: {converted}"
             if evicted:
                 message += f"; evicted to stay within the cache budget: {', '.join(evicted)}"
             message += load_note
@@ -697,6 +716,8 @@ class JobManager:
                 error="Internal error",
                 finished_at=utcnow(),
             )
+        # Conversions not committed (a failure, a cancel) leave nothing behind.
+        await asyncio.to_thread(remove_tree, self._convert_dir(job.id))
         snapshot = active.progress.snapshot()
         if job.state != JobState.COMPLETED:
             job = dataclasses.replace(job, bytes_done=snapshot.bytes_done)
@@ -781,6 +802,35 @@ class JobManager:
                 raise first  # type: ignore[misc]
             return [f.result() for f in futures], reused
 
+    def _convert_dir(self, job_id: str) -> Path:
+        return self.engine.partial_dir / f"convert-{job_id}"
+
+    async def _convert(
+        self, active: _Active, files: list[CommitFile], paths: list[str]
+    ) -> tuple[list[CommitFile], list]:
+        """The ``converting`` phase: the verified pickles become safetensors in an isolated
+        worker process (``modelhost.convert``); a refused pickle fails the job and its
+        bytes are discarded, so nothing of it stays."""
+        active.phase = "converting"
+        active.job = active.job.evolve(
+            message=f"Converting pickled weights to safetensors: {', '.join(paths[:4])}"
+        )
+        await self._save(active.job)
+        workdir = self._convert_dir(active.job.id)
+        try:
+            return await asyncio.to_thread(
+                convert_pickles,
+                files,
+                paths,
+                workdir,
+                self.convert_limits,
+                self.store.blob_path,
+                active.cancel,
+            )
+        except PickleRejected:
+            await asyncio.to_thread(self._discard_partials, active.plan)
+            raise
+
     def _unpack(self, job_id: str, archives: list[CommitFile]) -> list[CommitFile]:
         """A repository archive's files, extracted safely, in place of the archive."""
         destination = self.engine.partial_dir / f"extract-{job_id}"
@@ -834,7 +884,7 @@ class JobManager:
         """The job's current state; raises ``JobNotFound``."""
         active = self._active.get(job_id)
         if active is not None:
-            return self._view(active.job, active.progress)
+            return self._view(active.job, active.progress, active.phase)
         job = self._finished.get(job_id)
         if job is None:
             job = await asyncio.to_thread(self.repository.get, job_id)
@@ -853,16 +903,23 @@ class JobManager:
         views = []
         for job in jobs:
             active = self._active.get(job.id)
-            views.append(self._view(active.job, active.progress) if active else self._view(job))
+            views.append(
+                self._view(active.job, active.progress, active.phase) if active else self._view(job)
+            )
         return views
 
-    def _view(self, job: Job, progress: Progress | None = None) -> JobView:
+    def _view(
+        self, job: Job, progress: Progress | None = None, phase: str | None = None
+    ) -> JobView:
         if progress is None or job.state.finished:
             return JobView(job, job.bytes_done, job.bytes_total, None, None)
         snapshot = progress.snapshot()
-        speed = snapshot.speed_bps if job.state == JobState.DOWNLOADING else None
-        eta = snapshot.eta_s if job.state == JobState.DOWNLOADING else None
-        return JobView(job, snapshot.bytes_done, snapshot.bytes_total, speed, eta)
+        moving = job.state == JobState.DOWNLOADING and phase != "converting"
+        speed = snapshot.speed_bps if moving else None
+        eta = snapshot.eta_s if moving else None
+        if job.state != JobState.DOWNLOADING:
+            phase = job.state.value
+        return JobView(job, snapshot.bytes_done, snapshot.bytes_total, speed, eta, phase)
 
     def cache_hit_rate(self) -> float | None:
         """Share of download requests since start answered from the cache; None before any."""

@@ -21,6 +21,13 @@ class PickleNotAllowed(InvalidRequest):
     error = "Pickled weights need opt-in"
 
 
+class PickleRefused(InvalidRequest):
+    """torch's weights_only unpickler refused a stored pickle: it asks for something
+    outside tensor reconstruction (400); nothing of it ran."""
+
+    error = "Pickled weights refused"
+
+
 class InvalidInput(InvalidRequest, ValueError):
     """An inference input the model cannot take: says what it expected (400)."""
 
@@ -50,10 +57,3 @@ class MalformedWeights(InvalidRequest):
     """A weights or config file of the model is damaged or not what it claims (400)."""
 
     error = "Malformed model file"
-
-
-class PickleRefused(InvalidRequest):
-    """``torch.load(weights_only=True)`` refused a pickled weights file: it names a global
-    that only a full unpickle would run (400)."""
-
-    error = "Pickled weights refused"

@@ -9,6 +9,8 @@ in float32 on CPU and MPS and in their stored dtype on CUDA.
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +23,12 @@ from torch import nn
 
 from modelhost.errors import ModelhostError
 from modelhost.runtime.device import device_str
-from modelhost.runtime.errors import MalformedWeights, MemoryBudgetExceeded, UnsupportedModel
+from modelhost.runtime.errors import (
+    MalformedWeights,
+    MemoryBudgetExceeded,
+    PickleRefused,
+    UnsupportedModel,
+)
 from modelhost.runtime.families import Family, FamilyInfo, detect_family
 from modelhost.runtime.images import ConfigPreprocessor
 from modelhost.runtime.loaded import LoadedModel
@@ -272,12 +279,18 @@ def _tacotron2(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
         raise UnsupportedModel(f"this torchaudio has no text-to-speech bundle {name!r}")
     # The files torchaudio's getters will look for (the torchaudio source fetched these).
     wanted = [getattr(bundle, a, None) for a in ("_tacotron2_path", "_wavernn_path")]
-    missing = [f for f in wanted if f and not (path / f).is_file()]
-    if missing:
-        raise UnsupportedModel(f"{path} lacks the bundle's weight files: {', '.join(missing)}")
-    local = {"model_dir": str(path), "weights_only": True, "progress": False}
-    tacotron2 = bundle.get_tacotron2(dl_kwargs=local)
-    vocoder = bundle.get_vocoder(dl_kwargs=local)
+    converted = [f for f in wanted if f and _converted(path, f).is_file()]
+    if converted and len(converted) == len([f for f in wanted if f]):
+        tacotron2, vocoder = _tacotron2_from_safetensors(bundle, path, wanted)
+    else:
+        missing = [f for f in wanted if f and not (path / f).is_file()]
+        if missing:
+            raise UnsupportedModel(
+                f"{path} lacks the bundle's weight files: {', '.join(missing)}"
+            )
+        local = {"model_dir": str(path), "weights_only": True, "progress": False}
+        tacotron2 = bundle.get_tacotron2(dl_kwargs=local)
+        vocoder = bundle.get_vocoder(dl_kwargs=local)
     return Parts(
         model=tacotron2,
         processor=bundle.get_text_processor(),
@@ -285,6 +298,28 @@ def _tacotron2(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
         sample_rate=int(vocoder.sample_rate),
         extra={"bundle": name, "vocoder": type(vocoder).__name__.strip("_")},
     )
+
+
+def _converted(path: Path, name: str) -> Path:
+    """Where the pickle policy ``convert`` put ``name``'s tensors (same stem, .safetensors)."""
+    return path / (Path(name).stem + ".safetensors")
+
+
+def _tacotron2_from_safetensors(bundle: Any, path: Path, wanted: list[str | None]) -> tuple:
+    """The bundle's models built as its getters build them (same classes and parameters),
+    with the converted safetensors weights instead of torchaudio's pickles."""
+    from safetensors.torch import load_file
+    from torchaudio.models import Tacotron2, WaveRNN
+    from torchaudio.pipelines._tts import impl
+
+    tacotron2 = Tacotron2(**bundle._tacotron2_params)
+    tacotron2.load_state_dict(load_file(str(_converted(path, str(wanted[0])))))
+    tacotron2.eval()
+    if wanted[1] is None:  # Griffin-Lim: an algorithm, no weights
+        return tacotron2, bundle.get_vocoder()
+    wavernn = WaveRNN(**bundle._wavernn_params)
+    wavernn.load_state_dict(load_file(str(_converted(path, wanted[1]))))
+    return tacotron2, impl._WaveRNNVocoder(wavernn.eval())
 
 
 LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
@@ -302,6 +337,18 @@ LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
     Family.TORCH_HUB: _torch_hub,
     Family.TACOTRON2: _tacotron2,
 }
+
+
+def _weights_only_refusal(exc: BaseException) -> str | None:
+    """What torch's restricted unpickler refused, when ``exc`` (or its cause) is that."""
+    while exc is not None:
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            return f"it tries to use {found.group(1)}" if found else " ".join(text.split())[:300]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
 
 
 # The class each family builds, for sizing it from config.json alone (on the meta device).
@@ -443,19 +490,31 @@ def _build(info: FamilyInfo, path: Path, device: torch.device, safetensors: bool
         return parts
     except ModelhostError:
         raise
-    except (torch.OutOfMemoryError, MemoryError) as exc:
+    except Exception as exc:
         release_cached(device)
-        raise MemoryBudgetExceeded(
+        raise _load_error(exc, path, device) from None
+
+
+def _load_error(exc: Exception, path: Path, device: torch.device) -> Exception:
+    """The 4xx error a failed family loader's exception stands for (or ``exc`` itself, a bug)."""
+    refusal = _weights_only_refusal(exc)
+    if refusal is not None:  # a pickle the pre-check did not see (e.g. a component's)
+        return PickleRefused(
+            f"A pickled weights file in {path.name} was refused by "
+            f"torch.load(weights_only=True): {refusal}; nothing of it ran"
+        )
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return MemoryBudgetExceeded(
             f"Loading {path.name} ran out of memory on {device_str(device)} "
             f"({_first_line(exc)}): unload other models or lower the memory budget"
-        ) from None
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError,
-            IndexError, EOFError, StrictDataclassError) as exc:  # fmt: skip
-        log.warning("loading %s failed", path, exc_info=True)
-        release_cached(device)
-        raise UnsupportedModel(
+        )
+    if isinstance(exc, (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError,
+                        IndexError, EOFError, StrictDataclassError)):  # fmt: skip
+        log.warning("loading %s failed", path, exc_info=exc)
+        return UnsupportedModel(
             f"Model files in {path.name} could not be loaded: {_first_line(exc)}"
-        ) from None
+        )
+    return exc
 
 
 def load(

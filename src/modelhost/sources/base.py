@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modelhost.config import PicklePolicy
 from modelhost.errors import InvalidRequest
 from modelhost.fetch import CancelToken, FetchEngine, FileSpec
 from modelhost.names import NAME_PATTERN, check_path_limits, shorten
@@ -110,6 +111,44 @@ class SourceContext:
     mirrors: dict[str, str | None] = field(default_factory=dict)  # source -> base URL
     torch_hub_allow: tuple[str, ...] = ()  # owner/repo whose hubconf.py may run
     cancel: CancelToken | None = None  # aborts the planning's requests (shutdown)
+    pickle_policy: PicklePolicy = "convert"  # MODELHOST_PICKLE_POLICY
+
+
+# Pickled state dicts the converter takes (modelhost.convert); .pkl/.pickle are not among them.
+CONVERTIBLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_REFUSED = (
+    "this server refuses pickled weights (MODELHOST_PICKLE_POLICY=refuse), with or without "
+    "allow_pickle"
+)
+
+
+def decide_pickles(
+    pickled: list[str],
+    policy: PicklePolicy,
+    allow_pickle: bool,
+    opt_in_message: str,
+    convertible: bool = True,
+) -> list[str]:
+    """What to do with the pickled files a plan would fetch; returns those to convert.
+
+    ``refuse``: any pickle is a 400 naming the setting. ``convert``: convertible state dicts
+    are converted; anything else still needs ``allow_pickle`` (``opt_in_message`` says so).
+    ``allow``: every pickle needs ``allow_pickle``. ``convertible`` False: the files are
+    not state dicts (TorchScript), so conversion does not apply to them."""
+    if not pickled:
+        return []
+    if policy == "refuse":
+        raise InvalidRequest(
+            f"{', '.join(pickled[:3])}: {PICKLE_REFUSED}; use safetensors weights",
+            error="Pickled weights refused",
+        )
+    if policy == "convert" and convertible:
+        to_convert = [p for p in pickled if p.lower().endswith(CONVERTIBLE_SUFFIXES)]
+        if len(to_convert) == len(pickled) or allow_pickle:
+            return to_convert
+    if not allow_pickle:
+        raise InvalidRequest(opt_in_message, error="Pickled weights need opt-in")
+    return []
 
 
 class Source(Protocol):

@@ -28,7 +28,13 @@ from modelhost.errors import (
 )
 from modelhost.fetch import FileSpec
 from modelhost.names import check_path_limits
-from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.sources.base import (
+    DownloadRequest,
+    PicklePolicy,
+    Plan,
+    SourceContext,
+    decide_pickles,
+)
 from modelhost.sources.hub_api import HubApi, HubResponseError, RepoFile, resolve_url
 
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -90,11 +96,13 @@ def select_files(
     allow_patterns: list[str] | None,
     ignore_patterns: list[str] | None,
     allow_pickle: bool,
+    pickle_policy: PicklePolicy = "convert",
 ) -> list[RepoFile]:
     """The files a model needs to load: one weight format, no other frameworks' copies.
 
     ``allow_patterns`` / ``ignore_patterns`` (fnmatch, as huggingface_hub uses them) take
-    precedence over the defaults. Pickled weights need ``allow_pickle``.
+    precedence over the defaults. The pickle policy decides about pickled weights
+    (``decide_pickles``): converted, refused, or admitted with ``allow_pickle``.
     """
     if allow_patterns:
         chosen = [f for f in files if _matches(f.path, allow_patterns)]
@@ -107,15 +115,30 @@ def select_files(
             chosen = [f for f in chosen if f.path != "pytorch_model.bin.index.json"]
     if ignore_patterns:
         chosen = [f for f in chosen if not _matches(f.path, ignore_patterns)]
-    pickled = [f.path for f in chosen if _matches(f.path, PICKLE_WEIGHT_PATTERNS)]
-    if pickled and not allow_pickle:
-        raise InvalidRequest(
-            f"This repository offers only pickled weights ({', '.join(pickled[:3])}), which can "
-            'run code when loaded. Set "allow_pickle": true to install them (they will be '
-            "loaded with weights_only=True), or pick a repository with safetensors weights",
-            error="Pickled weights need opt-in",
-        )
+    pickled = pickled_weights(f.path for f in chosen)
+    decide_pickles(
+        pickled,
+        pickle_policy,
+        allow_pickle,
+        f"This repository offers only pickled weights ({', '.join(pickled[:3])}), which can "
+        'run code when loaded. Set "allow_pickle": true to install them (they will be '
+        "loaded with weights_only=True), or pick a repository with safetensors weights",
+    )
     return chosen
+
+
+def pickled_weights(paths: Iterable[str]) -> list[str]:
+    """The paths that are pickled weights (what the pickle policy decides about)."""
+    return [p for p in paths if _matches(p, PICKLE_WEIGHT_PATTERNS)]
+
+
+def to_convert(
+    specs: list[FileSpec], policy: PicklePolicy, allow_pickle: bool
+) -> list[str]:
+    """The planned files the converter turns into safetensors (main repo and components)."""
+    # Component files carry their folder (vocoder/...): match the patterns on the name.
+    pickled = [s.path for s in specs if pickled_weights([PurePosixPath(s.path).name])]
+    return decide_pickles(pickled, policy, allow_pickle, "") if policy == "convert" else []
 
 
 def _hub_error(exc: HubResponseError, repo_id: str, revision: str, endpoint: str) -> ModelhostError:
@@ -183,7 +206,9 @@ class HuggingFaceSource:
             raise InvalidRequest("The Hugging Face source is not configured")
         repo_id = check_repo_id(request.model_id)
         api = HubApi(context.engine, hub.endpoint, context.cancel)
-        main = self.snapshot(api, repo_id, request.revision or "main", request)
+        main = self.snapshot(
+            api, repo_id, request.revision or "main", request, pickle_policy=context.pickle_policy
+        )
         specs = self._specs(hub, main, prefix="")
         config = self._read_config(context, specs)
         architecture = config.get("model_type") if config else None
@@ -205,7 +230,9 @@ class HuggingFaceSource:
                     error="No vocoder for this model",
                 )
             check_repo_id(vocoder_id, "vocoder_model")
-            vocoder = self.snapshot(api, vocoder_id, "main", None, request.allow_pickle)
+            vocoder = self.snapshot(
+                api, vocoder_id, "main", None, request.allow_pickle, context.pickle_policy
+            )
             specs += self._specs(hub, vocoder, prefix=f"{VOCODER_DIR}/")
             components.append(
                 {
@@ -259,6 +286,7 @@ class HuggingFaceSource:
                     entry.tts_features.supports_voice_cloning if entry else None
                 ),
                 "notes": notes,
+                "convert": to_convert(specs, context.pickle_policy, request.allow_pickle),
             },
         )
 
@@ -269,6 +297,7 @@ class HuggingFaceSource:
         revision: str,
         request: DownloadRequest | None,
         allow_pickle: bool = False,
+        pickle_policy: PicklePolicy = "convert",
     ) -> RepoSnapshot:
         """The repository at ``revision``, pinned to its commit, with the files to install.
 
@@ -281,10 +310,14 @@ class HuggingFaceSource:
             raise _hub_error(exc, repo_id, revision, api.endpoint) from exc
         if request is not None:
             files = select_files(
-                files, request.allow_patterns, request.ignore_patterns, request.allow_pickle
+                files,
+                request.allow_patterns,
+                request.ignore_patterns,
+                request.allow_pickle,
+                pickle_policy,
             )
         else:
-            files = select_files(files, None, None, allow_pickle=allow_pickle)
+            files = select_files(files, None, None, allow_pickle, pickle_policy)
         if not files:
             raise InvalidRequest(f"No files of {repo_id}@{revision} match the patterns given")
         return RepoSnapshot(repo_id, revision, commit, files)

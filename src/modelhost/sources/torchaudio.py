@@ -15,7 +15,7 @@ from typing import Any
 
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.fetch import FileSpec
-from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
 
 MODEL_ID = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 BASE_URL = "https://download.pytorch.org/torchaudio/models"
@@ -108,13 +108,14 @@ class TorchaudioSource:
                 "name); drop vocoder_model",
                 error="Bundle has its own vocoder",
             )
-        if not request.allow_pickle:
-            raise InvalidRequest(
-                "torchaudio publishes its weights as pickled .pth files. Set "
-                '"allow_pickle": true to install them; they are loaded with '
-                "torch.load(weights_only=True), which reads tensors and runs no code",
-                error="Pickled weights need opt-in",
-            )
+        convert = decide_pickles(
+            weight_files(bundle),
+            context.pickle_policy,
+            request.allow_pickle,
+            "torchaudio publishes its weights as pickled .pth files. Set "
+            '"allow_pickle": true to install them; they are loaded with '
+            "torch.load(weights_only=True), which reads tensors and runs no code",
+        )
         base = (context.mirrors.get(self.name) or BASE_URL).rstrip("/")
         files = []
         for filename in weight_files(bundle):
@@ -138,5 +139,6 @@ class TorchaudioSource:
                 "vocoder": vocoder,
                 # Griffin-Lim is an algorithm: nothing to download for it.
                 "vocoder_models": [spec.path for spec in files[1:]],
+                "convert": convert,
             },
         )

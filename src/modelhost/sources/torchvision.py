@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.fetch import FileSpec
-from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
 
 MODEL_ID = re.compile(r"^([a-z][a-z0-9_]{0,63})(?::([A-Za-z0-9_]{1,64}))?$")
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
@@ -65,14 +65,15 @@ class TorchvisionSource:
     def plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
         """The weights file of the enum member, from its URL or the mirror."""
         architecture, weights = resolve_weights(request.model_id)
-        if not request.allow_pickle:
-            raise InvalidRequest(
-                "torchvision publishes its weights as pickled .pth files. Set "
-                '"allow_pickle": true to install them; they are loaded with '
-                "torch.load(weights_only=True), which reads tensors and runs no code",
-                error="Pickled weights need opt-in",
-            )
         filename = posixpath.basename(urlsplit(weights.url).path)
+        convert = decide_pickles(
+            [filename],
+            context.pickle_policy,
+            request.allow_pickle,
+            "torchvision publishes its weights as pickled .pth files. Set "
+            '"allow_pickle": true to install them; they are loaded with '
+            "torch.load(weights_only=True), which reads tensors and runs no code",
+        )
         url = weights.url
         mirror = context.mirrors.get(self.name)
         if mirror:
@@ -96,5 +97,6 @@ class TorchvisionSource:
                 "load_as": f"torchvision:{architecture}",
                 "weights": weights.name,
                 "categories_count": len(weights.meta.get("categories") or []),
+                "convert": convert,
             },
         )

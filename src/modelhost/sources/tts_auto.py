@@ -123,6 +123,10 @@ class TtsAutoSource:
                 f"{entry.model_id} needs its authors' own code, which modelhost never runs: "
                 "it is installed download-only (loadable: false)"
             )
+        if not loadable and context.pickle_policy == "convert":
+            # Download-only files are stored, never unpickled: converting them buys nothing
+            # (they are often not plain state dicts), so their pickles keep needing opt-in.
+            context = replace(context, pickle_policy="allow")
         plan = get_source(entry.source).plan(concrete, context)
         return replace(
             plan,

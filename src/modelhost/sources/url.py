@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlsplit
 from modelhost.errors import InvalidRequest
 from modelhost.fetch import FileSpec
 from modelhost.names import NAME_PATTERN
-from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
 
@@ -35,13 +35,7 @@ class UrlSource:
         """Check the URL against the allow-list, then HEAD it for its real size."""
         target = context.engine.policy.check(request.model_id)
         filename = file_name_for(request)
-        if filename.lower().endswith(PICKLE_SUFFIXES) and not request.allow_pickle:
-            raise InvalidRequest(
-                f"{filename} looks like pickled weights, which can run code when loaded. "
-                'Prefer a .safetensors file, or set "allow_pickle": true to download it '
-                "(it will be loaded with weights_only=True)",
-                error="Pickled weights need opt-in",
-            )
+        convert = self._pickle_decision(filename, request, context)
         info = context.engine.probe(target.url, context.cancel)
         spec = FileSpec(
             url=request.model_id,
@@ -56,5 +50,33 @@ class UrlSource:
             files=[spec],
             revision=info.etag or info.last_modified,
             description=f"{filename} from {target.host}",
-            extra={"load_as": request.load_as} if request.load_as else {},
+            extra={"load_as": request.load_as, "convert": convert}
+            if request.load_as
+            else {"convert": convert},
+        )
+
+    @staticmethod
+    def _pickle_decision(
+        filename: str, request: DownloadRequest, context: SourceContext
+    ) -> list[str]:
+        """A pickled file: converted when it is a state dict (no load_as, or a torchvision
+        architecture); a TorchScript archive is compiled code, not a state dict, so it
+        always needs allow_pickle."""
+        if not filename.lower().endswith(PICKLE_SUFFIXES):
+            return []
+        torchscript = request.load_as == "torchscript"
+        if torchscript:
+            opt_in = (
+                f"{filename} is a TorchScript archive (load_as: torchscript): compiled code, not "
+                "a state dict, so it cannot be converted to safetensors. Set "
+                '"allow_pickle": true to install it'
+            )
+        else:
+            opt_in = (
+                f"{filename} looks like pickled weights, which can run code when loaded. "
+                'Prefer a .safetensors file, or set "allow_pickle": true to download it '
+                "(it will be loaded with weights_only=True)"
+            )
+        return decide_pickles(
+            [filename], context.pickle_policy, request.allow_pickle, opt_in, not torchscript
         )

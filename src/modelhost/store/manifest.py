@@ -15,6 +15,18 @@ class ManifestFile(BaseModel):
     git_sha1: str | None = None  # the Hub's id for files outside LFS
 
 
+class Conversion(BaseModel):
+    """A pickled weights file that was verified, then converted to safetensors; the pickle
+    itself is not installed."""
+
+    original_path: str
+    original_size: int
+    original_sha256: str
+    converted_path: str
+    converted_sha256: str
+    tensors: int | None = None
+
+
 class Manifest(BaseModel):
     """Written last when a model is installed; its presence is what makes the model exist."""
 
@@ -29,6 +41,7 @@ class Manifest(BaseModel):
     pinned: bool = False
     download_id: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
+    conversions: list[Conversion] = Field(default_factory=list)
 
     @property
     def total_size(self) -> int:
