@@ -66,7 +66,12 @@ def build_services(settings: Settings) -> Services:
         ),
         read_timeout_s=settings.fetch_read_timeout_s,
     )
-    hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
+    hub = HubSettings(
+        settings.hf_endpoint,
+        settings.hf_token,
+        settings.hub_cache_dir,
+        offline=settings.hf_hub_offline,
+    )
     mirrors_by_source = {
         "torchvision": settings.torchvision_mirror,
         "torchaudio": settings.torchaudio_mirror,
@@ -91,6 +96,7 @@ def build_services(settings: Settings) -> Services:
         registry=runtime,
         mirrors=mirrors_by_source,
         torch_hub_allow=settings.torch_hub_allow,
+        import_roots=settings.import_roots,
     )
     return Services(
         settings=settings,

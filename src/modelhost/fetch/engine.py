@@ -116,6 +116,19 @@ class _PartialState:
     total: int | None
 
 
+LOCAL_SCHEME = "file:"
+
+
+def local_url(path: Path) -> str:
+    """The URL a spec carries for a file that only exists locally (no network copy)."""
+    return path.absolute().as_uri()
+
+
+def is_local_only(spec: FileSpec) -> bool:
+    """Whether ``spec`` names a local file with no network copy to fall back to."""
+    return spec.url.startswith(LOCAL_SCHEME)
+
+
 def partial_key(spec: FileSpec) -> str:
     """The partial file's name: stable across restarts for the same URL and digest."""
     return hashlib.sha256(f"{spec.url}\n{spec.sha256 or ''}".encode()).hexdigest()[:40]
@@ -445,6 +458,10 @@ class FetchEngine:
         file_progress = _FileProgress(progress or Progress())
         cancel = cancel or CancelToken()
         with self._lock_for(partial_key(spec)):
+            if is_local_only(spec):
+                # No network copy to fall back to (an air-gapped cache, a local directory):
+                # a local file that does not verify fails the file.
+                return self.import_required(spec, progress)
             imported = self.import_local(spec, progress)
             if imported is not None:
                 return imported
@@ -597,22 +614,47 @@ class FetchEngine:
         """
         if not spec.local_source:
             return None
-        source = Path(spec.local_source)
         try:
-            size = source.stat().st_size
-            sha256, git_sha1 = digest_file(source, git=spec.git_sha1 is not None)
-            verify(spec, size, sha256, git_sha1)
-        except (OSError, FetchError) as exc:
-            log.info("not importing %s: %s", source, exc)
+            size = Path(spec.local_source).stat().st_size
+        except OSError:
             return None
+        if spec.size is not None and size != spec.size:
+            return None  # cheaply wrong: keep whatever partial download there is
+        try:
+            return self.import_required(spec, progress)
+        except FetchError as exc:
+            log.info("not importing %s: %s", spec.local_source, exc.message)
+            return None
+
+    def import_required(self, spec: FileSpec, progress: Progress | None = None) -> FetchedFile:
+        """Copy ``spec.local_source`` into the partial directory, verified; there is no
+        network copy, so a file that does not verify (or cannot be read) raises."""
+        if not spec.local_source:
+            raise FetchError(f"{spec.path}: no local copy to import", error="No local copy")
+        source = Path(spec.local_source)
         part, meta = self.partial_paths(spec)
         meta.unlink(missing_ok=True)
-        shutil.copyfile(source, part)
-        fd = os.open(part, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            # Hash the copy, not the original: what is verified is what the store takes,
+            # even if the original changes meanwhile.
+            shutil.copyfile(source, part)
+            size = part.stat().st_size
+            sha256, git_sha1 = digest_file(part, git=spec.git_sha1 is not None)
+            verify(spec, size, sha256, git_sha1)
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            raise FetchError(
+                f"{spec.path}: cannot import {source}: {exc.strerror or exc}",
+                error="Local file unreadable",
+            ) from exc
+        except FetchError:
+            part.unlink(missing_ok=True)
+            raise
         if progress is not None:
             progress.add_existing(size)
         return FetchedFile(spec, part, size, sha256, bytes_transferred=0)

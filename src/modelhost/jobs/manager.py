@@ -16,6 +16,7 @@ import secrets
 from collections import OrderedDict, deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelhost.catalog import is_tts_task
@@ -179,8 +180,10 @@ class JobManager:
         registry: ModelRegistry | None = None,
         mirrors: dict[str, str | None] | None = None,
         torch_hub_allow: tuple[str, ...] = (),
+        import_roots: tuple[Path, ...] = (),
     ) -> None:
         self.torch_hub_allow = torch_hub_allow
+        self.import_roots = import_roots
         self.hub = hub
         self.mirrors = mirrors or {}
         self.registry = registry
@@ -372,6 +375,7 @@ class JobManager:
             hub=self.hub,
             mirrors=self.mirrors,
             torch_hub_allow=self.torch_hub_allow,
+            import_roots=self.import_roots,
         )
 
     def plan_only(self, request: DownloadRequest) -> Plan:

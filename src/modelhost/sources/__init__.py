@@ -5,14 +5,24 @@ from __future__ import annotations
 from modelhost.errors import InvalidSource
 from modelhost.sources.base import DownloadRequest, Plan, Source, SourceContext
 from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
+from modelhost.sources.local import LocalSource
 from modelhost.sources.torch_hub import TorchHubSource
 from modelhost.sources.torchaudio import TorchaudioSource
 from modelhost.sources.torchvision import TorchvisionSource
 from modelhost.sources.tts_auto import TtsAutoSource
 from modelhost.sources.url import UrlSource
 
-# The seed's order, plus torchaudio (its Tacotron2 entry names that source).
-VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto", "torchaudio")
+# The seed's order, plus torchaudio (its Tacotron2 entry names that source) and local
+# (a directory on this machine, under MODELHOST_IMPORT_ROOTS).
+VALID_SOURCES = (
+    "pytorch_hub",
+    "torchvision",
+    "huggingface",
+    "url",
+    "tts_auto",
+    "torchaudio",
+    "local",
+)
 
 _SOURCES: dict[str, type[Source]] = {
     "pytorch_hub": TorchHubSource,
@@ -21,6 +31,7 @@ _SOURCES: dict[str, type[Source]] = {
     "url": UrlSource,
     "tts_auto": TtsAutoSource,
     "torchaudio": TorchaudioSource,
+    "local": LocalSource,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,6 +98,7 @@ class SourceContext:
     hub: Any = None  # sources.huggingface.HubSettings
     mirrors: dict[str, str | None] = field(default_factory=dict)  # source -> base URL
     torch_hub_allow: tuple[str, ...] = ()  # owner/repo whose hubconf.py may run
+    import_roots: tuple[Path, ...] = ()  # directories the local source may import from
 
 
 class Source(Protocol):

@@ -36,6 +36,7 @@ from modelhost.errors import (
     UpstreamNotFound,
 )
 from modelhost.fetch import FileSpec
+from modelhost.fetch.engine import is_local_only
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext
 
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -76,6 +77,7 @@ class HubSettings:
     endpoint: str
     token: str | None
     cache_dir: Path | None  # a huggingface_hub cache to import verified files from
+    offline: bool = False  # HF_HUB_OFFLINE: plan and install from cache_dir alone
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,10 @@ class HuggingFaceSource:
 
         Without a ``request`` (a component such as the vocoder) the default selection
         applies, with ``allow_pickle`` as the request that brought it along says."""
+        if hub.offline:
+            from modelhost.sources import hf_cache
+
+            return hf_cache.snapshot(hub.cache_dir, repo_id, revision, request, allow_pickle)
         api = HfApi(endpoint=hub.endpoint, token=hub.token)
         try:
             commit = api.model_info(repo_id, revision=revision).sha
@@ -289,6 +295,10 @@ class HuggingFaceSource:
 
     @staticmethod
     def _specs(hub: HubSettings, snapshot: RepoSnapshot, prefix: str) -> list[FileSpec]:
+        if hub.offline:
+            from modelhost.sources import hf_cache
+
+            return hf_cache.specs(hub.cache_dir, snapshot, prefix)
         specs = []
         for entry in snapshot.files:
             if PurePosixPath(entry.path).name == ".gitattributes":
@@ -329,6 +339,8 @@ class HuggingFaceSource:
             local = Path(spec.local_source).read_bytes()
             if spec.git_sha1 is None or git_blob_id(local) == spec.git_sha1:
                 data = local
+        if data is None and is_local_only(spec):
+            return {}  # offline and the cached copy does not verify: the install will fail
         if data is None:
             data = context.engine.read_small(spec.url)
             if spec.git_sha1 is not None and git_blob_id(data) != spec.git_sha1:
