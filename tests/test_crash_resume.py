@@ -124,3 +124,81 @@ def test_sigkill_mid_download_resumes_after_restart(tmp_path):
         while chunk := handle.read(8 * 1024 * 1024):
             digest.update(chunk)
     assert digest.hexdigest() == expected
+
+
+KILLS = 20
+SLOW_RATE = 10 * 1024 * 1024  # bytes/s: the download lasts ~30 s, long enough for 20 kills
+
+
+def wait_for_bytes(base: str, job_id: str, threshold: float) -> None:
+    """Poll until the job has more than ``threshold`` bytes (it must keep downloading)."""
+    deadline = time.monotonic() + 60
+    while True:
+        status = httpx.get(f"{base}/models/download/status/{job_id}", timeout=10).json()
+        assert status["status"] in ("pending", "downloading"), status
+        if status["bytes_downloaded"] > threshold:
+            return
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+
+
+def wait_until_finished(base: str, job_id: str) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        status = httpx.get(f"{base}/models/download/status/{job_id}", timeout=10).json()
+        if status["status"] in ("completed", "failed", "cancelled"):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_refetch_under_five_percent(tmp_path):
+    source = tmp_path / "big.safetensors"
+    expected = make_file(source)
+    home, port = tmp_path / "home", free_port()
+    base = f"http://127.0.0.1:{port}"
+    with FileServer() as files:
+        files.add("/big.safetensors", source, etag='"big-v1"', faults=[Rate(SLOW_RATE)])
+        server = start_server(home, port, files.host_port)
+        try:
+            job_id = httpx.post(
+                f"{base}/models/download",
+                json={
+                    "source": "url",
+                    "model_id": files.url("/big.safetensors"),
+                    "name": "big",
+                    "sha256": expected,
+                },
+                timeout=30,
+            ).json()["download_id"]
+            for kill in range(1, KILLS + 1):
+                wait_for_bytes(base, job_id, kill * SIZE / (KILLS + 1))
+                server.send_signal(signal.SIGKILL)
+                server.wait(timeout=10)
+                server = start_server(home, port, files.host_port)
+            status = wait_until_finished(base, job_id)
+            assert status["status"] == "completed", status
+            info = httpx.get(f"{base}/models/download/big/info").json()
+        finally:
+            server.kill()
+            server.wait(timeout=30)
+
+        gets = [r for r in files.requests if r.method == "GET"]
+        assert len(gets) == KILLS + 1
+        # Every restart resumed (a ranged request); none started over.
+        assert all(r.range_start for r in gets[1:]), [r.range_start for r in gets]
+        served = sum(r.body_bytes_sent for r in gets)
+        # What each kill cost: bytes the server sent beyond where the next request resumed.
+        lost = [
+            (a.range_start or 0) + a.body_bytes_sent - (b.range_start or 0)
+            for a, b in zip(gets, gets[1:], strict=False)
+        ]
+        assert served < 1.05 * SIZE, f"served {served / SIZE:.3f}x the file; lost {lost}"
+
+    assert info["files"][0]["sha256"] == expected
+    digest = hashlib.sha256()
+    with open(Path(info["path"]) / "big.safetensors", "rb") as handle:
+        while chunk := handle.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    assert digest.hexdigest() == expected
