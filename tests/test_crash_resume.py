@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fileserver import FileServer, Rate
+from fileserver import FileServer, Rate, Stall
+
+from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
 
 SIZE = 300 * 1024 * 1024
 RATE = 60 * 1024 * 1024  # bytes/s: slow enough to kill the server mid-file
@@ -58,6 +60,55 @@ def start_server(home: Path, port: int, allow: str) -> subprocess.Popen:
             time.sleep(0.1)
     process.kill()
     raise RuntimeError(f"server did not start: {process.stderr.read().decode()}")
+
+
+FETCH_ONE = """
+import sys
+from pathlib import Path
+from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
+partial, host, url, size, digest = sys.argv[1:]
+engine = FetchEngine(Path(partial), UrlPolicy.from_hosts([host]), RetryPolicy(retries=0),
+                     read_timeout_s=60)
+engine.fetch(FileSpec(url=url, path="w.bin", size=int(size), sha256=digest))
+"""
+
+
+def test_bytes_received_before_a_kill_are_kept(tmp_path):
+    """A process killed with less than a receive buffer of the file has still written every
+    byte it received: the restart resumes exactly there."""
+    payload = os.urandom(3 * 1024 * 1024)
+    received = 1024 * 1024 + 7  # well inside the engine's first 4 MiB buffer
+    digest = hashlib.sha256(payload).hexdigest()
+    with FileServer() as files:
+        files.add("/w.bin", payload, etag='"w1"', faults=[Stall(received, seconds=30)])
+        url = files.url("/w.bin")
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                FETCH_ONE,
+                str(tmp_path),
+                files.host_port,
+                url,
+                str(len(payload)),
+                digest,
+            ],
+        )
+        engine = FetchEngine(tmp_path, UrlPolicy.from_hosts([files.host_port]), RetryPolicy(0))
+        spec = FileSpec(url=url, path="w.bin", size=len(payload), sha256=digest)
+        try:
+            deadline = time.monotonic() + 20
+            while engine.partial_size(spec) < received:
+                assert time.monotonic() < deadline, engine.partial_size(spec)
+                time.sleep(0.02)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=10)
+        fetched = engine.fetch(spec)
+        gets = [r for r in files.requests if r.method == "GET"]
+    assert [r.range_start for r in gets] == [None, received]
+    assert fetched.bytes_transferred == len(payload) - received
+    assert fetched.local_path.read_bytes() == payload
 
 
 @pytest.mark.slow
