@@ -292,7 +292,7 @@ BAD_REQUESTS = [
         {"source": "invalid_source", "model_id": "x", "name": "n"},
         400,
         "Invalid source. Must be one of: [pytorch_hub, torchvision, huggingface, url, "
-        "tts_auto, torchaudio]",
+        "tts_auto, torchaudio, local]",
     ),
     ({"source": "url", "model_id": "URL", "name": "../x"}, 400, "Invalid model name"),
     ({"source": "url", "model_id": "URL", "name": ""}, 400, "Invalid model name"),

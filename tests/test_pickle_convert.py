@@ -67,9 +67,7 @@ def no_blobs(sha: str) -> Path:
 def test_converted_names_are_what_transformers_looks_for():
     assert converted_name("pytorch_model.bin") == "model.safetensors"
     assert converted_name("vocoder/pytorch_model.bin") == "vocoder/model.safetensors"
-    assert (
-        converted_name("pytorch_model-00002-of-00003.bin") == "model-00002-of-00003.safetensors"
-    )
+    assert converted_name("pytorch_model-00002-of-00003.bin") == "model-00002-of-00003.safetensors"
     assert converted_name("resnet18-f37072fd.pth") == "resnet18-f37072fd.safetensors"
     assert converted_name("foo.pt") == "foo.safetensors"
 
@@ -124,9 +122,7 @@ def test_sharded_checkpoint_converts_to_equal_tensors_and_a_new_index(tmp_path):
             for key, tensor in state.items():
                 assert torch.equal(handle.get_tensor(key), tensor), key
     new_index = json.loads(by_path["model.safetensors.index.json"].local_path.read_text())
-    assert new_index["weight_map"] == {
-        k: converted_name(n) for n, s in shards.items() for k in s
-    }
+    assert new_index["weight_map"] == {k: converted_name(n) for n, s in shards.items() for k in s}
     expected_bytes = sum(t.numel() * t.element_size() for s in shards.values() for t in s.values())
     assert new_index["metadata"]["total_size"] == expected_bytes
     assert [(c.original_path, c.converted_path, c.tensors) for c in conversions] == [
@@ -226,8 +222,12 @@ print(results)
 """
     env = {**os.environ, "HF_TOKEN": "hf_secret", "HTTPS_PROXY": "http://proxy:1"}
     done = subprocess.run(
-        [sys.executable, "-I", "-c", probe], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-I", "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     results = eval(done.stdout)  # noqa: S307 - our own probe's dict literal
     assert all(v.startswith("the conversion worker may not") for v in results.values()), results

@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     hf_hub_cache: Path | None = Field(
         default=None, validation_alias=AliasChoices("HF_HUB_CACHE", "hf_hub_cache")
     )
+    # Air-gapped: the huggingface source installs from the HF_HUB_CACHE only, never the network.
+    hf_hub_offline: bool = Field(
+        default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "hf_hub_offline")
+    )
+
+    # The ``local`` source imports directories under these roots only (none: the source is off).
+    import_roots: Annotated[tuple[Path, ...], NoDecode] = ()
 
     # Fetch engine tuning; the defaults suit real hosts, tests shorten them.
     fetch_retries: int = Field(default=6, ge=0)
@@ -129,6 +136,12 @@ class Settings(BaseSettings):
             value = [o for o in value.split(",")]
         if isinstance(value, (list, tuple)):
             return tuple(str(o).strip().rstrip("/").lower() for o in value if str(o).strip())
+
+    @field_validator("import_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
         return value
 
     @field_validator("device")

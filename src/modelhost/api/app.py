@@ -78,7 +78,12 @@ def build_services(settings: Settings) -> Services:
             else "MODELHOST_UPSTREAM_TIMEOUT_S"
         ),
     )
-    hub = HubSettings(settings.hf_endpoint, settings.hf_token, settings.hub_cache_dir)
+    hub = HubSettings(
+        settings.hf_endpoint,
+        settings.hf_token,
+        settings.hub_cache_dir,
+        offline=settings.hf_hub_offline,
+    )
     mirrors_by_source = {
         "torchvision": settings.torchvision_mirror,
         "torchaudio": settings.torchaudio_mirror,
@@ -111,6 +116,7 @@ def build_services(settings: Settings) -> Services:
                 int(settings.convert_memory_gb * 1024**3) if settings.convert_memory_gb else None
             ),
         ),
+        import_roots=settings.import_roots,
     )
     return Services(
         settings=settings,

@@ -131,7 +131,9 @@ def describe_refusal(path: str, message: str, kind: str) -> str:
 
 
 def run_worker(
-    pairs: list[tuple[Path, Path]], limits: dict[str, int], timeout_s: float,
+    pairs: list[tuple[Path, Path]],
+    limits: dict[str, int],
+    timeout_s: float,
     cancel: CancelToken | None = None,
 ) -> dict:
     """Run the worker on (input, output) pairs; its JSON answer, or a typed error."""
@@ -224,9 +226,7 @@ def convert_pickles(
         pairs.append((Path(source), target))
         by_input[str(source)] = item
     sizes = [item.size for item in inputs]
-    answer = run_worker(
-        pairs, limits.for_inputs(sum(sizes), max(sizes)), limits.timeout_s, cancel
-    )
+    answer = run_worker(pairs, limits.for_inputs(sum(sizes), max(sizes)), limits.timeout_s, cancel)
     if "refused" in answer:
         refused = answer["refused"]
         item = by_input.get(str(answer["path"]), inputs[0])
@@ -275,8 +275,7 @@ def _assemble(
     for index in indexes:
         folder = PurePosixPath(index.path).parent
         mine = {
-            src: new for src, new in converted_paths.items()
-            if PurePosixPath(new).parent == folder
+            src: new for src, new in converted_paths.items() if PurePosixPath(new).parent == folder
         }
         if not mine:
             continue
@@ -285,8 +284,6 @@ def _assemble(
         target = workdir / f"index-{len(new_files)}.json"
         target.write_bytes(data)
         new_path = str(folder / SAFETENSORS_INDEX) if str(folder) != "." else SAFETENSORS_INDEX
-        new_files.append(
-            CommitFile(new_path, target, len(data), hashlib.sha256(data).hexdigest())
-        )
+        new_files.append(CommitFile(new_path, target, len(data), hashlib.sha256(data).hexdigest()))
     kept = [f for f in files if f.path not in gone]
     return kept + new_files, conversions

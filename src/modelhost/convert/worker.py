@@ -105,8 +105,10 @@ def install_guards() -> None:
 
 
 def _flat_tensors(obj: object, torch) -> dict | None:
-    if isinstance(obj, dict) and obj and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        isinstance(obj, dict)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
         return obj
     return None

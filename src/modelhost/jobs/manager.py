@@ -214,10 +214,12 @@ class JobManager:
         torch_hub_allow: tuple[str, ...] = (),
         pickle_policy: PicklePolicy = "convert",
         convert_limits: ConvertLimits | None = None,
+        import_roots: tuple[Path, ...] = (),
     ) -> None:
         self.torch_hub_allow = torch_hub_allow
         self.pickle_policy = pickle_policy
         self.convert_limits = convert_limits or ConvertLimits()
+        self.import_roots = import_roots
         self.hub = hub
         self.mirrors = mirrors or {}
         self.registry = registry
@@ -431,6 +433,7 @@ class JobManager:
             torch_hub_allow=self.torch_hub_allow,
             cancel=cancel,
             pickle_policy=self.pickle_policy,
+            import_roots=self.import_roots,
         )
 
     def _plan_cancellable(self, source: Source, request: DownloadRequest) -> Plan:

@@ -285,9 +285,7 @@ def _tacotron2(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     else:
         missing = [f for f in wanted if f and not (path / f).is_file()]
         if missing:
-            raise UnsupportedModel(
-                f"{path} lacks the bundle's weight files: {', '.join(missing)}"
-            )
+            raise UnsupportedModel(f"{path} lacks the bundle's weight files: {', '.join(missing)}")
         local = {"model_dir": str(path), "weights_only": True, "progress": False}
         tacotron2 = bundle.get_tacotron2(dl_kwargs=local)
         vocoder = bundle.get_vocoder(dl_kwargs=local)
@@ -348,7 +346,6 @@ def _weights_only_refusal(exc: BaseException) -> str | None:
             return f"it tries to use {found.group(1)}" if found else " ".join(text.split())[:300]
         exc = exc.__cause__ or exc.__context__
     return None
-
 
 
 # The class each family builds, for sizing it from config.json alone (on the meta device).

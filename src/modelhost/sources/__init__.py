@@ -5,6 +5,7 @@ from __future__ import annotations
 from modelhost.errors import InvalidSource
 from modelhost.sources.base import VALID_SOURCES, DownloadRequest, Plan, Source, SourceContext
 from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
+from modelhost.sources.local import LocalSource
 from modelhost.sources.torch_hub import TorchHubSource
 from modelhost.sources.torchaudio import TorchaudioSource
 from modelhost.sources.torchvision import TorchvisionSource
@@ -18,6 +19,7 @@ _SOURCES: dict[str, type[Source]] = {
     "url": UrlSource,
     "tts_auto": TtsAutoSource,
     "torchaudio": TorchaudioSource,
+    "local": LocalSource,
 }
 
 

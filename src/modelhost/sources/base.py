@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,8 +13,17 @@ from modelhost.errors import InvalidRequest
 from modelhost.fetch import CancelToken, FetchEngine, FileSpec
 from modelhost.names import NAME_PATTERN, check_path_limits, shorten
 
-# The seed's order, plus torchaudio (its Tacotron2 entry names that source).
-VALID_SOURCES = ("pytorch_hub", "torchvision", "huggingface", "url", "tts_auto", "torchaudio")
+# The seed's order, plus torchaudio (its Tacotron2 entry names that source) and local
+# (a directory on this machine, under MODELHOST_IMPORT_ROOTS).
+VALID_SOURCES = (
+    "pytorch_hub",
+    "torchvision",
+    "huggingface",
+    "url",
+    "tts_auto",
+    "torchaudio",
+    "local",
+)
 
 
 class DownloadRequest(BaseModel):
@@ -112,6 +122,7 @@ class SourceContext:
     torch_hub_allow: tuple[str, ...] = ()  # owner/repo whose hubconf.py may run
     cancel: CancelToken | None = None  # aborts the planning's requests (shutdown)
     pickle_policy: PicklePolicy = "convert"  # MODELHOST_PICKLE_POLICY
+    import_roots: tuple[Path, ...] = ()  # directories the local source may import from
 
 
 # Pickled state dicts the converter takes (modelhost.convert); .pkl/.pickle are not among them.

@@ -27,6 +27,7 @@ from modelhost.errors import (
     UpstreamNotFound,
 )
 from modelhost.fetch import FileSpec
+from modelhost.fetch.engine import is_local_only
 from modelhost.names import check_path_limits
 from modelhost.sources.base import (
     DownloadRequest,
@@ -75,6 +76,7 @@ class HubSettings:
     endpoint: str
     token: str | None
     cache_dir: Path | None  # a huggingface_hub cache to import verified files from
+    offline: bool = False  # HF_HUB_OFFLINE: plan and install from cache_dir alone
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,7 @@ def pickled_weights(paths: Iterable[str]) -> list[str]:
     return [p for p in paths if _matches(p, PICKLE_WEIGHT_PATTERNS)]
 
 
-def to_convert(
-    specs: list[FileSpec], policy: PicklePolicy, allow_pickle: bool
-) -> list[str]:
+def to_convert(specs: list[FileSpec], policy: PicklePolicy, allow_pickle: bool) -> list[str]:
     """The planned files the converter turns into safetensors (main repo and components)."""
     # Component files carry their folder (vocoder/...): match the patterns on the name.
     pickled = [s.path for s in specs if pickled_weights([PurePosixPath(s.path).name])]
@@ -205,9 +205,15 @@ class HuggingFaceSource:
         if hub is None:
             raise InvalidRequest("The Hugging Face source is not configured")
         repo_id = check_repo_id(request.model_id)
-        api = HubApi(context.engine, hub.endpoint, context.cancel)
+        # Offline, nothing is asked of the Hub: the snapshot comes from HF_HUB_CACHE.
+        api = None if hub.offline else HubApi(context.engine, hub.endpoint, context.cancel)
         main = self.snapshot(
-            api, repo_id, request.revision or "main", request, pickle_policy=context.pickle_policy
+            hub,
+            api,
+            repo_id,
+            request.revision or "main",
+            request,
+            pickle_policy=context.pickle_policy,
         )
         specs = self._specs(hub, main, prefix="")
         config = self._read_config(context, specs)
@@ -231,7 +237,7 @@ class HuggingFaceSource:
                 )
             check_repo_id(vocoder_id, "vocoder_model")
             vocoder = self.snapshot(
-                api, vocoder_id, "main", None, request.allow_pickle, context.pickle_policy
+                hub, api, vocoder_id, "main", None, request.allow_pickle, context.pickle_policy
             )
             specs += self._specs(hub, vocoder, prefix=f"{VOCODER_DIR}/")
             components.append(
@@ -292,7 +298,8 @@ class HuggingFaceSource:
 
     def snapshot(
         self,
-        api: HubApi,
+        hub: HubSettings,
+        api: HubApi | None,
         repo_id: str,
         revision: str,
         request: DownloadRequest | None,
@@ -303,6 +310,12 @@ class HuggingFaceSource:
 
         Without a ``request`` (a component such as the vocoder) the default selection
         applies, with ``allow_pickle`` as the request that brought it along says."""
+        if api is None:  # offline
+            from modelhost.sources import hf_cache
+
+            return hf_cache.snapshot(
+                hub.cache_dir, repo_id, revision, request, allow_pickle, pickle_policy
+            )
         try:
             commit = api.commit(repo_id, revision)
             files = api.list_files(repo_id, commit)
@@ -324,6 +337,10 @@ class HuggingFaceSource:
 
     @staticmethod
     def _specs(hub: HubSettings, snapshot: RepoSnapshot, prefix: str) -> list[FileSpec]:
+        if hub.offline:
+            from modelhost.sources import hf_cache
+
+            return hf_cache.specs(hub.cache_dir, snapshot, prefix)
         specs = []
         for entry in snapshot.files:
             if PurePosixPath(entry.path).name == ".gitattributes":
@@ -362,6 +379,8 @@ class HuggingFaceSource:
             local = Path(spec.local_source).read_bytes()
             if spec.git_sha1 is None or git_blob_id(local) == spec.git_sha1:
                 data = local
+        if data is None and is_local_only(spec):
+            return {}  # offline and the cached copy does not verify: the install will fail
         if data is None:
             data = context.engine.read_small(spec.url, cancel=context.cancel)
             if spec.git_sha1 is not None and git_blob_id(data) != spec.git_sha1:
