@@ -80,6 +80,10 @@ class RawServer:
 
     def __exit__(self, *exc: object) -> None:
         self._stopped = True
+        try:  # close() alone does not wake a thread blocked in accept(); shutdown() does
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
         self._thread.join(timeout=5)
 
