@@ -340,3 +340,32 @@ def test_metadata_call_times_out_within_timeout_plus_grace(silent, tmp_path):
     assert f"{silent.host_port} timed out (waiting for an answer" in raised.value.message
     # Retried while time was left: more than one connection, all within the bound.
     assert len(silent.accepted) >= 2
+
+
+def test_a_name_lookup_that_never_answers_is_bounded(monkeypatch):
+    """getaddrinfo has no timeout of its own: a resolver that hangs (here: one that sleeps
+    far past the timeout) must not hold a request beyond the connect timeout."""
+    import socket as socket_module
+
+    from modelhost.errors import FetchTimeout
+    from modelhost.fetch.http import open_url
+    from modelhost.fetch.policy import UrlPolicy
+
+    real = socket_module.getaddrinfo
+    released = threading.Event()
+
+    def hanging(host, *args, **kwargs):
+        if host == "hangs.example":
+            released.wait(10)
+            raise OSError("resolver gave up")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", hanging)
+    policy = UrlPolicy.from_hosts(["hangs.example"])
+    started = time.monotonic()
+    with pytest.raises(FetchTimeout) as caught:
+        open_url("http://hangs.example/config.json", policy, timeout=0.5)
+    released.set()
+    assert time.monotonic() - started < 1.5
+    assert "Resolving hangs.example timed out" in caught.value.message
+    assert caught.value.host_port == "hangs.example:80"

@@ -118,7 +118,7 @@ def open_url(
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         target = policy.check(current)
-        address = policy.resolve(target)
+        address = policy.resolve(target, connect_timeout or timeout)
         request_headers.pop("Authorization", None)
         credentials = authorization(target) if authorization else None
         if credentials:

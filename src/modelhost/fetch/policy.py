@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -29,6 +30,37 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _lookup(host: str, port: int, timeout: float | None) -> list:
+    """``getaddrinfo`` for a TCP connection, given up after ``timeout`` seconds: the lookup
+    runs in a daemon thread, so a resolver that never answers cannot hold the caller."""
+    from modelhost.errors import FetchTimeout, TransientFetchError
+
+    answer: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            answer["error"] = exc
+
+    if timeout is None:
+        ask()
+    else:
+        worker = threading.Thread(target=ask, name=f"resolve-{host}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise FetchTimeout(
+                f"Resolving {host} timed out (no answer within {timeout:g} s, "
+                "MODELHOST_UPSTREAM_TIMEOUT_S)",
+                host_port=f"{host}:{port}",
+                timeout_s=timeout,
+            )
+    if "error" in answer:
+        raise TransientFetchError(f"Cannot resolve host {host}: {answer['error']}")
+    return answer["infos"]  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -91,18 +123,13 @@ class UrlPolicy:
             path = f"{path}?{parts.query}"
         return Target(url=url, scheme=scheme, host=host, port=port, path=path)
 
-    def resolve(self, target: Target) -> str:
+    def resolve(self, target: Target, timeout: float | None = None) -> str:
         """Resolve the target's host to one address this policy admits, and return it.
 
         The connection is then made to that address, so the check and the connect see the
-        same answer.
+        same answer. ``timeout`` bounds the lookup (``getaddrinfo`` has none of its own).
         """
-        try:
-            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            from modelhost.errors import TransientFetchError
-
-            raise TransientFetchError(f"Cannot resolve host {target.host}: {exc}") from exc
+        infos = _lookup(target.host, target.port, timeout)
         literal_ok = _is_ip_literal(target.host) or target.host == "localhost"
         refused = []
         for info in infos:

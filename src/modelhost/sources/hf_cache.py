@@ -20,7 +20,7 @@ from modelhost.sources.base import DownloadRequest, PicklePolicy
 
 # huggingface.py imports this module lazily, in its offline branch, so this import is no cycle.
 from modelhost.sources.hub_api import LfsInfo, RepoFile
-from modelhost.sources.huggingface import RepoSnapshot, select_files
+from modelhost.sources.huggingface import RepoSnapshot, select_for_request
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -132,16 +132,7 @@ def snapshot(
         raise InvalidRequest("HF_HUB_OFFLINE is set but there is no HF_HUB_CACHE to install from")
     commit = resolve_commit(cache_dir, repo_id, revision)
     files = cached_files(cache_dir, repo_id, commit)
-    if request is not None:
-        files = select_files(
-            files,
-            request.allow_patterns,
-            request.ignore_patterns,
-            request.allow_pickle,
-            pickle_policy,
-        )
-    else:
-        files = select_files(files, None, None, allow_pickle, pickle_policy)
+    files = select_for_request(files, request, allow_pickle, pickle_policy)
     if not files:
         raise InvalidRequest(
             f"No cached files of {repo_id}@{revision} match the patterns given (offline)"

@@ -129,6 +129,21 @@ def select_files(
     return chosen
 
 
+def select_for_request(
+    files: list[RepoFile],
+    request: DownloadRequest | None,
+    allow_pickle: bool,
+    pickle_policy: PicklePolicy,
+) -> list[RepoFile]:
+    """``select_files`` with the request's patterns and opt-in; without a request (a
+    component such as the vocoder) the default selection with ``allow_pickle``."""
+    if request is None:
+        return select_files(files, None, None, allow_pickle, pickle_policy)
+    return select_files(
+        files, request.allow_patterns, request.ignore_patterns, request.allow_pickle, pickle_policy
+    )
+
+
 def pickled_weights(paths: Iterable[str]) -> list[str]:
     """The paths that are pickled weights (what the pickle policy decides about)."""
     return [p for p in paths if _matches(p, PICKLE_WEIGHT_PATTERNS)]
@@ -321,16 +336,7 @@ class HuggingFaceSource:
             files = api.list_files(repo_id, commit)
         except HubResponseError as exc:
             raise _hub_error(exc, repo_id, revision, api.endpoint) from exc
-        if request is not None:
-            files = select_files(
-                files,
-                request.allow_patterns,
-                request.ignore_patterns,
-                request.allow_pickle,
-                pickle_policy,
-            )
-        else:
-            files = select_files(files, None, None, allow_pickle, pickle_policy)
+        files = select_for_request(files, request, allow_pickle, pickle_policy)
         if not files:
             raise InvalidRequest(f"No files of {repo_id}@{revision} match the patterns given")
         return RepoSnapshot(repo_id, revision, commit, files)
