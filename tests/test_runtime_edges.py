@@ -346,16 +346,21 @@ def _post_raw(server, path: str, raw_json: str) -> httpx.Response:
     )
 
 
-@pytest.fixture
-def serving(make_server, built, tmp_path):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def serving(built, tmp_path_factory):
+    """One server for every client-mistake case: each answers 4xx and changes nothing, so
+    they share it (and each test checks the loaded models are still the same three)."""
+    from conftest import RunningServer, make_settings
+
+    home = tmp_path_factory.mktemp("edges") / "home"
     install(home, "bert", built["bert"], "text-classification")
     install(home, "gpt2", built["gpt2"], "text-generation")
     install(home, "vits", built["vits"], "text-to-speech")
-    server = make_server([], home=home, device="cpu")
+    server = RunningServer(make_settings(home, [], device="cpu")).start()
     for name in ("bert", "gpt2", "vits"):
         assert server.client.post(f"/models/{name}/load", json={}).status_code == 200
-    return server
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize(
