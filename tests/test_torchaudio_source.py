@@ -138,7 +138,12 @@ def test_bundle_installs_loads_and_speaks_what_torchaudio_would(server, mirror, 
     assert "no representative input for tacotron2" in optimize.json()["message"]
 
 
-def test_bundle_is_all_or_nothing_when_the_vocoder_file_fails(server, mirror):
+def test_bundle_is_all_or_nothing_when_the_vocoder_file_fails(make_server, mirror):
+    # One file at a time, in the plan's order: the Tacotron2 file surely arrives before the
+    # vocoder's 404 (in parallel, the 404 may cancel it before its GET is sent).
+    server = make_server(
+        [], torchaudio_mirror=mirror.url("/audio"), device="cpu", fetch_parallel_files=1
+    )
     mirror.set_faults(f"/audio/{WAVERNN_FILE}", [Status(404, times=99)])  # HEAD still answers
     answer = post(server, WAVERNN_BUNDLE)
     assert answer.status_code == 202, answer.text
