@@ -7,6 +7,11 @@ Anything else that escapes is a bug and answers 500.
 
 from __future__ import annotations
 
+import errno
+
+# The errnos of a write that found no space: a full disk, a quota, a file-size limit.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 
 class ModelhostError(Exception):
     """Base class: ``message`` is for the user, ``error`` is a short machine-ish summary."""

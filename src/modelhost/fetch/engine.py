@@ -34,6 +34,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from modelhost.errors import (
+    DISK_FULL_ERRNOS,
     Cancelled,
     DigestMismatch,
     FetchError,
@@ -292,9 +293,6 @@ def set_thread_nice(nice: int | None) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):
         pass
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def disk_full(exc: OSError) -> InsufficientStorage:

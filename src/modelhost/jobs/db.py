@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from modelhost.errors import InsufficientStorage
+from modelhost.errors import DISK_FULL_ERRNOS, InsufficientStorage
 from modelhost.jobs.models import Job, JobState
 
 metadata = MetaData()
@@ -85,13 +84,10 @@ def _to_row(job: Job) -> dict:
     return row
 
 
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
 def _is_disk_full(exc: OperationalError) -> bool:
     """SQLite says SQLITE_FULL as "database or disk is full"; other drivers carry ENOSPC."""
     original = exc.orig
-    if isinstance(original, OSError) and original.errno in _DISK_FULL_ERRNOS:
+    if isinstance(original, OSError) and original.errno in DISK_FULL_ERRNOS:
         return True
     text = str(original).lower()
     return "disk is full" in text or "no space left" in text or "disk full" in text

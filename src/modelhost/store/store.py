@@ -13,7 +13,6 @@ state or the new one visible; ``recover()`` sweeps what a crash left behind.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from modelhost.errors import InsufficientStorage, InvalidRequest, ModelNotFound
+from modelhost.errors import DISK_FULL_ERRNOS, InsufficientStorage, InvalidRequest, ModelNotFound
 from modelhost.names import check_path_limits, validate_name
 from modelhost.store.manifest import Manifest, ManifestFile
 
@@ -55,9 +54,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temp file
         raise
     _fsync_dir(path.parent)
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _disk_full(exc: OSError) -> InsufficientStorage:
