@@ -12,7 +12,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from modelhost import __version__
-from modelhost.api import downloads, health, inference, metrics, models
+from modelhost.api import downloads, events, health, inference, metrics, models
 from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
 from modelhost.api.security import install_security
@@ -179,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     app.include_router(health.router)
     app.include_router(downloads.router)
+    app.include_router(events.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
     app.include_router(inference.router)

@@ -45,6 +45,11 @@ class _ServicesCollector:
         states.add_metric(["pending"], jobs.pending_count)
         yield states
         yield GaugeMetricFamily(
+            "modelhost_event_streams",
+            "Open progress streams (SSE subscriptions)",
+            value=jobs.events.subscriber_count,
+        )
+        yield GaugeMetricFamily(
             "modelhost_cache_bytes", "Bytes in the blob store", value=self.cache_bytes
         )
         yield GaugeMetricFamily(

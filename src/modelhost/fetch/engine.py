@@ -429,23 +429,27 @@ def _read_body(
 class _FileProgress:
     """One file's share of a job's progress, so that a retry can take back what it counted."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: Progress, path: str) -> None:
         self.progress = progress
+        self.path = path
         self.counted = 0
         self.transferred = 0
 
     def add(self, nbytes: int) -> None:
-        self.progress.add(nbytes)
+        self.progress.add(nbytes, self.path)
         self.counted += nbytes
         self.transferred += nbytes
 
     def add_existing(self, nbytes: int) -> None:
-        self.progress.add_existing(nbytes)
+        self.progress.add_existing(nbytes, self.path)
         self.counted += nbytes
 
     def reset(self) -> None:
-        self.progress.remove(self.counted)
+        self.progress.remove(self.counted, self.path)
         self.counted = 0
+
+    def set_status(self, status: str) -> None:
+        self.progress.set_status(self.path, status)
 
 
 class FetchEngine:
@@ -665,7 +669,7 @@ class FetchEngine:
     def _fetch(
         self, spec: FileSpec, progress: Progress | None, cancel: CancelToken | None
     ) -> FetchedFile:
-        file_progress = _FileProgress(progress or Progress())
+        file_progress = _FileProgress(progress or Progress(), spec.path)
         cancel = cancel or CancelToken()
         with self._lock_for(partial_key(spec)):
             if is_local_only(spec):
@@ -682,6 +686,7 @@ class FetchEngine:
                 before = file_progress.transferred
                 try:
                     local_path, size, digest = self._attempt(spec, file_progress, cancel)
+                    file_progress.set_status("done")
                     return FetchedFile(
                         spec=spec,
                         local_path=local_path,
@@ -757,6 +762,7 @@ class FetchEngine:
         last_modified = response.header("Last-Modified")
         if response.status == 416 and offset and state and offset == state.total:
             total = offset  # the earlier attempt had everything; only verification is left
+            progress.set_status("verifying")
         elif response.status == 206 and offset:
             match = _CONTENT_RANGE.match(response.header("Content-Range") or "")
             same_version = state is not None and (
@@ -803,6 +809,7 @@ class FetchEngine:
                 raise TransientFetchError(
                     f"Connection closed after {size} of {total} bytes of {spec.url}"
                 )
+            progress.set_status("verifying")  # every byte is in; the hasher may still lag
             digest = hasher.hexdigest()
             git_digest = hasher.git_hexdigest()
         finally:
@@ -843,6 +850,8 @@ class FetchEngine:
         source = Path(spec.local_source)
         part, meta = self.partial_paths(spec)
         meta.unlink(missing_ok=True)
+        if progress is not None:
+            progress.set_status(spec.path, "verifying")
         try:
             # Hash the copy, not the original: what is verified is what the store takes,
             # even if the original changes meanwhile.
@@ -865,7 +874,8 @@ class FetchEngine:
             part.unlink(missing_ok=True)
             raise
         if progress is not None:
-            progress.add_existing(size)
+            progress.add_existing(size, spec.path)
+            progress.set_status(spec.path, "done")
         return FetchedFile(spec, part, size, sha256, bytes_transferred=0)
 
     def _stream(

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ from modelhost.fetch import CancelToken, FetchedFile, FetchEngine, FileSpec, Pro
 from modelhost.fetch.archive import extract_zip, remove_tree
 from modelhost.fetch.engine import set_thread_nice
 from modelhost.jobs.db import JobRepository
-from modelhost.jobs.models import Job, JobState, utcnow
+from modelhost.jobs.events import EventBus, EventKind, JobEvent
+from modelhost.jobs.models import Job, JobState, JobView, utcnow
 from modelhost.names import validate_name
 from modelhost.sources import (
     DownloadRequest,
@@ -59,6 +61,8 @@ if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
 log = logging.getLogger(__name__)
 
 PROGRESS_FLUSH_S = 2.0
+# Progress events go out at most this often per job (status events go out at once).
+PROGRESS_EVENT_S = 0.25
 # Transfers run at a lower CPU priority than the threads that answer requests, so that a
 # saturated link never slows the API on a small machine.
 TRANSFER_NICE = 10
@@ -91,10 +95,19 @@ def request_key(request: DownloadRequest) -> str:
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:32]
 
 
+def phase_of_files(statuses: list[str]) -> str | None:
+    """A transferring job's phase from its files' statuses: ``downloading`` while any file
+    still has bytes to come, ``verifying`` once all are in and a digest is being checked,
+    None (no change) when every file is done."""
+    if any(status in ("queued", "downloading") for status in statuses):
+        return "downloading"
+    return "verifying" if "verifying" in statuses else None
+
+
 def new_job(request: DownloadRequest, key: str, **fields: Any) -> Job:
-    """A fresh job row for ``request`` with a new id."""
+    """A fresh job row for ``request`` (with a new id unless ``fields`` give one)."""
+    fields.setdefault("id", secrets.token_hex(6))
     return Job(
-        id=secrets.token_hex(6),
         key=key,
         name=request.name,
         source=request.source,
@@ -172,27 +185,9 @@ class _Active:
     progress: Progress
     cancel: CancelToken
     task: asyncio.Task | None = None
-    phase: str = "downloading"  # while DOWNLOADING: "downloading", then "converting"
-
-
-@dataclass(frozen=True)
-class JobView:
-    """A job as the status endpoint shows it, with live progress when it is running."""
-
-    job: Job
-    bytes_done: int
-    bytes_total: int | None
-    speed_bps: float | None
-    eta_s: float | None
-    phase: str | None = None  # what a running job is doing: downloading, converting, loading
-
-    @property
-    def progress_percent(self) -> float:
-        if self.job.state == JobState.COMPLETED:
-            return 100.0
-        if not self.bytes_total:
-            return 0.0
-        return round(min(100.0, 100.0 * self.bytes_done / self.bytes_total), 1)
+    # While DOWNLOADING: downloading, verifying (every byte is in, digests being checked),
+    # converting, committing. Other states are their own phase.
+    phase: str = "downloading"
 
 
 class JobManager:
@@ -247,6 +242,14 @@ class JobManager:
         self._finished: OrderedDict[str, Job] = OrderedDict()
         self._throughputs: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_HISTORY)
         self._flusher: asyncio.Task | None = None
+        self._progress_publisher: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Live progress for the event streams; jobs being planned (during their POST) show
+        # there as pending/planning before they have a row.
+        self.events = EventBus()
+        self._planning_jobs: dict[str, Job] = {}
+        self._published: dict[str, tuple[JobState, str | None]] = {}
+        self._published_version: dict[str, int] = {}
         self._stopping = False
         self.download_requests = 0
         self.cache_hits = 0
@@ -256,6 +259,7 @@ class JobManager:
 
     async def start(self) -> None:
         """Recover the store and resume every job a shutdown or crash interrupted."""
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.store.recover)
         unfinished = await asyncio.to_thread(
             self.repository.list, [JobState.PENDING, JobState.DOWNLOADING, JobState.LOADING]
@@ -286,6 +290,7 @@ class JobManager:
             await self._save(job)
             self._enqueue(job, plan_from_dict(job.plan))
         self._flusher = asyncio.create_task(self._flush_progress_forever())
+        self._progress_publisher = asyncio.create_task(self._publish_progress_forever())
         self._maybe_start()
 
     async def stop(self) -> None:
@@ -294,8 +299,9 @@ class JobManager:
         Bounded: in-flight requests are aborted (their sockets shut), and jobs get
         ``STOP_WAIT_S`` to record their state."""
         self._stopping = True
-        if self._flusher:
-            self._flusher.cancel()
+        for task in (self._flusher, self._progress_publisher):
+            if task:
+                task.cancel()
         with self._plan_cancels_lock:
             planning = list(self._plan_cancels)
         for token in planning:
@@ -366,33 +372,67 @@ class JobManager:
         future.add_done_callback(lambda f: f.exception())  # waiters get it; no stray warning
         self._planning[key] = future
         self._planning_names[request.name] = key
+        planning = self._begin_planning(request, key, force)
         try:
-            plan = await asyncio.to_thread(self._plan_cancellable, source, request)
-            if update and installed is not None:
-                if plan.revision == installed.revision:
-                    result = SubmitResult(job=None, installed=installed, plan=plan)
-                    future.set_result(result)
-                    return result
-                plan = dataclasses.replace(
-                    plan, extra={**plan.extra, "changes": describe_changes(installed, plan)}
-                )
-            check_file_paths([spec.path for spec in plan.files])
-            self._check_fits(plan)
-            await self._check_disk_or_record(request, key, plan, force)
-            job = await self._create_job(request, key, plan, force)
-            result = SubmitResult(job=job, installed=None, plan=plan)
+            result = await self._plan_and_create(source, request, planning, installed, update)
             future.set_result(result)
             return result
         except UpstreamError as exc:
-            exc.download_id = await self._record_failure(request, key, exc)
+            exc.download_id = await self._record_failure(planning, exc)
             future.set_exception(exc)
             raise
         except BaseException as exc:
             future.set_exception(exc)
+            if isinstance(exc, ModelhostError):
+                self._end_planning(planning, JobState.FAILED, exc.message)
             raise
         finally:
             del self._planning[key]
             del self._planning_names[request.name]
+            self._planning_jobs.pop(planning.id, None)
+
+    async def _plan_and_create(
+        self,
+        source: Source,
+        request: DownloadRequest,
+        planning: Job,
+        installed: Manifest | None,
+        update: bool,
+    ) -> SubmitResult:
+        """Plan ``request``, check the plan fits, and queue its job (the planning one's id)."""
+        plan = await asyncio.to_thread(self._plan_cancellable, source, request)
+        if update and installed is not None:
+            if plan.revision == installed.revision:
+                self._end_planning(planning, JobState.COMPLETED, "Already up to date")
+                return SubmitResult(job=None, installed=installed, plan=plan)
+            plan = dataclasses.replace(
+                plan, extra={**plan.extra, "changes": describe_changes(installed, plan)}
+            )
+        check_file_paths([spec.path for spec in plan.files])
+        self._check_fits(plan)
+        await self._check_disk_or_record(planning, plan)
+        job = await self._create_job(planning, plan)
+        return SubmitResult(job=job, installed=None, plan=plan)
+
+    def _begin_planning(self, request: DownloadRequest, key: str, force: bool) -> Job:
+        """The job ``request`` becomes once planned, shown meanwhile as pending/planning."""
+        job = new_job(
+            request,
+            key,
+            state=JobState.PENDING,
+            message="Planning: reading the upstream's file list",
+            force=force,
+        )
+        self._planning_jobs[job.id] = job
+        self._publish_status(self._view(job, phase="planning"))
+        return job
+
+    def _end_planning(self, planning: Job, state: JobState, message: str) -> None:
+        """Tell the streams how a planning job that gets no row ended."""
+        if self._planning_jobs.pop(planning.id, None) is None:
+            return  # recorded (and published) as a failed job already
+        ended = planning.evolve(state=state, message=message, finished_at=utcnow())
+        self._publish_status(self._view(ended))
 
     def _check_speak_with(self, request: DownloadRequest) -> None:
         """``speak_with`` must name another installed model that can speak."""
@@ -454,20 +494,22 @@ class JobManager:
         Blocking (metadata requests): call it in a worker thread."""
         return self._plan_cancellable(get_source(request.source), request)
 
-    async def _record_failure(self, request: DownloadRequest, key: str, exc: ModelhostError) -> str:
+    async def _record_failure(self, planning: Job, exc: ModelhostError) -> str:
         """A job that failed before its first byte, so its reason stays observable."""
         now = utcnow()
-        job = new_job(
-            request,
-            key,
+        job = planning.evolve(
             state=JobState.FAILED,
-            message=f"Failed to download model '{request.name}': {exc.message}",
+            message=f"Failed to download model '{planning.name}': {exc.message}",
             error=exc.error,
             started_at=now,
             finished_at=now,
         )
-        await asyncio.to_thread(self.repository.insert, job)
-        self._remember_finished(job)
+        self._planning_jobs.pop(planning.id, None)
+        try:
+            await asyncio.to_thread(self.repository.insert, job)
+        finally:
+            self._remember_finished(job)
+            self._publish_status(self._view(job))
         return job.id
 
     def _check_fits(self, plan: Plan) -> None:
@@ -483,19 +525,17 @@ class JobManager:
                 error="Larger than the cache budget",
             )
 
-    async def _check_disk_or_record(
-        self, request: DownloadRequest, key: str, plan: Plan, force: bool
-    ) -> None:
+    async def _check_disk_or_record(self, planning: Job, plan: Plan) -> None:
         """Refuse (507) a download the disk cannot hold, recording it as a failed job when
         the database can still be written; the 507 comes back either way."""
         claims = self._claimed_bytes()
         try:
-            await asyncio.to_thread(self._check_disk, request.name, plan, force, claims)
+            await asyncio.to_thread(self._check_disk, planning.name, plan, planning.force, claims)
         except InsufficientStorage as exc:
             try:
-                exc.download_id = await self._record_failure(request, key, exc)
+                exc.download_id = await self._record_failure(planning, exc)
             except InsufficientStorage:
-                log.warning("could not record the refused download of %s", request.name)
+                log.warning("could not record the refused download of %s", planning.name)
             raise
 
     def _claimed_bytes(self, exclude: str | None = None) -> int:
@@ -581,29 +621,27 @@ class JobManager:
         self._remember_finished(job)
         self._active.pop(job.id, None)
         self._running.discard(job.id)
+        self._publish_ended(job, active.progress)
         self._maybe_start()
 
-    async def _create_job(self, request: DownloadRequest, key: str, plan: Plan, force: bool) -> Job:
-        job = new_job(
-            request,
-            key,
-            state=JobState.PENDING,
-            message="Queued",
-            plan=plan_to_dict(plan),
-            bytes_total=plan.total_size,
-            force=force,
+    async def _create_job(self, planning: Job, plan: Plan) -> Job:
+        job = planning.evolve(
+            message="Queued", plan=plan_to_dict(plan), bytes_total=plan.total_size
         )
         await asyncio.to_thread(self.repository.insert, job)
+        self._planning_jobs.pop(job.id, None)
         active = self._enqueue(job, plan)
         self._maybe_start()
         return active.job
 
     def _enqueue(self, job: Job, plan: Plan) -> _Active:
-        active = _Active(
-            job=job, plan=plan, progress=Progress(plan.total_size), cancel=CancelToken()
-        )
+        progress = Progress(plan.total_size, on_status=self._file_status_listener(job.id))
+        for spec in plan.files:
+            progress.track(spec.path, spec.size)
+        active = _Active(job=job, plan=plan, progress=progress, cancel=CancelToken())
         self._active[job.id] = active
         self._pending.append(job.id)
+        self._publish_active(active)
         return active
 
     def _maybe_start(self) -> None:
@@ -617,6 +655,7 @@ class JobManager:
             active.job = active.job.evolve(
                 state=JobState.DOWNLOADING, started_at=utcnow(), message="Downloading"
             )
+            self._publish_active(active)
             active.task = asyncio.create_task(self._start_checked(active), name=f"job-{job_id}")
 
     # --- running ---------------------------------------------------------------------------
@@ -650,11 +689,13 @@ class JobManager:
                 )
                 for f in fetched
             ] + reused
-            if plan.extra.get("archive") == "zip":
+            if plan.extra.get("archive") == "zip":  # its CRCs and sizes checked as it unpacks
+                self._set_phase(active, "verifying")
                 files = await asyncio.to_thread(self._unpack, job.id, files)
             if plan.extra.get("convert"):
                 files, conversions = await self._convert(active, files, plan.extra["convert"])
                 manifest = manifest.model_copy(update={"conversions": conversions})
+            self._set_phase(active, "committing")
             manifest = await asyncio.to_thread(self.store.commit, manifest, files)
             await asyncio.to_thread(self._discard_partials, active.plan)  # their .json state
             remove_tree(self.engine.partial_dir / f"extract-{job.id}")
@@ -733,6 +774,7 @@ class JobManager:
             self._remember_finished(job)
         self._active.pop(job.id, None)
         self._running.discard(job.id)
+        self._publish_ended(job, active.progress)
         self._maybe_start()
 
     async def _load_installed(self, active: _Active, manifest: Manifest) -> str:
@@ -749,6 +791,7 @@ class JobManager:
                 '(a TorchScript file loads with "load_as": "torchscript")'
             )
         active.job = active.job.evolve(state=JobState.LOADING, message="Loading")
+        self._publish_active(active)
         await self._save(active.job)
         try:
             loaded = await asyncio.to_thread(
@@ -776,7 +819,8 @@ class JobManager:
             sha256 = spec.sha256 or by_git_sha1.get(spec.git_sha1 or "")
             if sha256 and not active.job.force and self.store.has_blob(sha256):
                 size = self.store.blob_path(sha256).stat().st_size
-                active.progress.add_existing(size)
+                active.progress.add_existing(size, spec.path)
+                active.progress.set_status(spec.path, "cached")
                 reused.append(CommitFile(spec.path, None, size, sha256, spec.git_sha1))
             else:
                 if active.job.force:
@@ -814,10 +858,10 @@ class JobManager:
         """The ``converting`` phase: the verified pickles become safetensors in an isolated
         worker process (``modelhost.convert``); a refused pickle fails the job and its
         bytes are discarded, so nothing of it stays."""
-        active.phase = "converting"
         active.job = active.job.evolve(
             message=f"Converting pickled weights to safetensors: {', '.join(paths[:4])}"
         )
+        self._set_phase(active, "converting")
         await self._save(active.job)
         workdir = self._convert_dir(active.job.id)
         try:
@@ -888,6 +932,9 @@ class JobManager:
         active = self._active.get(job_id)
         if active is not None:
             return self._view(active.job, active.progress, active.phase)
+        planning = self._planning_jobs.get(job_id)
+        if planning is not None:
+            return self._view(planning, phase="planning")
         job = self._finished.get(job_id)
         if job is None:
             job = await asyncio.to_thread(self.repository.get, job_id)
@@ -914,15 +961,93 @@ class JobManager:
     def _view(
         self, job: Job, progress: Progress | None = None, phase: str | None = None
     ) -> JobView:
+        if job.state != JobState.DOWNLOADING:
+            phase = "planning" if phase == "planning" else job.state.value
         if progress is None or job.state.finished:
-            return JobView(job, job.bytes_done, job.bytes_total, None, None)
+            return JobView(job, job.bytes_done, job.bytes_total, None, None, phase)
         snapshot = progress.snapshot()
-        moving = job.state == JobState.DOWNLOADING and phase != "converting"
+        moving = job.state == JobState.DOWNLOADING and phase == "downloading"
         speed = snapshot.speed_bps if moving else None
         eta = snapshot.eta_s if moving else None
-        if job.state != JobState.DOWNLOADING:
-            phase = job.state.value
-        return JobView(job, snapshot.bytes_done, snapshot.bytes_total, speed, eta, phase)
+        return JobView(
+            job, snapshot.bytes_done, snapshot.bytes_total, speed, eta, phase, snapshot.files
+        )
+
+    def unfinished(self) -> list[JobView]:
+        """Every job being planned, queued or run, oldest first (a stream's opening state)."""
+        views = [self._view(job, phase="planning") for job in self._planning_jobs.values()]
+        views += [self._view(a.job, a.progress, a.phase) for a in self._active.values()]
+        return sorted(views, key=lambda view: view.job.created_at)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _publish_status(self, view: JobView) -> None:
+        """A status event, unless the streams have seen this state and phase already."""
+        seen = (view.job.state, view.phase)
+        if view.job.state.finished:  # the last one: nothing to compare the next with
+            self._published.pop(view.job.id, None)
+        elif self._published.get(view.job.id) == seen:
+            return
+        else:
+            self._published[view.job.id] = seen
+        self.events.publish(JobEvent(EventKind.STATUS, view))
+
+    def _publish_active(self, active: _Active) -> None:
+        self._publish_status(self._view(active.job, active.progress, active.phase))
+
+    def _publish_ended(self, job: Job, progress: Progress) -> None:
+        """The job's last status event (its files as they ended), and forget its bookkeeping."""
+        snapshot = progress.snapshot()
+        view = self._view(job)
+        self._publish_status(dataclasses.replace(view, files=snapshot.files))
+        self._published_version.pop(job.id, None)
+
+    def _set_phase(self, active: _Active, phase: str) -> None:
+        active.phase = phase
+        self._publish_active(active)
+
+    def _file_status_listener(self, job_id: str) -> Callable[[str, str], None]:
+        """Called from transfer threads when a file's status changes. The phase it implies
+        is decided there and then (a later look could miss a short ``verifying``) and handed
+        to the loop, which applies the phases in order."""
+
+        def changed(path: str, status: str) -> None:
+            active, loop = self._active.get(job_id), self._loop
+            if active is None or loop is None:
+                return
+            phase = phase_of_files(active.progress.file_statuses())
+            if phase is None:
+                return
+            try:
+                loop.call_soon_threadsafe(self._files_moved_phase, job_id, phase)
+            except RuntimeError:  # the loop is closed: the server is gone
+                pass
+
+        return changed
+
+    def _files_moved_phase(self, job_id: str, phase: str) -> None:
+        active = self._active.get(job_id)
+        if active is None or active.job.state != JobState.DOWNLOADING:
+            return
+        if active.phase in ("downloading", "verifying"):  # later phases are not the files'
+            self._set_phase(active, phase)
+
+    async def _publish_progress_forever(self) -> None:
+        """Progress events for running jobs whose bytes moved, at most every PROGRESS_EVENT_S."""
+        while True:
+            await asyncio.sleep(PROGRESS_EVENT_S)
+            for active in list(self._active.values()):
+                job_id = active.job.id
+                if active.job.state != JobState.DOWNLOADING or not self.events.has_subscribers(
+                    job_id
+                ):
+                    continue
+                version = active.progress.version
+                if self._published_version.get(job_id) == version:
+                    continue
+                self._published_version[job_id] = version
+                view = self._view(active.job, active.progress, active.phase)
+                self.events.publish(JobEvent(EventKind.PROGRESS, view))
 
     def cache_hit_rate(self) -> float | None:
         """Share of download requests since start answered from the cache; None before any."""
@@ -967,6 +1092,7 @@ class JobManager:
             )
             await self._save(job)
             self._remember_finished(job)
+            self._publish_ended(job, active.progress)
             return job
         active.cancel.cancel("cancelled by request")
         await asyncio.shield(active.task)

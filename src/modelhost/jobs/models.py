@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from modelhost.fetch.progress import FileSnapshot
+
 
 class JobState(str, enum.Enum):
     PENDING = "pending"
@@ -50,3 +52,27 @@ class Job:
 
     def evolve(self, **changes: Any) -> Job:
         return replace(self, updated_at=utcnow(), **changes)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the status endpoint and the progress streams show it, with live progress
+    when it is running."""
+
+    job: Job
+    bytes_done: int
+    bytes_total: int | None
+    speed_bps: float | None
+    eta_s: float | None
+    # What the job is doing: planning, pending, downloading, verifying, converting,
+    # committing, loading, or its final state.
+    phase: str | None = None
+    files: tuple[FileSnapshot, ...] = ()
+
+    @property
+    def progress_percent(self) -> float:
+        if self.job.state == JobState.COMPLETED:
+            return 100.0
+        if not self.bytes_total:
+            return 0.0
+        return round(min(100.0, 100.0 * self.bytes_done / self.bytes_total), 1)
