@@ -446,5 +446,5 @@ def test_status_shows_the_converting_phase(make_server, fileserver, monkeypatch)
     assert status["message"] == "Converting pickled weights to safetensors: w.pth"
     release.set()
     done = server.wait_for(download_id, timeout=120)
-    assert done["status"] == "completed" and done["phase"] is None
+    assert done["status"] == "completed" and done["phase"] == "completed"
     assert "w.pth -> w.safetensors" in done["message"]
