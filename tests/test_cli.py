@@ -23,6 +23,9 @@ from conftest import RunningServer, make_settings
 from hubserver import HubServer
 from tiny_models import publish_all
 
+from modelhost.cli.pull import derive_name, split_spec
+from modelhost.names import NAME_PATTERN
+
 SRC = Path(__file__).resolve().parent.parent / "src"
 MODELHOST = Path(sys.executable).parent / "modelhost"
 
@@ -30,7 +33,8 @@ MODELHOST = Path(sys.executable).parent / "modelhost"
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: this tree's code, a wide plain terminal."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELHOST_")}
-    env.update(PYTHONPATH=str(SRC), COLUMNS="200", NO_COLOR="1", TERM="dumb", **extra)
+    env.update({"PYTHONPATH": str(SRC), "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    env.update(extra)
     return env
 
 
@@ -56,7 +60,11 @@ def hub(tiny_models):
 def server(hub, tmp_path_factory):
     home = tmp_path_factory.mktemp("cli-home")
     settings = make_settings(
-        home, [], hf_endpoint=hub.base_url, hf_hub_cache=home / "no-hf-cache", device="cpu"
+        home,
+        [hub.host_port],
+        hf_endpoint=hub.base_url,
+        hf_hub_cache=home / "no-hf-cache",
+        device="cpu",
     )
     running = RunningServer(settings).start()
     yield running
@@ -124,9 +132,9 @@ def test_ls_ps_show_match_the_api(bert, cli, server):
 
     as_json = json.loads(cli("ls", "--json").stdout)
     assert as_json["models"] == {"tiny-bert": info}
-    assert as_json["cache_info"]["models"] == server.client.get("/models/cache/info").json()[
-        "models"
-    ]
+    assert (
+        as_json["cache_info"]["models"] == server.client.get("/models/cache/info").json()["models"]
+    )
     managed = server.client.get("/models/managed").json()
     assert json.loads(cli("ps", "--json").stdout) == managed
     ps = cli("ps").stdout
@@ -180,8 +188,9 @@ def test_bad_name_and_unknown_model_answers(cli, server):
 
 
 def test_say_writes_a_wav(cli, server, tmp_path):
-    pulled = cli("pull", "huggingface:facebook/mms-tts-eng", "--name", "mms", "--task",
-                 "text-to-speech")
+    pulled = cli(
+        "pull", "huggingface:facebook/mms-tts-eng", "--name", "mms", "--task", "text-to-speech"
+    )
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     out = tmp_path / "hello.wav"
     said = cli("say", "hello there", "-m", "mms", "-o", str(out), "--seed", "1")
@@ -198,12 +207,16 @@ def test_say_writes_a_wav(cli, server, tmp_path):
 
     unload = cli("unload", "mms")
     assert unload.returncode == 0 and unload.stdout.strip() == "Model 'mms' unloaded"
-    assert "mms" not in [m["name"] for m in server.client.get("/models/managed").json()[
-        "downloaded_models"]]
+    assert "mms" not in [
+        m["name"] for m in server.client.get("/models/managed").json()["downloaded_models"]
+    ]
     loaded = cli("load", "mms", "--pin")
     assert loaded.returncode == 0 and loaded.stdout.strip() == "Model 'mms' loaded on cpu"
-    row = next(m for m in server.client.get("/models/managed").json()["downloaded_models"]
-               if m["name"] == "mms")
+    row = next(
+        m
+        for m in server.client.get("/models/managed").json()["downloaded_models"]
+        if m["name"] == "mms"
+    )
     assert row["pinned"] is True
 
 
@@ -230,9 +243,9 @@ def test_detach_then_rm(cli, server):
 
 
 def test_catalog_and_version(cli, server):
-    assert json.loads(cli("catalog", "--json").stdout) == server.client.get(
-        "/models/available"
-    ).json()
+    assert (
+        json.loads(cli("catalog", "--json").stdout) == server.client.get("/models/available").json()
+    )
     version = server.client.get("/health").json()["version"]
     for args in (("version",), ("--version",)):
         result = cli(*args)
@@ -275,3 +288,35 @@ def test_startup_is_fast_and_imports_no_server_code(server):
         [sys.executable, "-c", check], capture_output=True, text=True, env=cli_env(), check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_job_that_fails_exits_1_with_the_servers_message(cli, server, hub):
+    url = hub.url("test-org/tiny-bert", "config.json")
+    result = cli("pull", f"url:{url}", "--sha256", "0" * 64, "--no-load")
+    assert result.returncode == 1
+    jobs = server.client.get("/models/downloads").json()["downloads"]
+    job = next(j for j in jobs if j["model_id"] == url)
+    assert (job["model_name"], job["status"]) == ("config", "failed")
+    assert result.stderr.strip() == f"failed  {job['message']}"
+    assert "sha256" in job["message"].lower()
+
+
+@pytest.mark.parametrize(
+    "spec, source, model_id, name",
+    [
+        ("huggingface:test-org/Tiny_BERT", "huggingface", "test-org/Tiny_BERT", "tiny_bert"),
+        (
+            "url:https://h.example/a/Model%20v2.SafeTensors?x=1",
+            "url",
+            "https://h.example/a/Model%20v2.SafeTensors?x=1",
+            "model-20v2",
+        ),
+        ("torchvision:resnet18", "torchvision", "resnet18", "resnet18"),
+        ("torch_hub:pytorch/vision:v0.10.0/..x", "torch_hub", "pytorch/vision:v0.10.0/..x", "x"),
+        ("url:https://h.example/", "url", "https://h.example/", "model"),
+    ],
+)
+def test_source_split_and_derived_names(spec, source, model_id, name):
+    assert split_spec(spec) == (source, model_id)
+    assert derive_name(source, model_id) == name
+    assert NAME_PATTERN.fullmatch(name) and ".." not in name

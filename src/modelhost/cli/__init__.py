@@ -25,8 +25,9 @@ app = typer.Typer(
     invoke_without_command=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Server text (messages, names, paths) is printed as it is: no markup, no guessed colours.
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 # One invocation per process: the callback sets this before the command runs.
 _current: State | None = None
@@ -69,7 +70,7 @@ def handled(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except CliError as exc:
-            err.print(exc.message, markup=False, highlight=False, soft_wrap=True)
+            err.print(exc.message)
             raise typer.Exit(exc.code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -106,10 +106,10 @@ def _after_submit(answer: dict[str, Any], detach: bool, as_json: bool) -> None:
         elif detach and answer.get("status") != "already_exists":
             typer.echo(download_id)
         else:
-            out.print(answer.get("message") or "already installed")
+            out.print(answer.get("message") or "already installed", soft_wrap=True)
         return
     if not as_json:
-        out.print(f"{answer.get('message')}  (id {download_id})", highlight=False)
+        out.print(f"{answer.get('message')}  (id {download_id})", soft_wrap=True)
     try:
         final = pulling.follow(client(), download_id, err if as_json else out)
     except KeyboardInterrupt:
@@ -156,7 +156,7 @@ def ps(as_json: bool = JSON) -> None:
 def rm(name: str, as_json: bool = JSON) -> None:
     """Remove a model from the cache (no prompt)."""
     answer = client().delete(f"/models/download/{name}")
-    render.print_json(answer) if as_json else out.print(answer["message"], highlight=False)
+    render.print_json(answer) if as_json else out.print(answer["message"], soft_wrap=True)
 
 
 @app.command()
@@ -178,7 +178,7 @@ def load(
     """Load an installed model onto a device."""
     body = {key: value for key, value in {"device": device, "pin": pin}.items() if value}
     answer = client().post(f"/models/{name}/load", body)
-    render.print_json(answer) if as_json else out.print(answer["message"], highlight=False)
+    render.print_json(answer) if as_json else out.print(answer["message"], soft_wrap=True)
 
 
 @app.command()
@@ -186,7 +186,7 @@ def load(
 def unload(name: str, as_json: bool = JSON) -> None:
     """Unload a model and free its memory."""
     answer = client().post(f"/models/{name}/unload")
-    render.print_json(answer) if as_json else out.print(answer["message"], highlight=False)
+    render.print_json(answer) if as_json else out.print(answer["message"], soft_wrap=True)
 
 
 @app.command()
@@ -207,7 +207,7 @@ def say(
         body["seed"] = seed
     response = client().request("POST", "/synthesize", json=body)
     output.write_bytes(response.content)
-    out.print(f"wrote {output} ({len(response.content)} bytes)", highlight=False)
+    out.print(f"wrote {output} ({len(response.content)} bytes)", soft_wrap=True)
     if play:
         _play(output)
 
@@ -271,7 +271,7 @@ def cancel(download_id: str, as_json: bool = JSON) -> None:
     if as_json:
         render.print_json(answer)
     else:
-        out.print(f"{answer['status']}: {answer.get('message') or ''}", highlight=False)
+        out.print(f"{answer['status']}: {answer.get('message') or ''}", soft_wrap=True)
 
 
 @app.command()

@@ -70,7 +70,7 @@ class JobView:
         if message and message != self.message:
             line.append(f"  {message}", style="")
         self.message = message
-        self.console.print(line)
+        self.console.print(line, soft_wrap=True)
 
     def _set(self, key: str, done: int | None, total: int | None, info: str) -> None:
         if key not in self.tasks:

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rich.console import Console
+from rich.text import Text
 
 from modelhost.cli.client import Client, CliError
 from modelhost.cli.progress import TERMINAL, JobView, make_progress
@@ -74,17 +75,20 @@ def follow(client: Client, download_id: str, console: Console) -> dict[str, Any]
 def ask_cancel(client: Client, download_id: str, console: Console) -> int:
     """After Ctrl-C: cancel the job (exit 130) or leave it running on the server (exit 0)."""
     try:
-        answer = console.input("Cancel the download? [y/N] ")
+        answer = input("Cancel the download? [y/N] ")  # plain: no markup, no highlighting
     except (KeyboardInterrupt, EOFError):
         answer = ""
         console.print()
     if answer.strip().lower() in ("y", "yes"):
         body = client.post(f"/models/download/{download_id}/cancel")
-        console.print(f"{body.get('status')}: {body.get('message') or ''}".rstrip(": "))
+        console.print(
+            f"{body.get('status')}: {body.get('message') or ''}".rstrip(": "), soft_wrap=True
+        )
         return EXIT_INTERRUPTED
     console.print(
         f"The download keeps running on the server (id {download_id}); "
-        f"follow it with `modelhost status {download_id}`"
+        f"follow it with `modelhost status {download_id}`",
+        soft_wrap=True,
     )
     return 0
 
@@ -93,7 +97,11 @@ def outcome(final: dict[str, Any], console: Console) -> int:
     """Print the job's last message; 0 when it completed, 1 otherwise."""
     message = final.get("message") or final.get("error") or final.get("status")
     if final.get("status") == "completed":
-        console.print(f"[green]completed[/green]  {message}")
+        console.print(
+            Text("completed", style="green").append(f"  {message}", style=""), soft_wrap=True
+        )
         return 0
-    console.print(f"[red]{final.get('status')}[/red]  {message}")
+    console.print(
+        Text(str(final.get("status")), style="red").append(f"  {message}", style=""), soft_wrap=True
+    )
     return 1

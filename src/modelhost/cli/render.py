@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def print_json(data: Any) -> None:
@@ -138,8 +139,8 @@ def show_manifest(console: Console, info: dict[str, Any]) -> None:
         "download_id",
     ):
         if info.get(key) is not None:
-            fields.add_row(f"[bold]{key}[/bold]", str(info[key]))
-    fields.add_row("[bold]size[/bold]", human_bytes(info.get("total_size_bytes")))
+            fields.add_row(Text(key, style="bold"), str(info[key]))
+    fields.add_row(Text("size", style="bold"), human_bytes(info.get("total_size_bytes")))
     console.print(fields)
     files = Table("FILE", "SIZE", "SHA256", box=None, pad_edge=False)
     for entry in info.get("files") or []:
