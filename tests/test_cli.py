@@ -320,3 +320,31 @@ def test_source_split_and_derived_names(spec, source, model_id, name):
     assert split_spec(spec) == (source, model_id)
     assert derive_name(source, model_id) == name
     assert NAME_PATTERN.fullmatch(name) and ".." not in name
+
+
+def test_cancel_answers_are_the_servers(bert, cli, server):
+    jobs = server.client.get("/models/downloads", params={"status": "completed"}).json()
+    done = jobs["downloads"][0]["download_id"]
+    for job_id in (done, "no-such-job"):
+        result = cli("cancel", job_id)
+        api = server.client.post(f"/models/download/{job_id}/cancel")
+        assert api.status_code in (404, 409)
+        assert (result.returncode, result.stderr.strip()) == (1, api.json()["message"])
+
+
+def test_force_downloads_an_installed_model_again(bert, cli, server):
+    before = server.client.get("/models/download/tiny-bert/info").json()
+    result = cli("pull", "huggingface:test-org/tiny-bert", "--force", "--json")
+    assert result.returncode == 0, result.stderr
+    final = json.loads(result.stdout)
+    assert final["status"] == "completed" and final["model_name"] == "tiny-bert"
+    # The stream's last message: the status body plus the contract's event and files.
+    status = server.client.get(f"/models/download/status/{final['download_id']}").json()
+    assert {k: v for k, v in final.items() if k not in ("event", "files")} == status
+    assert final["event"] == "status" and {f["status"] for f in final["files"]} <= {
+        "done",
+        "cached",
+    }
+    after = server.client.get("/models/download/tiny-bert/info").json()
+    assert after["download_id"] == final["download_id"] != before["download_id"]
+    assert after["files"] == before["files"]
