@@ -15,9 +15,9 @@ GRACEFUL_SHUTDOWN_S = 5
 
 
 def serve(
-    host: Optional[str] = typer.Option(None, help="Bind address [env MODELHOST_HOST]"),  # noqa: UP045
-    port: Optional[int] = typer.Option(None, help="Port [env MODELHOST_PORT]"),  # noqa: UP045
-    home: Optional[Path] = typer.Option(None, help="Cache and state [env MODELHOST_HOME]"),  # noqa: UP045
+    host: Optional[str] = typer.Option(None, help="Bind address (env MODELHOST_HOST)"),  # noqa: UP045
+    port: Optional[int] = typer.Option(None, help="Port (env MODELHOST_PORT)"),  # noqa: UP045
+    home: Optional[Path] = typer.Option(None, help="Cache and state (env MODELHOST_HOME)"),  # noqa: UP045
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Start the HTTP server (flags override MODELHOST_* environment variables)."""
