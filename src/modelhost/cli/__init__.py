@@ -26,7 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Server text (messages, names, paths) is printed as it is: no markup, no guessed colours.
-out = Console(highlight=False, markup=False)
+# Piped output is not cut to 80 columns: scripts and logs get whole rows.
+PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 250
+out = Console(highlight=False, markup=False, width=PIPE_WIDTH)
 err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 # One invocation per process: the callback sets this before the command runs.

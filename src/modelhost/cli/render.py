@@ -11,6 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+# Columns that give way when the terminal is narrow (the others keep their whole values).
+FOLDING = frozenset({"MODEL ID", "MESSAGE", "FILE", "TASK"})
+
 
 def print_json(data: Any) -> None:
     """The server's JSON, indented, on stdout (plain: no colours for scripts to strip)."""
@@ -52,11 +55,20 @@ def idle_seconds(last_used: str | None, now: datetime | None = None) -> float | 
     return max(0.0, ((now or datetime.now(timezone.utc)) - when).total_seconds())
 
 
+def _table(*headers: str) -> Table:
+    """A borderless table: the long free-text columns fold, the short ones stay whole."""
+    table = Table(box=None, pad_edge=False)
+    for header in headers:
+        if header in FOLDING:
+            table.add_column(header, overflow="fold")
+        else:
+            table.add_column(header, no_wrap=True)
+    return table
+
+
 def installed_table(infos: list[dict[str, Any]], loaded: set[str]) -> Table:
     """``modelhost ls``: one row per installed model."""
-    table = Table(
-        "NAME", "SOURCE", "MODEL ID", "SIZE", "REVISION", "LOADED", box=None, pad_edge=False
-    )
+    table = _table("NAME", "SOURCE", "MODEL ID", "SIZE", "REVISION", "LOADED")
     for info in infos:
         revision = info.get("revision") or ""
         table.add_row(
@@ -72,7 +84,7 @@ def installed_table(infos: list[dict[str, Any]], loaded: set[str]) -> Table:
 
 def managed_table(rows: list[dict[str, Any]]) -> Table:
     """``modelhost ps``: one row per loaded model."""
-    table = Table("NAME", "DEVICE", "MEMORY", "PINNED", "IDLE", "TASK", box=None, pad_edge=False)
+    table = _table("NAME", "DEVICE", "MEMORY", "PINNED", "IDLE", "TASK")
     for row in rows:
         memory = (row.get("memory_usage") or {}).get("allocated_mb")
         table.add_row(
@@ -88,9 +100,7 @@ def managed_table(rows: list[dict[str, Any]]) -> Table:
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
     """``modelhost status``: one row per download job."""
-    table = Table(
-        "ID", "NAME", "STATUS", "PHASE", "PROGRESS", "BYTES", "MESSAGE", box=None, pad_edge=False
-    )
+    table = _table("ID", "NAME", "STATUS", "PHASE", "PROGRESS", "BYTES", "MESSAGE")
     for job in jobs:
         table.add_row(
             job["download_id"],
@@ -106,9 +116,7 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
 
 def catalog_table(body: dict[str, Any]) -> Table:
     """``modelhost catalog``: the downloadable models."""
-    table = Table(
-        "NAME", "SOURCE", "MODEL ID", "TASK", "SIZE", "INSTALLED", box=None, pad_edge=False
-    )
+    table = _table("NAME", "SOURCE", "MODEL ID", "TASK", "SIZE", "INSTALLED")
     for name, entry in (body.get("available_models") or {}).items():
         request = entry.get("download_request") or {}
         size = entry.get("size_mb")
@@ -142,7 +150,7 @@ def show_manifest(console: Console, info: dict[str, Any]) -> None:
             fields.add_row(Text(key, style="bold"), str(info[key]))
     fields.add_row(Text("size", style="bold"), human_bytes(info.get("total_size_bytes")))
     console.print(fields)
-    files = Table("FILE", "SIZE", "SHA256", box=None, pad_edge=False)
+    files = _table("FILE", "SIZE", "SHA256")
     for entry in info.get("files") or []:
         files.add_row(entry["path"], human_bytes(entry.get("size")), entry.get("sha256", "")[:16])
     console.print(files)
