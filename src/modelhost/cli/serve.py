@@ -1,4 +1,4 @@
-"""The ``modelhost`` command line."""
+"""``modelhost serve``: the HTTP server itself (the only command that imports it)."""
 
 from __future__ import annotations
 
@@ -6,32 +6,27 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import uvicorn
-from pydantic import ValidationError
 from rich.console import Console
 
-from modelhost.config import Settings
-
-app = typer.Typer(help="modelhost: a self-hosted model-management server.", no_args_is_help=True)
 console = Console(stderr=True)
 # On SIGTERM, requests still running after this long are cancelled; then the job manager
 # aborts plans and transfers (leaving them resumable), so the process ends within seconds.
 GRACEFUL_SHUTDOWN_S = 5
 
 
-@app.callback()
-def main() -> None:
-    """modelhost: fetch, verify, cache and serve machine-learning models."""
-
-
-@app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="Bind address [env MODELHOST_HOST]"),  # noqa: UP045
-    port: Optional[int] = typer.Option(None, help="Port [env MODELHOST_PORT]"),  # noqa: UP045
-    home: Optional[Path] = typer.Option(None, help="Cache and state [env MODELHOST_HOME]"),  # noqa: UP045
+    host: Optional[str] = typer.Option(None, help="Bind address (env MODELHOST_HOST)"),  # noqa: UP045
+    port: Optional[int] = typer.Option(None, help="Port (env MODELHOST_PORT)"),  # noqa: UP045
+    home: Optional[Path] = typer.Option(None, help="Cache and state (env MODELHOST_HOME)"),  # noqa: UP045
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Start the HTTP server (flags override MODELHOST_* environment variables)."""
+    # Imported here: the client commands must not pay for pydantic-settings, uvicorn, torch.
+    import uvicorn
+    from pydantic import ValidationError
+
+    from modelhost.config import Settings
+
     overrides = {
         k: v for k, v in {"host": host, "port": port, "home": home}.items() if v is not None
     }
@@ -51,7 +46,3 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-
-
-if __name__ == "__main__":
-    app()
