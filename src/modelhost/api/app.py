@@ -12,7 +12,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from modelhost import __version__
-from modelhost.api import downloads, events, health, inference, metrics, models
+from modelhost.api import downloads, events, health, inference, metrics, models, ui
 from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
 from modelhost.api.security import install_security
@@ -129,8 +129,9 @@ def build_services(settings: Settings) -> Services:
 
 
 def install_docs(app: FastAPI) -> None:
-    """/openapi.json, /docs and /redoc, needing the API key when MODELHOST_API_KEY is set
-    (the schema maps the whole API; FastAPI's own routes for them take no dependencies)."""
+    """/openapi.json, /docs and /redoc (their scripts served by modelhost), needing the API
+    key when MODELHOST_API_KEY is set (the schema maps the whole API; FastAPI's own routes
+    for them take no dependencies)."""
     guarded = {"include_in_schema": False, "dependencies": [Depends(require_api_key)]}
 
     @app.get("/openapi.json", **guarded)
@@ -139,11 +140,23 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get("/docs", **guarded)
     async def swagger() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{ui.DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ui.DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{ui.DOCS_STATIC}/favicon.png",
+        )
 
     @app.get("/redoc", **guarded)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{ui.DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=f"{ui.DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -183,4 +196,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(metrics.router)
     app.include_router(inference.router)
+    app.include_router(ui.router)
     return app

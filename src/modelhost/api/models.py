@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from enum import Enum
 
 from fastapi import APIRouter, Depends, Query
@@ -112,12 +113,28 @@ async def cache_info(services: ServicesDep) -> dict:
     tts_bytes = sum(m.total_size for m in tts)
     limit = services.settings.cache_limit_bytes
     partial_bytes = await asyncio.to_thread(jobs.engine.partial_bytes)
+    disk = await asyncio.to_thread(shutil.disk_usage, store.root)
     return {
         "cache_directory": str(store.root),
         "total_models": len(manifests),
         "total_size_mb": round(total_bytes / MB, 3),
         "total_size_bytes": total_bytes,
         "models": [m.name for m in manifests],
+        # Each installed model's row, and the disk the cache lives on (the dashboard's chart).
+        "installed_models": [
+            {
+                "name": m.name,
+                "source": m.source,
+                "model_id": m.model_id,
+                "revision": m.revision,
+                "task": m.task,
+                "size_bytes": m.total_size,
+                "is_tts": bool(m.task and is_tts_task(m.task)),
+            }
+            for m in manifests
+        ],
+        "disk_free_bytes": disk.free,
+        "disk_total_bytes": disk.total,
         # Bytes unfinished, failed and cancelled downloads hold in partial files (resumable;
         # DELETE /models/download/{name} of a failed download removes them).
         "partial_bytes": partial_bytes,

@@ -1,0 +1,57 @@
+"""The web dashboard and the API docs' scripts, served from packaged files (no CDN).
+
+The page and its assets are static and hold no data, so they are served without the API key;
+every call the page makes goes to the API with the key. Swagger UI's and ReDoc's files come
+from the ``fastapi-offline`` package, which ships them.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from modelhost.errors import ModelNotFound
+
+router = APIRouter(include_in_schema=False)
+
+WEB_DIR = Path(str(resources.files("modelhost") / "web"))
+DASHBOARD_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "redoc.standalone.js": "text/javascript",
+    "favicon.png": "image/png",
+}
+DOCS_STATIC = "/static/docs"
+
+
+def docs_dir() -> Path:
+    """Where the installed ``fastapi-offline`` keeps Swagger UI's and ReDoc's files."""
+    return Path(str(resources.files("fastapi_offline") / "static"))
+
+
+def _asset(directory: Path, name: str, types: dict[str, str]) -> FileResponse:
+    if name not in types:  # a fixed list: no path from the request reaches the filesystem
+        raise ModelNotFound(f"No such file: {name}", error="Not found")
+    return FileResponse(
+        directory / name, media_type=types[name], headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.get("/")
+@router.get("/ui")
+async def dashboard() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/ui/{name}")
+async def dashboard_asset(name: str) -> FileResponse:
+    return _asset(WEB_DIR, name, DASHBOARD_FILES)
+
+
+@router.get(DOCS_STATIC + "/{name}")
+async def docs_asset(name: str) -> FileResponse:
+    return _asset(docs_dir(), name, DOCS_FILES)
