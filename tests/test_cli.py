@@ -24,6 +24,7 @@ from conftest import RunningServer, make_settings
 from hubserver import HubServer
 from tiny_models import publish_all
 
+from modelhost.cli import render
 from modelhost.cli.pull import derive_name, split_spec
 from modelhost.names import NAME_PATTERN
 
@@ -131,8 +132,13 @@ def test_ls_ps_show_match_the_api(bert, cli, server):
     assert row.split()[:3] == ["tiny-bert", "huggingface", "test-org/tiny-bert"]
     assert info["revision"][:12] in row and row.rstrip().endswith("yes")
 
+    size = render.human_bytes(info["total_size_bytes"])
+    assert size in row, (size, row)
+
     as_json = json.loads(cli("ls", "--json").stdout)
-    assert as_json["models"] == {"tiny-bert": info}
+    (installed,) = as_json["cache_info"]["installed_models"]
+    assert installed["size_bytes"] == info["total_size_bytes"]
+    assert (installed["name"], installed["revision"]) == ("tiny-bert", info["revision"])
     assert (
         as_json["cache_info"]["models"] == server.client.get("/models/cache/info").json()["models"]
     )

@@ -125,14 +125,13 @@ def _after_submit(answer: dict[str, Any], detach: bool, as_json: bool) -> None:
 def list_installed(as_json: bool = JSON) -> None:
     """Installed models: name, source, size, revision, loaded."""
     api = client()
-    cache = api.get("/models/cache/info")
-    infos = {name: api.get(f"/models/download/{name}/info") for name in cache["models"]}
+    cache = api.get("/models/cache/info")  # its installed_models: one row per model
     managed = api.get("/models/managed")
     if as_json:
-        render.print_json({"cache_info": cache, "models": infos, "managed": managed})
+        render.print_json({"cache_info": cache, "managed": managed})
         return
     loaded = {row["name"] for row in managed["downloaded_models"]}
-    out.print(render.installed_table(list(infos.values()), loaded))
+    out.print(render.installed_table(cache["installed_models"], loaded))
     out.print(
         f"{cache['total_models']} model(s), {render.human_bytes(cache['total_size_bytes'])}"
         f" in {cache['cache_directory']}",

@@ -75,7 +75,7 @@ def installed_table(infos: list[dict[str, Any]], loaded: set[str]) -> Table:
             info["name"],
             info.get("source") or "",
             info.get("model_id") or "",
-            human_bytes(info.get("total_size_bytes")),
+            human_bytes(info.get("size_bytes")),
             revision[:12],
             "yes" if info["name"] in loaded else "no",
         )
