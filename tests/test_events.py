@@ -7,7 +7,6 @@ read with a real HTTP client and parsed as SSE.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
@@ -17,6 +16,8 @@ import httpx
 import pytest
 from hubserver import HubServer
 from tiny_models import publish_all
+
+from modelhost.cli import sse
 
 MB = 1_000_000
 RATE = 6 * MB  # per connection: two 12 MB files take about two seconds
@@ -44,21 +45,8 @@ def modelhost(make_server, hub, tmp_path):
 
 def sse_messages(response: httpx.Response) -> Iterator[tuple[float, str, dict]]:
     """(arrival time, event name, data) for each message of an SSE response."""
-    event, data = None, []
-    for line in response.iter_lines():
-        if line.startswith(":"):
-            continue  # a keep-alive comment
-        if not line:
-            if data:
-                yield time.monotonic(), event or "message", json.loads("\n".join(data))
-            event, data = None, []
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            event = value
-        elif field == "data":
-            data.append(value)
+    for message in sse.messages(response.iter_lines()):
+        yield time.monotonic(), message.event, message.data
 
 
 def read_stream(client: httpx.Client, path: str, until=None, limit_s: float = 60) -> list:

@@ -60,9 +60,7 @@ async def _forward(subscription: Subscription, stop_at_terminal: bool) -> AsyncI
     """The subscription's events as SSE messages; closes the subscription when done."""
     with subscription:
         while True:
-            event: JobEvent | None = await subscription.next()
-            if event is None:
-                continue
+            event: JobEvent = await subscription.next()
             yield event_message(event.kind, event.view)
             if stop_at_terminal and event.terminal:
                 return

@@ -34,6 +34,11 @@ def _request_body(source: str, model_id: str, name: str, **flags: Any) -> dict[s
     return body
 
 
+def report(answer: dict, as_json: bool) -> None:
+    """A changing command's answer: the server's JSON, or its message."""
+    render.print_json(answer) if as_json else out.print(answer["message"], soft_wrap=True)
+
+
 @app.command()
 @handled
 def pull(
@@ -155,7 +160,7 @@ def ps(as_json: bool = JSON) -> None:
 def rm(name: str, as_json: bool = JSON) -> None:
     """Remove a model from the cache (no prompt)."""
     answer = client().delete(f"/models/download/{name}")
-    render.print_json(answer) if as_json else out.print(answer["message"], soft_wrap=True)
+    report(answer, as_json)
 
 
 @app.command()
@@ -177,7 +182,7 @@ def load(
     """Load an installed model onto a device."""
     body = {key: value for key, value in {"device": device, "pin": pin}.items() if value}
     answer = client().post(f"/models/{name}/load", body)
-    render.print_json(answer) if as_json else out.print(answer["message"], soft_wrap=True)
+    report(answer, as_json)
 
 
 @app.command()
@@ -185,7 +190,7 @@ def load(
 def unload(name: str, as_json: bool = JSON) -> None:
     """Unload a model and free its memory."""
     answer = client().post(f"/models/{name}/unload")
-    render.print_json(answer) if as_json else out.print(answer["message"], soft_wrap=True)
+    report(answer, as_json)
 
 
 @app.command()

@@ -68,12 +68,9 @@ class Subscription:
         for event in kept:
             self._queue.put_nowait(event)
 
-    async def next(self, timeout: float | None = None) -> JobEvent | None:
-        """The next event, or None after ``timeout`` seconds without one."""
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+    async def next(self) -> JobEvent:
+        """The next event (waits for one)."""
+        return await self._queue.get()
 
     def close(self) -> None:
         self._bus.unsubscribe(self)
