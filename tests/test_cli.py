@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import wave
 from pathlib import Path
@@ -25,6 +26,7 @@ from hubserver import HubServer
 from tiny_models import publish_all
 
 from modelhost.cli import render
+from modelhost.cli.client import Client, CliError
 from modelhost.cli.pull import derive_name, split_spec
 from modelhost.names import NAME_PATTERN
 
@@ -389,8 +391,9 @@ def test_startup_is_fast_and_imports_no_server_code(served_copy):
     assert "tiny-bert " in listed  # ls read the copied models: the timing includes their rows
     print(f"modelhost --help: {help_s:.3f} s, modelhost ls: {ls_s:.3f} s (median of 3)")
     print(f"  --help runs: {timings['--help']}, ls runs: {timings['ls']}")
-    assert help_s < 0.6 and ls_s < 0.6
-    heavy = ("torch", "transformers", "fastapi", "uvicorn", "sqlalchemy", "starlette")
+    # --help: the issue's 0.5 s; ls adds two requests and a table (0.33 s measured here).
+    assert help_s < 0.5 and ls_s < 0.6
+    heavy = ("torch", "transformers", "fastapi", "uvicorn", "sqlalchemy", "starlette", "httpx")
     check = (
         "import sys, modelhost.cli; from modelhost.cli import commands; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
@@ -400,3 +403,56 @@ def test_startup_is_fast_and_imports_no_server_code(served_copy):
         [sys.executable, "-c", check], capture_output=True, text=True, env=cli_env(), check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_client_resends_once_when_a_kept_alive_connection_was_closed():
+    """A server may close an idle kept-alive connection at any time (uvicorn does after 5 s):
+    the next request meets a dead socket and must go out again on a fresh one, once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve_two() -> None:
+        for number in (1, 2):
+            conn, _ = listener.accept()
+            with conn:
+                seen.append(conn.recv(65536).split(b"\r\n", 1)[0])
+                body = json.dumps({"answer": number}).encode()
+                # No "Connection: close": the client believes it may reuse the connection.
+                head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                head += f"Content-Length: {len(body)}\r\n\r\n"
+                conn.sendall(head.encode() + body)
+
+    thread = threading.Thread(target=serve_two, daemon=True)
+    thread.start()
+    client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        assert client.get("/health") == {"answer": 1}
+        time.sleep(0.1)  # the server has closed the first connection by now
+        assert client.get("/models/downloads") == {"answer": 2}
+    finally:
+        client.close()
+        listener.close()
+    thread.join(timeout=5)
+    assert seen == [b"GET /health HTTP/1.1", b"GET /models/downloads HTTP/1.1"]
+
+
+def test_client_reports_an_answer_cut_short():
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def cut() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"par')
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    client = Client(url)
+    try:
+        with pytest.raises(CliError) as raised:
+            client.get("/health")
+    finally:
+        client.close()
+        listener.close()
+    assert raised.value.message == f"the modelhost server at {url} closed the connection"

@@ -1,19 +1,19 @@
 """A small HTTP client for the modelhost API: one place turns every failure into a message.
 
-The command line imports nothing of the server: it speaks HTTP through httpx only, so it
-starts fast and works against a server on another machine. httpx itself is imported when
-the first client is made (a tenth of a second that ``--help`` need not pay).
+The command line imports nothing of the server: it speaks HTTP through the standard
+library's ``http.client`` only, so it starts fast (no third-party HTTP stack to import) and
+works against a server on another machine.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import httpx
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CONNECT_TIMEOUT_S = 3.0
@@ -52,7 +52,40 @@ def unreachable_message(url: str) -> str:
     return f"no modelhost server at {url}: start one with `modelhost serve`"
 
 
-def error_from(response: httpx.Response) -> ApiError:
+@dataclass
+class Response:
+    """A whole answer: status, reason and body bytes."""
+
+    status_code: int
+    reason_phrase: str
+    content: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+@dataclass
+class StreamResponse:
+    """An answer whose body is read line by line as it arrives (Server-Sent Events)."""
+
+    status_code: int
+    raw: http.client.HTTPResponse
+
+    def iter_lines(self) -> Iterator[str]:
+        """Each line of the body, without its line ending, until the server ends it."""
+        while True:
+            line = self.raw.readline()
+            if not line:
+                return
+            yield line.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def error_from(response: Response) -> ApiError:
     """The ``ApiError`` an error answer means; the server's ``message`` when it sent one."""
     if response.status_code == 401:
         return ApiError(
@@ -73,26 +106,41 @@ def error_from(response: httpx.Response) -> ApiError:
 
 
 class Client:
-    """The modelhost API at ``url``, with ``api_key`` sent as a bearer token."""
+    """The modelhost API at ``url``, with ``api_key`` sent as a bearer token.
+
+    One kept-alive connection, reopened when the server has closed it."""
 
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None) -> None:
-        import httpx
-
         self.url = url.rstrip("/")
-        headers = {"User-Agent": "modelhost-cli"}
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CliError(f"not an http(s) URL: {self.url}")
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._prefix = parts.path.rstrip("/")
+        self.headers = {"User-Agent": "modelhost-cli"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self._connection: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self.http.close()
+        """Close the connection."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,  # noqa: A002 - the name callers know from requests/httpx
+        params: dict[str, Any] | None = None,
+    ) -> Response:
         """Send one request; raise ``ServerUnreachable`` / ``ApiError`` instead of answering."""
         with self._translated():
-            response = self.http.request(method, path, **kwargs)
+            raw = self._send(method, path, json, params, READ_TIMEOUT_S)
+            response = Response(raw.status, raw.reason, raw.read(), dict(raw.getheaders()))
+        if raw.will_close:
+            self.close()
         if response.status_code >= 400:
             raise error_from(response)
         return response
@@ -119,29 +167,72 @@ class Client:
         return response.status_code, response.json()
 
     @contextmanager
-    def stream(self, path: str) -> Iterator[httpx.Response]:
-        """A streaming ``GET`` (Server-Sent Events), checked for an error status first."""
-        import httpx
+    def stream(self, path: str) -> Iterator[StreamResponse]:
+        """A streaming ``GET`` (Server-Sent Events), checked for an error status first.
 
-        timeout = httpx.Timeout(STREAM_READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        with self._translated(), self.http.stream("GET", path, timeout=timeout) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise error_from(response)
-            yield response
+        The stream has its own connection, closed when the block ends."""
+        with self._translated():
+            connection = self._open()
+            try:
+                connection.sock.settimeout(STREAM_READ_TIMEOUT_S)
+                headers = {**self.headers, "Accept": "text/event-stream"}
+                connection.request("GET", self._prefix + path, headers=headers)
+                raw = connection.getresponse()
+                if raw.status >= 400:
+                    raise error_from(Response(raw.status, raw.reason, raw.read()))
+                yield StreamResponse(raw.status, raw)
+            finally:
+                connection.close()
+
+    def _open(self) -> http.client.HTTPConnection:
+        https = self._scheme == "https"
+        kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        connection = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
+        try:
+            connection.connect()
+        except OSError as exc:  # refused, unknown host, connect timeout, no route
+            raise ServerUnreachable(unreachable_message(self.url)) from exc
+        return connection
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: dict[str, Any] | None,
+        read_timeout_s: float,
+    ) -> http.client.HTTPResponse:
+        """Send on the kept-alive connection; once more on a fresh one if the server had
+        closed it between requests (the keep-alive race every client meets)."""
+        target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
+        headers = dict(self.headers)
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            reused = self._connection is not None
+            if self._connection is None:
+                self._connection = self._open()
+            connection = self._connection
+            connection.sock.settimeout(read_timeout_s)
+            try:
+                connection.request(method, target, body=payload, headers=headers)
+                return connection.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if not reused or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
-        """httpx's transport errors as the command line's errors."""
-        import httpx
-
+        """Transport errors as the command line's errors."""
         try:
             yield
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ServerUnreachable(unreachable_message(self.url)) from exc
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:  # socket.timeout is TimeoutError
+            self.close()
             raise CliError(f"the modelhost server at {self.url} stopped answering") from exc
-        except httpx.RemoteProtocolError as exc:
+        except (http.client.HTTPException, ConnectionError) as exc:
+            self.close()
             raise CliError(f"the modelhost server at {self.url} closed the connection") from exc
-        except httpx.UnsupportedProtocol as exc:
-            raise CliError(f"not an http(s) URL: {self.url}") from exc
