@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -128,6 +130,27 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+# Imported by a background thread once the server answers: torch and transformers take
+# seconds to import, which neither startup nor the first load should wait for.
+WARM_UP_MODULES = ("modelhost.runtime.loaders", "modelhost.runtime.inference")
+
+
+def warm_up_runtime() -> threading.Thread:
+    """Start importing the runtime (torch, transformers) in a daemon thread."""
+
+    def warm_up() -> None:
+        for module in WARM_UP_MODULES:
+            try:
+                importlib.import_module(module)
+            except Exception:  # a broken torch install fails the first load, with its message
+                log.exception("warming up %s failed", module)
+                return
+
+    thread = threading.Thread(target=warm_up, name="modelhost-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def install_docs(app: FastAPI) -> None:
     """/openapi.json, /docs and /redoc (their scripts served by modelhost), needing the API
     key when MODELHOST_API_KEY is set (the schema maps the whole API; FastAPI's own routes
@@ -169,6 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         await services.jobs.start()
         log.info("modelhost %s serving from %s", __version__, settings.home)
+        warm_up_runtime()
         try:
             yield
         finally:

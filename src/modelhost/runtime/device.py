@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from modelhost.runtime.errors import InvalidDevice
+
+if TYPE_CHECKING:  # torch is imported by the functions: the server starts without it
+    import torch
 
 DEVICE_SETTINGS = "auto, cpu, cuda, cuda:N, mps"
 
 
 def mps_available() -> bool:
     """Whether Apple's Metal backend is built into this torch and usable."""
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
@@ -21,6 +26,8 @@ def resolve_device(setting: str) -> torch.device:
     ``auto`` is the first available of CUDA (device 0), MPS and CPU. A device that is named
     but not available here raises ``InvalidDevice`` (a ``ValueError``) saying what is.
     """
+    import torch
+
     value = (setting or "auto").strip().lower()
     if value == "auto":
         if torch.cuda.is_available():
@@ -56,6 +63,8 @@ def resolve_device(setting: str) -> torch.device:
 
 def available() -> str:
     """The devices usable here, comma-separated, for messages."""
+    import torch
+
     names = ["cpu"]
     if torch.cuda.is_available():
         names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -67,5 +76,7 @@ def available() -> str:
 def device_str(device: torch.device) -> str:
     """``cuda:0`` rather than ``cuda``: the form reported to clients."""
     if device.type == "cuda":
+        import torch
+
         return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
     return device.type

@@ -6,11 +6,12 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from modelhost.runtime.families import Family
+
+if TYPE_CHECKING:  # annotations only: the server starts without torch
+    from torch import nn
 
 MB = 1024 * 1024
 _use_counter = itertools.count(1)

@@ -10,13 +10,17 @@ import gc
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # imported where used: the server starts without torch
+    import torch
+    from torch import nn
 
 
 def _packed_tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     """Weights and biases held in quantized modules' packed params."""
+    import torch
+
     for sub in module.modules():
         packed = getattr(sub, "_packed_params", None)
         if packed is None or isinstance(packed, torch.Tensor):
@@ -76,6 +80,8 @@ class AllocatorReading:
 
 def read_allocator(device: torch.device) -> AllocatorReading:
     """Allocated and reserved bytes of the device's allocator after pending work ends."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return AllocatorReading(
@@ -91,6 +97,8 @@ def read_allocator(device: torch.device) -> AllocatorReading:
 
 def release_cached(device: torch.device) -> None:
     """Collect garbage and hand the allocator's unused cache back to the driver."""
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,6 +110,8 @@ def release_cached(device: torch.device) -> None:
 def device_total_bytes(device: torch.device) -> int | None:
     """Total memory of a CUDA device; ``None`` elsewhere."""
     if device.type == "cuda":
+        import torch
+
         return int(torch.cuda.get_device_properties(device).total_memory)
     return None
 

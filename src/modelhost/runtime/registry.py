@@ -23,15 +23,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from modelhost.errors import Conflict
 from modelhost.runtime.device import device_str, resolve_device
 from modelhost.runtime.errors import MemoryBudgetExceeded, ModelNotLoaded
 from modelhost.runtime.loaded import MB, LoadedModel
-from modelhost.runtime.loaders import Preflight, preflight
-from modelhost.runtime.loaders import load as load_model
 from modelhost.runtime.memory import (
     device_total_bytes,
     physical_memory_bytes,
@@ -40,7 +37,12 @@ from modelhost.runtime.memory import (
 )
 from modelhost.store.manifest import Manifest
 
-Loader = Callable[[Manifest, Path, torch.device, bool], LoadedModel]
+if TYPE_CHECKING:  # the loaders import torch and transformers: on first load, not at startup
+    import torch
+
+    from modelhost.runtime.loaders import Preflight
+
+Loader = Callable[[Manifest, Path, "torch.device", bool], LoadedModel]
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class ModelRegistry:
         self.gpu_memory_fraction = gpu_memory_fraction
         self.device_setting = device_setting
         self.cpu_memory_bytes = cpu_memory_bytes
-        self._loader: Loader = loader or load_model
+        self._loader: Loader | None = loader
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.RLock()  # guards _models; held briefly
         self._load_lock = threading.Lock()  # one load or unload at a time
@@ -154,10 +156,14 @@ class ModelRegistry:
                 existing.touch()
                 return existing
             # Every check that can refuse the model runs before anything is evicted.
+            from modelhost.runtime.loaders import load as load_model
+            from modelhost.runtime.loaders import preflight
+
             checked = preflight(manifest, Path(path), target.type, allow_pickle)
             for victim in self._plan_eviction(manifest.name, checked, target):
                 self._unload_locked(victim.name, evicted=True)
-            loaded = self._loader(manifest, Path(path), target, allow_pickle)
+            loader = self._loader or load_model
+            loaded = loader(manifest, Path(path), target, allow_pickle)
             loaded.pinned = pin
             loaded.touch()
             with self._lock:
@@ -187,6 +193,8 @@ class ModelRegistry:
             model = self._models.pop(name, None)
         if model is None:
             raise ModelNotLoaded(f"Model {name!r} is not loaded")
+        import torch
+
         device = torch.device(model.device)
         with model.lock:  # in-flight inference finishes first
             freed = model.allocated_bytes
