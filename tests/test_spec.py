@@ -162,3 +162,85 @@ def test_a_bare_weights_file_is_download_only_and_predict_does_not_suggest_load(
     message = answer.json()["message"]
     assert "stored download-only" in message and "bare weights file" in message
     assert "/load" not in message
+
+
+def test_a_job_row_stored_by_the_old_version_resumes_after_an_upgrade(
+    make_server, fileserver, tmp_path
+):
+    from modelhost.jobs.db import JobRepository
+    from modelhost.jobs.models import Job, JobState
+
+    content = b"\7" * 2048
+    fileserver.add("/old.safetensors", content)
+    url = fileserver.url("/old.safetensors")
+    home = tmp_path / "home"
+    # The plan exactly as the old version's plan_to_dict stored it (dataclasses.asdict).
+    old_plan = {
+        "source": "url",
+        "model_id": url,
+        "task": "text-generation",
+        "files": [
+            {
+                "url": url,
+                "path": "old.safetensors",
+                "size": len(content),
+                "sha256": None,
+                "git_sha1": None,
+                "sha256_prefix": None,
+                "local_source": None,
+            }
+        ],
+        "revision": None,
+        "model_type": None,
+        "description": "old.safetensors from 127.0.0.1",
+        "extra": {"convert": []},
+    }
+    repository = JobRepository(f"sqlite:///{home / 'state.db'}")
+    request = {"source": "url", "model_id": url, "name": "old"}
+    repository.insert(
+        Job(
+            id="0123456789ab",
+            key="k" * 32,
+            name="old",
+            source="url",
+            model_id=url,
+            state=JobState.DOWNLOADING,
+            message="Downloading",
+            request=request,
+            plan=old_plan,
+            bytes_total=len(content),
+        )
+    )
+    repository.close()
+    server = make_server([fileserver.host_port], home=home)
+    status = server.wait_for("0123456789ab")
+    assert status["status"] == "completed", status
+    info = server.client.get("/models/download/old/info").json()
+    assert info["spec"]["description"] == "old.safetensors from 127.0.0.1"
+    assert [f["size"] for f in info["files"]] == [len(content)]
+
+
+def test_the_request_that_installs_a_model_again_comes_from_its_options():
+    from modelhost.jobs.manager import request_of
+    from modelhost.spec import InstallOptions, ModelSpec
+
+    options = InstallOptions(
+        source="url",
+        model_id="http://127.0.0.1:1/tiny.pt",
+        task="text-generation",
+        load_as="torchscript",
+        allow_pickle=True,
+    )
+    manifest = Manifest(
+        name="ts", source="url", model_id=options.model_id, spec=ModelSpec(options=options)
+    )
+    request = request_of(manifest)
+    assert (request.load_as, request.allow_pickle, request.name) == ("torchscript", True, "ts")
+    assert "task" not in request.model_fields_set  # the default stays a default
+    legacy = Manifest.model_validate_json(LEGACY_MANIFEST.read_bytes())
+    again = request_of(legacy)
+    assert (again.source, again.model_id, again.task) == (
+        "huggingface",
+        "microsoft/speecht5_tts",
+        "text-to-speech",
+    )

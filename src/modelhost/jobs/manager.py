@@ -191,6 +191,24 @@ def check_same_identity(installed: Manifest, request: DownloadRequest) -> None:
     raise Conflict(describe_differences(request.name, diffs), error="Installed differently")
 
 
+def request_of(installed: Manifest) -> DownloadRequest:
+    """The request that installs ``installed`` again, when no job row remembers it: its
+    recorded options, or (older manifests) its source, model id and task."""
+    options = installed.spec.options
+    if options is not None and not options.legacy:
+        fields = options.model_dump(exclude={"legacy"}, exclude_none=True)
+        if fields.get("task") == DownloadRequest.model_fields["task"].default:
+            # The seed's default task, left unset, so the model's own config decides again.
+            del fields["task"]
+        return DownloadRequest(name=installed.name, **fields)
+    return DownloadRequest(
+        source=installed.source,
+        model_id=installed.model_id,
+        name=installed.name,
+        task=installed.task or "text-generation",
+    )
+
+
 @dataclass(frozen=True)
 class SubmitResult:
     """What ``POST /models/download`` answers: a job, or the installed model."""
@@ -1160,12 +1178,7 @@ class JobManager:
         if not jobs:
             if installed is None:
                 raise ModelNotFound(f"No download of '{name}' to retry", error="Unknown model")
-            request = DownloadRequest(
-                source=installed.source,
-                model_id=installed.model_id,
-                name=name,
-                task=installed.task or "text-generation",
-            )
+            request = request_of(installed)
         else:
             last = jobs[0]
             if installed is None and last.state == JobState.COMPLETED:
@@ -1193,15 +1206,7 @@ class JobManager:
                 error="Nothing to update",
             )
         jobs = await asyncio.to_thread(self.repository.list, None, name, 1)
-        if jobs:
-            request = DownloadRequest(**jobs[0].request)
-        else:
-            request = DownloadRequest(
-                source=installed.source,
-                model_id=installed.model_id,
-                name=name,
-                task=installed.task or "text-generation",
-            )
+        request = DownloadRequest(**jobs[0].request) if jobs else request_of(installed)
         request = request.model_copy(
             update={"revision": installed.spec.requested_revision or "main"}
         )
