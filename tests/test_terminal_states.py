@@ -5,9 +5,13 @@ downloading, nor make a restart resume it."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import pytest
+from fileserver import Rate
 
+from modelhost.jobs import manager as manager_module
 from modelhost.jobs.db import JobRepository
 from modelhost.jobs.models import Job, JobState, utcnow
 
@@ -93,3 +97,41 @@ def test_a_completed_job_overwritten_late_is_not_resumed_by_a_restart(
     reread = JobRepository(first.settings.database_url)
     assert reread.get(download_id) == completed  # the restart did not touch it
     reread.close()
+
+
+def test_a_progress_flush_that_lands_after_the_end_does_not_reopen_the_job(
+    make_server, fileserver, monkeypatch
+):
+    """The real race, forced: the flusher's write of a 'downloading' copy is held in its
+    worker thread until the job has recorded 'completed', then lands."""
+    completed = threading.Event()
+    late_writes: list[str] = []
+    original = JobRepository.save
+
+    def racing_save(self, job):
+        if job.state == JobState.DOWNLOADING and job.bytes_done > 0:  # a progress flush
+            completed.wait(10)
+            late_writes.append(job.state.value)
+        written = original(self, job)
+        if job.state == JobState.COMPLETED:
+            completed.set()
+        return written
+
+    monkeypatch.setattr(JobRepository, "save", racing_save)
+    monkeypatch.setattr(manager_module, "PROGRESS_FLUSH_S", 0.05)
+    fileserver.add("/slow.safetensors", b"\2" * 40_000, faults=[Rate(100_000)])
+    server = make_server([fileserver.host_port])
+    body = {"source": "url", "model_id": fileserver.url("/slow.safetensors"), "name": "slow"}
+    download_id = server.client.post("/models/download", json=body).json()["download_id"]
+    assert server.wait_for(download_id)["status"] == "completed"
+    deadline = time.monotonic() + 5
+    while not late_writes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # the late write has run its UPDATE
+    assert late_writes, "no progress flush raced the end: the test forced nothing"
+    repository = JobRepository(server.settings.database_url)
+    row = repository.get(download_id)
+    repository.close()
+    assert row is not None and row.state == JobState.COMPLETED
+    status = server.client.get(f"/models/download/status/{download_id}").json()
+    assert status["status"] == "completed"
