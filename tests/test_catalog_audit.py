@@ -117,9 +117,9 @@ def test_every_entry_plans_through_its_own_source(entry, context, mirror):
     assert canonical_task(plan.task) == canonical_task(entry.task)  # a loader serves the task
     paths = [f.path for f in plan.files]
     assert paths and all(f.size for f in plan.files)
-    components = plan.extra.get("components") or []
+    components = plan.spec.components
     if entry.vocoder_model:
-        assert [c["repo_id"] for c in components if c["role"] == "vocoder"] == [entry.vocoder_model]
+        assert [c.repo_id for c in components if c.role == "vocoder"] == [entry.vocoder_model]
         assert any(p.startswith("vocoder/") for p in paths)
     else:
         assert not components and not any(p.startswith("vocoder/") for p in paths)
@@ -133,7 +133,7 @@ def test_every_entry_plans_through_its_own_source(entry, context, mirror):
         allow = dataclasses.replace(context, pickle_policy="allow")
         with pytest.raises(InvalidRequest, match="allow_pickle"):
             plan_of(entry, allow, allow_pickle=False)
-        assert plan_of(entry, context, allow_pickle=False).extra["convert"]
+        assert plan_of(entry, context, allow_pickle=False).convert
 
 
 @pytest.mark.parametrize("entry", TTS_ENTRIES, ids=lambda e: e.name)
@@ -153,10 +153,9 @@ def test_each_tts_entry_resolves_through_tts_auto_to_its_bundle(entry, context):
         assert (plan.source, plan.model_id) == (entry.source, entry.model_id)
         assert plan.task == "text-to-speech"
         assert [f.path for f in plan.files] == [f.path for f in direct.files]
-        assert plan.extra["catalog_name"] == entry.name
-        assert plan.extra["loadable"] is (not entry.requires_custom_code)
-        assert plan.extra["requested"] == {"source": "tts_auto", "model_id": spelling}
-        voices = plan.extra["speaker_embeddings"]
+        assert plan.spec.catalog_name == entry.name
+        assert plan.spec.loadable is (not entry.requires_custom_code)
+        voices = plan.spec.speaker_embeddings
         presets = [f for f in plan.files if f.path.startswith("speaker_embeddings/")]
         if entry.tts_features.speaker_presets:
             assert presets and voices.startswith(f"{len(presets)} voice preset files")
@@ -184,19 +183,19 @@ def test_tts_auto_plans_what_the_entrys_download_request_plans(entry, context):
     assert plan.files == direct.files  # urls, paths, sizes and digests
     # A download-only entry's files are stored, never unpickled: tts_auto keeps its pickles
     # as they are (no conversion), where the bare huggingface request would convert them.
-    skip = {"notes", "convert"} if entry.requires_custom_code else {"notes"}
-    assert {key: plan.extra[key] for key in direct.extra if key not in skip} == {
-        key: value for key, value in direct.extra.items() if key not in skip
-    }
+    # tts_auto's own additions: what it resolved from, and the notes it adds.
+    own = {"notes", "catalog_name", "loadable", "speaker_embeddings", "model_type", "description"}
+    mine, theirs = plan.spec.model_dump(exclude=own), direct.spec.model_dump(exclude=own)
+    assert mine == theirs
     if entry.requires_custom_code:
-        assert plan.extra["convert"] == []
+        assert plan.convert == []
     else:
-        assert plan.extra["convert"] == direct.extra["convert"]
+        assert plan.convert == direct.convert
     wanted = entry.download_request()
     taken = [f for f in ("experimental", "allow_pickle") if wanted.get(f)]
     for flag in taken:
         assert any(
-            note.startswith(f"{flag}: taken from the catalog entry") for note in plan.extra["notes"]
+            note.startswith(f"{flag}: taken from the catalog entry") for note in plan.spec.notes
         )
 
 
@@ -209,7 +208,7 @@ def test_tts_auto_large_variant_plans_the_large_entrys_download_request(entry, c
     plan = get_source("tts_auto").plan(request, context)
     direct = plan_of(large, context)
     assert (plan.model_id, plan.task, plan.files) == (direct.model_id, direct.task, direct.files)
-    assert plan.extra["catalog_name"] == large.name
+    assert plan.spec.catalog_name == large.name
 
 
 # --------------------------------------------------------------------------- advertised features
@@ -266,7 +265,7 @@ def check_vocoder_required(server, name, entry, row):
 
 def check_vocoder_bundled(server, name, entry, row):
     info = server.client.get(f"/models/download/{name}/info").json()
-    assert entry.vocoder_model is None and not info["extra"].get("components")
+    assert entry.vocoder_model is None and not info["spec"]["components"]
     # Both weight files arrived (as their safetensors conversions, the default policy).
     assert sorted(c["original_path"] for c in info["conversions"]) == sorted(TACOTRON2_FILES)
     assert sorted(f["path"] for f in info["files"]) == sorted(

@@ -117,7 +117,7 @@ def test_speecht5_with_vocoder_is_one_model_that_speaks(modelhost, hub, tiny_mod
     assert download_info["vocoder_included"] is True
     assert download_info["vocoder_models"] == ["microsoft/speecht5_hifigan"]
     assert download_info["supports_voice_cloning"] is False  # the catalog's entry
-    assert info["extra"]["components"] == [
+    assert info["spec"]["components"] == [
         {
             "role": "vocoder",
             "repo_id": "microsoft/speecht5_hifigan",

@@ -245,7 +245,8 @@ def test_detect_family_errors_say_what_is_supported(models, tmp_path) -> None:
     # SpeechT5 without its vocoder component cannot make audio.
     s_manifest, s_path = models["speecht5"]
     with pytest.raises(UnsupportedModel, match="include_vocoder"):
-        detect_family(s_manifest.model_copy(update={"extra": {}}), s_path)
+        bare = s_manifest.spec.model_copy(update={"components": []})
+        detect_family(s_manifest.model_copy(update={"spec": bare}), s_path)
     # A base encoder has no classification head: its labels would be random.
     minilm_manifest, minilm_path = models["minilm_plain"]
     with pytest.raises(UnsupportedModel, match="no sequence-classification head"):

@@ -74,7 +74,8 @@ def test_speecht5_installs_with_its_vocoder_and_speaks(server, hub):
     assert status["status"] == "completed" and status["message"].endswith("loaded on cpu")
     manifest = server.client.get("/models/download/voice/info").json()
     assert (manifest["source"], manifest["model_id"]) == ("huggingface", "microsoft/speecht5_tts")
-    assert manifest["extra"]["requested"] == {"source": "tts_auto", "model_id": "speecht5"}
+    options = manifest["spec"]["options"]
+    assert (options["source"], options["model_id"]) == ("tts_auto", "speecht5")
     audio = server.client.post("/synthesize", json={"model_name": "voice", "text": "hi"})
     assert audio.status_code == 200 and audio.content[:4] == b"RIFF"
     again = post(server, "speecht5", "voice")

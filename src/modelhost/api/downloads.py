@@ -66,7 +66,8 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
     throughput = services.jobs.recent_throughput()
     seconds = size / throughput if size is not None and throughput else None
     verb = "Joined the download already in progress of" if result.shared else "Started downloading"
-    notes = list(plan.extra.get("notes") or [])
+    spec = plan.spec
+    notes = list(spec.notes)
     return {
         "success": True,
         "download_id": job.id,
@@ -85,13 +86,13 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
             "size_bytes": size,
             "files": [f.path for f in plan.files],
             "revision": plan.revision,
-            "requested_revision": plan.extra.get("requested_revision"),
-            "supports_voice_cloning": plan.extra.get("supports_voice_cloning"),
-            "vocoder_included": bool(plan.extra.get("vocoder_models")),
-            "vocoder_models": plan.extra.get("vocoder_models", []),
-            "components": plan.extra.get("components", []),
-            "loadable": plan.extra.get("loadable", True),
-            "speaker_embeddings": plan.extra.get("speaker_embeddings"),
+            "requested_revision": spec.requested_revision,
+            "supports_voice_cloning": spec.supports_voice_cloning,
+            "vocoder_included": bool(spec.vocoder_models),
+            "vocoder_models": spec.vocoder_models,
+            "components": [component.model_dump() for component in spec.components],
+            "loadable": spec.loadable,
+            "speaker_embeddings": spec.speaker_embeddings,
             "notes": notes,
         },
     }

@@ -163,7 +163,7 @@ async def _speak_generated_text(
     from modelhost.runtime.inference import speak_generated
 
     manifest = await asyncio.to_thread(services.store.get, body.model_name)
-    speak_with = manifest.extra.get("speak_with") if manifest else None
+    speak_with = manifest.spec.speak_with if manifest else None
     if not speak_with:
         raise InvalidRequest(
             f"Model '{body.model_name}' is a {loaded.task} model, not text-to-speech; use "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from enum import Enum
 
@@ -229,7 +230,7 @@ async def manage_model(
                 "revision": result.installed.revision,
             }
         assert result.plan is not None
-        changes = result.plan.extra.get("changes", {})
+        changes = dataclasses.asdict(result.plan.changes) if result.plan.changes else {}
         return {
             "success": True,
             "message": f"Updating '{model_name}' to commit {result.plan.revision}: "

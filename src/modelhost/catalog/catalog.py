@@ -387,7 +387,7 @@ def _installed_as(entry: CatalogEntry, manifests: list[Manifest]) -> list[Manife
     found = []
     for manifest in manifests:
         same_id = manifest.model_id in (entry.model_id, entry.download_request()["model_id"])
-        if manifest.extra.get("catalog_name") == entry.name or (
+        if manifest.spec.catalog_name == entry.name or (
             manifest.source == entry.source and same_id
         ):
             found.append(manifest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,6 +31,8 @@ from sqlalchemy.exc import OperationalError
 
 from modelhost.errors import DISK_FULL_ERRNOS, InsufficientStorage
 from modelhost.jobs.models import Job, JobState
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
@@ -139,9 +142,21 @@ class JobRepository:
         with _storage_errors(), self.engine.begin() as conn:
             conn.execute(insert(jobs_table).values(**_to_row(job)))
 
-    def save(self, job: Job) -> None:
+    def save(self, job: Job) -> bool:
+        """Write the job's row, unless the row is in a final state: completed, failed and
+        cancelled are final, so a late write (a transfer thread's progress flush that lost
+        the race with the job's end) can never move a job back. Returns whether it wrote."""
+        final = [state.value for state in JobState if state.finished]
+        query = (
+            update(jobs_table)
+            .where(jobs_table.c.id == job.id, jobs_table.c.state.not_in(final))
+            .values(**_to_row(job))
+        )
         with _storage_errors(), self.engine.begin() as conn:
-            conn.execute(update(jobs_table).where(jobs_table.c.id == job.id).values(**_to_row(job)))
+            written = conn.execute(query).rowcount
+        if not written:
+            log.debug("job %s: not saved as %s, its row is final", job.id, job.state.value)
+        return bool(written)
 
     def get(self, job_id: str) -> Job | None:
         with _storage_errors(), self.engine.connect() as conn:

@@ -52,7 +52,8 @@ from modelhost.sources import (
     SourceContext,
     get_source,
 )
-from modelhost.sources.base import check_file_paths
+from modelhost.sources.base import FileChanges, check_file_paths, install_options
+from modelhost.spec import InstallOptions, ModelSpec, describe_differences
 from modelhost.store import CommitFile, Manifest, Store
 
 if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
@@ -75,23 +76,10 @@ MB = 1e6
 
 
 def request_key(request: DownloadRequest) -> str:
-    """Requests with the same key are the same download."""
-    relevant = request.model_dump(
-        include={
-            "source",
-            "model_id",
-            "name",
-            "sha256",
-            "filename",
-            "revision",
-            "allow_patterns",
-            "ignore_patterns",
-            "include_vocoder",
-            "vocoder_model",
-            "auto_convert_tts",
-            "speak_with",
-        }
-    )
+    """Requests with the same key are the same download: the same name, the same identity
+    (every field that changes what gets installed) and the same expected digest."""
+    relevant = install_options(request).model_dump()
+    relevant.update(name=request.name, sha256=request.sha256)
     return hashlib.sha256(repr(sorted(relevant.items())).encode()).hexdigest()[:32]
 
 
@@ -118,16 +106,46 @@ def new_job(request: DownloadRequest, key: str, **fields: Any) -> Job:
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    data = dataclasses.asdict(plan)
-    return data
+    """The plan as the jobs table stores it (JSON)."""
+    return {
+        "source": plan.source,
+        "model_id": plan.model_id,
+        "task": plan.task,
+        "files": [dataclasses.asdict(spec) for spec in plan.files],
+        "revision": plan.revision,
+        "spec": plan.spec.model_dump(mode="json"),
+        "convert": list(plan.convert),
+        "archive": plan.archive,
+        "changes": dataclasses.asdict(plan.changes) if plan.changes else None,
+    }
 
 
 def plan_from_dict(data: dict[str, Any]) -> Plan:
+    """A stored plan, including rows written before specs were typed (their ``extra``,
+    ``model_type`` and ``description`` keys), so that old jobs still resume."""
     files = [FileSpec(**f) for f in data["files"]]
-    return Plan(**{**data, "files": files})
+    if "spec" in data:
+        spec = ModelSpec.model_validate(data["spec"])
+        extra: dict[str, Any] = data
+    else:
+        extra = data.get("extra") or {}
+        legacy = {"model_type": data.get("model_type"), "description": data.get("description")}
+        spec = ModelSpec.from_legacy({**extra, **legacy})
+    changes = extra.get("changes")
+    return Plan(
+        source=data["source"],
+        model_id=data["model_id"],
+        task=data.get("task"),
+        files=files,
+        revision=data.get("revision"),
+        spec=spec,
+        convert=list(extra.get("convert") or []),
+        archive=extra.get("archive"),
+        changes=FileChanges(**changes) if changes else None,
+    )
 
 
-def describe_changes(installed: Manifest, plan: Plan) -> dict[str, Any]:
+def describe_changes(installed: Manifest, plan: Plan) -> FileChanges:
     """What an update changes, file by file, compared by content."""
     before = {f.path: (f.sha256, f.git_sha1) for f in installed.files}
     added, modified, unchanged = [], [], []
@@ -141,14 +159,54 @@ def describe_changes(installed: Manifest, plan: Plan) -> dict[str, Any]:
             modified.append(spec.path)
     planned = {spec.path for spec in plan.files}
     removed = sorted(path for path in before if path not in planned)
-    return {
-        "from_revision": installed.revision,
-        "to_revision": plan.revision,
-        "added": added,
-        "modified": modified,
-        "removed": removed,
-        "unchanged": len(unchanged),
-    }
+    return FileChanges(
+        from_revision=installed.revision,
+        to_revision=plan.revision,
+        added=added,
+        modified=modified,
+        removed=removed,
+        unchanged=len(unchanged),
+    )
+
+
+def check_same_identity(installed: Manifest, request: DownloadRequest) -> None:
+    """Raise ``Conflict`` (409) unless ``request`` asks for the model installed under its
+    name: the same identity, or (for manifests that did not record one) the same source and
+    model id, as requested or as resolved."""
+    asked = install_options(request)
+    recorded = installed.spec.options
+    if recorded is None:  # an older manifest: what it was installed from is all it knows
+        recorded = InstallOptions(source=installed.source, model_id=installed.model_id)
+        recorded = recorded.model_copy(update={"legacy": True})
+    resolved = (installed.source, installed.model_id) == (request.source, request.model_id)
+    diffs = recorded.differences(asked)
+    if not diffs or (recorded.legacy and resolved):
+        return
+    if {"source", "model_id"} & {field for field, _, _ in diffs} and not resolved:
+        raise Conflict(
+            f"A different model is already installed as '{request.name}' "
+            f"({installed.source}: {installed.model_id}); delete it first or pick another name",
+            error="Name in use",
+        )
+    raise Conflict(describe_differences(request.name, diffs), error="Installed differently")
+
+
+def request_of(installed: Manifest) -> DownloadRequest:
+    """The request that installs ``installed`` again, when no job row remembers it: its
+    recorded options, or (older manifests) its source, model id and task."""
+    options = installed.spec.options
+    if options is not None and not options.legacy:
+        fields = options.model_dump(exclude={"legacy"}, exclude_none=True)
+        if fields.get("task") == DownloadRequest.model_fields["task"].default:
+            # The seed's default task, left unset, so the model's own config decides again.
+            del fields["task"]
+        return DownloadRequest(name=installed.name, **fields)
+    return DownloadRequest(
+        source=installed.source,
+        model_id=installed.model_id,
+        name=installed.name,
+        task=installed.task or "text-generation",
+    )
 
 
 @dataclass(frozen=True)
@@ -339,17 +397,10 @@ class JobManager:
 
         installed = await asyncio.to_thread(self.store.get, request.name)
         if installed is not None and not (force or update):
-            asked = {"source": request.source, "model_id": request.model_id}
-            same = (installed.source, installed.model_id) == (request.source, request.model_id)
-            if same or installed.extra.get("requested") == asked:
-                self.cache_hits += 1
-                await asyncio.to_thread(self.store.touch, request.name)
-                return SubmitResult(job=None, installed=installed, plan=None)
-            raise Conflict(
-                f"A different model is already installed as '{request.name}' "
-                f"({installed.source}: {installed.model_id}); delete it first or pick another name",
-                error="Name in use",
-            )
+            check_same_identity(installed, request)
+            self.cache_hits += 1
+            await asyncio.to_thread(self.store.touch, request.name)
+            return SubmitResult(job=None, installed=installed, plan=None)
         for active in self._active.values():
             if active.job.key == key:
                 return SubmitResult(job=active.job, installed=None, plan=active.plan, shared=True)
@@ -401,13 +452,16 @@ class JobManager:
     ) -> SubmitResult:
         """Plan ``request``, check the plan fits, and queue its job (the planning one's id)."""
         plan = await asyncio.to_thread(self._plan_cancellable, source, request)
+        # The manifest keeps the request's options: its identity, and what loading needs.
+        options = install_options(request)
+        if update and installed is not None and installed.spec.options is not None:
+            options = installed.spec.options  # an update asks for the same model, newer
+        plan = dataclasses.replace(plan, spec=plan.spec.model_copy(update={"options": options}))
         if update and installed is not None:
             if plan.revision == installed.revision:
                 self._end_planning(planning, JobState.COMPLETED, "Already up to date")
                 return SubmitResult(job=None, installed=installed, plan=plan)
-            plan = dataclasses.replace(
-                plan, extra={**plan.extra, "changes": describe_changes(installed, plan)}
-            )
+            plan = dataclasses.replace(plan, changes=describe_changes(installed, plan))
         check_file_paths([spec.path for spec in plan.files])
         self._check_fits(plan)
         await self._check_disk_or_record(planning, plan)
@@ -457,8 +511,8 @@ class JobManager:
                 "model first (e.g. source tts_auto, model_id mms-tts-eng)",
                 error="speak_with model not installed",
             )
-        speaks = tts.extra.get("model_type") == "tts" or bool(tts.task and is_tts_task(tts.task))
-        if not speaks or tts.extra.get("loadable") is False:
+        speaks = tts.spec.model_type == "tts" or bool(tts.task and is_tts_task(tts.task))
+        if not speaks or not tts.spec.loadable:
             raise InvalidRequest(
                 f"speak_with names '{name}' ({tts.source}: {tts.model_id}), which is not a "
                 "text-to-speech model the server can run",
@@ -564,7 +618,7 @@ class JobManager:
                 continue
             present = 0 if force else self.engine.partial_size(spec)
             needed += max(0, spec.size - present)
-            if plan.extra.get("archive") == "zip":
+            if plan.archive == "zip":
                 needed += spec.size
         return needed
 
@@ -673,11 +727,7 @@ class JobManager:
                 revision=plan.revision,
                 task=plan.task,
                 download_id=job.id,
-                extra={
-                    **{k: v for k, v in plan.extra.items() if k not in ("changes", "convert")},
-                    "description": plan.description,
-                    "model_type": plan.model_type,
-                },
+                spec=plan.spec,
             )
             files = [
                 CommitFile(
@@ -689,11 +739,11 @@ class JobManager:
                 )
                 for f in fetched
             ] + reused
-            if plan.extra.get("archive") == "zip":  # its CRCs and sizes checked as it unpacks
+            if plan.archive == "zip":  # its CRCs and sizes checked as it unpacks
                 self._set_phase(active, "verifying")
                 files = await asyncio.to_thread(self._unpack, job.id, files)
-            if plan.extra.get("convert"):
-                files, conversions = await self._convert(active, files, plan.extra["convert"])
+            if plan.convert:
+                files, conversions = await self._convert(active, files, plan.convert)
                 manifest = manifest.model_copy(update={"conversions": conversions})
             self._set_phase(active, "committing")
             manifest = await asyncio.to_thread(self.store.commit, manifest, files)
@@ -704,13 +754,13 @@ class JobManager:
             transferred = sum(f.bytes_transferred for f in fetched)
             self.bytes_transferred += transferred
             message = "Download completed successfully"
-            changes = plan.extra.get("changes")
+            changes = plan.changes
             if changes:
                 message = (
-                    f"Updated from {str(changes['from_revision'])[:12]} to "
-                    f"{str(changes['to_revision'])[:12]}: {len(changes['modified'])} changed, "
-                    f"{len(changes['added'])} added, {len(changes['removed'])} removed, "
-                    f"{changes['unchanged']} unchanged; {transferred} bytes transferred"
+                    f"Updated from {str(changes.from_revision)[:12]} to "
+                    f"{str(changes.to_revision)[:12]}: {len(changes.modified)} changed, "
+                    f"{len(changes.added)} added, {len(changes.removed)} removed, "
+                    f"{changes.unchanged} unchanged; {transferred} bytes transferred"
                 )
             if reused:
                 message += f" ({len(reused)} file(s) already in the cache were reused)"
@@ -783,13 +833,13 @@ class JobManager:
         request = active.job.request
         if self.registry is None or not request.get("load", True):
             return ""
-        if manifest.extra.get("loadable") is False:
-            return "; download only: " + "; ".join(manifest.extra.get("notes") or ["no loader"])
-        if manifest.source == "url" and not manifest.extra.get("load_as"):
+        if manifest.source == "url" and not manifest.spec.load_as:
             return (
                 "; not loaded: a bare weights file has no architecture to load it into "
                 '(a TorchScript file loads with "load_as": "torchscript")'
             )
+        if not manifest.spec.loadable:
+            return "; download only: " + "; ".join(manifest.spec.notes or ["no loader"])
         active.job = active.job.evolve(state=JobState.LOADING, message="Loading")
         self._publish_active(active)
         await self._save(active.job)
@@ -910,6 +960,12 @@ class JobManager:
         return await asyncio.to_thread(self.store.evict_to_fit, self.cache_limit_bytes, {keep})
 
     async def _save(self, job: Job) -> None:
+        """Persist ``job``; a job this process has seen end stays ended (the repository
+        refuses too, for writes already on their way to it)."""
+        ended = self._finished.get(job.id)
+        if ended is not None and not job.state.finished:
+            log.debug("job %s ended as %s: late %s write dropped", job.id, ended.state, job.state)
+            return
         await asyncio.to_thread(self.repository.save, job)
 
     async def _flush_progress_forever(self) -> None:
@@ -1122,12 +1178,7 @@ class JobManager:
         if not jobs:
             if installed is None:
                 raise ModelNotFound(f"No download of '{name}' to retry", error="Unknown model")
-            request = DownloadRequest(
-                source=installed.source,
-                model_id=installed.model_id,
-                name=name,
-                task=installed.task or "text-generation",
-            )
+            request = request_of(installed)
         else:
             last = jobs[0]
             if installed is None and last.state == JobState.COMPLETED:
@@ -1155,17 +1206,9 @@ class JobManager:
                 error="Nothing to update",
             )
         jobs = await asyncio.to_thread(self.repository.list, None, name, 1)
-        if jobs:
-            request = DownloadRequest(**jobs[0].request)
-        else:
-            request = DownloadRequest(
-                source=installed.source,
-                model_id=installed.model_id,
-                name=name,
-                task=installed.task or "text-generation",
-            )
+        request = DownloadRequest(**jobs[0].request) if jobs else request_of(installed)
         request = request.model_copy(
-            update={"revision": installed.extra.get("requested_revision") or "main"}
+            update={"revision": installed.spec.requested_revision or "main"}
         )
         return await self.submit(request, update=True)
 

@@ -134,9 +134,9 @@ def _has_suffix(architectures: tuple[str, ...], *suffixes: str) -> bool:
 
 def _vocoder_path(manifest: Manifest, path: Path) -> Path | None:
     """The vocoder component's directory, from the manifest's ``components``."""
-    for component in manifest.extra.get("components") or []:
-        if isinstance(component, dict) and component.get("role") == "vocoder":
-            rel = str(component.get("path") or "vocoder")
+    for component in manifest.spec.components:
+        if component.role == "vocoder":
+            rel = component.path or "vocoder"
             candidate = (Path(path) / rel).resolve()
             root = Path(path).resolve()
             if root not in candidate.parents:
@@ -147,8 +147,8 @@ def _vocoder_path(manifest: Manifest, path: Path) -> Path | None:
 
 def check_loadable(manifest: Manifest) -> None:
     """Raise ``UnsupportedModel`` for a model installed download-only (its plan said so)."""
-    if manifest.extra.get("loadable") is False:
-        why = "; ".join(manifest.extra.get("notes") or ["modelhost has no loader for it"])
+    if not manifest.spec.loadable:
+        why = "; ".join(manifest.spec.notes or ["modelhost has no loader for it"])
         raise UnsupportedModel(f"Model {manifest.name!r} is stored download-only: {why}")
 
 
@@ -159,7 +159,7 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
     """
     check_loadable(manifest)
     path = Path(path)
-    load_as = str(manifest.extra.get("load_as") or "")
+    load_as = manifest.spec.load_as or ""
     if load_as == "torchscript":
         return FamilyInfo(Family.TORCHSCRIPT, "tensor", None, (), {})
     if load_as.startswith("torch_hub:"):
@@ -170,7 +170,7 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
         return FamilyInfo(Family.TACOTRON2, "text-to-speech", bundle, (), {})
     if load_as.startswith("torchvision:"):
         architecture = load_as.split(":", 1)[1]
-        weights = {"weights": manifest.extra.get("weights")}  # the enum member installed
+        weights = {"weights": manifest.spec.weights}  # the enum member installed
         return FamilyInfo(Family.TORCHVISION, "image-classification", architecture, (), weights)
     config = read_config(path)
     if not config:
@@ -179,7 +179,7 @@ def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
             "(from_pretrained directories) and TorchScript files (url source with "
             f'load_as "torchscript") can be loaded. Supported: {SUPPORTED}'
         )
-    model_type = config.get("model_type") or manifest.extra.get("architecture")
+    model_type = config.get("model_type") or manifest.spec.architecture
     architectures = tuple(str(a) for a in config.get("architectures") or ())
     task = canonical_task(manifest.task)
     encoder_decoder = bool(config.get("is_encoder_decoder"))

@@ -100,6 +100,8 @@ def check_pickle(manifest: Manifest, path: Path, allow_pickle: bool) -> bool:
             "*.pt with opt-in)"
         )
     pickled = [f.path for f in files if f.is_pickled]
+    # The install's opt-in is remembered, so loading again after an unload needs no repeat.
+    allow_pickle = allow_pickle or manifest.spec.allows_pickle
     if pickled and not allow_pickle:
         raise PickleNotAllowed(
             f"Model {manifest.name!r} has only pickled weights ({', '.join(pickled[:3])}), "

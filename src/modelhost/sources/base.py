@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,7 @@ from modelhost.config import PicklePolicy
 from modelhost.errors import InvalidRequest
 from modelhost.fetch import CancelToken, FetchEngine, FileSpec
 from modelhost.names import NAME_PATTERN, check_path_limits, shorten
+from modelhost.spec import InstallOptions, ModelSpec
 
 # The seed's order, plus torchaudio (its Tacotron2 entry names that source) and local
 # (a directory on this machine, under MODELHOST_IMPORT_ROOTS).
@@ -92,17 +93,41 @@ class DownloadRequest(BaseModel):
 
 
 @dataclass(frozen=True)
+class FileChanges:
+    """What an update changes, file by file, compared by content."""
+
+    from_revision: str | None
+    to_revision: str | None
+    added: list[str]
+    modified: list[str]
+    removed: list[str]
+    unchanged: int
+
+
+@dataclass(frozen=True)
 class Plan:
-    """What a source decided to fetch, before any byte of it moves."""
+    """What a source decided to fetch, before any byte of it moves.
+
+    ``spec`` is what goes on into the manifest; ``convert``, ``archive`` and ``changes``
+    are the job's own business and end with it."""
 
     source: str
     model_id: str
     task: str | None
     files: list[FileSpec]
     revision: str | None = None
-    model_type: str | None = None
-    description: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    spec: ModelSpec = field(default_factory=ModelSpec)
+    convert: list[str] = field(default_factory=list)  # pickles to convert to safetensors
+    archive: Literal["zip"] | None = None  # the file is an archive, unpacked at commit
+    changes: FileChanges | None = None  # an update: what it changes
+
+    @property
+    def model_type(self) -> str | None:
+        return self.spec.model_type
+
+    @property
+    def description(self) -> str | None:
+        return self.spec.description
 
     @property
     def total_size(self) -> int | None:
@@ -123,6 +148,14 @@ class SourceContext:
     cancel: CancelToken | None = None  # aborts the planning's requests (shutdown)
     pickle_policy: PicklePolicy = "convert"  # MODELHOST_PICKLE_POLICY
     import_roots: tuple[Path, ...] = ()  # directories the local source may import from
+
+
+def install_options(request: DownloadRequest) -> InstallOptions:
+    """The request's identity: the fields that change what gets installed."""
+    options = request.model_dump(include=set(InstallOptions.model_fields) - {"legacy"})
+    if request.source == "huggingface" and options["revision"] == "main":
+        options["revision"] = None  # the default, said out loud
+    return InstallOptions(**options)
 
 
 # Pickled state dicts the converter takes (modelhost.convert); .pkl/.pickle are not among them.

@@ -37,6 +37,7 @@ from modelhost.sources.base import (
     decide_pickles,
 )
 from modelhost.sources.hub_api import HubApi, HubResponseError, RepoFile, resolve_url
+from modelhost.spec import Component, ModelSpec
 
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -256,12 +257,12 @@ class HuggingFaceSource:
             )
             specs += self._specs(hub, vocoder, prefix=f"{VOCODER_DIR}/")
             components.append(
-                {
-                    "role": "vocoder",
-                    "repo_id": vocoder_id,
-                    "revision": vocoder.commit,
-                    "path": VOCODER_DIR,
-                }
+                Component(
+                    role="vocoder",
+                    repo_id=vocoder_id,
+                    revision=vocoder.commit,
+                    path=VOCODER_DIR,
+                )
             )
 
         is_tts = request.task in TTS_TASKS or architecture in TTS_ARCHITECTURES
@@ -295,20 +296,20 @@ class HuggingFaceSource:
             task=request.task if "task" in request.model_fields_set else None,
             files=specs,
             revision=main.commit,
-            model_type="tts" if is_tts else architecture,
-            description=entry.description if entry else f"{repo_id} at {main.commit[:12]}",
-            extra={
-                "requested_revision": main.requested_revision,
-                "architecture": architecture,
-                "components": components,
-                "vocoder_models": [vocoder_id] if vocoder_id else [],
-                "speak_with": request.speak_with,
-                "supports_voice_cloning": (
+            spec=ModelSpec(
+                model_type="tts" if is_tts else architecture,
+                description=entry.description if entry else f"{repo_id} at {main.commit[:12]}",
+                requested_revision=main.requested_revision,
+                architecture=architecture,
+                components=components,
+                vocoder_models=[vocoder_id] if vocoder_id else [],
+                speak_with=request.speak_with,
+                supports_voice_cloning=(
                     entry.tts_features.supports_voice_cloning if entry else None
                 ),
-                "notes": notes,
-                "convert": to_convert(specs, context.pickle_policy, request.allow_pickle),
-            },
+                notes=notes,
+            ),
+            convert=to_convert(specs, context.pickle_policy, request.allow_pickle),
         )
 
     def snapshot(

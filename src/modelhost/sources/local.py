@@ -27,6 +27,7 @@ from modelhost.sources.base import (
 )
 from modelhost.sources.huggingface import TTS_ARCHITECTURES, TTS_TASKS
 from modelhost.sources.url import PICKLE_SUFFIXES
+from modelhost.spec import ModelSpec
 
 ROOTS_SETTING = "MODELHOST_IMPORT_ROOTS"
 MAX_FILES = 10_000
@@ -210,14 +211,12 @@ class LocalSource:
             files=specs,
             # The content of the tree: the same files give the same revision.
             revision=tree.hexdigest(),
-            model_type="tts" if is_tts else architecture,
-            description=f"{directory} ({len(specs)} files)",
-            extra={
-                "architecture": architecture,
-                "directory": str(directory),
-                "notes": [
-                    f"skipped {path}: the folder has safetensors weights" for path in skipped
-                ],
-                "convert": convert,
-            },
+            spec=ModelSpec(
+                model_type="tts" if is_tts else architecture,
+                description=f"{directory} ({len(specs)} files)",
+                architecture=architecture,
+                directory=str(directory),
+                notes=[f"skipped {path}: the folder has safetensors weights" for path in skipped],
+            ),
+            convert=convert,
         )

@@ -14,6 +14,7 @@ import re
 from modelhost.errors import InvalidRequest, SourceNotAllowed
 from modelhost.fetch import FileSpec
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.spec import ModelSpec
 
 MODEL_ID = re.compile(
     r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,99}/[A-Za-z0-9][A-Za-z0-9._-]{0,99})"
@@ -51,7 +52,11 @@ class TorchHubSource:
             task=None,
             files=[spec],
             revision=ref,
-            model_type="torch_hub",
-            description=f"{entrypoint} from {repo} at {ref}",
-            extra={"archive": "zip", "load_as": f"torch_hub:{entrypoint}", "repo": repo},
+            spec=ModelSpec(
+                model_type="torch_hub",
+                description=f"{entrypoint} from {repo} at {ref}",
+                load_as=f"torch_hub:{entrypoint}",
+                repo=repo,
+            ),
+            archive="zip",
         )

@@ -16,6 +16,7 @@ from typing import Any
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.fetch import FileSpec
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
+from modelhost.spec import ModelSpec
 
 MODEL_ID = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 BASE_URL = "https://download.pytorch.org/torchaudio/models"
@@ -132,13 +133,13 @@ class TorchaudioSource:
             task="text-to-speech",
             files=files,
             revision=f"torchaudio {_version()}",
-            model_type="tts",
-            description=f"torchaudio {request.model_id}: Tacotron2 with a {vocoder} vocoder",
-            extra={
-                "load_as": f"torchaudio:{request.model_id}",
-                "vocoder": vocoder,
+            spec=ModelSpec(
+                model_type="tts",
+                description=f"torchaudio {request.model_id}: Tacotron2 with a {vocoder} vocoder",
+                load_as=f"torchaudio:{request.model_id}",
+                vocoder=vocoder,
                 # Griffin-Lim is an algorithm: nothing to download for it.
-                "vocoder_models": [spec.path for spec in files[1:]],
-                "convert": convert,
-            },
+                vocoder_models=[spec.path for spec in files[1:]],
+            ),
+            convert=convert,
         )

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.fetch import FileSpec
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
+from modelhost.spec import ModelSpec
 
 MODEL_ID = re.compile(r"^([a-z][a-z0-9_]{0,63})(?::([A-Za-z0-9_]{1,64}))?$")
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
@@ -91,12 +92,12 @@ class TorchvisionSource:
             task="image-classification",
             files=[spec],
             revision=f"{type(weights).__name__}.{weights.name}",
-            model_type="vision",
-            description=f"torchvision {architecture} with {weights.name} weights",
-            extra={
-                "load_as": f"torchvision:{architecture}",
-                "weights": weights.name,
-                "categories_count": len(weights.meta.get("categories") or []),
-                "convert": convert,
-            },
+            spec=ModelSpec(
+                model_type="vision",
+                description=f"torchvision {architecture} with {weights.name} weights",
+                load_as=f"torchvision:{architecture}",
+                weights=weights.name,
+                categories_count=len(weights.meta.get("categories") or []),
+            ),
+            convert=convert,
         )

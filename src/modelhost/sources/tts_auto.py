@@ -130,14 +130,14 @@ class TtsAutoSource:
         plan = get_source(entry.source).plan(concrete, context)
         return replace(
             plan,
-            model_type="tts",
-            description=f"{entry.description} (resolved from {request.model_id!r})",
-            extra={
-                **plan.extra,
-                "requested": {"source": self.name, "model_id": request.model_id},
-                "catalog_name": entry.name,
-                "loadable": loadable,
-                "notes": notes,
-                "speaker_embeddings": speaker_embeddings(entry, plan),
-            },
+            spec=plan.spec.model_copy(
+                update={
+                    "model_type": "tts",
+                    "description": f"{entry.description} (resolved from {request.model_id!r})",
+                    "catalog_name": entry.name,
+                    "loadable": loadable,
+                    "notes": notes,
+                    "speaker_embeddings": speaker_embeddings(entry, plan),
+                }
+            ),
         )

@@ -9,8 +9,22 @@ from modelhost.errors import InvalidRequest
 from modelhost.fetch import FileSpec
 from modelhost.names import NAME_PATTERN
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
+from modelhost.spec import ModelSpec
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
+# What a file loads as decides its task when the request names none (the seed's default,
+# text-generation, would be wrong for both).
+LOADS_AS_TASK = {"torchscript": "tensor", "torchvision": "image-classification"}
+BARE_FILE_NOTE = (
+    "a bare weights file has no architecture to load it into: stored download-only "
+    '(a TorchScript file loads with "load_as": "torchscript", a torchvision state dict '
+    'with "load_as": "torchvision:<architecture>")'
+)
+
+
+def loader_of(load_as: str | None) -> str | None:
+    """``torchvision:resnet18`` -> ``torchvision``; None without ``load_as``."""
+    return load_as.partition(":")[0] if load_as else None
 
 
 def file_name_for(request: DownloadRequest) -> str:
@@ -43,16 +57,20 @@ class UrlSource:
             size=info.size,
             sha256=request.sha256.lower() if request.sha256 else None,
         )
+        explicit = "task" in request.model_fields_set
         return Plan(
             source=self.name,
             model_id=request.model_id,
-            task=request.task,
+            task=request.task if explicit else LOADS_AS_TASK.get(loader_of(request.load_as)),
             files=[spec],
             revision=info.etag or info.last_modified,
-            description=f"{filename} from {target.host}",
-            extra={"load_as": request.load_as, "convert": convert}
-            if request.load_as
-            else {"convert": convert},
+            spec=ModelSpec(
+                description=f"{filename} from {target.host}",
+                load_as=request.load_as,
+                loadable=request.load_as is not None,
+                notes=[] if request.load_as else [BARE_FILE_NOTE],
+            ),
+            convert=convert,
         )
 
     @staticmethod

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from modelhost.spec import ModelSpec
 
 
 class ManifestFile(BaseModel):
@@ -40,8 +42,21 @@ class Manifest(BaseModel):
     last_used: datetime | None = None
     pinned: bool = False
     download_id: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)
+    spec: ModelSpec = Field(default_factory=ModelSpec)
     conversions: list[Conversion] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_extra(cls, data: Any) -> Any:
+        """Manifests written before specs were typed kept what the source learned in an
+        ``extra`` dict: read it into the spec (the file is rewritten in the new shape the
+        next time the store saves it)."""
+        if isinstance(data, dict) and "extra" in data:
+            data = dict(data)
+            extra = data.pop("extra") or {}
+            if "spec" not in data:
+                data["spec"] = ModelSpec.from_legacy(extra)
+        return data
 
     @property
     def total_size(self) -> int:
