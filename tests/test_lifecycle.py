@@ -113,6 +113,17 @@ def assert_gone(server, name: str) -> None:
     assert not (server.settings.home / "models" / name).exists()
 
 
+def settle(server, name: str, timeout: float = 5) -> None:
+    """Give a DELETE sent in the background up to ``timeout`` to begin (no assertion: the
+    tests' own checks say whether it behaved)."""
+    deadline = time.monotonic() + timeout
+    lifecycle = getattr(services_of(server), "lifecycle", None)
+    while lifecycle is not None and not lifecycle.is_closing(name):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
+
+
 def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -136,7 +147,8 @@ def test_delete_while_loading_removes_it_everywhere(make_server, imports):
     assert server.client.get(f"/models/download/status/{job_id}").json()["status"] == "loading"
 
     deleting = in_background(server, "DELETE", "/models/download/a")
-    time.sleep(0.3)
+    settle(server, "a")
+    time.sleep(0.2)
     during = predict(server, "a")  # the delete has begun: requests are refused as gone
     gate.release.set()
     deleted = deleting.result(timeout=60)
@@ -161,6 +173,7 @@ def test_delete_mid_inference_lets_the_request_finish(make_server, imports, monk
     running = in_background(server, "POST", "/models/b/predict", json={"inputs": "hello world"})
     assert gate.entered.wait(30)
     deleting = in_background(server, "DELETE", "/models/download/b")
+    settle(server, "b")
     time.sleep(0.4)  # time enough for the delete to have freed an unguarded model
     assert not deleting.done()  # waits for the request in flight
     gate.release.set()
@@ -327,6 +340,7 @@ def test_optimize_is_observable_and_a_delete_waits_for_it(make_server, imports, 
     assert (row["name"], row["operation"], row["inflight"]) == ("o", "optimizing", 1)
 
     deleting = in_background(server, "DELETE", "/models/download/o")
+    settle(server, "o")
     time.sleep(0.4)  # time enough for the delete to have freed an unguarded model
     assert not deleting.done()  # the delete waits for the optimize
     gate.release.set()
