@@ -25,6 +25,7 @@ from modelhost.fetch import FetchEngine, RetryPolicy, UrlPolicy
 from modelhost.fetch.http import Authorizer
 from modelhost.fetch.policy import Target
 from modelhost.jobs import JobManager, JobRepository
+from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
 from modelhost.sources import HubSettings
 from modelhost.store import Store
@@ -99,6 +100,7 @@ def build_services(settings: Settings) -> Services:
             int(settings.cpu_memory_limit_gb * 1024**3) if settings.cpu_memory_limit_gb else None
         ),
     )
+    lifecycle = ModelLifecycle(runtime, store, settings.cache_limit_bytes)
     jobs = JobManager(
         store,
         engine,
@@ -108,7 +110,7 @@ def build_services(settings: Settings) -> Services:
         cache_limit_bytes=settings.cache_limit_bytes,
         disk_reserve_bytes=settings.disk_reserve_bytes,
         hub=hub,
-        registry=runtime,
+        lifecycle=lifecycle,
         mirrors=mirrors_by_source,
         torch_hub_allow=settings.torch_hub_allow,
         pickle_policy=settings.pickle_policy,
@@ -127,6 +129,7 @@ def build_services(settings: Settings) -> Services:
         models_config=load_models_config(settings.models_config),
         catalog=load_catalog(),
         runtime=runtime,
+        lifecycle=lifecycle,
     )
 
 

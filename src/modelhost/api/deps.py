@@ -14,6 +14,7 @@ from modelhost.config import Settings
 from modelhost.errors import InvalidRequest, Unauthorized
 from modelhost.jobs import JobManager
 from modelhost.names import NAME_PATTERN
+from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
 from modelhost.store import Store
 
@@ -28,6 +29,9 @@ class Services:
     models_config: ModelsConfig
     catalog: Catalog
     runtime: ModelRegistry
+    # The owner of each model's life (load, requests in flight, unload, pin, delete): every
+    # inference call runs inside ``lifecycle.acquire(name)``.
+    lifecycle: ModelLifecycle
 
 
 def get_services(request: Request) -> Services:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -66,20 +68,24 @@ class PredictRequest(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
-async def loaded_model(services: Services, name: str) -> LoadedModel:
-    """The loaded model ``name``; loads it on demand when MODELHOST_LOAD_ON_DEMAND is set."""
+@asynccontextmanager
+async def loaded_model(services: Services, name: str) -> AsyncIterator[LoadedModel]:
+    """The loaded model ``name``, held in use (``lifecycle.acquire``) for the block: an
+    unload or delete waits for the block to end, and a model being deleted answers 404.
+    Loads it on demand when MODELHOST_LOAD_ON_DEMAND is set."""
     validate_name(name)
-    runtime = services.runtime
-    if runtime.is_loaded(name):
-        return runtime.get(name)
-    manifest = await asyncio.to_thread(services.store.require, name)
-    check_loadable(manifest)
-    if not services.settings.load_on_demand:
-        raise ModelNotLoaded(
-            f"Model '{name}' is installed but not loaded: POST /models/{name}/load first "
-            "(or set MODELHOST_LOAD_ON_DEMAND=true)"
-        )
-    return await asyncio.to_thread(runtime.load, manifest, services.store.model_path(name))
+    lifecycle = services.lifecycle
+    if not services.runtime.is_loaded(name) and not lifecycle.is_closing(name):
+        manifest = await asyncio.to_thread(services.store.require, name)
+        check_loadable(manifest)
+        if not services.settings.load_on_demand:
+            raise ModelNotLoaded(
+                f"Model '{name}' is installed but not loaded: POST /models/{name}/load first "
+                "(or set MODELHOST_LOAD_ON_DEMAND=true)"
+            )
+        await asyncio.to_thread(lifecycle.load, manifest)
+    with lifecycle.acquire(name) as loaded:
+        yield loaded
 
 
 @router.post(
@@ -94,12 +100,7 @@ async def load_model(
     body = body or LoadRequest()
     manifest = await asyncio.to_thread(services.store.require, model_name)
     loaded = await asyncio.to_thread(
-        services.runtime.load,
-        manifest,
-        services.store.model_path(model_name),
-        body.device,
-        body.pin,
-        body.allow_pickle,
+        services.lifecycle.load, manifest, body.device, body.pin, body.allow_pickle
     )
     await asyncio.to_thread(services.store.touch, model_name)
     return {
@@ -116,7 +117,7 @@ async def load_model(
 )
 async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict:
     validate_name(model_name)
-    report = await asyncio.to_thread(services.runtime.unload, model_name)
+    report = await asyncio.to_thread(services.lifecycle.unload, model_name)
     return {"success": True, "message": f"Model '{model_name}' unloaded", **report.to_dict()}
 
 
@@ -138,19 +139,19 @@ async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
     from modelhost.runtime.inference import synthesize as run_synthesis
 
-    loaded = await loaded_model(services, body.model_name)
-    pipeline: dict[str, str] = {}
-    if loaded.is_tts:
-        audio = await asyncio.to_thread(
-            run_synthesis,
-            loaded,
-            body.text,
-            body.speaker,
-            max_new_tokens=body.max_new_tokens,
-            seed=body.seed,
-        )
-    else:
-        pipeline, audio = await _speak_generated_text(services, loaded, body)
+    async with loaded_model(services, body.model_name) as loaded:
+        pipeline: dict[str, str] = {}
+        if loaded.is_tts:
+            audio = await asyncio.to_thread(
+                run_synthesis,
+                loaded,
+                body.text,
+                body.speaker,
+                max_new_tokens=body.max_new_tokens,
+                seed=body.seed,
+            )
+        else:
+            pipeline, audio = await _speak_generated_text(services, loaded, body)
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({"model_name": body.model_name, **pipeline, **audio.to_json()})
     return Response(await asyncio.to_thread(audio.to_wav), media_type="audio/wav")
@@ -172,23 +173,23 @@ async def _speak_generated_text(
             error="Not a TTS model",
         )
     try:
-        tts = await loaded_model(services, speak_with)
-    except ModelNotFound:
+        async with loaded_model(services, speak_with) as tts:
+            generated, audio = await asyncio.to_thread(
+                speak_generated,
+                loaded,
+                tts,
+                body.text,
+                body.speaker,
+                max_new_tokens=body.max_new_tokens,
+                seed=body.seed,
+            )
+    except ModelNotFound:  # not installed, or being deleted
         raise Conflict(
             f"Model '{body.model_name}' speaks with '{speak_with}', which is no longer "
             f"installed: install it again, or reinstall '{body.model_name}' with another "
             "speak_with",
             error="speak_with model missing",
         ) from None
-    generated, audio = await asyncio.to_thread(
-        speak_generated,
-        loaded,
-        tts,
-        body.text,
-        body.speaker,
-        max_new_tokens=body.max_new_tokens,
-        seed=body.seed,
-    )
     return {"generated_text": generated, "spoken_by": speak_with}, audio
 
 
@@ -200,6 +201,6 @@ async def _speak_generated_text(
 async def predict(model_name: ModelNamePath, body: PredictRequest, services: ServicesDep) -> dict:
     from modelhost.runtime.inference import predict as run_prediction
 
-    loaded = await loaded_model(services, model_name)
-    result = await asyncio.to_thread(run_prediction, loaded, body.inputs, body.parameters)
+    async with loaded_model(services, model_name) as loaded:
+        result = await asyncio.to_thread(run_prediction, loaded, body.inputs, body.parameters)
     return {"model_name": model_name, "task": loaded.task, **result}

@@ -81,7 +81,9 @@ async def available_models(
     responses=error_responses(),
 )
 async def managed_models(services: ServicesDep) -> dict:
-    rows = [model.describe() for model in services.runtime.list()]
+    closing = services.lifecycle.is_closing
+    # A model being deleted is already gone for clients, though its memory is freed last.
+    rows = [model.describe() for model in services.runtime.list() if not closing(model.name)]
     tts = [row for row in rows if row["is_tts"]]
     return {
         "total_models": len(rows),
@@ -183,18 +185,21 @@ class ManageAction(str, Enum):
     optimize = "optimize"
     retry_download = "retry_download"
     update = "update"
+    pin = "pin"
+    unpin = "unpin"
 
 
 @router.post(
     "/models/manage",
-    summary="Retry a download, optimize or update a model",
+    summary="Retry a download, optimize, update, pin or unpin a model",
     responses=error_responses(400, 404, 409, 422, 502, 507),
 )
 async def manage_model(
     services: ServicesDep,
     action: str = Query(
         ...,
-        description="optimize, retry_download or update",
+        description="optimize, retry_download, update, pin (never evicted from memory nor "
+        "from the cache, kept across restarts) or unpin",
         json_schema_extra={"enum": [a.value for a in ManageAction]},
     ),
     model_name: ModelNameQuery = ...,
@@ -242,6 +247,29 @@ async def manage_model(
             "status": result.job.state.value,
             "changes": changes,
         }
+    if chosen in (ManageAction.pin, ManageAction.unpin):
+        return await _pin(services, model_name, chosen is ManageAction.pin)
+    return await _optimize(services, model_name, compile)
+
+
+async def _pin(services: Services, model_name: str, pinned: bool) -> dict:
+    """Pin or unpin: one meaning for memory and disk, kept in the manifest."""
+    manifest = await asyncio.to_thread(services.lifecycle.pin, model_name, pinned)
+    loaded = services.runtime.is_loaded(model_name)
+    what = "pinned: never evicted from memory or from the cache" if pinned else "unpinned"
+    return {
+        "success": True,
+        "message": f"Model '{model_name}' {what}",
+        "action": "pin" if pinned else "unpin",
+        "model_name": model_name,
+        "pinned": manifest.pinned,
+        "loaded": loaded,
+    }
+
+
+async def _optimize(services: Services, model_name: str, compile: bool) -> dict:
+    """Optimize as an operation holding the model in use: a delete or unload that comes
+    meanwhile waits for it; ``/models/managed`` shows ``operation: "optimizing"``."""
     from modelhost.runtime.optimize import optimize
 
     await asyncio.to_thread(services.store.require, model_name)
@@ -250,11 +278,12 @@ async def manage_model(
             f"Model '{model_name}' is not loaded; optimize works on a loaded model: "
             f"POST /models/{model_name}/load first"
         )
-    report = await asyncio.to_thread(optimize, services.runtime.get(model_name), compile)
+    with services.lifecycle.acquire(model_name, operation="optimizing") as loaded:
+        report = await asyncio.to_thread(optimize, loaded, compile)
     return {
         "success": report.applied,
         "message": report.message,
-        "action": chosen.value,
+        "action": ManageAction.optimize.value,
         "model_name": model_name,
         **report.to_dict(),
     }
@@ -267,10 +296,10 @@ async def manage_model(
 )
 async def remove_model(model_name: ModelNamePath, services: ServicesDep) -> dict:
     validate_name(model_name)
-    unloaded = None
-    if services.runtime.is_loaded(model_name):
-        unloaded = await asyncio.to_thread(services.runtime.unload, model_name)
+    # Gone everywhere: requests and loads refused, its download cancelled, unloaded once its
+    # requests in flight (or an optimize) end, then its files deleted.
     removal = await services.jobs.remove_model(model_name)
+    unloaded = removal.unloaded
     cancelled = removal.cancelled
     if removal.manifest is not None:
         message = f"Successfully removed model from cache: {model_name}"

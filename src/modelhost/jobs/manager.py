@@ -57,7 +57,8 @@ from modelhost.spec import InstallOptions, ModelSpec, describe_differences
 from modelhost.store import CommitFile, Manifest, Store
 
 if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
-    from modelhost.runtime.registry import ModelRegistry
+    from modelhost.runtime.lifecycle import ModelLifecycle
+    from modelhost.runtime.registry import ModelRegistry, UnloadReport
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ class Removal:
     cancelled: Job | None  # the download it cancelled
     partial_bytes: int  # bytes of partial files of failed / cancelled downloads removed
     ended_jobs: int  # failed / cancelled downloads of the name whose partials it looked at
+    unloaded: UnloadReport | None = None  # what unloading it from memory freed
 
 
 @dataclass
@@ -263,6 +265,7 @@ class JobManager:
         disk_reserve_bytes: int = 0,
         hub: HubSettings | None = None,
         registry: ModelRegistry | None = None,
+        lifecycle: ModelLifecycle | None = None,
         mirrors: dict[str, str | None] | None = None,
         torch_hub_allow: tuple[str, ...] = (),
         pickle_policy: PicklePolicy = "convert",
@@ -275,7 +278,13 @@ class JobManager:
         self.import_roots = import_roots
         self.hub = hub
         self.mirrors = mirrors or {}
-        self.registry = registry
+        if lifecycle is None and registry is not None:
+            from modelhost.runtime.lifecycle import ModelLifecycle
+
+            lifecycle = ModelLifecycle(registry, store, cache_limit_bytes)
+        # Loads after install, disk eviction and deletes go through the model's lifecycle.
+        self.lifecycle = lifecycle
+        self.registry = lifecycle.registry if lifecycle is not None else None
         self.store = store
         self.engine = engine
         self.repository = repository
@@ -831,7 +840,7 @@ class JobManager:
         """Load a just-installed model when the request asks (the default); returns what to
         add to the job's message. A model that cannot be loaded stays installed."""
         request = active.job.request
-        if self.registry is None or not request.get("load", True):
+        if self.lifecycle is None or not request.get("load", True):
             return ""
         if manifest.source == "url" and not manifest.spec.load_as:
             return (
@@ -845,18 +854,21 @@ class JobManager:
         await self._save(active.job)
         try:
             loaded = await asyncio.to_thread(
-                self.registry.load,
+                self.lifecycle.load,
                 manifest,
-                self.store.model_path(manifest.name),
                 request.get("device"),
                 request.get("pin", False),
                 request.get("allow_pickle", False),
             )
         except ModelhostError as exc:
+            if self.lifecycle.is_closing(manifest.name):  # deleted while loading
+                raise Cancelled("the model was deleted while it was loading") from exc
             return f"; stored, but could not be loaded: {exc.message}"
         except Exception as exc:  # a loader bug must not lose the installed model
             log.exception("loading %s failed", manifest.name)
             return f"; stored, but could not be loaded: {exc!r}"
+        if self.lifecycle.is_closing(manifest.name):  # a delete came once the load had ended
+            raise Cancelled("the model was deleted while it was loading")
         return f"; loaded on {loaded.device}"
 
     def _fetch_all(self, active: _Active) -> tuple[list[FetchedFile], list[CommitFile]]:
@@ -955,9 +967,12 @@ class JobManager:
             self.engine.discard(spec)
 
     async def _enforce_cache_limit(self, keep: str) -> list[str]:
+        """Evict least-recently-used models to the cache limit, never ``keep`` nor a loaded,
+        loading or pinned model."""
         if self.cache_limit_bytes is None:
             return []
-        return await asyncio.to_thread(self.store.evict_to_fit, self.cache_limit_bytes, {keep})
+        keep_set = {keep} | (self.lifecycle.protected() if self.lifecycle else set())
+        return await asyncio.to_thread(self.store.evict_to_fit, self.cache_limit_bytes, keep_set)
 
     async def _save(self, job: Job) -> None:
         """Persist ``job``; a job this process has seen end stays ended (the repository
@@ -1213,16 +1228,30 @@ class JobManager:
         return await self.submit(request, update=True)
 
     async def remove_model(self, name: str) -> Removal:
-        """Cancel the model's running download, delete it from the cache and remove the
-        partial bytes its failed or cancelled downloads left.
+        """Delete ``name`` everywhere: refuse new requests and loads of it, cancel its
+        download (a load under way finishes, then is undone), unload it once its requests
+        in flight end (bounded), delete it from the cache and remove the partial bytes its
+        failed or cancelled downloads left.
 
         Raises ``ModelNotFound`` when there is none of these.
         """
         validate_name(name)
+        if self.lifecycle is not None:
+            self.lifecycle.close(name)
+        try:
+            return await self._remove_closed(name)
+        finally:
+            if self.lifecycle is not None:
+                self.lifecycle.reopen(name)
+
+    async def _remove_closed(self, name: str) -> Removal:
         cancelled = None
         for active in list(self._active.values()):
             if active.job.name == name:
                 cancelled = await self.cancel(active.job.id)
+        unloaded = None
+        if self.lifecycle is not None:
+            unloaded = await asyncio.to_thread(self.lifecycle.retire, name)
         ended = await asyncio.to_thread(
             self.repository.list, [JobState.FAILED, JobState.CANCELLED], name, 20
         )
@@ -1230,10 +1259,10 @@ class JobManager:
         try:
             manifest, freed = await asyncio.to_thread(self.store.delete, name)
         except ModelNotFound:
-            if cancelled is None and not ended:
+            if cancelled is None and not ended and unloaded is None:
                 raise
-            return Removal(None, 0, cancelled, partial, len(ended))
-        return Removal(manifest, freed, cancelled, partial, len(ended))
+            return Removal(None, 0, cancelled, partial, len(ended), unloaded)
+        return Removal(manifest, freed, cancelled, partial, len(ended), unloaded)
 
     def _discard_partials_of(self, jobs: list[Job]) -> int:
         """Delete the partial files of these ended jobs' plans; returns the bytes removed.

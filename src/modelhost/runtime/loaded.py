@@ -55,6 +55,12 @@ class LoadedModel:
     last_used: datetime = field(default_factory=_now)
     use_seq: int = field(default_factory=lambda: next(_use_counter))
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # Lifecycle bookkeeping (``runtime.lifecycle``): requests in flight, the operation
+    # running on it (``optimizing``), and whether it is being unloaded (no new requests).
+    inflight: int = 0
+    operation: str | None = None
+    retired: bool = False
+    _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     @property
     def is_tts(self) -> bool:
@@ -68,6 +74,40 @@ class LoadedModel:
         """Mark the model as just used (the LRU order eviction follows)."""
         self.last_used = _now()
         self.use_seq = next(_use_counter)
+
+    def enter(self, operation: str | None = None) -> bool:
+        """Count one request (or ``operation``) in flight; False once the model is retired
+        (being unloaded or deleted), so the caller refuses the request instead."""
+        with self._idle:
+            if self.retired or self.model is None:
+                return False
+            self.inflight += 1
+            if operation is not None:
+                self.operation = operation
+            return True
+
+    def leave(self, operation: str | None = None) -> None:
+        """The end of what ``enter`` counted; wakes an unload waiting for the model idle."""
+        with self._idle:
+            self.inflight -= 1
+            if operation is not None and self.operation == operation:
+                self.operation = None
+            self._idle.notify_all()
+
+    def retire(self) -> None:
+        """Refuse new requests from now on (requests in flight go on)."""
+        with self._idle:
+            self.retired = True
+
+    def unretire(self) -> None:
+        """Take requests again (an unload that gave up waiting)."""
+        with self._idle:
+            self.retired = False
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the requests in flight to finish; True when none is."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.inflight == 0, timeout=timeout_s)
 
     def memory_usage(self) -> dict[str, float]:
         """``allocated_mb`` / ``reserved_mb`` as the managed-models view reports them."""
@@ -96,6 +136,8 @@ class LoadedModel:
             "loaded_at": self.loaded_at.isoformat(),
             "last_used": self.last_used.isoformat(),
             "optimization": self.optimization,
+            "inflight": self.inflight,
+            "operation": self.operation,
         }
 
     def release(self) -> None:

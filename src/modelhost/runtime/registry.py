@@ -13,8 +13,12 @@ The budget has two parts:
 When the new model does not fit, least-recently-used unpinned models are unloaded until it
 does. When even that is not enough (pinned models are in the way, or the model alone is
 over the budget), nothing is unloaded and ``MemoryBudgetExceeded`` names what would have to
-go. Loads are serialised (one at a time, which also keeps CUDA allocator deltas
-attributable); ``get`` and ``list`` never wait for a load.
+go. Each model has its own lock: loading or unloading one model never waits for another's
+load (only loads onto the same accelerator take turns, which keeps CUDA allocator deltas
+attributable). The budget is decided under one short lock, counting the loads still in
+progress; ``get`` and ``list`` never wait for a load. Unloading (and evicting) a model
+refuses new requests to it, waits up to ``drain_timeout_s`` for those in flight, then frees
+it: a request still queued then fails cleanly with ``ModelNotLoaded``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,16 @@ if TYPE_CHECKING:  # the loaders import torch and transformers: on first load, n
     from modelhost.runtime.loaders import Preflight
 
 Loader = Callable[[Manifest, Path, "torch.device", bool], LoadedModel]
+
+DRAIN_TIMEOUT_S = 30.0  # how long an unload waits for the requests in flight
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    """A load in progress: the budget it holds until its model is resident."""
+
+    device: str
+    need_bytes: int
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class ModelRegistry:
         device_setting: str = "auto",
         cpu_memory_bytes: int | None = None,
         loader: Loader | None = None,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1 (or None for no limit)")
@@ -92,8 +107,11 @@ class ModelRegistry:
         self.cpu_memory_bytes = cpu_memory_bytes
         self._loader: Loader | None = loader
         self._models: dict[str, LoadedModel] = {}
-        self._lock = threading.RLock()  # guards _models; held briefly
-        self._load_lock = threading.Lock()  # one load or unload at a time
+        self.drain_timeout_s = drain_timeout_s
+        self._lock = threading.RLock()  # guards the dicts below and the budget; held briefly
+        self._loading: dict[str, _Reservation] = {}  # loads in progress
+        self._name_locks: dict[str, threading.Lock] = {}  # one load / unload per model
+        self._device_locks: dict[str, threading.Lock] = {}  # accelerator loads take turns
 
     # ------------------------------------------------------------------ queries
 
@@ -142,13 +160,14 @@ class ModelRegistry:
         if the budget requires. Loading a model already loaded on the same device returns
         it (pinning it if asked); on another device is a ``Conflict``."""
         target = resolve_device(device or self.device_setting)
-        with self._load_lock:
+        name = manifest.name
+        with self._name_lock(name):
             with self._lock:
-                existing = self._models.get(manifest.name)
+                existing = self._models.get(name)
             if existing is not None:
                 if existing.device != device_str(target):
                     raise Conflict(
-                        f"Model {manifest.name!r} is already loaded on {existing.device}; "
+                        f"Model {name!r} is already loaded on {existing.device}; "
                         f"unload it before loading it on {device_str(target)}",
                         error="Already loaded",
                     )
@@ -160,20 +179,32 @@ class ModelRegistry:
             from modelhost.runtime.loaders import preflight
 
             checked = preflight(manifest, Path(path), target.type, allow_pickle)
-            for victim in self._plan_eviction(manifest.name, checked, target):
-                self._unload_locked(victim.name, evicted=True)
-            loader = self._loader or load_model
-            loaded = loader(manifest, Path(path), target, allow_pickle)
-            loaded.pinned = pin
-            loaded.touch()
-            with self._lock:
-                self._models[loaded.name] = loaded
+            victims = self._reserve(name, checked, target)
+            try:
+                for victim in victims:
+                    self._release(victim, evicted=True)
+                with self._device_lock(target):
+                    loader = self._loader or load_model
+                    loaded = loader(manifest, Path(path), target, allow_pickle)
+                loaded.pinned = pin
+                loaded.touch()
+                with self._lock:
+                    self._models[loaded.name] = loaded
+            finally:
+                with self._lock:
+                    self._loading.pop(name, None)
             return loaded
 
     def unload(self, name: str) -> UnloadReport:
-        """Unload ``name``: waits for its in-flight requests, then frees its memory."""
-        with self._load_lock:
-            return self._unload_locked(name)
+        """Unload ``name``: refuses new requests, waits (bounded) for those in flight, then
+        frees its memory. Other models' loads go on meanwhile."""
+        with self._name_lock(name):
+            with self._lock:
+                model = self._models.pop(name, None)
+            if model is None:
+                raise ModelNotLoaded(f"Model {name!r} is not loaded")
+            model.retire()
+            return self._release(model)
 
     def pin(self, name: str, pinned: bool = True) -> LoadedModel:
         """Keep ``name`` resident (never evicted) or release it to the LRU again."""
@@ -183,25 +214,53 @@ class ModelRegistry:
 
     def unload_all(self) -> list[UnloadReport]:
         """Unload every model (server shutdown)."""
-        with self._load_lock:
-            return [self._unload_locked(m.name) for m in self.list()]
+        reports = []
+        for model in self.list():
+            try:
+                reports.append(self.unload(model.name))
+            except ModelNotLoaded:
+                continue  # unloaded meanwhile
+        return reports
 
     # ------------------------------------------------------------------ internals
 
-    def _unload_locked(self, name: str, evicted: bool = False) -> UnloadReport:
+    def _name_lock(self, name: str) -> threading.Lock:
         with self._lock:
-            model = self._models.pop(name, None)
-        if model is None:
-            raise ModelNotLoaded(f"Model {name!r} is not loaded")
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    def _device_lock(self, device: torch.device) -> threading.Lock | _NoLock:
+        """CPU loads run side by side (CPU memory is measured from the tensors); loads onto
+        one accelerator take turns, since its allocator's growth measures each load."""
+        if device.type == "cpu":
+            return _NoLock()
+        with self._lock:
+            return self._device_locks.setdefault(device_str(device), threading.Lock())
+
+    def _reserve(self, name: str, checked: Preflight, device: torch.device) -> list[LoadedModel]:
+        """Under the short lock: plan what to evict for ``name``, take the victims out (no
+        new requests reach them) and hold ``name``'s budget until it is resident."""
+        with self._lock:
+            victims = self._plan_eviction(name, checked, device)
+            for victim in victims:
+                self._models.pop(victim.name, None)
+                victim.retire()
+            self._loading[name] = _Reservation(device_str(device), checked.need_bytes)
+        return victims
+
+    def _release(self, model: LoadedModel, evicted: bool = False) -> UnloadReport:
+        """Free a model already taken out of ``_models``, once its requests are done."""
         import torch
 
         device = torch.device(model.device)
-        with model.lock:  # in-flight inference finishes first
+        model.wait_idle(self.drain_timeout_s)
+        with model.lock:  # the request running now finishes first; queued ones then fail
             freed = model.allocated_bytes
             model.release()
         release_cached(device)
         after = read_allocator(device)
-        return UnloadReport(name, model.device, freed, after.allocated, after.reserved, evicted)
+        return UnloadReport(
+            model.name, model.device, freed, after.allocated, after.reserved, evicted
+        )
 
     def _plan_eviction(
         self, name: str, checked: Preflight, device: torch.device
@@ -210,9 +269,10 @@ class ModelRegistry:
         need = checked.need_bytes
         resident = sorted(self.list(), key=lambda m: m.use_seq)  # least recent first
         victims: list[LoadedModel] = []
+        loading = [r for other, r in self._loading.items() if other != name]
 
-        if self.max_loaded is not None and len(resident) + 1 > self.max_loaded:
-            excess = len(resident) + 1 - self.max_loaded
+        if self.max_loaded is not None and len(resident) + len(loading) + 1 > self.max_loaded:
+            excess = len(resident) + len(loading) + 1 - self.max_loaded
             unpinned = [m for m in resident if not m.pinned]
             if len(unpinned) < excess:
                 pinned = [m for m in resident if m.pinned]
@@ -241,6 +301,7 @@ class ModelRegistry:
             )
         on_device = [m for m in resident if m.device == where]
         used = sum(m.allocated_bytes for m in on_device if m not in victims)
+        used += sum(r.need_bytes for r in loading if r.device == where)  # loads in progress
         for candidate in on_device:
             if used + need <= budget:
                 break
@@ -264,6 +325,16 @@ class ModelRegistry:
         if device.type == "cpu":
             return ": MODELHOST_CPU_MEMORY_LIMIT_GB"
         return ""
+
+
+class _NoLock:
+    """A lock that never waits (CPU loads)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _size(nbytes: int) -> str:

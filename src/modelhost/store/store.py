@@ -254,6 +254,14 @@ class Store:
                     if exc.errno not in DISK_FULL_ERRNOS:
                         raise
 
+    def set_pinned(self, name: str, pinned: bool) -> Manifest:
+        """Record ``name``'s pin in its manifest (``evict_to_fit`` never removes a pinned
+        model). Raises ``ModelNotFound``."""
+        with self._lock:
+            manifest = self.require(name).model_copy(update={"pinned": pinned})
+            _write_atomic(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
+            return manifest
+
     def delete(self, name: str) -> tuple[Manifest, int]:
         """Remove a model, and the blobs no other model uses. Raises ``ModelNotFound``.
 
@@ -267,7 +275,9 @@ class Store:
             return manifest, self._collect_garbage()
 
     def evict_to_fit(self, limit_bytes: int, keep: set[str]) -> list[str]:
-        """Delete least-recently-used models (never those in ``keep``) until under the limit."""
+        """Delete least-recently-used models until under the limit. Never deletes a model in
+        ``keep`` (the caller's protected set: the model just installed, loaded and loading
+        models) nor a pinned one (``Manifest.pinned``, see ``set_pinned``)."""
         evicted = []
         with self._lock:
             candidates = sorted(

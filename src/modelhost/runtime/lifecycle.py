@@ -1,0 +1,209 @@
+"""One owner for each model's life: load, requests in flight, unload, pin, disk eviction,
+optimize and delete.
+
+``ModelLifecycle`` sits over the ``ModelRegistry`` (memory) and the ``Store`` (disk):
+
+- every inference call goes through ``acquire(name)``, which counts it in flight and
+  refuses new requests to a model being unloaded (409) or deleted (404);
+- ``unload`` and ``begin_delete`` refuse new requests first, wait for a load of the model in
+  progress, then (bounded by the registry's ``drain_timeout_s``) for the requests in flight;
+- ``optimize`` runs as an operation holding the model in use (``operation: "optimizing"``
+  in ``/models/managed``), so a delete waits for it to finish;
+- ``pin`` means one thing for memory and disk: never evicted, by the memory budget while
+  loaded nor by ``MODELHOST_CACHE_LIMIT_GB`` from the cache. It is kept in the manifest
+  (``Manifest.pinned``), so it survives restarts and applies again when the model loads;
+- disk eviction never removes the files of a loaded, loading or pinned model.
+
+Everything here blocks except ``acquire``/``close``/``reopen``, which only take a short lock
+(safe on the event loop). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from modelhost.errors import ModelNotFound
+from modelhost.runtime.errors import ModelNotLoaded
+
+if TYPE_CHECKING:
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.registry import ModelRegistry, UnloadReport
+    from modelhost.store import Manifest, Store
+
+LOAD_WAIT_S = 600.0  # how long a delete waits for a load of the model that is under way
+
+
+@dataclass
+class _Name:
+    """What the lifecycle tracks per model name beyond the registry."""
+
+    loads: int = 0  # loads through the lifecycle in progress
+    closing: str | None = None  # "deleting" while a delete runs: refuse requests and loads
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+
+class ModelLifecycle:
+    """The owner of every model's life in one server (thread-safe)."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        store: Store,
+        cache_limit_bytes: int | None = None,
+        load_wait_s: float = LOAD_WAIT_S,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.cache_limit_bytes = cache_limit_bytes
+        self.load_wait_s = load_wait_s
+        self._lock = threading.Lock()  # guards _names; held briefly
+        self._names: dict[str, _Name] = {}
+
+    def _entry(self, name: str) -> _Name:
+        with self._lock:
+            return self._names.setdefault(name, _Name())
+
+    def _refuse_if_closing(self, name: str) -> None:
+        if self.is_closing(name):
+            raise ModelNotFound(f"Model '{name}' is being deleted", error="Model being deleted")
+
+    # ------------------------------------------------------------------ requests
+
+    @contextmanager
+    def acquire(self, name: str, operation: str | None = None) -> Iterator[LoadedModel]:
+        """The loaded model ``name``, counted in flight until the block ends. Refuses (404)
+        a model being deleted and (409) one not loaded or being unloaded. ``operation``
+        names what runs (``optimizing``), shown in ``/models/managed`` meanwhile."""
+        self._refuse_if_closing(name)
+        model = self.registry.get(name)
+        if not model.enter(operation):
+            raise ModelNotLoaded(
+                f"Model '{name}' is being unloaded; load it again (POST /models/{name}/load)"
+            )
+        try:
+            yield model
+        finally:
+            model.leave(operation)
+
+    # ------------------------------------------------------------------ load / unload
+
+    def load(
+        self,
+        manifest: Manifest,
+        device: str | None = None,
+        pin: bool = False,
+        allow_pickle: bool = False,
+    ) -> LoadedModel:
+        """Load an installed model (blocking). A model pinned on disk is pinned in memory
+        too; asking for ``pin`` records it in the manifest. A delete that begins while the
+        model loads wins: the model is unloaded again and ``ModelNotFound`` raised."""
+        name = manifest.name
+        entry = self._entry(name)
+        with entry.changed:
+            if entry.closing is not None:
+                raise ModelNotFound(f"Model '{name}' is being deleted", error="Model being deleted")
+            entry.loads += 1
+        try:
+            loaded = self.registry.load(
+                manifest,
+                self.store.model_path(name),
+                device,
+                pin or manifest.pinned,
+                allow_pickle,
+            )
+            if entry.closing is not None:
+                self._unload_quietly(name)
+                raise ModelNotFound(
+                    f"Model '{name}' was deleted while it was loading", error="Model deleted"
+                )
+        finally:
+            with entry.changed:
+                entry.loads -= 1
+                entry.changed.notify_all()
+        if pin and not manifest.pinned:
+            self.store.set_pinned(name, True)
+        return loaded
+
+    def unload(self, name: str) -> UnloadReport:
+        """Unload ``name``: new requests are refused, those in flight finish (bounded)."""
+        return self.registry.unload(name)
+
+    def _unload_quietly(self, name: str) -> UnloadReport | None:
+        try:
+            return self.registry.unload(name)
+        except ModelNotLoaded:
+            return None
+
+    # ------------------------------------------------------------------ pin
+
+    def pin(self, name: str, pinned: bool = True) -> Manifest:
+        """Pin (or unpin) an installed model in memory and on disk; persisted."""
+        manifest = self.store.set_pinned(name, pinned)
+        if self.registry.is_loaded(name):
+            try:
+                self.registry.pin(name, pinned)
+            except ModelNotLoaded:
+                pass  # unloaded meanwhile: the manifest still carries the pin
+        return manifest
+
+    # ------------------------------------------------------------------ delete
+
+    def close(self, name: str) -> None:
+        """Begin deleting ``name``: from now on requests get 404 and loads are refused."""
+        entry = self._entry(name)
+        with entry.changed:
+            entry.closing = "deleting"
+
+    def reopen(self, name: str) -> None:
+        """End a delete (done or failed): the name may be installed and loaded again."""
+        entry = self._entry(name)
+        with entry.changed:
+            entry.closing = None
+            entry.changed.notify_all()
+
+    def is_closing(self, name: str) -> bool:
+        """Whether a delete of ``name`` is running."""
+        with self._lock:
+            entry = self._names.get(name)
+        return entry is not None and entry.closing is not None
+
+    def retire(self, name: str) -> UnloadReport | None:
+        """Take a closing model out of memory (blocking): wait for a load of it under way,
+        then for its requests in flight, then unload it. None when it was not loaded."""
+        entry = self._entry(name)
+        with entry.changed:
+            entry.changed.wait_for(lambda: entry.loads == 0, timeout=self.load_wait_s)
+        return self._unload_quietly(name)
+
+    @contextmanager
+    def deleting(self, name: str) -> Iterator[None]:
+        """``close`` for the block's duration, then ``reopen``."""
+        self.close(name)
+        try:
+            yield
+        finally:
+            self.reopen(name)
+
+    # ------------------------------------------------------------------ disk
+
+    def protected(self) -> set[str]:
+        """Names whose files disk eviction must keep: loaded or loading models."""
+        with self._lock:
+            loading = {name for name, entry in self._names.items() if entry.loads}
+        return loading | {model.name for model in self.registry.list()}
+
+    def evict_disk(self, keep: str) -> list[str]:
+        """Delete least-recently-used models until the cache is under its limit, never
+        ``keep``, a loaded or loading model, or a pinned one. Returns the names removed."""
+        if self.cache_limit_bytes is None:
+            return []
+        return self.store.evict_to_fit(self.cache_limit_bytes, {keep} | self.protected())
+
+    def model_path(self, name: str) -> Path:
+        """Where the installed model's files are."""
+        return self.store.model_path(name)
