@@ -48,6 +48,16 @@ if TYPE_CHECKING:  # the loaders import torch and transformers: on first load, n
 
 Loader = Callable[[Manifest, Path, "torch.device", bool], LoadedModel]
 
+
+def load_on_first_use(
+    manifest: Manifest, path: Path, device: torch.device, allow_pickle: bool
+) -> LoadedModel:
+    """The default loader, ``loaders.load``, imported by the first load (torch and
+    transformers with it), not when the server starts."""
+    from modelhost.runtime.loaders import load
+
+    return load(manifest, path, device, allow_pickle)
+
 DRAIN_TIMEOUT_S = 30.0  # how long an unload waits for the requests in flight
 
 
@@ -105,7 +115,7 @@ class ModelRegistry:
         self.gpu_memory_fraction = gpu_memory_fraction
         self.device_setting = device_setting
         self.cpu_memory_bytes = cpu_memory_bytes
-        self._loader: Loader | None = loader
+        self._loader: Loader = loader or load_on_first_use
         self._models: dict[str, LoadedModel] = {}
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.RLock()  # guards the dicts below and the budget; held briefly
@@ -175,7 +185,6 @@ class ModelRegistry:
                 existing.touch()
                 return existing
             # Every check that can refuse the model runs before anything is evicted.
-            from modelhost.runtime.loaders import load as load_model
             from modelhost.runtime.loaders import preflight
 
             checked = preflight(manifest, Path(path), target.type, allow_pickle)
@@ -184,8 +193,7 @@ class ModelRegistry:
                 for victim in victims:
                     self._release(victim, evicted=True)
                 with self._device_lock(target):
-                    loader = self._loader or load_model
-                    loaded = loader(manifest, Path(path), target, allow_pickle)
+                    loaded = self._loader(manifest, Path(path), target, allow_pickle)
                 loaded.pinned = pin
                 loaded.touch()
                 with self._lock:
