@@ -73,6 +73,21 @@ def test_a_url_file_asked_for_with_other_options_is_a_409(make_server, fileserve
         assert answer.json()["status"] == "already_exists", harmless
 
 
+def test_a_field_left_out_asks_for_what_is_installed(make_server, fileserver):
+    """Asking again without an option it was installed with (the CLI's `pull NAME --force`)
+    means the installed model; sending the option with another value is a 409."""
+    fileserver.add("/w.safetensors", b"\0" * 64)
+    server = make_server([fileserver.host_port])
+    body = {"source": "url", "model_id": fileserver.url("/w.safetensors"), "name": "w"}
+    job = server.client.post("/models/download", json={**body, "task": "text-classification"})
+    assert server.wait_for(job.json()["download_id"])["status"] == "completed"
+    left_out = server.client.post("/models/download", json=body)
+    assert left_out.status_code == 200 and left_out.json()["status"] == "already_exists"
+    default_sent = server.client.post("/models/download", json={**body, "task": "text-generation"})
+    assert default_sent.status_code == 409, default_sent.text
+    assert 'asks for task="text-generation"' in default_sent.json()["message"]
+
+
 def test_a_different_model_under_the_name_is_still_name_in_use(make_server, fileserver):
     fileserver.add("/a.safetensors", b"\0" * 64)
     fileserver.add("/b.safetensors", b"\1" * 64)

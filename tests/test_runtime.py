@@ -301,7 +301,7 @@ def test_every_family_loads_with_measured_figures(models, loaded, name) -> None:
     assert 0.8 * nbytes <= model.estimated_bytes <= nbytes
     assert model.estimated_bytes == estimate_bytes(manifest, path, "cpu")
     row = model.describe()
-    assert row["memory_usage"]["allocated_mb"] == round(nbytes / 2**20, 3)
+    assert row["memory_usage"]["allocated_mb"] == round(nbytes / 1e6, 3)
     assert row["parameters"] == parameters and row["optimized"] is False
 
 
@@ -551,8 +551,8 @@ def test_optimize_on_cpu_measures_and_keeps_only_real_gains(models, name) -> Non
     print(name, json.dumps(report.to_dict()))
     assert report.device == "cpu" and report.runs >= optimize_module.MIN_RUNS
     assert report.latency_ms_before > 0 and report.latency_ms_after > 0
-    assert report.memory_mb_before == pytest.approx(weights_before / 2**20, abs=1e-3)
-    assert report.memory_mb_after == pytest.approx(model.weights_bytes / 2**20, abs=1e-3)
+    assert report.memory_mb_before == pytest.approx(weights_before / 1e6, abs=1e-3)
+    assert report.memory_mb_after == pytest.approx(model.weights_bytes / 1e6, abs=1e-3)
     assert report.tolerance == 0.02 and report.max_abs_diff is not None
     if report.applied:
         assert report.latency_ms_after * optimize_module.MIN_SPEEDUP <= report.latency_ms_before
@@ -578,7 +578,7 @@ def test_optimize_applied_quantizes_and_keeps_figures_true(models, monkeypatch) 
     assert "int8" in report.technique and model.optimization["applied"] is True
     assert model.parameters == parameters  # packed int8 weights are still parameters
     assert model.allocated_bytes < before
-    assert report.memory_mb_after == pytest.approx(model.allocated_bytes / 2**20, abs=1e-3)
+    assert report.memory_mb_after == pytest.approx(model.allocated_bytes / 1e6, abs=1e-3)
     quantized = predict(model, "good movie")["predictions"]
     for ref, new in zip(reference, quantized, strict=True):
         assert ref["label"] == new["label"]
@@ -810,11 +810,11 @@ def test_cuda_optimize_with_compile_on_a_base_sized_model(tmp_path) -> None:
     manifest = Manifest(name="bert-base", source="huggingface", model_id="t/b",
                         task="text-classification")  # fmt: skip
     model = ModelRegistry(device_setting="cuda").load(manifest, directory)
-    loaded_mb = model.allocated_bytes / 2**20
+    loaded_mb = model.allocated_bytes / 1e6
     report = optimize(model, compile=True)
     print(json.dumps(report.to_dict(), indent=1))
     print(
-        "loaded MB", loaded_mb, "weights MB now", model.weights_bytes / 2**20,
+        "loaded MB", loaded_mb, "weights MB now", model.weights_bytes / 1e6,
         "allocator MB now", torch.cuda.memory_allocated() / 2**20,
     )  # fmt: skip
     assert [s["technique"].split()[0] for s in report.steps] == [

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from modelhost.units import GB
+
 # Hosts the ``url`` source may always fetch from: the public model hosts and the CDNs they
 # redirect to. MODELHOST_URL_ALLOW adds to them; MODELHOST_URL_ALLOW_DEFAULTS=false drops them.
 DEFAULT_URL_ALLOW = (
@@ -204,4 +206,4 @@ class Settings(BaseSettings):
 
     @property
     def cache_limit_bytes(self) -> int | None:
-        return None if self.cache_limit_gb is None else int(self.cache_limit_gb * 1024**3)
+        return None if self.cache_limit_gb is None else int(self.cache_limit_gb * GB)

@@ -29,6 +29,7 @@ from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
 from modelhost.sources import HubSettings
 from modelhost.store import Store
+from modelhost.units import GB
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def build_services(settings: Settings) -> Services:
         gpu_memory_fraction=settings.gpu_memory_fraction,
         device_setting=settings.device,
         cpu_memory_bytes=(
-            int(settings.cpu_memory_limit_gb * 1024**3) if settings.cpu_memory_limit_gb else None
+            int(settings.cpu_memory_limit_gb * GB) if settings.cpu_memory_limit_gb else None
         ),
     )
     lifecycle = ModelLifecycle(runtime, store, settings.cache_limit_bytes)
@@ -117,7 +118,7 @@ def build_services(settings: Settings) -> Services:
         convert_limits=ConvertLimits(
             timeout_s=settings.convert_timeout_s,
             address_space=(
-                int(settings.convert_memory_gb * 1024**3) if settings.convert_memory_gb else None
+                int(settings.convert_memory_gb * GB) if settings.convert_memory_gb else None
             ),
         ),
         import_roots=settings.import_roots,

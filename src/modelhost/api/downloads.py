@@ -9,6 +9,7 @@ from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_
 from modelhost.api.errors import error_responses
 from modelhost.jobs import JobState, JobView, SubmitResult
 from modelhost.sources import DownloadRequest
+from modelhost.units import MB
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["downloads"])
 
@@ -82,7 +83,7 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
             "download_id": job.id,
             "model_type": plan.model_type,
             "description": plan.description,
-            "estimated_size_mb": None if size is None else round(size / 1e6, 3),
+            "estimated_size_mb": None if size is None else round(size / MB, 3),
             "size_bytes": size,
             "files": [f.path for f in plan.files],
             "revision": plan.revision,

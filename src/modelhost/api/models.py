@@ -31,10 +31,9 @@ from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.sources import DownloadRequest, Plan
 from modelhost.store import Manifest, describe
+from modelhost.units import MB
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["models"])
-
-MB = 1e6
 
 
 def _tags_for(manifest: Manifest, services: Services) -> list[str]:

@@ -27,13 +27,14 @@ from pydantic import (
 
 from modelhost.names import NAME_PATTERN
 from modelhost.store.manifest import Manifest
+from modelhost.units import MB
 
 ModelName = Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern)]
 Source = Literal["huggingface", "pytorch_hub", "torchvision", "torchaudio", "url", "tts_auto"]
 
 TTS_TASKS = frozenset({"text-to-speech", "text-to-audio"})
 STT_TASKS = frozenset({"automatic-speech-recognition"})
-BYTES_PER_MB = 1_000_000  # size_mb is decimal megabytes, as the Hugging Face Hub shows sizes
+BYTES_PER_MB = MB  # size_mb is decimal megabytes, as everywhere in the API
 # Seconds of CPU compute per second of output above which a model is not usable on a CPU.
 CPU_REALTIME_LIMIT = 1.0
 # The curated lists a newcomer follows: each may list only models that run usably on a CPU.

@@ -55,6 +55,7 @@ from modelhost.sources import (
 from modelhost.sources.base import FileChanges, check_file_paths, install_options
 from modelhost.spec import InstallOptions, ModelSpec, describe_differences
 from modelhost.store import CommitFile, Manifest, Store
+from modelhost.units import GB, MB
 
 if TYPE_CHECKING:  # the registry imports torch; jobs need only its type
     from modelhost.runtime.lifecycle import ModelLifecycle
@@ -73,7 +74,6 @@ FINISHED_CACHE = 1000
 # How long stop() waits for cancelled jobs to record their state; a job still busy then
 # (a commit's fsync) stays "downloading" in the database and resumes on the next start.
 STOP_WAIT_S = 3.0
-MB = 1e6
 
 
 def request_key(request: DownloadRequest) -> str:
@@ -172,15 +172,18 @@ def describe_changes(installed: Manifest, plan: Plan) -> FileChanges:
 
 def check_same_identity(installed: Manifest, request: DownloadRequest) -> None:
     """Raise ``Conflict`` (409) unless ``request`` asks for the model installed under its
-    name: the same identity, or (for manifests that did not record one) the same source and
-    model id, as requested or as resolved."""
+    name: the same identity in every field the request sends, or (for manifests that did not
+    record one) the same source and model id, as requested or as resolved."""
     asked = install_options(request)
     recorded = installed.spec.options
     if recorded is None:  # an older manifest: what it was installed from is all it knows
         recorded = InstallOptions(source=installed.source, model_id=installed.model_id)
         recorded = recorded.model_copy(update={"legacy": True})
     resolved = (installed.source, installed.model_id) == (request.source, request.model_id)
-    diffs = recorded.differences(asked)
+    # A field the request leaves out asks for nothing: `pull x --force` without the task it
+    # was installed with means the installed model, not the default task.
+    sent = request.model_fields_set | {"source", "model_id"}
+    diffs = [diff for diff in recorded.differences(asked) if diff[0] in sent]
     if not diffs or (recorded.legacy and resolved):
         return
     if {"source", "model_id"} & {field for field, _, _ in diffs} and not resolved:
@@ -583,8 +586,8 @@ class JobManager:
             and size > self.cache_limit_bytes
         ):
             raise InsufficientStorage(
-                f"The model is {size / 1e6:.1f} MB, more than the whole cache budget "
-                f"(MODELHOST_CACHE_LIMIT_GB = {self.cache_limit_bytes / 1024**3:g} GiB)",
+                f"The model is {size / MB:.1f} MB, more than the whole cache budget "
+                f"(MODELHOST_CACHE_LIMIT_GB = {self.cache_limit_bytes / GB:g} GB)",
                 error="Larger than the cache budget",
             )
 

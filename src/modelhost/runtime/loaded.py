@@ -9,11 +9,11 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from modelhost.runtime.families import Family
+from modelhost.units import MB
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch
     from torch import nn
 
-MB = 1024 * 1024
 _use_counter = itertools.count(1)
 
 

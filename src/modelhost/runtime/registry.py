@@ -40,6 +40,7 @@ from modelhost.runtime.memory import (
     release_cached,
 )
 from modelhost.store.manifest import Manifest
+from modelhost.units import GB
 
 if TYPE_CHECKING:  # the loaders import torch and transformers: on first load, not at startup
     import torch
@@ -57,6 +58,7 @@ def load_on_first_use(
     from modelhost.runtime.loaders import load
 
     return load(manifest, path, device, allow_pickle)
+
 
 DRAIN_TIMEOUT_S = 30.0  # how long an unload waits for the requests in flight
 
@@ -347,8 +349,8 @@ class _NoLock:
 
 def _size(nbytes: int) -> str:
     """Bytes for a message: MB below a GB, GB above."""
-    if nbytes >= 1024**3:
-        return f"{nbytes / 1024**3:,.1f} GB"
+    if nbytes >= GB:
+        return f"{nbytes / GB:,.1f} GB"
     return f"{nbytes / MB:.1f} MB"
 
 
