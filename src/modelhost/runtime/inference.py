@@ -19,6 +19,7 @@ from torch import nn
 
 from modelhost.runtime.errors import InvalidInput, ModelNotLoaded
 from modelhost.runtime.families import Family
+from modelhost.runtime.families.registry import adapter_for
 from modelhost.runtime.images import decode_image, pixel_values
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.runtime.speaker import parse_speaker_embedding
@@ -135,14 +136,7 @@ def synthesize(
     with _using(loaded) as model:
         if seed is not None:
             torch.manual_seed(int(seed))
-        if loaded.family is Family.SPEECHT5:
-            wave = _speecht5(loaded, model, text, speaker)
-        elif loaded.family is Family.BARK:
-            wave = _bark(loaded, model, text, speaker, max_new_tokens)
-        elif loaded.family is Family.TACOTRON2:
-            wave = _tacotron2(loaded, model, text, speaker)
-        else:
-            wave = _vits(loaded, model, text, speaker)
+        wave = adapter_for(loaded.family).synthesize(loaded, model, text, speaker, max_new_tokens)
     samples = wave.detach().float().reshape(-1).cpu().numpy().astype(np.float32)
     assert loaded.sample_rate is not None
     return Audio(samples, loaded.sample_rate)
@@ -256,18 +250,7 @@ def predict(
       ``{"predictions": [{label, score, class_id}]}``, ``top_k`` (default 5).
     """
     params = dict(parameters or {})
-    handlers = {
-        Family.TEXT_CLASSIFICATION: _classify_text,
-        Family.FEATURE_EXTRACTION: _embed,
-        Family.TEXT_GENERATION: _generate,
-        Family.TEXT2TEXT: _generate,
-        Family.WHISPER: _transcribe,
-        Family.IMAGE_CLASSIFICATION: _classify_image,
-        Family.TORCHSCRIPT: _run_tensors,
-        Family.TORCHVISION: _classify_torchvision,
-        Family.TORCH_HUB: _run_tensors,
-    }
-    handler = handlers.get(loaded.family)
+    handler = adapter_for(loaded.family).predict
     if handler is None:
         raise InvalidInput(f"Model {loaded.name!r} is text-to-speech: use synthesize")
     with _using(loaded) as model:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family
+from modelhost.runtime.families import Family, family_name
 from modelhost.units import MB
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch
@@ -34,7 +34,7 @@ class LoadedModel:
     """
 
     name: str
-    family: Family
+    family: Family | str  # a built-in ``Family``, or a registered adapter's name
     task: str
     device: str
     model: nn.Module | None
@@ -64,7 +64,10 @@ class LoadedModel:
 
     @property
     def is_tts(self) -> bool:
-        return self.family.is_tts
+        """Whether the model's family synthesizes speech (its adapter has ``synthesize``)."""
+        from modelhost.runtime.families.registry import adapter_for
+
+        return adapter_for(self.family).synthesize is not None
 
     @property
     def loaded(self) -> bool:
@@ -126,7 +129,7 @@ class LoadedModel:
             "optimized": self.optimized,
             "memory_usage": self.memory_usage(),
             "parameters": self.parameters,
-            "family": self.family.value,
+            "family": family_name(self.family),
             "task": self.task,
             "pinned": self.pinned,
             "sample_rate": self.sample_rate,

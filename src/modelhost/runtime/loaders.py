@@ -12,14 +12,12 @@ import logging
 import pickle
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from torch import nn
 
 from modelhost.errors import ModelhostError
 from modelhost.runtime.device import device_str
@@ -29,7 +27,9 @@ from modelhost.runtime.errors import (
     PickleRefused,
     UnsupportedModel,
 )
-from modelhost.runtime.families import Family, FamilyInfo, detect_family
+from modelhost.runtime.families import FamilyInfo, detect_family
+from modelhost.runtime.families.base import LoadOptions, Parts
+from modelhost.runtime.families.registry import adapter_for
 from modelhost.runtime.images import ConfigPreprocessor
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.runtime.memory import (
@@ -39,21 +39,9 @@ from modelhost.runtime.memory import (
     weights_bytes,
 )
 from modelhost.runtime.speaker import default_speaker_embedding
-from modelhost.runtime.weights import check_pickle, check_pickled_weights, estimate_bytes
 from modelhost.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Parts:
-    """What a family loader returns: the objects, on the CPU or already on the device."""
-
-    model: nn.Module
-    processor: Any = None
-    vocoder: nn.Module | None = None
-    sample_rate: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _hf_kwargs(device: torch.device, safetensors: bool) -> dict[str, Any]:
@@ -320,23 +308,6 @@ def _tacotron2_from_safetensors(bundle: Any, path: Path, wanted: list[str | None
     return tacotron2, impl._WaveRNNVocoder(wavernn.eval())
 
 
-LOADERS: dict[Family, Callable[[FamilyInfo, Path, dict[str, Any]], Parts]] = {
-    Family.TEXT_CLASSIFICATION: _text_classification,
-    Family.FEATURE_EXTRACTION: _feature_extraction,
-    Family.TEXT_GENERATION: _text_generation,
-    Family.TEXT2TEXT: _text2text,
-    Family.WHISPER: _whisper,
-    Family.IMAGE_CLASSIFICATION: _image_classification,
-    Family.SPEECHT5: _speecht5,
-    Family.BARK: _bark,
-    Family.VITS: _vits,
-    Family.TORCHSCRIPT: _torchscript,
-    Family.TORCHVISION: _torchvision,
-    Family.TORCH_HUB: _torch_hub,
-    Family.TACOTRON2: _tacotron2,
-}
-
-
 def _weights_only_refusal(exc: BaseException) -> str | None:
     """What torch's restricted unpickler refused, when ``exc`` (or its cause) is that."""
     while exc is not None:
@@ -348,18 +319,6 @@ def _weights_only_refusal(exc: BaseException) -> str | None:
     return None
 
 
-# The class each family builds, for sizing it from config.json alone (on the meta device).
-META_CLASSES: dict[Family, str] = {
-    Family.TEXT_CLASSIFICATION: "AutoModelForSequenceClassification",
-    Family.FEATURE_EXTRACTION: "AutoModel",
-    Family.TEXT_GENERATION: "AutoModelForCausalLM",
-    Family.TEXT2TEXT: "AutoModelForSeq2SeqLM",
-    Family.WHISPER: "WhisperForConditionalGeneration",
-    Family.IMAGE_CLASSIFICATION: "AutoModelForImageClassification",
-    Family.SPEECHT5: "SpeechT5ForTextToSpeech",
-    Family.BARK: "BarkModel",
-    Family.VITS: "VitsModel",
-}
 # More layers than any real model has: building that many modules, even on the meta
 # device, would take the server's time and memory before the budget could refuse it.
 MAX_CONFIG_LAYERS = 10_000
@@ -395,18 +354,12 @@ def preflight(
     the file at fault."""
     path = Path(path)
     info = detect_family(manifest, path)
-    # A hub repository's code builds its own weights; there is no weights file to check.
-    safetensors = info.family is Family.TORCH_HUB or check_pickle(manifest, path, allow_pickle)
-    # A TorchScript archive is read by torch.jit.load (no Python pickle runs), not torch.load.
-    if not safetensors and info.family is not Family.TORCHSCRIPT:
-        check_pickled_weights(manifest, path)
-    weights = estimate_bytes(manifest, path, device_type)
-    if not from_config or info.family not in META_CLASSES:
+    adapter = adapter_for(info.family)
+    safetensors = adapter.check_weights(manifest, path, allow_pickle)
+    weights = adapter.estimate_bytes(info, manifest, path, device_type)
+    if not from_config:
         return Preflight(info, safetensors, weights)
-    parameters, nbytes = _config_size(info, path, device_type)
-    if info.vocoder_path is not None:
-        vocoder = _config_size(info, info.vocoder_path, device_type, "SpeechT5HifiGan")
-        parameters, nbytes = parameters + vocoder[0], nbytes + vocoder[1]
+    parameters, nbytes = adapter.config_size(info, path, device_type)
     return Preflight(info, safetensors, weights, nbytes, parameters)
 
 
@@ -430,15 +383,13 @@ def _check_layer_counts(values: Any, path: Path) -> None:
             _check_layer_counts(value, path)
 
 
-def _config_size(
-    info: FamilyInfo, path: Path, device_type: str, class_name: str | None = None
-) -> tuple[int, int]:
+def config_size(path: Path, device_type: str, class_name: str) -> tuple[int, int]:
     """Parameters and loaded bytes of the architecture ``path``/config.json declares: the
     model class built on the meta device (no memory), its parameters priced as the loaders
     load them (float32 off CUDA, the config's dtype on CUDA)."""
     import transformers
 
-    cls = getattr(transformers, class_name or META_CLASSES[info.family])
+    cls = getattr(transformers, class_name)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # parsing only, no model code runs: any failure is the file's
@@ -480,7 +431,8 @@ def _build(info: FamilyInfo, path: Path, device: torch.device, safetensors: bool
     about the model's own files becomes a 400 naming the model; running out of memory a
     409; either way nothing stays allocated."""
     try:
-        parts = LOADERS[info.family](info, path, _hf_kwargs(device, safetensors))
+        adapter = adapter_for(info.family)
+        parts = adapter.load(info, path, LoadOptions(device, safetensors))
         parts.model.eval().to(device)
         if parts.vocoder is not None:
             parts.vocoder.eval().to(device)

@@ -79,7 +79,7 @@ SUPPORTED = (
 class FamilyInfo:
     """What ``detect_family`` found: the family, the task it serves, and the evidence."""
 
-    family: Family
+    family: Family | str  # a built-in ``Family``, or the name of a registered adapter
     task: str
     model_type: str | None
     architectures: tuple[str, ...]
@@ -128,11 +128,11 @@ def canonical_task(task: str | None) -> str | None:
     return TASK_ALIASES[key]
 
 
-def _has_suffix(architectures: tuple[str, ...], *suffixes: str) -> bool:
+def has_suffix(architectures: tuple[str, ...], *suffixes: str) -> bool:
     return any(a.endswith(suffixes) for a in architectures)
 
 
-def _vocoder_path(manifest: Manifest, path: Path) -> Path | None:
+def vocoder_path(manifest: Manifest, path: Path) -> Path | None:
     """The vocoder component's directory, from the manifest's ``components``."""
     for component in manifest.spec.components:
         if component.role == "vocoder":
@@ -152,117 +152,60 @@ def check_loadable(manifest: Manifest) -> None:
         raise UnsupportedModel(f"Model {manifest.name!r} is stored download-only: {why}")
 
 
+def family_name(family: Family | str) -> str:
+    """The adapter name of a family: a built-in ``Family``'s value, or the string itself."""
+    return family.value if isinstance(family, Family) else str(family)
+
+
 def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
-    """The loader family for an installed model, from its task and ``config.json``.
+    """The loader family for an installed model, from its task and ``config.json``: the
+    first registered adapter (``families.registry``) whose ``detect`` claims it.
 
     Raises ``UnsupportedModel`` naming what was found and what is supported.
     """
+    from modelhost.runtime.families.base import DetectContext
+    from modelhost.runtime.families.registry import adapters
+
     check_loadable(manifest)
-    path = Path(path)
-    load_as = manifest.spec.load_as or ""
-    if load_as == "torchscript":
-        return FamilyInfo(Family.TORCHSCRIPT, "tensor", None, (), {})
-    if load_as.startswith("torch_hub:"):
-        entrypoint = load_as.split(":", 1)[1]
-        return FamilyInfo(Family.TORCH_HUB, "tensor", entrypoint, (), {})
-    if load_as.startswith("torchaudio:"):
-        bundle = load_as.split(":", 1)[1]
-        return FamilyInfo(Family.TACOTRON2, "text-to-speech", bundle, (), {})
-    if load_as.startswith("torchvision:"):
-        architecture = load_as.split(":", 1)[1]
-        weights = {"weights": manifest.spec.weights}  # the enum member installed
-        return FamilyInfo(Family.TORCHVISION, "image-classification", architecture, (), weights)
-    config = read_config(path)
-    if not config:
-        raise UnsupportedModel(
-            f"Model {manifest.name!r} has no config.json: only Transformers-layout models "
+    ctx = DetectContext(manifest, Path(path))
+    for adapter in adapters():
+        info = adapter.detect(ctx)
+        if info is not None:
+            return info
+    raise _no_family(ctx)
+
+
+def _no_family(ctx: Any) -> UnsupportedModel:
+    """Why no adapter claimed the model, in the order the evidence is read."""
+    if not ctx.config:
+        return UnsupportedModel(
+            f"Model {ctx.manifest.name!r} has no config.json: only Transformers-layout models "
             "(from_pretrained directories) and TorchScript files (url source with "
             f'load_as "torchscript") can be loaded. Supported: {SUPPORTED}'
         )
-    model_type = config.get("model_type") or manifest.spec.architecture
-    architectures = tuple(str(a) for a in config.get("architectures") or ())
-    task = canonical_task(manifest.task)
-    encoder_decoder = bool(config.get("is_encoder_decoder"))
-    found = f"model_type {model_type!r}, architectures {list(architectures)}, task {task!r}"
-
-    def info(family: Family, task_name: str, **kwargs: Any) -> FamilyInfo:
-        return FamilyInfo(family, task_name, model_type, architectures, config, **kwargs)
-
-    def unsupported(reason: str) -> UnsupportedModel:
-        return UnsupportedModel(
-            f"Cannot load {manifest.name!r} ({found}): {reason}. Supported: {SUPPORTED}"
-        )
-
-    # Text to speech: the architecture decides, the task must agree.
-    if model_type in ("speecht5", "bark", "vits"):
-        if task not in (None, "text-to-speech"):
-            raise unsupported(f"a {model_type} model serves text-to-speech, not {task}")
-        if model_type == "speecht5":
-            if architectures and "SpeechT5ForTextToSpeech" not in architectures:
-                raise unsupported("only SpeechT5ForTextToSpeech checkpoints make speech")
-            vocoder = _vocoder_path(manifest, path)
-            if vocoder is None or not (vocoder / "config.json").is_file():
-                raise unsupported(
-                    "SpeechT5 makes spectrograms and needs its HiFiGAN vocoder: install the "
-                    "model with include_vocoder (the vocoder lives in <model>/vocoder/)"
-                )
-            return info(Family.SPEECHT5, "text-to-speech", vocoder_path=vocoder)
-        return info(Family.BARK if model_type == "bark" else Family.VITS, "text-to-speech")
+    task = ctx.task
     if task == "text-to-speech":
-        raise unsupported("text-to-speech needs a SpeechT5, Bark or VITS model")
-
-    if model_type == "whisper":
-        if task not in (None, "automatic-speech-recognition"):
-            raise unsupported(f"a Whisper model serves speech recognition, not {task}")
-        return info(Family.WHISPER, "automatic-speech-recognition")
+        return ctx.unsupported("text-to-speech needs a SpeechT5, Bark or VITS model")
     if task == "automatic-speech-recognition":
-        raise unsupported("speech recognition is supported with Whisper models only")
-
-    st_layout = (path / "modules.json").is_file()
-    if task is None:
-        task = _task_from_architectures(architectures, encoder_decoder, st_layout)
-        if task is None:
-            raise unsupported("no task was recorded and the architectures do not name one")
-
-    if task == "text-classification":
-        if not _has_suffix(architectures, "ForSequenceClassification"):
-            raise unsupported(
-                "the checkpoint has no sequence-classification head, so its labels "
-                "would come from random weights"
-            )
-        return info(Family.TEXT_CLASSIFICATION, task)
-    if task == "feature-extraction":
-        return info(Family.FEATURE_EXTRACTION, task, sentence_transformers=st_layout)
-    if task in ("text-generation", "text2text-generation"):
-        if encoder_decoder:
-            if not _has_suffix(architectures, "ForConditionalGeneration"):
-                raise unsupported("the encoder-decoder checkpoint has no language-model head")
-            return info(Family.TEXT2TEXT, "text2text-generation")
-        if task == "text2text-generation":
-            raise unsupported("text2text-generation needs an encoder-decoder model")
-        if not _has_suffix(architectures, "ForCausalLM", "LMHeadModel"):
-            raise unsupported("the checkpoint has no causal language-model head")
-        return info(Family.TEXT_GENERATION, task)
-    if task == "image-classification":
-        if not _has_suffix(architectures, "ForImageClassification"):
-            raise unsupported("the checkpoint has no image-classification head")
-        return info(Family.IMAGE_CLASSIFICATION, task)
-    raise unsupported(f"no loader for task {task}")  # pragma: no cover - aliases are covered
+        return ctx.unsupported("speech recognition is supported with Whisper models only")
+    if ctx.resolved_task is None:
+        return ctx.unsupported("no task was recorded and the architectures do not name one")
+    return ctx.unsupported(f"no loader for task {ctx.resolved_task}")
 
 
-def _task_from_architectures(
+def task_from_architectures(
     architectures: tuple[str, ...], encoder_decoder: bool, st_layout: bool
 ) -> str | None:
     """A task for a model installed without one, read from its recorded head."""
     if st_layout:
         return "feature-extraction"
-    if _has_suffix(architectures, "ForSequenceClassification"):
+    if has_suffix(architectures, "ForSequenceClassification"):
         return "text-classification"
-    if _has_suffix(architectures, "ForImageClassification"):
+    if has_suffix(architectures, "ForImageClassification"):
         return "image-classification"
-    if encoder_decoder and _has_suffix(architectures, "ForConditionalGeneration"):
+    if encoder_decoder and has_suffix(architectures, "ForConditionalGeneration"):
         return "text2text-generation"
-    if _has_suffix(architectures, "ForCausalLM", "LMHeadModel"):
+    if has_suffix(architectures, "ForCausalLM", "LMHeadModel"):
         return "text-generation"
     if architectures and all(a.endswith("Model") for a in architectures):
         return "feature-extraction"

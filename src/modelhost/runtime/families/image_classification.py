@@ -1,0 +1,54 @@
+"""Image classification: a ``*ForImageClassification`` checkpoint and its labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo, has_suffix
+from modelhost.runtime.families.base import (
+    Adapter,
+    DetectContext,
+    LoadOptions,
+    Parts,
+    SmokeRequest,
+)
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.probes import Probe
+
+
+class ImageClassificationAdapter(Adapter):
+    """Labels and scores for an image (base64 or pixels)."""
+
+    name = Family.IMAGE_CLASSIFICATION.value
+    sized_as = "AutoModelForImageClassification"
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        if not ctx.config or ctx.resolved_task != "image-classification":
+            return None
+        if not has_suffix(ctx.architectures, "ForImageClassification"):
+            raise ctx.unsupported("the checkpoint has no image-classification head")
+        return ctx.info(Family.IMAGE_CLASSIFICATION, "image-classification")
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _image_classification
+
+        return _image_classification(info, path, options.hf_kwargs())
+
+    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+        from modelhost.runtime.inference import _classify_image
+
+        return _classify_image(loaded, model, inputs, params)
+
+    def probe(self, loaded: LoadedModel) -> Probe:
+        from modelhost.runtime.probes import image_classification_probe
+
+        return image_classification_probe(loaded)
+
+    def smoke(self, loaded: LoadedModel) -> SmokeRequest:
+        pixels = [[[0, 128, 255]] * 8] * 8
+        return SmokeRequest("predict", {"inputs": {"pixels": pixels}, "parameters": {}})

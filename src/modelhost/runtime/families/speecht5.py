@@ -1,0 +1,69 @@
+"""SpeechT5 text to speech: spectrograms from the model, audio from its HiFiGAN vocoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo, vocoder_path
+from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    import torch
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.probes import Probe
+
+
+class SpeechT5Adapter(Adapter):
+    """``SpeechT5ForTextToSpeech`` with the vocoder component installed beside it."""
+
+    name = Family.SPEECHT5.value
+    sized_as = "SpeechT5ForTextToSpeech"
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        if not ctx.config or ctx.model_type != "speecht5":
+            return None
+        if ctx.task not in (None, "text-to-speech"):
+            raise ctx.unsupported(f"a speecht5 model serves text-to-speech, not {ctx.task}")
+        if ctx.architectures and "SpeechT5ForTextToSpeech" not in ctx.architectures:
+            raise ctx.unsupported("only SpeechT5ForTextToSpeech checkpoints make speech")
+        vocoder = vocoder_path(ctx.manifest, ctx.path)
+        if vocoder is None or not (vocoder / "config.json").is_file():
+            raise ctx.unsupported(
+                "SpeechT5 makes spectrograms and needs its HiFiGAN vocoder: install the "
+                "model with include_vocoder (the vocoder lives in <model>/vocoder/)"
+            )
+        return ctx.info(Family.SPEECHT5, "text-to-speech", vocoder_path=vocoder)
+
+    def config_size(self, info: FamilyInfo, path: Path, device_type: str) -> tuple[int, int]:
+        from modelhost.runtime.loaders import config_size
+
+        parameters, nbytes = super().config_size(info, path, device_type)
+        if info.vocoder_path is None:
+            return parameters, nbytes
+        vocoder = config_size(info.vocoder_path, device_type, "SpeechT5HifiGan")
+        return parameters + vocoder[0], nbytes + vocoder[1]
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _speecht5
+
+        return _speecht5(info, path, options.hf_kwargs())
+
+    def synthesize(
+        self,
+        loaded: LoadedModel,
+        model: nn.Module,
+        text: str,
+        speaker: Any,
+        max_new_tokens: int | None,
+    ) -> torch.Tensor:
+        from modelhost.runtime.inference import _speecht5
+
+        return _speecht5(loaded, model, text, speaker)
+
+    def probe(self, loaded: LoadedModel) -> Probe:
+        from modelhost.runtime.probes import speecht5_probe
+
+        return speecht5_probe(loaded)

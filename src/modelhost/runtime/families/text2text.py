@@ -1,0 +1,60 @@
+"""Text-to-text generation with an encoder-decoder (summarisation, translation, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo, has_suffix
+from modelhost.runtime.families.base import (
+    Adapter,
+    DetectContext,
+    LoadOptions,
+    Parts,
+    SmokeRequest,
+)
+
+GENERATION_TASKS = ("text-generation", "text2text-generation")
+
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.probes import Probe
+
+
+class Text2TextAdapter(Adapter):
+    """An encoder-decoder ``*ForConditionalGeneration`` checkpoint."""
+
+    name = Family.TEXT2TEXT.value
+    sized_as = "AutoModelForSeq2SeqLM"
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        if not ctx.config or ctx.resolved_task not in GENERATION_TASKS:
+            return None
+        if not ctx.encoder_decoder:
+            return None  # a causal LM: text_generation's
+        if not has_suffix(ctx.architectures, "ForConditionalGeneration"):
+            raise ctx.unsupported("the encoder-decoder checkpoint has no language-model head")
+        return ctx.info(Family.TEXT2TEXT, "text2text-generation")
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _text2text
+
+        return _text2text(info, path, options.hf_kwargs())
+
+    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+        from modelhost.runtime.inference import _generate
+
+        return _generate(loaded, model, inputs, params)
+
+    def probe(self, loaded: LoadedModel) -> Probe:
+        from modelhost.runtime.probes import text2text_probe
+
+        return text2text_probe(loaded)
+
+    def smoke(self, loaded: LoadedModel) -> SmokeRequest:
+        return SmokeRequest(
+            "predict", {"inputs": "hello world", "parameters": {"max_new_tokens": 2}}
+        )

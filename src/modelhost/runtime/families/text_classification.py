@@ -1,0 +1,54 @@
+"""Text classification: a ``*ForSequenceClassification`` checkpoint and its labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo, has_suffix
+from modelhost.runtime.families.base import (
+    Adapter,
+    BatchSupport,
+    DetectContext,
+    LoadOptions,
+    Parts,
+)
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.probes import Probe
+
+
+class TextClassificationAdapter(Adapter):
+    """Labels and scores for each input text."""
+
+    name = Family.TEXT_CLASSIFICATION.value
+    sized_as = "AutoModelForSequenceClassification"
+    batching = BatchSupport(predict=True)
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        if not ctx.config or ctx.resolved_task != "text-classification":
+            return None
+        if not has_suffix(ctx.architectures, "ForSequenceClassification"):
+            raise ctx.unsupported(
+                "the checkpoint has no sequence-classification head, so its labels "
+                "would come from random weights"
+            )
+        return ctx.info(Family.TEXT_CLASSIFICATION, "text-classification")
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _text_classification
+
+        return _text_classification(info, path, options.hf_kwargs())
+
+    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+        from modelhost.runtime.inference import _classify_text
+
+        return _classify_text(loaded, model, inputs, params)
+
+    def probe(self, loaded: LoadedModel) -> Probe:
+        from modelhost.runtime.probes import text_classification_probe
+
+        return text_classification_probe(loaded)

@@ -1,0 +1,59 @@
+"""Text generation with a causal language model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo, has_suffix
+from modelhost.runtime.families.base import (
+    Adapter,
+    DetectContext,
+    LoadOptions,
+    Parts,
+    SmokeRequest,
+)
+from modelhost.runtime.families.text2text import GENERATION_TASKS
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.probes import Probe
+
+
+class TextGenerationAdapter(Adapter):
+    """A ``*ForCausalLM`` / ``*LMHeadModel`` checkpoint."""
+
+    name = Family.TEXT_GENERATION.value
+    sized_as = "AutoModelForCausalLM"
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        task = ctx.resolved_task
+        if not ctx.config or task not in GENERATION_TASKS or ctx.encoder_decoder:
+            return None
+        if task == "text2text-generation":
+            raise ctx.unsupported("text2text-generation needs an encoder-decoder model")
+        if not has_suffix(ctx.architectures, "ForCausalLM", "LMHeadModel"):
+            raise ctx.unsupported("the checkpoint has no causal language-model head")
+        return ctx.info(Family.TEXT_GENERATION, "text-generation")
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _text_generation
+
+        return _text_generation(info, path, options.hf_kwargs())
+
+    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+        from modelhost.runtime.inference import _generate
+
+        return _generate(loaded, model, inputs, params)
+
+    def probe(self, loaded: LoadedModel) -> Probe:
+        from modelhost.runtime.probes import text_generation_probe
+
+        return text_generation_probe(loaded)
+
+    def smoke(self, loaded: LoadedModel) -> SmokeRequest:
+        return SmokeRequest(
+            "predict", {"inputs": "hello world", "parameters": {"max_new_tokens": 2}}
+        )

@@ -1,0 +1,42 @@
+"""TorchScript archives from the url source (``load_as "torchscript"``): tensors in, out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo
+from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
+from modelhost.store.manifest import Manifest
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+
+
+class TorchScriptAdapter(Adapter):
+    """One .pt/.pth/.ptl TorchScript archive, run on a float32 tensor."""
+
+    name = Family.TORCHSCRIPT.value
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        if ctx.load_as != "torchscript":
+            return None
+        return FamilyInfo(Family.TORCHSCRIPT, "tensor", None, (), {})
+
+    def check_weights(self, manifest: Manifest, path: Path, allow_pickle: bool) -> bool:
+        from modelhost.runtime.weights import check_pickle
+
+        # torch.jit.load reads TorchScript code and tensors: no Python pickle runs.
+        return check_pickle(manifest, path, allow_pickle)
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _torchscript
+
+        return _torchscript(info, path, {})
+
+    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+        from modelhost.runtime.inference import _run_tensors
+
+        return _run_tensors(loaded, model, inputs, params)

@@ -1,0 +1,59 @@
+"""VITS / MMS-TTS text to speech (one or several speakers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo
+from modelhost.runtime.families.base import (
+    Adapter,
+    BatchSupport,
+    DetectContext,
+    LoadOptions,
+    Parts,
+)
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    import torch
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.probes import Probe
+
+
+class VitsAdapter(Adapter):
+    """A ``VitsModel`` checkpoint (its config's model_type is vits)."""
+
+    name = Family.VITS.value
+    sized_as = "VitsModel"
+    batching = BatchSupport(synthesize=True)
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        if not ctx.config or ctx.model_type != "vits":
+            return None
+        if ctx.task not in (None, "text-to-speech"):
+            raise ctx.unsupported(f"a vits model serves text-to-speech, not {ctx.task}")
+        return ctx.info(Family.VITS, "text-to-speech")
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _vits
+
+        return _vits(info, path, options.hf_kwargs())
+
+    def synthesize(
+        self,
+        loaded: LoadedModel,
+        model: nn.Module,
+        text: str,
+        speaker: Any,
+        max_new_tokens: int | None,
+    ) -> torch.Tensor:
+        from modelhost.runtime.inference import _vits
+
+        return _vits(loaded, model, text, speaker)
+
+    def probe(self, loaded: LoadedModel) -> Probe:
+        from modelhost.runtime.probes import vits_probe
+
+        return vits_probe(loaded)

@@ -1,0 +1,58 @@
+"""Whisper speech recognition (up to 30 s of audio)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelhost.runtime.families import Family, FamilyInfo
+from modelhost.runtime.families.base import (
+    Adapter,
+    DetectContext,
+    LoadOptions,
+    Parts,
+    SmokeRequest,
+)
+
+if TYPE_CHECKING:  # annotations only: no torch on import
+    from torch import nn
+
+    from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.probes import Probe
+
+
+class WhisperAdapter(Adapter):
+    """``WhisperForConditionalGeneration`` with its processor."""
+
+    name = Family.WHISPER.value
+    sized_as = "WhisperForConditionalGeneration"
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        # A text-to-speech task is answered by the "needs a SpeechT5, Bark or VITS" error.
+        if not ctx.config or ctx.model_type != "whisper" or ctx.task == "text-to-speech":
+            return None
+        if ctx.task not in (None, "automatic-speech-recognition"):
+            raise ctx.unsupported(f"a Whisper model serves speech recognition, not {ctx.task}")
+        return ctx.info(Family.WHISPER, "automatic-speech-recognition")
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        from modelhost.runtime.loaders import _whisper
+
+        return _whisper(info, path, options.hf_kwargs())
+
+    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+        from modelhost.runtime.inference import _transcribe
+
+        return _transcribe(loaded, model, inputs, params)
+
+    def probe(self, loaded: LoadedModel) -> Probe:
+        from modelhost.runtime.probes import whisper_probe
+
+        return whisper_probe(loaded)
+
+    def smoke(self, loaded: LoadedModel) -> SmokeRequest:
+        from modelhost.runtime.probes import _tone
+
+        rate = int(loaded.extra["input_sample_rate"])
+        inputs = {"samples": _tone(rate, 0.5).tolist(), "sampling_rate": rate}
+        return SmokeRequest("predict", {"inputs": inputs, "parameters": {"max_new_tokens": 2}})

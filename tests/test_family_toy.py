@@ -1,0 +1,143 @@
+"""A model family added in one module (tests/toy_family.py) and one registration line,
+served end to end by a real server: install (local source), load, predict, optimize (its
+probe), unload. Plus the registry's promises: lazy, ordered, and no torch on import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from toy_family import ToyAdapter, write_toy_model
+
+from modelhost.runtime.errors import UnsupportedModel
+from modelhost.runtime.families import detect_family
+from modelhost.runtime.families.registry import adapter_for, adapters, register, unregister
+from modelhost.store.manifest import Manifest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture
+def toy_registered():
+    register(ToyAdapter())  # the one registry line
+    yield
+    unregister("toy-doubler")
+
+
+def _manifest(name: str = "toy") -> Manifest:
+    return Manifest(name=name, source="local", model_id="/x")
+
+
+def test_toy_family_is_served_end_to_end(make_server, tmp_path, toy_registered):
+    root = tmp_path / "imports"
+    write_toy_model(root / "toy", factor=2.0)
+    server = make_server([], import_roots=(root,), device="cpu")
+    started = server.client.post(
+        "/models/download",
+        json={"source": "local", "model_id": str(root / "toy"), "name": "toy", "load": False},
+    )
+    assert started.status_code == 202, started.text
+    status = server.wait_for(started.json()["download_id"], timeout=60)
+    assert status["status"] == "completed", status
+
+    loaded = server.client.post("/models/toy/load", json={})
+    assert loaded.status_code == 200, loaded.text
+    body = loaded.json()
+    assert (body["family"], body["task"], body["is_tts"]) == ("toy-doubler", "doubling", False)
+    assert body["parameters"] == 1
+
+    answer = server.client.post("/models/toy/predict", json={"inputs": [1, 2.5, -3]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"] == pytest.approx([2.0, 5.0, -6.0], abs=1e-6)
+    bad = server.client.post("/models/toy/predict", json={"inputs": "two"})
+    assert bad.status_code == 400 and "list of numbers" in bad.json()["message"]
+    spoken = server.client.post("/synthesize", json={"model_name": "toy", "text": "hi"})
+    assert 400 <= spoken.status_code < 500, spoken.text
+
+    optimized = server.client.post(
+        "/models/manage", params={"action": "optimize", "model_name": "toy"}
+    )
+    assert optimized.status_code == 200, optimized.text
+    report = optimized.json()
+    assert report["compared"] == "toy: 4 numbers through it"  # the toy's own probe ran
+    assert report["max_abs_diff"] is not None and report["max_abs_diff"] < 0.5
+    assert report["runs"] > 0
+    after = server.client.post("/models/toy/predict", json={"inputs": [4]})
+    assert after.json()["outputs"] == pytest.approx([8.0], abs=0.1)  # int8 keeps it close
+
+    unloaded = server.client.post("/models/toy/unload")
+    assert unloaded.status_code == 200, unloaded.text
+    gone = server.client.post("/models/toy/predict", json={"inputs": [1]})
+    assert gone.status_code == 409, gone.text
+    managed = server.client.get("/models/managed").json()["downloaded_models"]
+    assert [m["name"] for m in managed if m.get("loaded")] == []
+
+
+def test_registered_family_is_asked_first_and_unregistered_cleanly(tmp_path):
+    model = write_toy_model(tmp_path / "toy")
+    with pytest.raises(UnsupportedModel, match="no task was recorded"):
+        detect_family(_manifest(), model)  # no built-in family claims it
+    register("toy_family:ToyAdapter")
+    try:
+        info = detect_family(_manifest(), model)
+        assert (info.family, info.task, info.model_type) == (
+            "toy-doubler",
+            "doubling",
+            "toy-doubler",
+        )
+        assert adapters()[0].name == "toy-doubler"
+        assert adapter_for("toy-doubler").batching.predict is False
+    finally:
+        unregister("toy-doubler")
+    with pytest.raises(UnsupportedModel, match="no model family 'toy-doubler'"):
+        adapter_for("toy-doubler")
+
+
+def test_family_named_in_the_environment(tmp_path, monkeypatch):
+    model = write_toy_model(tmp_path / "toy")
+    monkeypatch.setenv("MODELHOST_FAMILIES", "toy_family:ToyAdapter")
+    assert detect_family(_manifest(), model).family == "toy-doubler"
+    monkeypatch.setenv("MODELHOST_FAMILIES", "")
+    assert "toy-doubler" not in [a.name for a in adapters()]
+
+
+def test_batching_is_declared_for_the_three_batching_families():
+    declared = {a.name: (a.batching.predict, a.batching.synthesize) for a in adapters()}
+    assert {name for name, (p, s) in declared.items() if p or s} == {
+        "text-classification",
+        "feature-extraction",
+        "vits",
+    }
+    assert declared["vits"] == (False, True)
+    assert declared["feature-extraction"] == (True, False)
+
+
+def test_registry_and_detection_import_no_torch(tmp_path, tiny_models):
+    """Every adapter module imports and detects without torch or transformers."""
+    bert = tiny_models["bert"]
+    code = f"""
+import json, sys
+from modelhost.runtime.families import detect_family
+from modelhost.runtime.families.registry import adapters
+from modelhost.store.manifest import Manifest
+names = [a.name for a in adapters()]
+m = Manifest(name="b", source="local", model_id="/x")
+info = detect_family(m, {str(bert)!r})
+print(json.dumps([names, info.family, "torch" in sys.modules,
+                  "transformers" in sys.modules]))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    names, family, torch_imported, transformers_imported = json.loads(run.stdout)
+    assert len(names) == 13 and names[0] == "torchscript"
+    assert family == "text-classification"
+    assert (torch_imported, transformers_imported) == (False, False)
