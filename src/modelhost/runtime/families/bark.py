@@ -35,8 +35,6 @@ class BarkAdapter(Adapter):
         return ctx.info(Family.BARK, "text-to-speech")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _bark
-
         return _bark(info, path, options.hf_kwargs())
 
     def synthesize(
@@ -55,3 +53,20 @@ class BarkAdapter(Adapter):
         from modelhost.runtime.probes import bark_probe
 
         return bark_probe(loaded)
+
+
+def _bark(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import BarkModel, BarkProcessor
+
+    model = BarkModel.from_pretrained(path, **kw)
+    presets_file = "speaker_embeddings_path.json"
+    processor = BarkProcessor.from_pretrained(
+        path,
+        speaker_embeddings_dict_path=presets_file if (path / presets_file).is_file() else None,
+        local_files_only=True,
+    )
+    presets = sorted(processor.available_voice_presets) if processor.speaker_embeddings else []
+    rate = getattr(model.generation_config, "sample_rate", None)
+    if rate is None:  # the codec's own rate, when generation_config.json did not record it
+        rate = model.config.codec_config.sampling_rate
+    return Parts(model, processor, sample_rate=int(rate), extra={"voice_presets": presets})

@@ -38,8 +38,6 @@ class FeatureExtractionAdapter(Adapter):
         )
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _feature_extraction
-
         return _feature_extraction(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
@@ -51,3 +49,19 @@ class FeatureExtractionAdapter(Adapter):
         from modelhost.runtime.probes import feature_extraction_probe
 
         return feature_extraction_probe(loaded)
+
+
+def _feature_extraction(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    if info.sentence_transformers:
+        from sentence_transformers import SentenceTransformer
+
+        model_kwargs = {"dtype": kw["dtype"], "use_safetensors": kw["use_safetensors"]}
+        model = SentenceTransformer(
+            str(path), device="cpu", local_files_only=True, model_kwargs=model_kwargs
+        )
+        return Parts(model, None, extra={"backend": "sentence-transformers"})
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return Parts(model, tokenizer, extra={"backend": "transformers-mean-pooling"})

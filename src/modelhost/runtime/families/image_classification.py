@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,9 @@ if TYPE_CHECKING:  # annotations only: no torch on import
     from modelhost.runtime.probes import Probe
 
 
+log = logging.getLogger(__name__)
+
+
 class ImageClassificationAdapter(Adapter):
     """Labels and scores for an image (base64 or pixels)."""
 
@@ -35,8 +39,6 @@ class ImageClassificationAdapter(Adapter):
         return ctx.info(Family.IMAGE_CLASSIFICATION, "image-classification")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _image_classification
-
         return _image_classification(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
@@ -52,3 +54,25 @@ class ImageClassificationAdapter(Adapter):
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
         pixels = [[[0, 128, 255]] * 8] * 8
         return SmokeRequest("predict", {"inputs": {"pixels": pixels}, "parameters": {}})
+
+
+def _image_classification(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForImageClassification
+
+    from modelhost.runtime.images import ConfigPreprocessor
+
+    model = AutoModelForImageClassification.from_pretrained(path, **kw)
+    processor: Any
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        kind = "transformers"
+    except (ImportError, OSError, ValueError) as exc:
+        # Transformers' image processors need Pillow or torchvision.
+        log.info("image processor of %s unavailable (%s); using its config", path, exc)
+        image_size = getattr(model.config, "image_size", None)
+        processor = ConfigPreprocessor.from_model_dir(path, image_size)
+        kind = "config"
+    labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    return Parts(model, processor, extra={"labels": labels, "image_processor": kind})

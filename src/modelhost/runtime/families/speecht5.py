@@ -47,8 +47,6 @@ class SpeechT5Adapter(Adapter):
         return parameters + vocoder[0], nbytes + vocoder[1]
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _speecht5
-
         return _speecht5(info, path, options.hf_kwargs())
 
     def synthesize(
@@ -67,3 +65,26 @@ class SpeechT5Adapter(Adapter):
         from modelhost.runtime.probes import speecht5_probe
 
         return speecht5_probe(loaded)
+
+
+def _speecht5(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import SpeechT5ForTextToSpeech, SpeechT5HifiGan, SpeechT5Processor
+
+    from modelhost.runtime.speaker import default_speaker_embedding
+
+    assert info.vocoder_path is not None  # detect_family guarantees it
+    model = SpeechT5ForTextToSpeech.from_pretrained(path, **kw)
+    processor = SpeechT5Processor.from_pretrained(path, local_files_only=True)
+    vocoder = SpeechT5HifiGan.from_pretrained(info.vocoder_path, **kw)
+    dim = int(model.config.speaker_embedding_dim)
+    return Parts(
+        model,
+        processor,
+        vocoder=vocoder,
+        sample_rate=int(vocoder.config.sampling_rate),
+        extra={
+            "speaker_embedding_dim": dim,
+            "default_speaker": default_speaker_embedding(dim),
+            "max_text_positions": int(model.config.max_text_positions),
+        },
+    )

@@ -40,8 +40,6 @@ class Text2TextAdapter(Adapter):
         return ctx.info(Family.TEXT2TEXT, "text2text-generation")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _text2text
-
         return _text2text(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
@@ -58,3 +56,10 @@ class Text2TextAdapter(Adapter):
         return SmokeRequest(
             "predict", {"inputs": "hello world", "parameters": {"max_new_tokens": 2}}
         )
+
+
+def _text2text(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, **kw)
+    return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))

@@ -39,8 +39,6 @@ class TextClassificationAdapter(Adapter):
         return ctx.info(Family.TEXT_CLASSIFICATION, "text-classification")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _text_classification
-
         return _text_classification(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
@@ -52,3 +50,12 @@ class TextClassificationAdapter(Adapter):
         from modelhost.runtime.probes import text_classification_probe
 
         return text_classification_probe(loaded)
+
+
+def _text_classification(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    return Parts(model, tokenizer, extra={"labels": labels})

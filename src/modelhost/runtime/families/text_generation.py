@@ -39,8 +39,6 @@ class TextGenerationAdapter(Adapter):
         return ctx.info(Family.TEXT_GENERATION, "text-generation")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _text_generation
-
         return _text_generation(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
@@ -57,3 +55,10 @@ class TextGenerationAdapter(Adapter):
         return SmokeRequest(
             "predict", {"inputs": "hello world", "parameters": {"max_new_tokens": 2}}
         )
+
+
+def _text_generation(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))

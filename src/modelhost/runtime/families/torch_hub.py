@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
 from modelhost.store.manifest import Manifest
@@ -31,11 +32,27 @@ class TorchHubAdapter(Adapter):
         return True
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _torch_hub
-
         return _torch_hub(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _run_tensors
 
         return _run_tensors(loaded, model, inputs, params)
+
+
+def _torch_hub(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+    """``torch.hub.load`` of an installed repository snapshot (its hubconf.py runs: the
+    pytorch_hub source admits only allow-listed repositories pinned to a ref)."""
+    import torch
+
+    if not (path / "hubconf.py").is_file():
+        raise UnsupportedModel(f"{path} has no hubconf.py")
+    try:
+        module = torch.hub.load(str(path), str(info.model_type), source="local")
+    except Exception as exc:  # the repository's own code: report what it raised
+        raise UnsupportedModel(
+            f"torch.hub.load of entrypoint {info.model_type!r} failed: {exc!r}"
+        ) from exc
+    if not isinstance(module, torch.nn.Module):
+        raise UnsupportedModel(f"entrypoint {info.model_type!r} returned no torch.nn.Module")
+    return Parts(model=module)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
 from modelhost.store.manifest import Manifest
@@ -32,11 +33,25 @@ class TorchScriptAdapter(Adapter):
         return check_pickle(manifest, path, allow_pickle)
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _torchscript
-
         return _torchscript(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _run_tensors
 
         return _run_tensors(loaded, model, inputs, params)
+
+
+def _torchscript(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+    """A TorchScript archive: compiled TorchScript code and tensors, no Python pickles run."""
+    import torch
+
+    archives = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ptl"))
+    if len(archives) != 1:
+        raise UnsupportedModel(
+            f"A TorchScript model is one .pt/.pth/.ptl file; found {len(archives)} in {path}"
+        )
+    try:
+        module = torch.jit.load(str(archives[0]), map_location="cpu")
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{archives[0].name} is not a TorchScript archive: {exc}") from exc
+    return Parts(model=module)

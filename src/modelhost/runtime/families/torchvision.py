@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
 
@@ -27,11 +28,51 @@ class TorchvisionAdapter(Adapter):
         return FamilyInfo(Family.TORCHVISION, "image-classification", architecture, (), weights)
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _torchvision
-
         return _torchvision(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _classify_torchvision
 
         return _classify_torchvision(loaded, model, inputs, params)
+
+
+def _torchvision(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+    """A torchvision architecture built by name, then the state dict loaded strictly into it.
+
+    Labels and preprocessing come from the architecture's default weights enum (metadata in
+    torchvision's code, nothing downloaded)."""
+    import torch
+
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise UnsupportedModel(
+            "torchvision is not installed: pip install 'modelhost[vision]'"
+        ) from exc
+    name = str(info.model_type)
+    if name not in torchvision.models.list_models():
+        raise UnsupportedModel(f"torchvision has no architecture {name!r}")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt"))
+    if len(files) != 1:
+        raise UnsupportedModel(f"expected one weights file in {path}, found {len(files)}")
+    if files[0].suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(files[0]))
+    else:  # pickled: only reached with allow_pickle (check_pickle), and never runs code
+        state = torch.load(files[0], map_location="cpu", weights_only=True)
+    model = torchvision.models.get_model(name, weights=None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(
+            f"{files[0].name} does not fit torchvision's {name}: {str(exc).splitlines()[0]}"
+        ) from exc
+    enum = torchvision.models.get_model_weights(name)
+    member = info.config.get("weights")
+    weights = enum[member] if member in enum.__members__ else enum.DEFAULT
+    return Parts(
+        model=model,
+        processor=weights.transforms(),
+        extra={"categories": list(weights.meta.get("categories") or [])},
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
@@ -37,8 +38,6 @@ class VitsAdapter(Adapter):
         return ctx.info(Family.VITS, "text-to-speech")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _vits
-
         return _vits(info, path, options.hf_kwargs())
 
     def synthesize(
@@ -57,3 +56,22 @@ class VitsAdapter(Adapter):
         from modelhost.runtime.probes import vits_probe
 
         return vits_probe(loaded)
+
+
+def _vits(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import AutoTokenizer, VitsModel
+
+    model = VitsModel.from_pretrained(path, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if getattr(tokenizer, "is_uroman", False):
+        raise UnsupportedModel(
+            f"{path.name}: this VITS tokenizer needs text romanised with uroman first, "
+            "which the server does not do yet"
+        )
+    speakers = int(getattr(model.config, "num_speakers", 1) or 1)
+    return Parts(
+        model,
+        tokenizer,
+        sample_rate=int(model.config.sampling_rate),
+        extra={"num_speakers": speakers},
+    )

@@ -36,8 +36,6 @@ class WhisperAdapter(Adapter):
         return ctx.info(Family.WHISPER, "automatic-speech-recognition")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        from modelhost.runtime.loaders import _whisper
-
         return _whisper(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
@@ -56,3 +54,12 @@ class WhisperAdapter(Adapter):
         rate = int(loaded.extra["input_sample_rate"])
         inputs = {"samples": _tone(rate, 0.5).tolist(), "sampling_rate": rate}
         return SmokeRequest("predict", {"inputs": inputs, "parameters": {"max_new_tokens": 2}})
+
+
+def _whisper(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(path, **kw)
+    processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
+    rate = int(processor.feature_extractor.sampling_rate)
+    return Parts(model, processor, extra={"input_sample_rate": rate})
