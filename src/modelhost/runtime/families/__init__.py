@@ -1,4 +1,9 @@
-"""Which loader a model gets: decided from the manifest's task and the model's config.json.
+"""Model families: which adapter a model gets, decided from its manifest and config.json.
+
+Each family is one module of this package implementing ``base.FamilyAdapter`` (detect,
+estimate memory, load, predict and/or synthesize, the probe ``optimize`` measures, batching);
+``registry`` lists them, one line each, imported on first use. This module keeps the shared
+vocabulary: the built-in ``Family`` names, ``FamilyInfo``, task aliases and ``detect_family``.
 
 The name of a model is never consulted. ``config.json``'s ``model_type`` and
 ``architectures`` (what ``save_pretrained`` recorded) and the task the model was installed
@@ -19,7 +24,8 @@ from modelhost.store.manifest import Manifest
 
 
 class Family(str, enum.Enum):
-    """A loader and an inference path."""
+    """The built-in families (each value is its adapter's ``name``). A registered family
+    needs no member: ``FamilyInfo.family`` is then its adapter's name."""
 
     TEXT_CLASSIFICATION = "text-classification"
     FEATURE_EXTRACTION = "feature-extraction"

@@ -35,7 +35,7 @@ class BarkAdapter(Adapter):
         return ctx.info(Family.BARK, "text-to-speech")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _bark(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options.hf_kwargs())
 
     def synthesize(
         self,
@@ -55,7 +55,7 @@ class BarkAdapter(Adapter):
         return bark_probe(loaded)
 
 
-def _bark(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     from transformers import BarkModel, BarkProcessor
 
     model = BarkModel.from_pretrained(path, **kw)

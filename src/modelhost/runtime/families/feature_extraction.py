@@ -38,7 +38,7 @@ class FeatureExtractionAdapter(Adapter):
         )
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _feature_extraction(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _embed
@@ -51,7 +51,7 @@ class FeatureExtractionAdapter(Adapter):
         return feature_extraction_probe(loaded)
 
 
-def _feature_extraction(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     if info.sentence_transformers:
         from sentence_transformers import SentenceTransformer
 

@@ -47,7 +47,7 @@ class SpeechT5Adapter(Adapter):
         return parameters + vocoder[0], nbytes + vocoder[1]
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _speecht5(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options.hf_kwargs())
 
     def synthesize(
         self,
@@ -67,7 +67,7 @@ class SpeechT5Adapter(Adapter):
         return speecht5_probe(loaded)
 
 
-def _speecht5(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     from transformers import SpeechT5ForTextToSpeech, SpeechT5HifiGan, SpeechT5Processor
 
     from modelhost.runtime.speaker import default_speaker_embedding

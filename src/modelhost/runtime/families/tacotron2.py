@@ -28,7 +28,7 @@ class Tacotron2Adapter(Adapter):
         return FamilyInfo(Family.TACOTRON2, "text-to-speech", bundle, (), {})
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _tacotron2(info, path, {})
+        return _load_parts(info, path, {})
 
     def synthesize(
         self,
@@ -43,7 +43,7 @@ class Tacotron2Adapter(Adapter):
         return _tacotron2(loaded, model, text, speaker)
 
 
-def _tacotron2(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     """A torchaudio Tacotron2 bundle built by torchaudio from the installed weight files.
 
     torchaudio's own getters build the models; their ``load_state_dict_from_url`` finds each

@@ -40,7 +40,7 @@ class Text2TextAdapter(Adapter):
         return ctx.info(Family.TEXT2TEXT, "text2text-generation")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _text2text(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _generate
@@ -58,7 +58,7 @@ class Text2TextAdapter(Adapter):
         )
 
 
-def _text2text(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = AutoModelForSeq2SeqLM.from_pretrained(path, **kw)

@@ -39,7 +39,7 @@ class TextClassificationAdapter(Adapter):
         return ctx.info(Family.TEXT_CLASSIFICATION, "text-classification")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _text_classification(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _classify_text
@@ -52,7 +52,7 @@ class TextClassificationAdapter(Adapter):
         return text_classification_probe(loaded)
 
 
-def _text_classification(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(path, **kw)

@@ -32,7 +32,7 @@ class TorchHubAdapter(Adapter):
         return True
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _torch_hub(info, path, {})
+        return _load_parts(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _run_tensors
@@ -40,7 +40,7 @@ class TorchHubAdapter(Adapter):
         return _run_tensors(loaded, model, inputs, params)
 
 
-def _torch_hub(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     """``torch.hub.load`` of an installed repository snapshot (its hubconf.py runs: the
     pytorch_hub source admits only allow-listed repositories pinned to a ref)."""
     import torch

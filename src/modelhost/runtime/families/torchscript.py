@@ -33,7 +33,7 @@ class TorchScriptAdapter(Adapter):
         return check_pickle(manifest, path, allow_pickle)
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _torchscript(info, path, {})
+        return _load_parts(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _run_tensors
@@ -41,7 +41,7 @@ class TorchScriptAdapter(Adapter):
         return _run_tensors(loaded, model, inputs, params)
 
 
-def _torchscript(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     """A TorchScript archive: compiled TorchScript code and tensors, no Python pickles run."""
     import torch
 

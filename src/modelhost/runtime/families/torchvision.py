@@ -28,7 +28,7 @@ class TorchvisionAdapter(Adapter):
         return FamilyInfo(Family.TORCHVISION, "image-classification", architecture, (), weights)
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _torchvision(info, path, {})
+        return _load_parts(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _classify_torchvision
@@ -36,7 +36,7 @@ class TorchvisionAdapter(Adapter):
         return _classify_torchvision(loaded, model, inputs, params)
 
 
-def _torchvision(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     """A torchvision architecture built by name, then the state dict loaded strictly into it.
 
     Labels and preprocessing come from the architecture's default weights enum (metadata in

@@ -38,7 +38,7 @@ class VitsAdapter(Adapter):
         return ctx.info(Family.VITS, "text-to-speech")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _vits(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options.hf_kwargs())
 
     def synthesize(
         self,
@@ -58,7 +58,7 @@ class VitsAdapter(Adapter):
         return vits_probe(loaded)
 
 
-def _vits(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     from transformers import AutoTokenizer, VitsModel
 
     model = VitsModel.from_pretrained(path, **kw)

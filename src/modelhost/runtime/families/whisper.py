@@ -36,7 +36,7 @@ class WhisperAdapter(Adapter):
         return ctx.info(Family.WHISPER, "automatic-speech-recognition")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _whisper(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options.hf_kwargs())
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _transcribe
@@ -56,7 +56,7 @@ class WhisperAdapter(Adapter):
         return SmokeRequest("predict", {"inputs": inputs, "parameters": {"max_new_tokens": 2}})
 
 
-def _whisper(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     model = WhisperForConditionalGeneration.from_pretrained(path, **kw)
