@@ -50,9 +50,7 @@ class BarkAdapter(Adapter):
         return _bark(loaded, model, text, speaker, max_new_tokens)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import bark_probe
-
-        return bark_probe(loaded)
+        return _probe(loaded)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
@@ -70,3 +68,22 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     if rate is None:  # the codec's own rate, when generation_config.json did not record it
         rate = model.config.codec_config.sampling_rate
     return Parts(model, processor, sample_rate=int(rate), extra={"voice_presets": presets})
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """The semantic model's next-token probabilities."""
+    from modelhost.runtime.probes import (
+        PROBABILITY_TOLERANCE,
+        SAMPLE_TEXTS,
+        Probe,
+        probabilities,
+        probe_parts,
+    )
+
+    _, device, proc = probe_parts(loaded)
+    ids = proc(SAMPLE_TEXTS[1])["input_ids"][:, :64].to(device)
+    return Probe(
+        lambda m, v: probabilities(m.semantic(input_ids=ids).logits),
+        "semantic model next-token probabilities",
+        PROBABILITY_TOLERANCE,
+    )

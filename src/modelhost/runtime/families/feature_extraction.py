@@ -46,9 +46,7 @@ class FeatureExtractionAdapter(Adapter):
         return _embed(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import feature_extraction_probe
-
-        return feature_extraction_probe(loaded)
+        return _probe(loaded)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
@@ -65,3 +63,45 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     model = AutoModel.from_pretrained(path, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Parts(model, tokenizer, extra={"backend": "transformers-mean-pooling"})
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """Unit-norm embeddings of the sample sentences (sentence-transformers or pooled)."""
+    import torch
+
+    from modelhost.runtime.probes import (
+        EMBEDDING_TOLERANCE,
+        SAMPLE_TEXTS,
+        Probe,
+        on_device,
+        probe_parts,
+        sentence_batch,
+    )
+
+    model, device, proc = probe_parts(loaded)
+    if loaded.extra.get("backend") == "sentence-transformers":
+        preprocess = getattr(model, "preprocess", None) or model.tokenize
+        features = on_device(dict(preprocess(SAMPLE_TEXTS)), device)
+
+        def run_st(m: nn.Module, v: nn.Module | None) -> torch.Tensor:
+            out = m(dict(features))["sentence_embedding"].float()
+            return torch.nn.functional.normalize(out, dim=-1).cpu()
+
+        return Probe(
+            run_st,
+            f"unit-norm embeddings of {len(SAMPLE_TEXTS)} sentences",
+            EMBEDDING_TOLERANCE,
+        )
+    enc = sentence_batch(proc, device)
+
+    def run_pooled(m: nn.Module, v: nn.Module | None) -> torch.Tensor:
+        from modelhost.runtime.inference import mean_pool
+
+        pooled = mean_pool(m(**enc).last_hidden_state.float(), enc["attention_mask"])
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
+
+    return Probe(
+        run_pooled,
+        f"unit-norm mean-pooled embeddings of {len(SAMPLE_TEXTS)} sentences",
+        EMBEDDING_TOLERANCE,
+    )

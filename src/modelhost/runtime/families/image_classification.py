@@ -47,9 +47,7 @@ class ImageClassificationAdapter(Adapter):
         return _classify_image(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import image_classification_probe
-
-        return image_classification_probe(loaded)
+        return _probe(loaded)
 
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
         pixels = [[[0, 128, 255]] * 8] * 8
@@ -76,3 +74,28 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
         kind = "config"
     labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     return Parts(model, processor, extra={"labels": labels, "image_processor": kind})
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """Class probabilities of a fixed noise image."""
+    import torch
+
+    from modelhost.runtime.images import pixel_values
+    from modelhost.runtime.probes import (
+        PROBABILITY_TOLERANCE,
+        Probe,
+        float_dtype,
+        probabilities,
+        probe_parts,
+    )
+
+    model, device, proc = probe_parts(loaded)
+    generator = torch.Generator().manual_seed(0)
+    side = int(getattr(model.config, "image_size", 224) or 224)
+    image = torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8)
+    pixels = pixel_values(proc, image.numpy()).to(device)
+    return Probe(
+        lambda m, v: probabilities(m(pixel_values=pixels.to(float_dtype(m))).logits),
+        "class probabilities of a noise image",
+        PROBABILITY_TOLERANCE,
+    )

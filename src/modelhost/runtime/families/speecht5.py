@@ -62,9 +62,7 @@ class SpeechT5Adapter(Adapter):
         return _speecht5(loaded, model, text, speaker)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import speecht5_probe
-
-        return speecht5_probe(loaded)
+        return _probe(loaded)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
@@ -87,4 +85,40 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
             "default_speaker": default_speaker_embedding(dim),
             "max_text_positions": int(model.config.max_text_positions),
         },
+    )
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """The vocoder's waveform of a teacher-forced 16-frame spectrogram."""
+    import numpy as np
+    import torch
+
+    from modelhost.runtime.probes import (
+        AUDIO_TOLERANCE,
+        SAMPLE_TEXTS,
+        Probe,
+        float_dtype,
+        probe_parts,
+    )
+
+    model, device, proc = probe_parts(loaded)
+    ids = proc(text=SAMPLE_TEXTS[1], return_tensors="pt")["input_ids"].to(device)
+    speaker = torch.from_numpy(np.asarray(loaded.extra["default_speaker"]))[None]
+    frames = torch.zeros(1, 16, int(model.config.num_mel_bins))
+
+    def run_speecht5(m: nn.Module, v: nn.Module | None) -> torch.Tensor:
+        dtype = float_dtype(m)
+        out = m(
+            input_ids=ids,
+            speaker_embeddings=speaker.to(device, dtype),
+            decoder_input_values=frames.to(device, dtype),
+        ).spectrogram
+        assert v is not None
+        return v(out[0].to(float_dtype(v))).float().cpu()
+
+    return Probe(
+        run_speecht5,
+        "waveform of a teacher-forced 16-frame spectrogram through the vocoder",
+        AUDIO_TOLERANCE,
+        relative=True,
     )

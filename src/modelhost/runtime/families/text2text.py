@@ -48,9 +48,7 @@ class Text2TextAdapter(Adapter):
         return _generate(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import text2text_probe
-
-        return text2text_probe(loaded)
+        return _probe(loaded)
 
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
         return SmokeRequest(
@@ -63,3 +61,27 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
 
     model = AutoModelForSeq2SeqLM.from_pretrained(path, **kw)
     return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """Decoder next-token probabilities, teacher-forced."""
+    import torch
+
+    from modelhost.runtime.probes import (
+        PROBABILITY_TOLERANCE,
+        SAMPLE_TEXTS,
+        Probe,
+        on_device,
+        probabilities,
+        probe_parts,
+    )
+
+    model, device, proc = probe_parts(loaded)
+    enc = on_device(dict(proc(SAMPLE_TEXTS[0], return_tensors="pt")), device)
+    start = model.config.decoder_start_token_id
+    decoder = torch.cat([torch.tensor([[start]], device=device), enc["input_ids"][:, :8]], dim=1)
+    return Probe(
+        lambda m, v: probabilities(m(**enc, decoder_input_ids=decoder).logits),
+        "decoder next-token probabilities (teacher-forced)",
+        PROBABILITY_TOLERANCE,
+    )

@@ -47,9 +47,7 @@ class TextClassificationAdapter(Adapter):
         return _classify_text(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import text_classification_probe
-
-        return text_classification_probe(loaded)
+        return _probe(loaded)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
@@ -59,3 +57,23 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     return Parts(model, tokenizer, extra={"labels": labels})
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """Class probabilities of the sample sentences."""
+    from modelhost.runtime.probes import (
+        PROBABILITY_TOLERANCE,
+        SAMPLE_TEXTS,
+        Probe,
+        probabilities,
+        probe_parts,
+        sentence_batch,
+    )
+
+    _, device, proc = probe_parts(loaded)
+    enc = sentence_batch(proc, device)
+    return Probe(
+        lambda m, v: probabilities(m(**enc).logits),
+        f"class probabilities of {len(SAMPLE_TEXTS)} sentences",
+        PROBABILITY_TOLERANCE,
+    )

@@ -47,9 +47,7 @@ class TextGenerationAdapter(Adapter):
         return _generate(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import text_generation_probe
-
-        return text_generation_probe(loaded)
+        return _probe(loaded)
 
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
         return SmokeRequest(
@@ -62,3 +60,23 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
 
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """Next-token probabilities over a sentence."""
+    from modelhost.runtime.probes import (
+        PROBABILITY_TOLERANCE,
+        SAMPLE_TEXTS,
+        Probe,
+        on_device,
+        probabilities,
+        probe_parts,
+    )
+
+    _, device, proc = probe_parts(loaded)
+    enc = on_device(dict(proc(SAMPLE_TEXTS[0], return_tensors="pt")), device)
+    return Probe(
+        lambda m, v: probabilities(m(**enc).logits),
+        "next-token probabilities over a sentence",
+        PROBABILITY_TOLERANCE,
+    )

@@ -53,9 +53,7 @@ class VitsAdapter(Adapter):
         return _vits(loaded, model, text, speaker)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import vits_probe
-
-        return vits_probe(loaded)
+        return _probe(loaded)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
@@ -75,3 +73,25 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
         sample_rate=int(model.config.sampling_rate),
         extra={"num_speakers": speakers},
     )
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """The waveform of a sentence, the same noise seed for both models."""
+    import torch
+
+    from modelhost.runtime.probes import (
+        AUDIO_TOLERANCE,
+        SAMPLE_TEXTS,
+        Probe,
+        on_device,
+        probe_parts,
+    )
+
+    _, device, proc = probe_parts(loaded)
+    enc = on_device(dict(proc(SAMPLE_TEXTS[1], return_tensors="pt")), device)
+
+    def run_vits(m: nn.Module, v: nn.Module | None) -> torch.Tensor:
+        torch.manual_seed(0)  # VITS draws noise; the same noise for both models
+        return m(**enc).waveform.float().cpu()
+
+    return Probe(run_vits, "waveform of a sentence (same noise seed)", AUDIO_TOLERANCE, True)

@@ -44,15 +44,13 @@ class WhisperAdapter(Adapter):
         return _transcribe(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
-        from modelhost.runtime.probes import whisper_probe
-
-        return whisper_probe(loaded)
+        return _probe(loaded)
 
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
-        from modelhost.runtime.probes import _tone
+        from modelhost.runtime.probes import tone
 
         rate = int(loaded.extra["input_sample_rate"])
-        inputs = {"samples": _tone(rate, 0.5).tolist(), "sampling_rate": rate}
+        inputs = {"samples": tone(rate, 0.5).tolist(), "sampling_rate": rate}
         return SmokeRequest("predict", {"inputs": inputs, "parameters": {"max_new_tokens": 2}})
 
 
@@ -63,3 +61,31 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
     rate = int(processor.feature_extractor.sampling_rate)
     return Parts(model, processor, extra={"input_sample_rate": rate})
+
+
+def _probe(loaded: LoadedModel) -> Probe:
+    """First-token probabilities for two seconds of tones."""
+    import torch
+
+    from modelhost.runtime.probes import (
+        PROBABILITY_TOLERANCE,
+        Probe,
+        float_dtype,
+        probabilities,
+        probe_parts,
+        tone,
+    )
+
+    model, device, proc = probe_parts(loaded)
+    rate = int(loaded.extra["input_sample_rate"])
+    features = proc.feature_extractor(tone(rate), sampling_rate=rate, return_tensors="pt")
+    feats = features.input_features.to(device)
+    start = model.config.decoder_start_token_id
+    decoder = torch.tensor([[start]], device=device)
+    return Probe(
+        lambda m, v: probabilities(
+            m(input_features=feats.to(float_dtype(m)), decoder_input_ids=decoder).logits
+        ),
+        "first-token probabilities for 2 s of tones",
+        PROBABILITY_TOLERANCE,
+    )
