@@ -31,7 +31,8 @@ def _manifest(name: str = "toy") -> Manifest:
     return Manifest(name=name, source="local", model_id="/x")
 
 
-def test_toy_family_is_served_end_to_end(make_server, tmp_path, toy_registered):
+def test_toy_family_is_served_end_to_end(toy_registered, make_server, tmp_path):
+    # toy_registered first: the family stays registered until the server has stopped
     root = tmp_path / "imports"
     write_toy_model(root / "toy", factor=2.0)
     server = make_server([], import_roots=(root,), device="cpu")

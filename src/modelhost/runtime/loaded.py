@@ -65,9 +65,13 @@ class LoadedModel:
     @property
     def is_tts(self) -> bool:
         """Whether the model's family synthesizes speech (its adapter has ``synthesize``)."""
+        from modelhost.runtime.errors import UnsupportedModel
         from modelhost.runtime.families.registry import adapter_for
 
-        return adapter_for(self.family).synthesize is not None
+        try:
+            return adapter_for(self.family).synthesize is not None
+        except UnsupportedModel:  # its family was unregistered since: it serves nothing
+            return False
 
     @property
     def loaded(self) -> bool:
