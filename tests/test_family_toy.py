@@ -116,9 +116,58 @@ def test_batching_is_declared_for_the_three_batching_families():
     assert declared["feature-extraction"] == (True, False)
 
 
-def test_registry_and_detection_import_no_torch(tmp_path, tiny_models):
+def _config_dir(path: Path, **config) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+BERT = {"model_type": "bert", "architectures": ["BertForSequenceClassification"]}
+GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+WHISPER = {"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"]}
+
+
+@pytest.mark.parametrize(
+    ("config", "task", "message"),
+    [
+        (WHISPER, "text-to-speech", "text-to-speech needs a SpeechT5, Bark or VITS model"),
+        (WHISPER, "text-classification", "a Whisper model serves speech recognition, not"),
+        (BERT, "automatic-speech-recognition", "supported with Whisper models only"),
+        (GPT2, "text2text-generation", "text2text-generation needs an encoder-decoder"),
+        (BERT, "text-generation", "no causal language-model head"),
+        (GPT2, "image-classification", "no image-classification head"),
+        ({"model_type": "vits"}, "text-classification", "a vits model serves text-to-speech"),
+        ({"model_type": "speecht5"}, None, "needs its HiFiGAN vocoder"),
+        ({"model_type": "bert", "architectures": ["Bert"]}, None, "no task was recorded"),
+    ],
+)
+def test_detection_refusals_name_the_reason(tmp_path, config, task, message):
+    """The order the adapters are asked in keeps each refusal's reason (as before them)."""
+    path = _config_dir(tmp_path / "m", **config)
+    manifest = Manifest(name="m", source="local", model_id="/x", task=task)
+    with pytest.raises(UnsupportedModel, match=message):
+        detect_family(manifest, path)
+
+
+@pytest.mark.parametrize(
+    ("config", "task", "family"),
+    [
+        (BERT, None, "text-classification"),
+        (GPT2, "text-generation", "text-generation"),
+        (WHISPER, None, "whisper"),
+        ({"model_type": "vits"}, "tts", "vits"),
+        ({"model_type": "bert", "architectures": ["BertModel"]}, None, "feature-extraction"),
+    ],
+)
+def test_detection_picks_the_family(tmp_path, config, task, family):
+    path = _config_dir(tmp_path / "m", **config)
+    manifest = Manifest(name="m", source="local", model_id="/x", task=task)
+    assert detect_family(manifest, path).family == family
+
+
+def test_registry_and_detection_import_no_torch(tmp_path):
     """Every adapter module imports and detects without torch or transformers."""
-    bert = tiny_models["bert"]
+    bert = _config_dir(tmp_path / "bert", **BERT)
     code = f"""
 import json, sys
 from modelhost.runtime.families import detect_family
