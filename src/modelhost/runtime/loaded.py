@@ -117,7 +117,7 @@ class LoadedModel:
         }
 
     def describe(self) -> dict[str, Any]:
-        """The model's row for ``GET /models/managed`` (the seed's fields, then extras)."""
+        """The model's row for ``GET /models/managed`` (documented fields, then the rest)."""
         return {
             "name": self.name,
             "loaded": self.loaded,
