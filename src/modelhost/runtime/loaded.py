@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from modelhost.runtime.batching import BatchSettings, BatchStats, queued
 from modelhost.runtime.families import Family
 
 MB = 1024 * 1024
@@ -54,6 +55,9 @@ class LoadedModel:
     last_used: datetime = field(default_factory=_now)
     use_seq: int = field(default_factory=lambda: next(_use_counter))
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # How concurrent requests are coalesced (runtime.batching), and what its worker ran.
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    batch_stats: BatchStats = field(default_factory=BatchStats, repr=False)
 
     @property
     def is_tts(self) -> bool:
@@ -95,6 +99,8 @@ class LoadedModel:
             "loaded_at": self.loaded_at.isoformat(),
             "last_used": self.last_used.isoformat(),
             "optimization": self.optimization,
+            **self.batching.describe(),
+            **self.batch_stats.describe(queued(self)),
         }
 
     def release(self) -> None:
