@@ -3,7 +3,6 @@ result equal to the unbatched one, and the load body sets and validates the batc
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
