@@ -496,3 +496,57 @@ def test_catalog_rejects_cpu_usable_claims_it_cannot_back() -> None:
     del vallex["cpu_usable"]
     with pytest.raises(ValidationError, match="cpu_usable"):  # every entry must declare it
         Catalog.model_validate(raw)
+
+
+def _tensor_bytes(model, skip: tuple[str, ...] = ()) -> int:
+    state = model.state_dict()
+    return sum(v.numel() * v.element_size() for k, v in state.items() if k not in skip)
+
+
+def test_recorded_sizes_agree_with_the_architectures_they_describe() -> None:
+    """Each recorded file size is checked against the tensors of the architecture the file
+    holds, built on the meta device from the model's published dimensions: the file is those
+    tensors (fp32) plus a header or pickle framing, so the two agree within 0.1%."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from transformers import (
+        BertConfig,
+        BertForPreTraining,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
+
+    whisper_tiny = WhisperConfig(
+        vocab_size=51865,
+        num_mel_bins=80,
+        d_model=384,
+        encoder_layers=4,
+        decoder_layers=4,
+        encoder_attention_heads=6,
+        decoder_attention_heads=6,
+        encoder_ffn_dim=1536,
+        decoder_ffn_dim=1536,
+        max_source_positions=1500,
+        max_target_positions=448,
+    )
+    with torch.device("meta"):
+        expected = {
+            "resnet50": _tensor_bytes(torchvision.models.resnet50()),
+            # proj_out shares the decoder's embedding: stored once
+            "whisper_tiny": _tensor_bytes(
+                WhisperForConditionalGeneration(whisper_tiny), skip=("proj_out.weight",)
+            ),
+            # BertConfig's defaults are bert-base-uncased's; the decoder shares the embedding
+            "bert_base": _tensor_bytes(
+                BertForPreTraining(BertConfig()), skip=("cls.predictions.decoder.weight",)
+            ),
+        }
+    catalog = load_catalog()
+    for name, tensor_bytes in expected.items():
+        entry = catalog_entry(catalog, name)
+        assert entry is not None and entry.size_bytes is not None, name
+        assert abs(entry.size_bytes - tensor_bytes) <= 0.001 * entry.size_bytes, (
+            name,
+            entry.size_bytes,
+            tensor_bytes,
+        )

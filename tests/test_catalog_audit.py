@@ -292,9 +292,31 @@ def check_speaker_presets(server, name, entry, row):
 
 
 def check_nonverbal_sounds(server, name, entry, row):
-    # Bark reads cues such as [laughs] from the text itself; the server passes them through.
-    cue = _synthesize(server, name, text="[laughs] hello [sighs]", seed=1)
+    """Bark reads cues such as [laughs] from the text itself: the token ids handed to the
+    model must be exactly the tokenizer's ids of the text with its cues, not of a cleaned one."""
+    loaded = server.server.config.app.state.services.runtime.get(name, touch=False)
+    handed: list[list[int]] = []
+    generate = loaded.model.generate
+
+    def spy(*args, **kwargs):
+        handed.append(kwargs["input_ids"][0].tolist())
+        return generate(*args, **kwargs)
+
+    loaded.model.generate = spy
+    try:
+        cue = _synthesize(server, name, text="[laughs] hello [sighs]", seed=1)
+    finally:
+        del loaded.model.generate
     assert cue.status_code == 200, cue.text
+    tokenizer = loaded.processor.tokenizer
+    with_cues = tokenizer("[laughs] hello [sighs]", add_special_tokens=False)["input_ids"]
+    without = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    assert len(handed) == 1 and with_cues != without
+    ids = [i for i in handed[0] if i != tokenizer.pad_token_id]
+    assert ids[: len(with_cues)] == with_cues or ids[-len(with_cues) :] == with_cues, (
+        ids,
+        with_cues,
+    )
 
 
 check_supports_emotions = check_nonverbal_sounds  # Bark's emotion comes from the same cues

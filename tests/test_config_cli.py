@@ -22,7 +22,7 @@ def test_environment_is_read_once_into_settings(monkeypatch, tmp_path):
     assert settings.home == tmp_path
     assert settings.url_allow == ("example.org", "127.0.0.1:9000")
     assert settings.max_downloads == 5
-    assert settings.cache_limit_bytes == int(1.5 * 1024**3)
+    assert settings.cache_limit_bytes == int(1.5 * 10**9)  # GB: 10^9 bytes, as every *_GB
     assert settings.database_url == f"sqlite:///{tmp_path / 'state.db'}"
 
 

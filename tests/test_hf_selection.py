@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from huggingface_hub.hf_api import RepoFile
 
@@ -114,7 +116,7 @@ def test_update_changes_are_compared_by_content():
             FileSpec("u", "new.txt", 1, git_sha1="e" * 40),
         ],
     )
-    assert describe_changes(installed, plan) == {
+    assert dataclasses.asdict(describe_changes(installed, plan)) == {
         "from_revision": "a" * 40,
         "to_revision": "b" * 40,
         "added": ["new.txt"],

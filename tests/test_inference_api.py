@@ -77,7 +77,7 @@ def test_download_loads_and_managed_reports_measured_figures(modelhost, tiny_mod
         False,
     )
     assert row["parameters"] == sum(p.numel() for p in reference.parameters())
-    assert row["memory_usage"]["allocated_mb"] == round(tensor_bytes(reference) / 2**20, 3)
+    assert row["memory_usage"]["allocated_mb"] == round(tensor_bytes(reference) / 1e6, 3)
     assert managed["summary"]["total_parameters"] == row["parameters"]
     assert managed["categories"]["other_models"] == [
         {"name": "bert", "loaded": True, "is_tts": False}
@@ -258,7 +258,7 @@ def test_torchscript_file_from_the_url_source(make_server, fileserver, tmp_path)
     assert status["status"] == "completed" and status["message"].endswith("loaded on cpu")
     row = server.client.get("/models/managed").json()["downloaded_models"][0]
     assert row["parameters"] == 4 * 3 + 3
-    assert row["memory_usage"]["allocated_mb"] == round(15 * 4 / 2**20, 3)
+    assert row["memory_usage"]["allocated_mb"] == round(15 * 4 / 1e6, 3)
 
     inputs = [[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
     answer = server.client.post("/models/ts/predict", json={"inputs": inputs}).json()

@@ -568,6 +568,42 @@ def test_optimize_on_cpu_measures_and_keeps_only_real_gains(models, name) -> Non
         assert report.memory_mb_after == report.memory_mb_before
 
 
+@pytest.mark.parametrize(
+    "before_ms, after_ms, applied",
+    [
+        (10.0, 5.0, True),  # twice as fast: kept
+        (10.3, 10.0, True),  # exactly MIN_SPEEDUP (3%) faster: kept
+        (10.0, 9.9, False),  # 1% faster: within noise, refused
+        (10.0, 12.0, False),  # slower: refused
+    ],
+)
+def test_optimize_decides_on_the_measured_latencies(
+    models, monkeypatch, before_ms, after_ms, applied
+):
+    """The decision, with the timings fixed: a change is kept exactly when it is at least
+    MIN_SPEEDUP faster (and agrees), whatever this machine's real timings are."""
+    measured = []
+
+    def fixed_pair(first, second, device):
+        measured.append((first(), second()))  # both really run: the probe still executes
+        return before_ms, after_ms, 7
+
+    monkeypatch.setattr(optimize_module, "_measure_pair", fixed_pair)
+    model = load(*models["bert"], CPU)
+    original = model.model
+    report = optimize(model)
+    assert len(measured) == 1
+    assert (report.latency_ms_before, report.runs) == (before_ms, 7)
+    assert report.applied is applied and model.optimized is applied, report.message
+    if applied:
+        assert model.model is not original and "int8" in report.technique
+        assert report.latency_ms_after == after_ms
+        assert f"{before_ms / after_ms:.2f}x" in report.message
+    else:
+        assert model.model is original and "not faster" in report.message
+        assert f"{before_ms:.3f} ms -> {after_ms:.3f} ms" in report.message
+
+
 def test_optimize_applied_quantizes_and_keeps_figures_true(models, monkeypatch) -> None:
     monkeypatch.setattr(optimize_module, "MIN_SPEEDUP", 0.0)  # any latency counts as faster
     model = load(*models["bert"], CPU)

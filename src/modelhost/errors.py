@@ -1,7 +1,7 @@
 """Every error modelhost raises on purpose, each with the HTTP status it maps to.
 
 Handlers and lower layers raise these; one exception handler in ``api.errors`` turns
-them into the seed's error body (``success: false``, ``message``, ``error``).
+them into modelhost's error body (``success: false``, ``message``, ``error``).
 Anything else that escapes is a bug and answers 500.
 """
 
@@ -67,7 +67,7 @@ class Conflict(ModelhostError):
 
 
 class NotImplementedYet(ModelhostError):
-    """A feature the contract names but this version has not built; says which issue builds it."""
+    """A feature the API names but this version has not built; says which issue builds it."""
 
     status_code = 501
     error = "Not implemented"

@@ -1,4 +1,4 @@
-"""One place that turns errors into the seed's error body: success false, message, error."""
+"""One place that turns errors into modelhost's error body: success false, message, error."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ ERROR_STATUSES = {
     404: "No such model, download or upstream repository/file",
     409: "Conflicts with the current state (a running job, a model not loaded, a memory budget)",
     422: "The request does not match the schema (types, lengths, patterns, unknown fields)",
-    501: "Named by the API contract but not built in this version",
+    501: "Part of the API but not built in this version",
     502: "The upstream host failed or could not be reached",
     503: "The server cannot take the request now",
     507: "Not enough disk space (or cache budget) for the download",
@@ -79,7 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _modelhost_error(_request: Request, exc: ModelhostError) -> JSONResponse:
         extra = {}
         if getattr(exc, "download_id", None):
-            # A failure recorded as a job: the seed's "Download Failed" body, plus its id.
+            # A failure recorded as a job: the documented "Download Failed" body, plus its id.
             extra = {"status": "failed", "download_id": exc.download_id}
         return JSONResponse(
             error_body(exc.message, exc.error, **extra), status_code=exc.status_code

@@ -21,6 +21,7 @@ from modelhost.api.deps import (
 from modelhost.api.errors import error_responses
 from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
+from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
@@ -37,6 +38,27 @@ class LoadRequest(BaseModel):
     device: str | None = Field(default=None, description="auto, cpu, cuda, cuda:N or mps")
     pin: bool = Field(default=False, description="never evict this model")
     allow_pickle: bool = Field(default=False, description="allow pickled weights (weights_only)")
+    # Checked by BatchSettings (a 400 saying the range), not here (pydantic would answer 422).
+    max_batch_size: Any = Field(
+        default=None,
+        description="coalesce up to this many concurrent inputs into one forward, 1 to 256 "
+        "(default 32; 1 turns batching off)",
+    )
+    max_batch_delay_ms: Any = Field(
+        default=None,
+        description="how long a busy model waits for more requests to fill a batch, 0 to 1000 "
+        "ms (default 5); an idle model runs a lone request at once",
+    )
+
+    def batch_settings(self) -> BatchSettings:
+        """The requested batching, defaults for what is not given (400 when out of range)."""
+        default = BatchSettings()
+        return BatchSettings(
+            default.max_batch_size if self.max_batch_size is None else self.max_batch_size,
+            default.max_batch_delay_ms
+            if self.max_batch_delay_ms is None
+            else self.max_batch_delay_ms,
+        )
 
 
 class SynthesizeRequest(BaseModel):
@@ -98,10 +120,12 @@ async def load_model(
 ) -> dict:
     validate_name(model_name)
     body = body or LoadRequest()
+    batching = body.batch_settings()
     manifest = await asyncio.to_thread(services.store.require, model_name)
     loaded = await asyncio.to_thread(
         services.lifecycle.load, manifest, body.device, body.pin, body.allow_pickle
     )
+    loaded.batching = batching
     await asyncio.to_thread(services.store.touch, model_name)
     return {
         "success": True,
@@ -137,19 +161,15 @@ async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict
     },
 )
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
-    from modelhost.runtime.inference import synthesize as run_synthesis
+    from modelhost.runtime.inference import synthesize_work
 
     async with loaded_model(services, body.model_name) as loaded:
         pipeline: dict[str, str] = {}
         if loaded.is_tts:
-            audio = await asyncio.to_thread(
-                run_synthesis,
-                loaded,
-                body.text,
-                body.speaker,
-                max_new_tokens=body.max_new_tokens,
-                seed=body.seed,
+            work, batch_fn = synthesize_work(
+                loaded, body.text, body.speaker, max_new_tokens=body.max_new_tokens, seed=body.seed
             )
+            audio = await on_worker(loaded, work, batch_fn)
         else:
             pipeline, audio = await _speak_generated_text(services, loaded, body)
     if "application/json" in request.headers.get("accept", ""):
@@ -174,14 +194,19 @@ async def _speak_generated_text(
         )
     try:
         async with loaded_model(services, speak_with) as tts:
-            generated, audio = await asyncio.to_thread(
-                speak_generated,
+            # On the text model's worker (it then speaks on the TTS model, holding its lock).
+            generated, audio = await on_worker(
                 loaded,
-                tts,
-                body.text,
-                body.speaker,
-                max_new_tokens=body.max_new_tokens,
-                seed=body.seed,
+                Work(
+                    lambda: speak_generated(
+                        loaded,
+                        tts,
+                        body.text,
+                        body.speaker,
+                        max_new_tokens=body.max_new_tokens,
+                        seed=body.seed,
+                    )
+                ),
             )
     except ModelNotFound:  # not installed, or being deleted
         raise Conflict(
@@ -199,8 +224,15 @@ async def _speak_generated_text(
     responses=error_responses(400, 404, 409, 422),
 )
 async def predict(model_name: ModelNamePath, body: PredictRequest, services: ServicesDep) -> dict:
-    from modelhost.runtime.inference import predict as run_prediction
+    from modelhost.runtime.inference import predict_work
 
     async with loaded_model(services, model_name) as loaded:
-        result = await asyncio.to_thread(run_prediction, loaded, body.inputs, body.parameters)
+        work, batch_fn = predict_work(loaded, body.inputs, body.parameters)
+        result = await on_worker(loaded, work, batch_fn)
     return {"model_name": model_name, "task": loaded.task, **result}
+
+
+async def on_worker(loaded: LoadedModel, work: Work, batch_fn: BatchFn | None = None) -> Any:
+    """Run ``work`` on ``loaded``'s own inference worker (never asyncio's default pool, which
+    the control plane needs); a full queue raises ``QueueFull`` (503)."""
+    return await asyncio.wrap_future(worker_for(loaded).submit(work, batch_fn))

@@ -332,7 +332,7 @@ def models_view(config: ModelsConfig, loaded: set[str]) -> dict:
     """The body of ``GET /models`` for ``config``; ``loaded`` names the models in memory.
 
     ``specialized_models`` groups names by task (TTS, STT, then one key per other task,
-    hyphens as underscores); the seed's four keys are always present, possibly empty.
+    hyphens as underscores); the four documented keys are always present, possibly empty.
     ``tts_enabled`` is true for an enabled entry whose task is text-to-speech/-audio.
     """
     specialized: dict[str, list[str]] = {

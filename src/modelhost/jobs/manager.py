@@ -202,7 +202,7 @@ def request_of(installed: Manifest) -> DownloadRequest:
     if options is not None and not options.legacy:
         fields = options.model_dump(exclude={"legacy"}, exclude_none=True)
         if fields.get("task") == DownloadRequest.model_fields["task"].default:
-            # The seed's default task, left unset, so the model's own config decides again.
+            # The API's default task, left unset, so the model's own config decides again.
             del fields["task"]
         return DownloadRequest(name=installed.name, **fields)
     return DownloadRequest(

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import InvalidInput, ModelNotLoaded
 from modelhost.runtime.families import Family
 from modelhost.runtime.families.registry import adapter_for
@@ -124,7 +129,10 @@ def synthesize(
     embedding, see ``runtime.speaker``); Bark, a voice preset name the model ships; VITS, a
     speaker id for multi-speaker models; Tacotron2, none (one speaker). ``max_new_tokens``
     caps Bark's semantic tokens (its audio length). ``seed`` seeds torch's global generator
-    first (Bark samples; VITS draws noise), so the same seed gives the same audio.
+    for this request only: VITS draws its noise from a per-request ``torch.Generator``; the
+    families that sample inside ``generate`` (Bark) run with the global generator forked,
+    seeded and restored under a lock. The same seed gives the same audio, also when other
+    requests run at the same time.
     """
     if not loaded.is_tts:
         raise InvalidInput(
@@ -133,13 +141,38 @@ def synthesize(
     text = _text(text)
     if max_new_tokens is not None:
         _int_param({"max_new_tokens": max_new_tokens}, "max_new_tokens", None, 1, 4096)
-    with _using(loaded) as model:
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        wave = adapter_for(loaded.family).synthesize(loaded, model, text, speaker, max_new_tokens)
+    return adapter_for(loaded.family).synthesize(loaded, text, speaker, max_new_tokens, seed)
+
+
+def speak_one(
+    loaded: LoadedModel, run: Callable[[nn.Module], torch.Tensor], seed: int | None
+) -> Audio:
+    """One synthesis under the model's lock with the request's seed (``run(model)`` returns
+    the waveform): the one-at-a-time path of the families that do not batch."""
+    with _using(loaded) as model, _seeded_global_rng(seed, _device(model)):
+        wave = run(model)
+    return _audio(loaded, wave)
+
+
+def _audio(loaded: LoadedModel, wave: torch.Tensor) -> Audio:
     samples = wave.detach().float().reshape(-1).cpu().numpy().astype(np.float32)
     assert loaded.sample_rate is not None
     return Audio(samples, loaded.sample_rate)
+
+
+# Models that sample from torch's global generator (Bark's generate) take this lock, seeded
+# or not, so a seeded request's draws are not interleaved with another model's.
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run with torch's global generator seeded by ``seed`` (when given), restored after."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        yield
 
 
 def _speecht5(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> torch.Tensor:
@@ -173,7 +206,16 @@ def _bark(
     return model.generate(**batch, **kwargs)
 
 
-def _vits(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> torch.Tensor:
+@dataclass(frozen=True)
+class VitsCall:
+    """One VITS request, checked: its text, speaker id and seed (None: a random one)."""
+
+    text: str
+    speaker: int | None
+    seed: int
+
+
+def _vits_call(loaded: LoadedModel, text: str, speaker: Any, seed: int | None) -> VitsCall:
     speakers = int(loaded.extra.get("num_speakers", 1))
     if speaker is not None:
         if speakers <= 1:
@@ -182,10 +224,119 @@ def _vits(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> tor
             raise InvalidInput(f"speaker must be a speaker id from 0 to {speakers - 1}")
         if not 0 <= speaker < speakers:
             raise InvalidInput(f"speaker must be a speaker id from 0 to {speakers - 1}")
-    inputs = loaded.processor(text, return_tensors="pt")
-    if inputs["input_ids"].shape[1] == 0:
-        raise InvalidInput("the text has no characters this model's tokenizer knows")
-    return model(**_to(inputs, _device(model)), speaker_id=speaker).waveform[0]
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return VitsCall(_text(text), speaker, int(seed) % 2**64)
+
+
+class _PerItemNoise(TorchFunctionMode):
+    """Answers VitsModel's two noise draws from each item's own generator.
+
+    In inference VitsModel draws ``torch.randn(B, 2, T_in)`` (the stochastic duration
+    predictor) and then ``torch.randn_like(prior_means)`` (B, C, T_out), both from the global
+    generator. Here item ``i`` gets, in the same order, exactly what it would draw alone
+    from its generator: noise over its own lengths, zeros over the padding. An item's output
+    length is where its expanded prior means stop (padding frames are exactly zero). Torch
+    function modes are per thread, so other threads' draws are untouched.
+    """
+
+    def __init__(self, generators: list[torch.Generator], input_lengths: list[int]) -> None:
+        super().__init__()
+        self.generators = generators
+        self.input_lengths = input_lengths
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.randn and "generator" not in kwargs:
+            size = args[0] if len(args) == 1 and not isinstance(args[0], int) else args
+            return self._draw(torch.Size(size), self.input_lengths, torch.float32)
+        if func is torch.randn_like:
+            like = args[0]
+            lengths = [_nonzero_length(like[i]) for i in range(like.shape[0])]
+            return self._draw(like.shape, lengths, like.dtype).to(like.device)
+        return func(*args, **kwargs)
+
+    def _draw(self, shape: torch.Size, lengths: list[int], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(shape, dtype=torch.float32)
+        for i, (generator, length) in enumerate(zip(self.generators, lengths, strict=True)):
+            out[i, ..., :length] = torch.randn(
+                (*shape[1:-1], length), generator=generator, dtype=torch.float32
+            )
+        return out.to(dtype)
+
+
+def _nonzero_length(frames: torch.Tensor) -> int:
+    """The frames up to the last one with a non-zero value (``frames``: C x T)."""
+    used = (frames != 0).any(dim=0).nonzero()
+    return int(used[-1]) + 1 if used.numel() else 0
+
+
+def vits_batch(loaded: LoadedModel, calls: Sequence[VitsCall]) -> list[Audio | Exception]:
+    """Speak every call's text in one VITS forward (one speaker for the batch): padded and
+    masked, each item's noise from its own seed, each waveform cut to its own length; each
+    result equals the item spoken alone. An item with no known characters fails alone."""
+    encoded = [loaded.processor(c.text, return_tensors="pt")["input_ids"][0] for c in calls]
+    results: list[Audio | Exception] = [
+        InvalidInput("the text has no characters this model's tokenizer knows") for _ in calls
+    ]
+    live = [i for i, ids in enumerate(encoded) if ids.numel() > 0]
+    if not live:
+        if len(calls) == 1:
+            raise results[0]  # type: ignore[misc]
+        return results
+    lengths = [int(encoded[i].numel()) for i in live]
+    ids = torch.zeros((len(live), max(lengths)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (i, length) in enumerate(zip(live, lengths, strict=True)):
+        ids[row, :length] = encoded[i]
+        mask[row, :length] = 1
+    generators = [torch.Generator().manual_seed(calls[i].seed) for i in live]
+    with _using(loaded) as model:
+        waves = _vits_forward(model, ids, mask, calls[0].speaker, generators, lengths)
+    for row, i in enumerate(live):
+        results[i] = _audio(loaded, waves[row])
+    return results
+
+
+class _KeepSpectrogram(nn.Module):
+    """Stands in for VitsModel's decoder during a batch: returns the spectrogram as is."""
+
+    def forward(self, spectrogram: torch.Tensor, conditioning: Any = None) -> torch.Tensor:
+        return spectrogram
+
+
+def _vits_forward(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    speaker: int | None,
+    generators: list[torch.Generator],
+    lengths: list[int],
+) -> list[torch.Tensor]:
+    """The batched text encoder, duration predictor and flow, then the HiFi-GAN decoder on
+    each item's own frames: the decoder's convolutions are not masked, so a padded batch
+    would bleed padding into the end of the shorter waveforms. Call with the model's lock."""
+    device = _device(model)
+    decoder = model.decoder
+    model.decoder = _KeepSpectrogram()
+    try:
+        with _PerItemNoise(generators, lengths):
+            output = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), speaker_id=speaker
+            )
+    finally:
+        model.decoder = decoder
+    spectrogram = output.waveform  # (B, bins, frames): the decoder was bypassed
+    speaker_embedding = None
+    if speaker is not None and model.config.num_speakers > 1:
+        speaker_id = torch.full((1,), speaker, device=device)
+        speaker_embedding = model.embed_speaker(speaker_id).unsqueeze(-1)
+    hop = int(np.prod(model.config.upsample_rates))
+    waves = []
+    for row in range(spectrogram.shape[0]):
+        frames = int(output.sequence_lengths[row]) // hop
+        waves.append(decoder(spectrogram[row : row + 1, :, :frames], speaker_embedding)[0, 0])
+    return waves
 
 
 def _tacotron2(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) -> torch.Tensor:
@@ -269,15 +420,26 @@ def _ranked(probs: torch.Tensor, labels: dict[int, str], top_k: int | None) -> l
 
 def _classify_text(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
     texts, single = _texts(inputs)
+    results = _classify_rows(loaded, model, texts, _top_k(loaded, params))
+    return {"predictions": results[0] if single else results}
+
+
+def _top_k(loaded: LoadedModel, params: Mapping[str, Any]) -> int | None:
     labels = loaded.extra.get("labels") or {}
-    top_k = _int_param(params, "top_k", None, 1, max(1, len(labels)))
+    return _int_param(params, "top_k", None, 1, max(1, len(labels)))
+
+
+def _classify_rows(
+    loaded: LoadedModel, model: nn.Module, texts: list[str], top_k: int | None
+) -> list[list[dict]]:
+    """Ranked labels for each text (one padded, masked forward for all of them)."""
+    labels = loaded.extra.get("labels") or {}
     logits = model(**_encode(loaded, model, texts)).logits.float()
     if getattr(model.config, "problem_type", None) == "multi_label_classification":
         probs = torch.sigmoid(logits)
     else:
         probs = torch.softmax(logits, dim=-1)
-    results = [_ranked(row, labels, top_k) for row in probs.cpu()]
-    return {"predictions": results[0] if single else results}
+    return [_ranked(row, labels, top_k) for row in probs.cpu()]
 
 
 def _encode(loaded: LoadedModel, model: nn.Module, texts: list[str]) -> dict[str, Any]:
@@ -299,27 +461,122 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
-def _embed(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-    texts, _single = _texts(inputs)
+def _normalize_param(params: Mapping[str, Any]) -> bool:
     normalize = params.get("normalize", False)
     if not isinstance(normalize, bool):
         raise InvalidInput("parameter normalize must be true or false")
+    return normalize
+
+
+def _embed(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
+    texts, _single = _texts(inputs)
+    matrix = _embedding_matrix(loaded, model, texts, _normalize_param(params))
+    return {"embeddings": matrix.tolist(), "dimension": int(matrix.shape[1])}
+
+
+def _embedding_matrix(
+    loaded: LoadedModel, model: nn.Module, texts: list[str], normalize: bool
+) -> torch.Tensor:
+    """One row per text: mean-pooled over its own tokens (padding masked), on the CPU."""
     if loaded.extra.get("backend") == "sentence-transformers":
         vectors = model.encode(
             texts,
-            batch_size=32,
+            batch_size=max(32, len(texts)),
             convert_to_numpy=True,
             normalize_embeddings=normalize,
             show_progress_bar=False,
         )
-        matrix = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
-    else:
-        enc = _encode(loaded, model, texts)
-        hidden = model(**enc).last_hidden_state
-        matrix = mean_pool(hidden, enc["attention_mask"]).float().cpu()
-        if normalize:
-            matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
-    return {"embeddings": matrix.tolist(), "dimension": int(matrix.shape[1])}
+        return torch.from_numpy(np.asarray(vectors, dtype=np.float32))
+    enc = _encode(loaded, model, texts)
+    hidden = model(**enc).last_hidden_state
+    matrix = mean_pool(hidden, enc["attention_mask"]).float().cpu()
+    if normalize:
+        matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
+    return matrix
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class TextsCall:
+    """One predict request on a text model, checked: its texts and whether it sent one."""
+
+    texts: list[str]
+    single: bool
+
+
+def predict_work(
+    loaded: LoadedModel, inputs: Any, parameters: Mapping[str, Any] | None = None
+) -> tuple[Work, Any]:
+    """``predict`` as work for the model's worker, and the batch function of its group.
+
+    Text classification and embeddings batch: their inputs and parameters are checked here,
+    so a bad request fails alone and never joins a batch. Other tasks run one at a time."""
+    params = dict(parameters or {})
+
+    def alone() -> dict[str, Any]:
+        return predict(loaded, inputs, params)
+
+    if not adapter_for(loaded.family).batching.predict:  # the family's declared capability
+        return Work(alone), None
+    if loaded.family is Family.TEXT_CLASSIFICATION:
+        top_k = _top_k(loaded, params)
+        texts, single = _texts(inputs)
+
+        def classify(calls: Sequence[TextsCall]) -> list[Any]:
+            with _using(loaded) as model:
+                rows = _classify_rows(loaded, model, [t for c in calls for t in c.texts], top_k)
+            return _split(calls, rows, lambda part, c: part[0] if c.single else part)
+
+        call = TextsCall(texts, single)
+        work = Work(alone, ("text-classification", top_k), len(texts), call)
+        return work, lambda calls: [{"predictions": r} for r in classify(calls)]
+    if loaded.family is Family.FEATURE_EXTRACTION:
+        normalize = _normalize_param(params)
+        texts, single = _texts(inputs)
+
+        def embed(calls: Sequence[TextsCall]) -> list[Any]:
+            with _using(loaded) as model:
+                flat = [t for c in calls for t in c.texts]
+                matrix = _embedding_matrix(loaded, model, flat, normalize)
+            dimension = int(matrix.shape[1])
+            rows = matrix.tolist()
+            return _split(calls, rows, lambda part, c: {"embeddings": part, "dimension": dimension})
+
+        work = Work(alone, ("feature-extraction", normalize), len(texts), TextsCall(texts, single))
+        return work, embed
+    return Work(alone), None
+
+
+def _split(calls: Sequence[TextsCall], rows: list[Any], shape: Any) -> list[Any]:
+    """Each call's own slice of a batch's rows, shaped by ``shape(part, call)``."""
+    out, start = [], 0
+    for call in calls:
+        part = rows[start : start + len(call.texts)]
+        start += len(call.texts)
+        out.append(shape(part, call))
+    return out
+
+
+def synthesize_work(
+    loaded: LoadedModel,
+    text: str,
+    speaker: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+) -> tuple[Work, Any]:
+    """``synthesize`` as work for the model's worker: VITS batches (one group per speaker
+    id), every other family runs one at a time."""
+
+    if loaded.family is not Family.VITS or not adapter_for(loaded.family).batching.synthesize:
+        return Work(
+            lambda: synthesize(loaded, text, speaker, max_new_tokens=max_new_tokens, seed=seed)
+        ), None
+    call = _vits_call(loaded, text, speaker, seed)
+    work = Work(lambda: vits_batch(loaded, [call])[0], ("vits", call.speaker), 1, call)
+    return work, lambda calls: vits_batch(loaded, calls)
 
 
 def _generation_kwargs(params: dict) -> dict[str, Any]:

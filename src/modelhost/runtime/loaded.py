@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from modelhost.runtime.batching import BatchSettings, BatchStats, queued
 from modelhost.runtime.families import Family, family_name
 from modelhost.units import MB
 
@@ -61,6 +62,9 @@ class LoadedModel:
     operation: str | None = None
     retired: bool = False
     _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    # How concurrent requests are coalesced (runtime.batching), and what its worker ran.
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    batch_stats: BatchStats = field(default_factory=BatchStats, repr=False)
 
     @property
     def is_tts(self) -> bool:
@@ -124,7 +128,7 @@ class LoadedModel:
         }
 
     def describe(self) -> dict[str, Any]:
-        """The model's row for ``GET /models/managed`` (the seed's fields, then extras)."""
+        """The model's row for ``GET /models/managed`` (documented fields, then the rest)."""
         return {
             "name": self.name,
             "loaded": self.loaded,
@@ -145,6 +149,8 @@ class LoadedModel:
             "optimization": self.optimization,
             "inflight": self.inflight,
             "operation": self.operation,
+            **self.batching.describe(),
+            **self.batch_stats.describe(queued(self)),
         }
 
     def release(self) -> None:

@@ -24,7 +24,7 @@ _SOURCES: dict[str, type[Source]] = {
 
 
 def get_source(name: str) -> Source:
-    """The source called ``name``; raises ``InvalidSource`` with the seed's message."""
+    """The source called ``name``; raises ``InvalidSource`` with the API's message."""
     if name not in _SOURCES:
         raise InvalidSource(
             f"Invalid source. Must be one of: [{', '.join(VALID_SOURCES)}]",

@@ -14,7 +14,7 @@ from modelhost.fetch import CancelToken, FetchEngine, FileSpec
 from modelhost.names import NAME_PATTERN, check_path_limits, shorten
 from modelhost.spec import InstallOptions, ModelSpec
 
-# The seed's order, plus torchaudio (its Tacotron2 entry names that source) and local
+# The documented order, plus torchaudio (its Tacotron2 entry names that source) and local
 # (a directory on this machine, under MODELHOST_IMPORT_ROOTS).
 VALID_SOURCES = (
     "pytorch_hub",
@@ -28,12 +28,12 @@ VALID_SOURCES = (
 
 
 class DownloadRequest(BaseModel):
-    """The body of ``POST /models/download`` (the seed's fields plus modelhost's options)."""
+    """The body of ``POST /models/download`` (the model-management fields plus install options)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # The choices are shown in the schema, not enforced here: get_source answers an unknown
-    # source with the seed's 400 message.
+    # source with the API's 400 message.
     source: str = Field(
         description="where the model comes from", json_schema_extra={"enum": list(VALID_SOURCES)}
     )
@@ -68,7 +68,7 @@ class DownloadRequest(BaseModel):
         description="allow pickled weights (.pth, .pt, .bin, .ckpt, .pkl); loaded weights_only",
     )
     load: bool = Field(
-        default=True, description="load the model once installed (the seed's 'download and load')"
+        default=True, description="load the model once installed (download and load in one request)"
     )
     device: str | None = Field(default=None, description="device to load on (default: setting)")
     pin: bool = Field(default=False, description="keep the model loaded (never evicted)")

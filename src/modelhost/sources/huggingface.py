@@ -291,7 +291,7 @@ class HuggingFaceSource:
         return Plan(
             source=self.name,
             model_id=repo_id,
-            # The seed's default task is a guess; unless the request names one, the runtime
+            # The API's default task is a guess; unless the request names one, the runtime
             # reads the task from the model's own config.
             task=request.task if "task" in request.model_fields_set else None,
             files=specs,

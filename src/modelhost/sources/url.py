@@ -12,7 +12,7 @@ from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_
 from modelhost.spec import ModelSpec
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
-# What a file loads as decides its task when the request names none (the seed's default,
+# What a file loads as decides its task when the request names none (the API's default,
 # text-generation, would be wrong for both).
 LOADS_AS_TASK = {"torchscript": "tensor", "torchvision": "image-classification"}
 BARE_FILE_NOTE = (

@@ -14,11 +14,9 @@ from modelhost.runtime.families.base import (
 )
 
 if TYPE_CHECKING:  # annotations only: no torch on import
-    import torch
-    from torch import nn
-
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.probes import Probe
+    from modelhost.runtime.wav import Audio
 
 
 class BarkAdapter(Adapter):
@@ -40,14 +38,14 @@ class BarkAdapter(Adapter):
     def synthesize(
         self,
         loaded: LoadedModel,
-        model: nn.Module,
         text: str,
         speaker: Any,
         max_new_tokens: int | None,
-    ) -> torch.Tensor:
-        from modelhost.runtime.inference import _bark
+        seed: int | None,
+    ) -> Audio:
+        from modelhost.runtime.inference import _bark, speak_one
 
-        return _bark(loaded, model, text, speaker, max_new_tokens)
+        return speak_one(loaded, lambda m: _bark(loaded, m, text, speaker, max_new_tokens), seed)
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # annotations only: no torch on import
 
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.probes import Probe
+    from modelhost.runtime.wav import Audio
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,9 @@ class DetectContext:
 
 
 PredictFn = Callable[["LoadedModel", "nn.Module", Any, dict], dict]
-SynthesizeFn = Callable[["LoadedModel", "nn.Module", str, Any, "int | None"], "torch.Tensor"]
+# (loaded, text, speaker, max_new_tokens, seed) -> Audio; the adapter takes the model's lock
+# (``inference.speak_one`` for one waveform at a time).
+SynthesizeFn = Callable[["LoadedModel", str, Any, "int | None", "int | None"], "Audio"]
 
 
 @runtime_checkable

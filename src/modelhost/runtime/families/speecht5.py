@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # annotations only: no torch on import
 
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.probes import Probe
+    from modelhost.runtime.wav import Audio
 
 
 class SpeechT5Adapter(Adapter):
@@ -52,14 +53,14 @@ class SpeechT5Adapter(Adapter):
     def synthesize(
         self,
         loaded: LoadedModel,
-        model: nn.Module,
         text: str,
         speaker: Any,
         max_new_tokens: int | None,
-    ) -> torch.Tensor:
-        from modelhost.runtime.inference import _speecht5
+        seed: int | None,
+    ) -> Audio:
+        from modelhost.runtime.inference import _speecht5, speak_one
 
-        return _speecht5(loaded, model, text, speaker)
+        return speak_one(loaded, lambda m: _speecht5(loaded, m, text, speaker), seed)
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)

@@ -10,10 +10,8 @@ from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
 
 if TYPE_CHECKING:  # annotations only: no torch on import
-    import torch
-    from torch import nn
-
     from modelhost.runtime.loaded import LoadedModel
+    from modelhost.runtime.wav import Audio
 
 
 class Tacotron2Adapter(Adapter):
@@ -33,14 +31,14 @@ class Tacotron2Adapter(Adapter):
     def synthesize(
         self,
         loaded: LoadedModel,
-        model: nn.Module,
         text: str,
         speaker: Any,
         max_new_tokens: int | None,
-    ) -> torch.Tensor:
-        from modelhost.runtime.inference import _tacotron2
+        seed: int | None,
+    ) -> Audio:
+        from modelhost.runtime.inference import _tacotron2, speak_one
 
-        return _tacotron2(loaded, model, text, speaker)
+        return speak_one(loaded, lambda m: _tacotron2(loaded, m, text, speaker), seed)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:

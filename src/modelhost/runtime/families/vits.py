@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # annotations only: no torch on import
 
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.probes import Probe
+    from modelhost.runtime.wav import Audio
 
 
 class VitsAdapter(Adapter):
@@ -43,14 +44,18 @@ class VitsAdapter(Adapter):
     def synthesize(
         self,
         loaded: LoadedModel,
-        model: nn.Module,
         text: str,
         speaker: Any,
         max_new_tokens: int | None,
-    ) -> torch.Tensor:
-        from modelhost.runtime.inference import _vits
+        seed: int | None,
+    ) -> Audio:
+        from modelhost.runtime.inference import _vits_call, vits_batch
 
-        return _vits(loaded, model, text, speaker)
+        # One item through the batch path: its noise from its own seeded generator.
+        audio = vits_batch(loaded, [_vits_call(loaded, text, speaker, seed)])[0]
+        if isinstance(audio, Exception):
+            raise audio
+        return audio
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)

