@@ -191,3 +191,47 @@ print(json.dumps([names, info.family, "torch" in sys.modules,
     assert len(names) == 13 and names[0] == "torchscript"
     assert family == "text-classification"
     assert (torch_imported, transformers_imported) == (False, False)
+
+
+class NoiseAdapter(ToyAdapter):
+    """A toy speaking family: noise scaled by the model's weight, from the seeded RNG."""
+
+    name = "toy-noise"
+    predict = None
+
+    def synthesize(self, loaded, text, speaker, max_new_tokens, seed):
+        import torch
+
+        from modelhost.runtime.inference import speak_one
+
+        def run(model):
+            return model(torch.randn(len(text), 1)).squeeze(-1)
+
+        return speak_one(loaded, run, seed)
+
+
+def test_registered_speaking_family_synthesizes_with_the_requests_seed():
+    import numpy as np
+    import torch
+
+    from modelhost.runtime import inference
+    from modelhost.runtime.loaded import LoadedModel
+
+    register(NoiseAdapter())
+    try:
+        layer = torch.nn.Linear(1, 1, bias=False)
+        layer.weight.data.fill_(3.0)
+        loaded = LoadedModel(
+            name="n", family="toy-noise", task="noise", device="cpu", model=layer, sample_rate=8
+        )
+        assert loaded.is_tts and loaded.describe()["family"] == "toy-noise"
+        first = inference.synthesize(loaded, "hello", seed=7)
+        again = inference.synthesize(loaded, "hello", seed=7)
+        other = inference.synthesize(loaded, "hello", seed=8)
+        assert first.sample_rate == 8 and first.samples.shape == (5,)
+        assert np.array_equal(first.samples, again.samples)
+        assert not np.array_equal(first.samples, other.samples)
+        with pytest.raises(ValueError, match="use synthesize"):
+            inference.predict(loaded, [1.0])
+    finally:
+        unregister("toy-noise")
