@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import InvalidInput, ModelNotLoaded
 from modelhost.runtime.families import Family
+from modelhost.runtime.families.base import BatchPlan
 from modelhost.runtime.families.registry import adapter_for
 from modelhost.runtime.images import decode_image, pixel_values
 from modelhost.runtime.loaded import LoadedModel
@@ -511,42 +512,48 @@ def predict_work(
 ) -> tuple[Work, Any]:
     """``predict`` as work for the model's worker, and the batch function of its group.
 
-    Text classification and embeddings batch: their inputs and parameters are checked here,
-    so a bad request fails alone and never joins a batch. Other tasks run one at a time."""
+    The family's adapter says how a request batches (``predict_batch``, asked only when its
+    ``batching.predict`` is on); otherwise the request runs alone."""
     params = dict(parameters or {})
 
     def alone() -> dict[str, Any]:
         return predict(loaded, inputs, params)
 
-    if not adapter_for(loaded.family).batching.predict:  # the family's declared capability
+    adapter = adapter_for(loaded.family)
+    plan = adapter.predict_batch(loaded, inputs, params) if adapter.batching.predict else None
+    if plan is None:
         return Work(alone), None
-    if loaded.family is Family.TEXT_CLASSIFICATION:
-        top_k = _top_k(loaded, params)
-        texts, single = _texts(inputs)
+    return Work(plan.run_one or alone, plan.group, plan.items, plan.payload), plan.run
 
-        def classify(calls: Sequence[TextsCall]) -> list[Any]:
-            with _using(loaded) as model:
-                rows = _classify_rows(loaded, model, [t for c in calls for t in c.texts], top_k)
-            return _split(calls, rows, lambda part, c: part[0] if c.single else part)
 
-        call = TextsCall(texts, single)
-        work = Work(alone, ("text-classification", top_k), len(texts), call)
-        return work, lambda calls: [{"predictions": r} for r in classify(calls)]
-    if loaded.family is Family.FEATURE_EXTRACTION:
-        normalize = _normalize_param(params)
-        texts, single = _texts(inputs)
+def classification_batch(loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
+    """Text classification's batch plan: one forward over every caller's texts."""
+    top_k = _top_k(loaded, params)
+    texts, single = _texts(inputs)
 
-        def embed(calls: Sequence[TextsCall]) -> list[Any]:
-            with _using(loaded) as model:
-                flat = [t for c in calls for t in c.texts]
-                matrix = _embedding_matrix(loaded, model, flat, normalize)
-            dimension = int(matrix.shape[1])
-            rows = matrix.tolist()
-            return _split(calls, rows, lambda part, c: {"embeddings": part, "dimension": dimension})
+    def classify(calls: Sequence[TextsCall]) -> list[Any]:
+        with _using(loaded) as model:
+            rows = _classify_rows(loaded, model, [t for c in calls for t in c.texts], top_k)
+        parts = _split(calls, rows, lambda part, c: part[0] if c.single else part)
+        return [{"predictions": part} for part in parts]
 
-        work = Work(alone, ("feature-extraction", normalize), len(texts), TextsCall(texts, single))
-        return work, embed
-    return Work(alone), None
+    return BatchPlan(("text-classification", top_k), len(texts), TextsCall(texts, single), classify)
+
+
+def embedding_batch(loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
+    """Embeddings' batch plan: one forward, mean pooling masked to each text's tokens."""
+    normalize = _normalize_param(params)
+    texts, single = _texts(inputs)
+
+    def embed(calls: Sequence[TextsCall]) -> list[Any]:
+        with _using(loaded) as model:
+            flat = [t for c in calls for t in c.texts]
+            matrix = _embedding_matrix(loaded, model, flat, normalize)
+        dimension = int(matrix.shape[1])
+        rows = matrix.tolist()
+        return _split(calls, rows, lambda part, c: {"embeddings": part, "dimension": dimension})
+
+    return BatchPlan(("feature-extraction", normalize), len(texts), TextsCall(texts, single), embed)
 
 
 def _split(calls: Sequence[TextsCall], rows: list[Any], shape: Any) -> list[Any]:
@@ -567,16 +574,31 @@ def synthesize_work(
     max_new_tokens: int | None = None,
     seed: int | None = None,
 ) -> tuple[Work, Any]:
-    """``synthesize`` as work for the model's worker: VITS batches (one group per speaker
-    id), every other family runs one at a time."""
+    """``synthesize`` as work for the model's worker: batched as the family's adapter says
+    (``synthesize_batch``, when its ``batching.synthesize`` is on), otherwise alone."""
 
-    if loaded.family is not Family.VITS or not adapter_for(loaded.family).batching.synthesize:
-        return Work(
-            lambda: synthesize(loaded, text, speaker, max_new_tokens=max_new_tokens, seed=seed)
-        ), None
+    def alone() -> Audio:
+        return synthesize(loaded, text, speaker, max_new_tokens=max_new_tokens, seed=seed)
+
+    adapter = adapter_for(loaded.family)
+    plan = None
+    if adapter.batching.synthesize:
+        plan = adapter.synthesize_batch(loaded, text, speaker, seed)
+    if plan is None:
+        return Work(alone), None
+    return Work(plan.run_one or alone, plan.group, plan.items, plan.payload), plan.run
+
+
+def vits_batch_plan(loaded: LoadedModel, text: str, speaker: Any, seed: int | None) -> BatchPlan:
+    """VITS's batch plan: one group per speaker id; alone, the same path with one item."""
     call = _vits_call(loaded, text, speaker, seed)
-    work = Work(lambda: vits_batch(loaded, [call])[0], ("vits", call.speaker), 1, call)
-    return work, lambda calls: vits_batch(loaded, calls)
+    return BatchPlan(
+        ("vits", call.speaker),
+        1,
+        call,
+        lambda calls: vits_batch(loaded, calls),
+        run_one=lambda: vits_batch(loaded, [call])[0],
+    )
 
 
 def _generation_kwargs(params: dict) -> dict[str, Any]:

@@ -10,7 +10,7 @@ the adapters' modules import no torch at import time (the server starts without 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +43,21 @@ class BatchSupport:
 
     predict: bool = False
     synthesize: bool = False
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one request joins a batch on the model's worker: requests with equal ``group``
+    keys may run as one call of ``run``, which takes their ``payload``s and returns one
+    result (or exception) per payload, in order. ``items``: the inputs it brings (a list
+    input counts as its items). ``run_one``: the request alone, when that is not the plain
+    ``predict`` / ``synthesize`` (None)."""
+
+    group: Hashable
+    items: int
+    payload: Any
+    run: Callable[[Sequence[Any]], list[Any]]
+    run_one: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -183,6 +198,17 @@ class FamilyAdapter(Protocol):
         """A small real request a candidate model must serve."""
         ...
 
+    def predict_batch(self, loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan | None:
+        """How this predict request batches (asked when ``batching.predict``); None: alone.
+        Check the request here, so a bad one fails alone and never joins a batch."""
+        ...
+
+    def synthesize_batch(
+        self, loaded: LoadedModel, text: str, speaker: Any, seed: int | None
+    ) -> BatchPlan | None:
+        """How this synthesize request batches (asked when ``batching.synthesize``)."""
+        ...
+
 
 class Adapter:
     """Defaults for a ``FamilyAdapter``: the shared pickle policy and weights estimator, no
@@ -230,6 +256,14 @@ class Adapter:
             f"optimize has no representative input for {family_name(loaded.family)} models "
             "yet, so it cannot measure a change; the model is served as loaded"
         )
+
+    def predict_batch(self, loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan | None:
+        return None
+
+    def synthesize_batch(
+        self, loaded: LoadedModel, text: str, speaker: Any, seed: int | None
+    ) -> BatchPlan | None:
+        return None
 
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
         if self.synthesize is not None:

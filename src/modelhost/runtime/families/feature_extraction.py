@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
+    BatchPlan,
     BatchSupport,
     DetectContext,
     LoadOptions,
@@ -44,6 +45,11 @@ class FeatureExtractionAdapter(Adapter):
         from modelhost.runtime.inference import _embed
 
         return _embed(loaded, model, inputs, params)
+
+    def predict_batch(self, loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
+        from modelhost.runtime.inference import embedding_batch
+
+        return embedding_batch(loaded, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from modelhost.runtime.families import Family, FamilyInfo, has_suffix
 from modelhost.runtime.families.base import (
     Adapter,
+    BatchPlan,
     BatchSupport,
     DetectContext,
     LoadOptions,
@@ -45,6 +46,11 @@ class TextClassificationAdapter(Adapter):
         from modelhost.runtime.inference import _classify_text
 
         return _classify_text(loaded, model, inputs, params)
+
+    def predict_batch(self, loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
+        from modelhost.runtime.inference import classification_batch
+
+        return classification_batch(loaded, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)

@@ -9,6 +9,7 @@ from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
+    BatchPlan,
     BatchSupport,
     DetectContext,
     LoadOptions,
@@ -56,6 +57,13 @@ class VitsAdapter(Adapter):
         if isinstance(audio, Exception):
             raise audio
         return audio
+
+    def synthesize_batch(
+        self, loaded: LoadedModel, text: str, speaker: Any, seed: int | None
+    ) -> BatchPlan:
+        from modelhost.runtime.inference import vits_batch_plan
+
+        return vits_batch_plan(loaded, text, speaker, seed)
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)
