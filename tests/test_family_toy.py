@@ -298,11 +298,15 @@ def test_a_registered_family_batches_through_its_own_plan(make_server, tmp_path)
         for thread in threads:
             thread.join(timeout=60)
         assert answers == {i: [2.0 * i, 2.0 * i + 1.0] for i in range(12)}
-        # The first request found the worker idle and ran alone (the plain predict); the
-        # other 11 queued behind it and ran as one call of the family's batch function.
-        assert BatchingToyAdapter.forwards == [22]
+        # The worker takes what has queued when it wakes, then blocks on the held lock: so
+        # at most two calls ran (what it took first, alone or batched, then the rest, batched
+        # by the family's own function), never one per request.
+        forwards = BatchingToyAdapter.forwards
         managed = server.client.get("/models/managed").json()["downloaded_models"]
         row = next(m for m in managed if m["name"] == "toy")
-        assert (row["items_run"], row["batches_run"], row["largest_batch"]) == (24, 2, 22)
+        alone = row["batches_run"] - len(forwards)  # requests the plain predict ran
+        assert forwards and all(n % 2 == 0 for n in forwards), forwards
+        assert row["items_run"] == sum(forwards) + 2 * alone == 24
+        assert row["batches_run"] <= 2 and row["largest_batch"] == max(forwards) >= 12
     finally:
         unregister("toy-doubler")
