@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from modelhost.units import GB
+from modelhost.units import GB, MB
 
 # Hosts the ``url`` source may always fetch from: the public model hosts and the CDNs they
 # redirect to. MODELHOST_URL_ALLOW adds to them; MODELHOST_URL_ALLOW_DEFAULTS=false drops them.
@@ -202,7 +202,7 @@ class Settings(BaseSettings):
 
     @property
     def disk_reserve_bytes(self) -> int:
-        return int(self.disk_reserve_mb * 1e6)
+        return int(self.disk_reserve_mb * MB)
 
     @property
     def cache_limit_bytes(self) -> int | None:

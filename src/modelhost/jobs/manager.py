@@ -1138,7 +1138,7 @@ class JobManager:
         return total_bytes / total_seconds if total_seconds > 0 else None
 
     def _record_throughput(self, job: Job) -> None:
-        if job.started_at and job.finished_at and job.bytes_transferred >= 1_000_000:
+        if job.started_at and job.finished_at and job.bytes_transferred >= MB:
             seconds = (job.finished_at - job.started_at).total_seconds()
             if seconds > 0:
                 self._throughputs.append((job.bytes_transferred, seconds))
