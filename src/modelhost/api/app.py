@@ -17,6 +17,7 @@ from modelhost import __version__
 from modelhost.api import downloads, events, health, inference, metrics, models, ui
 from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
+from modelhost.api.openai import routers as openai_routers
 from modelhost.api.security import install_security
 from modelhost.catalog import load_catalog, load_models_config
 from modelhost.config import Settings
@@ -234,5 +235,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(metrics.router)
     app.include_router(inference.router)
+    for router in openai_routers():
+        app.include_router(router)
     app.include_router(ui.router)
     return app

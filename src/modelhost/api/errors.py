@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modelhost.api.openai.errors import is_openai_path, openai_error_body
 from modelhost.errors import ModelhostError
 
 log = logging.getLogger(__name__)
@@ -72,36 +73,66 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    error: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+    **extra: object,
+) -> JSONResponse:
+    """An error answer in the shape the route's clients read: modelhost's error body, or
+    OpenAI's ``{"error": {...}}`` on the OpenAI-compatible ``/v1`` routes."""
+    if is_openai_path(request):
+        body = openai_error_body(status, message, error, param=param)
+    else:
+        body = error_body(message, error, **extra)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _first_param(exc: RequestValidationError) -> str | None:
+    """The body field a validation error is about (OpenAI's ``param``)."""
+    for item in exc.errors():
+        location = [str(p) for p in item.get("loc", ()) if p not in ("body", "query")]
+        if location:
+            return ".".join(location)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; every error response of the API goes through them."""
 
     @app.exception_handler(ModelhostError)
-    async def _modelhost_error(_request: Request, exc: ModelhostError) -> JSONResponse:
+    async def _modelhost_error(request: Request, exc: ModelhostError) -> JSONResponse:
         extra = {}
         if getattr(exc, "download_id", None):
             # A failure recorded as a job: the documented "Download Failed" body, plus its id.
             extra = {"status": "failed", "download_id": exc.download_id}
-        return JSONResponse(
-            error_body(exc.message, exc.error, **extra), status_code=exc.status_code
-        )
+        return error_response(request, exc.status_code, exc.message, exc.error, **extra)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = f"Invalid request: {_describe_validation(exc)}"
-        return JSONResponse(error_body(message, "Validation error"), status_code=422)
+        # OpenAI answers a malformed body with 400; modelhost's own routes keep 422.
+        status = 400 if is_openai_path(request) else 422
+        return error_response(
+            request, status, message, "Validation error", param=_first_param(exc)
+        )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            error_body(str(exc.detail), f"HTTP {exc.status_code}"),
-            status_code=exc.status_code,
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            request,
+            exc.status_code,
+            str(exc.detail),
+            f"HTTP {exc.status_code}",
             headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(
-            error_body("Internal server error; this is a bug, please report it", repr(exc)),
-            status_code=500,
+        return error_response(
+            request, 500, "Internal server error; this is a bug, please report it", repr(exc)
         )
