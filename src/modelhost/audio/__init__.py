@@ -1,0 +1,1 @@
+"""Audio for the OpenAI-compatible speech API: encoding (PyAV), sentences for streaming."""
