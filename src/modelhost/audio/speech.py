@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +49,7 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # One atempo instance takes factors in [0.5, 2.0] (FFmpeg's limits; wider ones are chained).
 _ATEMPO_MIN, _ATEMPO_MAX = 0.5, 2.0
 _SEED_MAX = 2**64 - 1
+T = TypeVar("T")
 
 ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 StreamFormat = Literal["audio", "sse"]
@@ -220,6 +221,21 @@ def _spoken(future: Future, model: str, index: int) -> None:
 
 
 # --------------------------------------------------------------------------- speed
+
+# Tempo changes and encoding run here: neither on the event loop nor on asyncio's default
+# pool (the control plane's), nor on the model's worker (other requests would wait on it).
+AUDIO_THREADS = 2
+_audio_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+async def run_audio(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the audio threads (speed changes, encoding), awaited."""
+    global _audio_pool
+    with _pool_lock:
+        if _audio_pool is None:
+            _audio_pool = ThreadPoolExecutor(AUDIO_THREADS, thread_name_prefix="modelhost-audio")
+    return await asyncio.get_running_loop().run_in_executor(_audio_pool, fn, *args)
 
 
 def tempo_factors(speed: float) -> list[float]:
