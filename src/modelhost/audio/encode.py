@@ -26,12 +26,16 @@ class AudioFormat:
     media_type: str
     # Sample rates the codec takes (None: any); the first one >= the input's is used.
     rates: tuple[int, ...] | None = None
+    # Bits per second for lossy codecs (None: FFmpeg's default). libmp3lame's default is
+    # about 24 kbit/s for 16 kHz mono, audibly poor; 64 kbit/s is transparent-ish for speech.
+    bit_rate: int | None = None
 
 
 FORMATS: dict[str, AudioFormat] = {
     "mp3": AudioFormat(
         "mp3", "mp3", "libmp3lame", "audio/mpeg",
         (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
+        bit_rate=64_000,
     ),
     "opus": AudioFormat("opus", "ogg", "libopus", "audio/ogg", (8000, 12000, 16000, 24000, 48000)),
     "aac": AudioFormat(
@@ -88,6 +92,13 @@ def _frame(data: np.ndarray, rate: int, sample_format: str):
     return frame
 
 
+def _add_stream(container, spec: AudioFormat, rate: int):
+    stream = container.add_stream(spec.codec, rate=rate, layout="mono")
+    if spec.bit_rate is not None:
+        stream.bit_rate = spec.bit_rate
+    return stream
+
+
 def encode_audio(samples: np.ndarray, rate: int, fmt: str) -> bytes:
     """The whole of ``samples`` (mono float in [-1, 1] at ``rate`` Hz) as a ``fmt`` file."""
     spec = audio_format(fmt)
@@ -99,7 +110,7 @@ def encode_audio(samples: np.ndarray, rate: int, fmt: str) -> bytes:
 
     out = io.BytesIO()
     with av.open(out, mode="w", format=spec.container) as container:
-        stream = container.add_stream(spec.codec, rate=target, layout="mono")
+        stream = _add_stream(container, spec, target)
         # 16-bit samples in: the codec gets exactly the WAV's samples (lossless flac decodes
         # to them); FFmpeg converts for codecs that take floats.
         frame = _frame(_as_int16_frames(data), target, "s16")
@@ -184,7 +195,7 @@ class StreamEncoder:
         self._sink = _Sink()
         options = {"page_duration": _OGG_PAGE_US} if self.spec.container == "ogg" else {}
         self._container = av.open(self._sink, mode="w", format=self.spec.container, options=options)
-        self._stream = self._container.add_stream(self.spec.codec, rate=self.target, layout="mono")
+        self._stream = _add_stream(self._container, self.spec, self.target)
 
     def feed(self, samples: np.ndarray) -> bytes:
         """Encode ``samples``; the bytes of the file that are ready now."""

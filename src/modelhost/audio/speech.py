@@ -10,6 +10,7 @@ seed from the request's. Nothing here knows about HTTP: the API and the jobs lay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -202,7 +203,8 @@ async def synthesize_sentence(
     """Speak ``text`` (one sentence) on ``loaded``'s own inference worker, batched with
     other requests where its family batches: one worker call per sentence, so other requests
     interleave between a long text's sentences. Hold the model (``lifecycle.acquire``) around
-    it. Cancelling the await drops the sentence if it has not started."""
+    it. Cancelling the await drops the sentence if it has not started, and waits for it to
+    end if it has."""
     from modelhost.runtime.batching import worker_for
     from modelhost.runtime.inference import synthesize_work
 
@@ -211,7 +213,23 @@ async def synthesize_sentence(
     )
     future = worker_for(loaded).submit(work, batch_fn)
     future.add_done_callback(lambda f: _spoken(f, loaded.name, index))
-    return await asyncio.wrap_future(future)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        await _finish_running(future)
+        raise
+
+
+async def _finish_running(future: Future) -> None:
+    """After a cancel: a sentence already running on the worker cannot be stopped, so wait
+    (shielded from the cancel) until it ends, and the caller's hold on the model lasts until
+    the model is no longer in use. A queued one was dropped by the cancel."""
+    if future.done():
+        return
+    import anyio
+
+    with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+        await asyncio.wrap_future(future)
 
 
 def _spoken(future: Future, model: str, index: int) -> None:
