@@ -160,7 +160,7 @@ def test_corrupt_header_is_a_clear_error_before_anything_is_allocated(
     make(model / "model.safetensors")
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     streams = []  # the step that allocates and reads: it must never be reached
-    monkeypatch.setattr(pretrained, "stream_files", lambda *a, **k: streams.append(a))
+    monkeypatch.setattr(pretrained, "Stream", lambda *a, **k: streams.append(a))
     with pytest.raises(MalformedWeights) as caught:
         stream_pretrained(AutoModelForCausalLM, model, CPU, torch.float32)
     assert message in str(caught.value)
@@ -176,6 +176,21 @@ def test_file_truncated_after_planning_fails_naming_it(mixed_file):
     text = str(caught.value)
     assert text.startswith(f"mixed.safetensors ended at byte {mixed_file.stat().st_size}")
     assert f"promises {plan.data_start + plan.data_size} bytes" in text
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_cancel_stops_the_readers_and_closes_the_files(mixed_file):
+    before = open_descriptors()
+    stream = streamer.Stream([plan_file(mixed_file)] * 3, CPU, StreamSettings(1, 2, 2))
+    stream.cancel()
+    assert stream.storage == {}
+    assert not any(thread.is_alive() for thread in stream.threads)
+    assert open_descriptors() == before
+    with pytest.raises(streamer.StreamCancelled):
+        stream.result()
 
 
 def test_sub_byte_dtype_is_not_streamed(tmp_path):
@@ -339,8 +354,10 @@ def test_missing_parameter_is_not_streamed(models, tmp_path):
     tensors = load_file(path / "model.safetensors")
     del tensors["classifier.weight"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    before = open_descriptors()
     with pytest.raises(StreamUnsupported, match="parameters are not in the checkpoint"):
         stream_pretrained(AutoModelForSequenceClassification, path, CPU, torch.float32)
+    assert open_descriptors() == before  # the stream started with the build was cancelled
 
 
 def test_adapter_wiring_streams_when_asked(models):

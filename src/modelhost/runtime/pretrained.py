@@ -11,12 +11,12 @@ the model as ``from_pretrained`` does, without its file reading:
 3. the checkpoint's keys are matched with the model's: anything ``from_pretrained`` would
    have to convert (renamed or fused keys, other shapes, missing parameters it would
    initialise at random, quantized checkpoints, ``keep_in_fp32`` modules) is not streamed;
-4. the tensors are streamed onto the device (``streamer.stream_files``), cast there when the
-   model's dtype differs from the file's, and assigned (``load_state_dict(assign=True)``: no
-   copy);
+4. the tensors are streamed onto the device (``streamer.Stream``, started before step 2 so
+   the reads overlap the build), cast there when the model's dtype differs from the file's,
+   and assigned (``load_state_dict(assign=True)``: no copy);
 5. what the file does not hold is finished as ``from_pretrained`` finishes it: buffers
-   (``position_ids``, rotary ``inv_freq``) are allocated on the device and filled by the
-   model's own ``initialize_weights`` (which skips every loaded tensor), tied weights tied
+   (``position_ids``, rotary ``inv_freq``) are allocated on the CPU, filled by the model's
+   own ``initialize_weights`` (which skips every loaded tensor) and moved; tied weights tied
    with ``tie_weights(missing_keys=...)``, the generation config read; then ``eval()``.
 
 A checkpoint the streaming path does not take (``StreamUnsupported``) is logged and loaded
@@ -37,11 +37,11 @@ from modelhost.runtime.memory import release_cached
 from modelhost.runtime.streamer import (
     TORCH_DTYPES,
     FilePlan,
+    Stream,
     StreamSettings,
     StreamStats,
     StreamUnsupported,
     plan_checkpoint,
-    stream_files,
 )
 
 if TYPE_CHECKING:  # imported where used: the server starts without torch
@@ -106,13 +106,21 @@ def stream_pretrained(
     if getattr(config, "quantization_config", None) is not None:
         raise StreamUnsupported("the checkpoint is quantized")
     chosen = resolve_dtype(dtype, config, plans)
-    model = build_skeleton(cls, config, chosen)
-    keys = match_keys(model, plans, chosen)
-    tensors, stats = stream_files(plans, device, settings)
+    stream = Stream(plans, device, settings)  # the readers start; the model is built meanwhile
     try:
+        model = build_skeleton(cls, config, chosen)
+        keys = match_keys(model, plans, chosen)
+    except BaseException:
+        stream.cancel()
+        release_cached(device)
+        raise
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        tensors, stats = stream.result()
         assemble(model, tensors, keys, device)
-    except StreamUnsupported:
-        del tensors, model
+    except BaseException:
+        tensors.clear()
+        del model
         release_cached(device)
         raise
     _finish(model, cls, path)
@@ -254,27 +262,34 @@ def assemble(
     for target in model.all_tied_weights_keys:
         with contextlib.suppress(AttributeError):  # tied later: not to be initialised
             model.get_parameter_or_buffer(target)._is_hf_initialized = True
-    _materialize_buffers(model, keys, device)
+    # The buffers are computed on the CPU, as from_pretrained + .to(device) computes them
+    # (bit for bit the values of the loader's other path), then moved.
+    created = _materialize_buffers(model, keys)
     model.initialize_weights()  # fills the buffers just allocated; skips everything loaded
+    for module, leaf in created:
+        module._buffers[leaf] = module._buffers[leaf].to(device)
     model.tie_weights(missing_keys=set(keys.missing), recompute_mapping=False)
     left = [n for n, t in _named_tensors(model) if t.device.type == "meta"]
     if left:
         raise StreamUnsupported(f"{len(left)} tensors were left unset ({left[:3]})")
 
 
-def _materialize_buffers(model: nn.Module, keys: KeyPlan, device: torch.device) -> None:
-    """Empty device storage for the buffers the files lack (non-persistent ones, and
-    persistent ones missing), for ``initialize_weights`` to fill."""
+def _materialize_buffers(model: nn.Module, keys: KeyPlan) -> list[tuple[nn.Module, str]]:
+    """Empty CPU storage for the buffers the files lack (non-persistent ones, and persistent
+    ones missing), for ``initialize_weights`` to fill; returns (module, name) of each."""
     import torch
 
     names = {name for name, _ in model.named_non_persistent_buffers()}
     names |= {name for name, _ in model.named_buffers() if name in keys.missing}
-    for name in names:
+    created = []
+    for name in sorted(names):
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         buffer = module._buffers[leaf]
         if buffer is not None and buffer.device.type == "meta":
-            module._buffers[leaf] = torch.empty_like(buffer, device=device)
+            module._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+            created.append((module, leaf))
+    return created
 
 
 def _named_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:

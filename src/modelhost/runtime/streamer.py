@@ -202,30 +202,75 @@ def stream_files(
 ) -> tuple[dict[str, torch.Tensor], StreamStats]:
     """Every tensor of ``plans`` on ``device``, read as described in the module docstring.
     Blocking: call it in a worker thread."""
-    import torch
+    return Stream(plans, device, settings).result()
 
-    settings = settings or StreamSettings()
-    started = time.perf_counter()
-    storage = {
-        key: torch.empty(entry.end - entry.begin, dtype=torch.uint8, device=device)
-        for plan in plans
-        for key, entry in plan.tensors.items()
-    }
-    chunks = plan_chunks(plans, settings.chunk_bytes)
-    targets = [_Targets(plan, storage) for plan in plans]
-    descriptors = [os.open(plan.path, os.O_RDONLY) for plan in plans]
-    try:
-        _run_readers(chunks, plans, targets, descriptors, device, settings)
-    finally:
-        for fd in descriptors:
-            os.close(fd)
-    tensors = {}
-    for plan in plans:
-        for key, entry in plan.tensors.items():
-            dtype = getattr(torch, TORCH_DTYPES[entry.dtype])
-            tensors[key] = storage.pop(key).view(dtype).reshape(entry.shape)
-    total = sum(plan.data_size for plan in plans)
-    return tensors, StreamStats(total, len(plans), len(chunks), time.perf_counter() - started)
+
+class StreamCancelled(Exception):
+    """``Stream.cancel`` stopped the readers before the end."""
+
+
+class Stream:
+    """A stream in progress: the device tensors are allocated and the readers started when
+    it is created; ``result()`` waits for them, ``cancel()`` stops them at the next chunk.
+    Either way the files are closed, and on failure the device memory is dropped."""
+
+    def __init__(
+        self, plans: list[FilePlan], device: torch.device, settings: StreamSettings | None = None
+    ) -> None:
+        import torch
+
+        settings = settings or StreamSettings()
+        self.plans = plans
+        self.started = time.perf_counter()
+        self.storage = {
+            key: torch.empty(entry.end - entry.begin, dtype=torch.uint8, device=device)
+            for plan in plans
+            for key, entry in plan.tensors.items()
+        }
+        self.chunks = plan_chunks(plans, settings.chunk_bytes)
+        targets = [_Targets(plan, self.storage) for plan in plans]
+        self.descriptors = [os.open(plan.path, os.O_RDONLY) for plan in plans]
+        self.work = _Work(self.chunks)
+        count = min(settings.threads, len(self.chunks))  # none when only empty tensors
+        readers = [
+            _Reader(self.work, plans, targets, self.descriptors, device, settings)
+            for _ in range(count)
+        ]
+        self.threads = [
+            threading.Thread(target=r.run, name=f"stream-{i}", daemon=True)
+            for i, r in enumerate(readers)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+        while self.descriptors:
+            os.close(self.descriptors.pop())
+
+    def result(self) -> tuple[dict[str, torch.Tensor], StreamStats]:
+        """The tensors, once every chunk is on the device; the first reader's error else."""
+        import torch
+
+        self._join()
+        if self.work.error is not None:
+            self.storage.clear()
+            raise self.work.error
+        tensors = {}
+        for plan in self.plans:
+            for key, entry in plan.tensors.items():
+                dtype = getattr(torch, TORCH_DTYPES[entry.dtype])
+                tensors[key] = self.storage.pop(key).view(dtype).reshape(entry.shape)
+        total = sum(plan.data_size for plan in self.plans)
+        seconds = time.perf_counter() - self.started
+        return tensors, StreamStats(total, len(self.plans), len(self.chunks), seconds)
+
+    def cancel(self) -> None:
+        """Stop reading, wait for the copies in flight, and drop the device memory."""
+        self.work.fail(StreamCancelled())
+        self._join()
+        self.storage.clear()
 
 
 class _Targets:
@@ -249,31 +294,6 @@ class _Targets:
                 piece = dest[low - entry.begin : high - entry.begin]
                 yield piece, low - chunk.begin, high - chunk.begin
             index += 1
-
-
-def _run_readers(
-    chunks: list[Chunk],
-    plans: list[FilePlan],
-    targets: list[_Targets],
-    descriptors: list[int],
-    device: torch.device,
-    settings: StreamSettings,
-) -> None:
-    """``settings.threads`` readers over ``chunks``; the first error stops them all."""
-    if not chunks:  # only empty tensors: nothing to read
-        return
-    work = _Work(chunks)
-    count = min(settings.threads, len(chunks))
-    readers = [
-        _Reader(work, plans, targets, descriptors, device, settings) for _ in range(count)
-    ]
-    threads = [threading.Thread(target=r.run, name=f"stream-{i}") for i, r in enumerate(readers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if work.error is not None:
-        raise work.error
 
 
 class _Work:
@@ -321,6 +341,8 @@ class _Reader:
         ]
         self.events: list[torch.cuda.Event | None] = [None] * len(self.buffers)
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        if self.stream is not None:  # after whatever the device's own stream still runs
+            self.stream.wait_stream(torch.cuda.current_stream(device))
 
     def run(self) -> None:
         try:
