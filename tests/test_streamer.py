@@ -415,7 +415,9 @@ def test_cuda_streamed_model_equals_from_pretrained(models):
 
 
 @cuda_only
-def test_cuda_load_through_the_server_streams_and_measures(make_server, models, tmp_path):
+def test_cuda_load_through_the_server_streams_and_measures(
+    make_server, models, tmp_path, caplog
+):
     roots = tmp_path / "imports"
     shutil.copytree(models["bert"], roots / "bert")
     server = make_server([], import_roots=(roots,))
@@ -426,8 +428,10 @@ def test_cuda_load_through_the_server_streams_and_measures(make_server, models, 
     assert server.wait_for(started.json()["download_id"], timeout=120)["status"] == "completed"
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    response = server.client.post("/models/bert/load", json={"device": "cuda"})
+    with caplog.at_level(logging.INFO, logger="modelhost.runtime.pretrained"):
+        response = server.client.post("/models/bert/load", json={"device": "cuda"})
     assert response.status_code == 200, response.text
+    assert any(": streamed 1 file(s)" in r.getMessage() for r in caplog.records)
     torch.cuda.synchronize()
     added = torch.cuda.memory_allocated() - before
     row = server.client.get("/models/managed").json()["downloaded_models"][0]

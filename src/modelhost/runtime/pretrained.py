@@ -126,7 +126,7 @@ def stream_pretrained(
     _finish(model, cls, path)
     model._modelhost_stream = stats  # for the loader's log line and the tests
     log.info(
-        "%s: streamed %d files, %.3f GB in %.2f s (%.2f GB/s) onto %s",
+        "%s: streamed %d file(s), %.3f GB in %.2f s (%.2f GB/s) onto %s",
         path.name, stats.files, stats.bytes / 1e9, stats.seconds, stats.gb_per_s, device,
     )  # fmt: skip
     return model
