@@ -315,7 +315,10 @@ def summarize(rounds: list[dict], nbytes: int, args, extra: dict) -> dict:
         "from_pretrained_gb_per_s": round(nbytes / theirs / 1e9, 2),
         "median_ratio_from_pretrained_over_modelhost": round(ratio, 2),
         "raw_stream_gb_per_s": round(nbytes / raw / 1e9, 2),
-        "all_streamed": all(r["modelhost"]["streamed"] for r in rounds),
+        # CPU loads never stream (from_pretrained over memory-mapped files): null there.
+        "all_streamed": all(r["modelhost"]["streamed"] for r in rounds)
+        if args.device == "cuda"
+        else None,
         "all_predict_200": all(r["modelhost"]["predict_status"] == 200 for r in rounds),
     }
     if args.device == "cuda":

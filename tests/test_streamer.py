@@ -389,6 +389,13 @@ def test_streaming_is_for_cuda_only_and_switchable(monkeypatch):
     assert Settings().gpu_stream is False
 
 
+@pytest.mark.parametrize("setting", [True, False])
+def test_the_setting_reaches_the_servers_loader(make_server, setting):
+    server = make_server([], gpu_stream=setting)
+    runtime = server.server.config.app.state.services.runtime
+    assert runtime._loader.keywords == {"gpu_stream": setting}
+
+
 # --------------------------------------------------------------------------- CUDA
 
 
