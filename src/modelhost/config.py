@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     cpu_memory_limit_gb: float | None = Field(default=None, gt=0)
     load_on_demand: bool = False
+    # CUDA loads stream safetensors weights onto the GPU (parallel reads into pinned buffers,
+    # copies overlapping reads: runtime/streamer.py); false: from_pretrained, as on CPU.
+    gpu_stream: bool = True
 
     # Where torchvision's weight files are fetched from (a mirror replaces download.pytorch.org).
     torchvision_mirror: str | None = None

@@ -99,6 +99,7 @@ def build_services(settings: Settings) -> Services:
         max_loaded=settings.max_loaded,
         gpu_memory_fraction=settings.gpu_memory_fraction,
         device_setting=settings.device,
+        gpu_stream=settings.gpu_stream,
         cpu_memory_bytes=(
             int(settings.cpu_memory_limit_gb * GB) if settings.cpu_memory_limit_gb else None
         ),
