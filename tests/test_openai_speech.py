@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import av
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -443,6 +444,24 @@ def test_sse_events_carry_the_same_audio(server):
         "type": "speech.audio.done",
         "usage": {"input_tokens": len(TWO), "output_tokens": 0, "total_tokens": len(TWO)},
     }
+
+
+def test_a_later_sentence_that_fails_leaves_the_body_incomplete(server):
+    # "###" has no character the tiny VITS's tokenizer knows: sentence 1 fails after
+    # sentence 0's audio went out with status 200.
+    body = {"model": "vits", "input": "Hello there. ###", "response_format": "pcm"}
+    with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+        server.client.post("/v1/audio/speech", json=body)
+    sse = server.client.post("/v1/audio/speech", json={**body, "stream_format": "sse"})
+    assert sse.status_code == 200
+    events = [json.loads(b.split("data: ", 1)[1]) for b in sse.text.split("\n\n") if b.strip()]
+    assert [e["type"] for e in events] == ["speech.audio.delta", "error"]
+    assert events[-1]["error"]["message"] == (
+        "the text has no characters this model's tokenizer knows"
+    )
+    first_only = server.client.post("/v1/audio/speech", json={**body, "input": "###"})
+    assert first_only.status_code == 400  # before the answer started: a plain 400
+    assert "no characters" in first_only.json()["error"]["message"]
 
 
 # --------------------------------------------------------------------------- errors

@@ -4,7 +4,8 @@ The input is split at sentence boundaries; each sentence is spoken on the model'
 (one worker call per sentence, so other requests interleave), sped up or slowed down without
 changing pitch, encoded by the request's own ``StreamEncoder`` and sent as soon as it is
 ready. The first sentence is spoken before the answer starts, so a bad model, voice or text
-is a 4xx, not a broken stream. A client that goes away stops the rest: the sentence being
+is a 4xx, not a broken stream; a later sentence that fails ends the body incomplete (SSE: an
+``error`` event). A client that goes away stops the rest: the sentence being
 spoken finishes, none after it starts.
 """
 
@@ -21,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
 from modelhost.api.inference import loaded_model
+from modelhost.api.openai.errors import openai_error_body
 from modelhost.api.openai.schemas import openai_error_responses
 from modelhost.audio.encode import FORMATS, StreamEncoder
 from modelhost.audio.sentences import split_sentences
@@ -33,7 +35,7 @@ from modelhost.audio.speech import (
     sentence_seed,
     synthesize_sentence,
 )
-from modelhost.errors import InvalidRequest
+from modelhost.errors import InvalidRequest, ModelhostError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class _ClosingStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except ModelhostError as exc:
+            # A later sentence failed after the answer started: the status cannot change,
+            # so the body ends without its last chunk and the client sees it incomplete
+            # (never a shorter file passed off as whole).
+            log.warning("speech stream ended early: %s", exc.message)
         finally:
             await self._source.aclose()
 
@@ -146,15 +153,23 @@ async def _sse_events(chunks: AsyncIterator[bytes], characters: int) -> AsyncIte
     """OpenAI's speech SSE: a ``speech.audio.delta`` per chunk (base64 of the file's next
     bytes), then ``speech.audio.done`` with the usage (input characters as input tokens:
     the models here have no token count of their own; no output tokens)."""
+    started = False
     try:
         async for chunk in chunks:
+            started = True
             if chunk:
                 audio = base64.b64encode(chunk).decode("ascii")
                 yield _event("speech.audio.delta", {"audio": audio})
-        usage = {"input_tokens": characters, "output_tokens": 0, "total_tokens": characters}
-        yield _event("speech.audio.done", {"usage": usage})
+    except ModelhostError as exc:
+        if not started:  # before the answer: a plain error status
+            raise
+        # After it started: an ``error`` event (OpenAI's error object) ends the stream.
+        yield _event("error", openai_error_body(exc.status_code, exc.message, exc.error))
+        return
     finally:
         await chunks.aclose()
+    usage = {"input_tokens": characters, "output_tokens": 0, "total_tokens": characters}
+    yield _event("speech.audio.done", {"usage": usage})
 
 
 def _event(kind: str, fields: dict) -> bytes:
