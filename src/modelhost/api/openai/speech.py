@@ -130,7 +130,8 @@ async def _speech_chunks(
             )
         voice = resolve_voice(loaded, body.voice)
         assert loaded.sample_rate is not None  # every speaking family records it
-        encoder = StreamEncoder(body.response_format, loaded.sample_rate)
+        # Off the loop: the first one imports PyAV and every one opens a muxer.
+        encoder = await run_audio(StreamEncoder, body.response_format, loaded.sample_rate)
         for index, sentence in enumerate(sentences):
             if index and await request.is_disconnected():
                 log.info("speech for %s: client gone after %d sentences", body.model, index)
