@@ -296,7 +296,10 @@ def bark_and_speecht5(tmp_path_factory):
 
     def manifest(name: str, **extra) -> Manifest:
         return Manifest(
-            name=name, source="huggingface", model_id=f"t/{name}", task="text-to-speech",
+            name=name,
+            source="huggingface",
+            model_id=f"t/{name}",
+            task="text-to-speech",
             extra=extra,
         )
 
@@ -422,6 +425,7 @@ def test_concurrent_streams_never_mix(server):
     # byte for byte what each stream gets alone.
     for alone, together in zip(sequential, concurrent, strict=True):
         assert together == alone
+
 
 def test_sse_events_carry_the_same_audio(server):
     body = {"model": "vits", "input": TWO, "response_format": "pcm", "seed": 9}
@@ -549,4 +553,3 @@ def test_stream_encoder_chunks_join_into_the_whole_file():
     wav = StreamEncoder("wav", RATE)
     data = b"".join([wav.feed(p) for p in parts] + [wav.close()])
     assert sf.read(io.BytesIO(data), dtype="int16")[0].shape == (RATE,)
-
