@@ -830,6 +830,7 @@ class FetchEngine:
                 headers["Range"] = f"bytes={offset}-"
                 headers["If-Range"] = validator
         response = self._open(spec.url, headers=headers, cancel=cancel)
+        progress.throttle.fit_socket(response.connection.sock)
         try:
             return self._receive(spec, response, part, meta, offset, state, progress, cancel)
         finally:

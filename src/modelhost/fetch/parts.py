@@ -639,6 +639,7 @@ class PartedDownload:
         assert self.hasher is not None
         hasher, throttle = self.hasher, self.progress.throttle
         remaining = part.end - part.position
+        throttle.fit_socket(response.connection.sock, self.engine.connections)
         read_some = _body_reader(response.response, remaining)
         unregister = self.stop.on_cancel(response.shutdown)
         buffer, fill, buffer_start = bytearray(PART_BUFFER), 0, part.position
@@ -720,6 +721,7 @@ def fetch_in_parts(
     layout = split(spec.size, part_size)
     headers = {"Range": f"bytes=0-{layout[0].end - 1}"}
     response = engine._open(spec.url, headers=headers, cancel=cancel)
+    progress.throttle.fit_socket(response.connection.sock)
     handed_over = False
     try:
         if response.status == 200:

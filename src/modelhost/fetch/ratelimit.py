@@ -14,6 +14,7 @@ lets through at once) is a tenth of a second's worth, so a 10 s window sees at m
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,13 @@ MIN_BURST = 64 * 1024
 # single receive is a burst (and a cancel is never stuck behind a long debt).
 READ_SLICE_S = 0.02
 MIN_READ = 16 * 1024
+# A capped connection's receive buffer holds this many seconds' worth of its share of the
+# cap: bytes the kernel accepted but the transfer has not yet paid for are bounded by it (the
+# kernel's autotuning would let a slow reader's buffer hold megabytes), while a share still
+# fills a link with up to this round-trip time.
+RCVBUF_S = 0.1
+MIN_RCVBUF = 64 * 1024
+MAX_RCVBUF = 16 * 1024 * 1024
 
 
 class RateLimiter:
@@ -86,6 +94,20 @@ class Throttle:
         if rate is None:
             return default
         return max(MIN_READ, min(default, int(rate * READ_SLICE_S)))
+
+    def fit_socket(self, sock: socket.socket | None, connections: int = 1) -> None:
+        """Bound a capped connection's receive buffer (see ``RCVBUF_S``); ``connections``
+        share the cap. No-op without a cap or a socket."""
+        rate = self.bytes_per_s
+        if rate is None or sock is None:
+            return
+        size = int(rate * RCVBUF_S / max(1, connections))
+        try:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, max(MIN_RCVBUF, min(MAX_RCVBUF, size))
+            )
+        except OSError:  # a socket already closed: nothing to bound
+            pass
 
     def consume(self, nbytes: int, cancel: CancelToken | None = None) -> None:
         """Pay for ``nbytes`` just received, sleeping as long as the caps say; a cancel
