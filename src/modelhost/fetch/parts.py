@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAP_VERSION = 1
-MAP_FLUSH_S = 0.05  # the part map is rewritten at most this often while bytes arrive
+MAP_FLUSH_S = 0.025  # the part map is rewritten at most this often while bytes arrive
 PART_BUFFER = 1024 * 1024  # a worker's receive buffer (handed to the hasher when full)
 HASH_QUEUE = 16  # buffers waiting for the hasher; past it, bytes are read back instead
 READ_BACK = 4 * 1024 * 1024
