@@ -197,3 +197,26 @@ def test_a_bad_max_mbps_is_refused_with_a_message(make_server, fileserver, value
     assert answer.status_code in (400, 422), answer.text
     assert "max_mbps" in answer.text
     assert httpx.get(f"{server.base_url}/models/downloads", timeout=10).json()["total"] == 0
+
+
+def test_the_settings_reach_the_engine(tmp_path):
+    from conftest import make_settings
+
+    from modelhost.api.app import build_services
+
+    settings = make_settings(
+        tmp_path / "home",
+        [],
+        fetch_connections=3,
+        fetch_max_connections=5,
+        fetch_part_threshold_mb=2,
+        fetch_part_size_mb=1.5,
+        fetch_max_mbps=7.5,
+    )
+    engine = build_services(settings).jobs.engine
+    assert (engine.connections, engine.slots.limit) == (3, 5)
+    assert (engine.part_threshold, engine.part_size) == (2_000_000, 1_500_000)
+    assert engine.limiter is not None and engine.limiter.bytes_per_s == 7_500_000
+    defaults = build_services(make_settings(tmp_path / "other", [])).jobs.engine
+    assert (defaults.connections, defaults.slots.limit, defaults.part_threshold) == (8, 16, 64 * MB)
+    assert defaults.part_size is None and defaults.limiter is None
