@@ -40,6 +40,8 @@ armed from the start and counts its own uses:
 * The *outcome* faults ``Status``, ``DropAfter`` and ``Stall`` form a queue: each GET is
   affected by the first one in list order that is not used up, which uses one of its
   ``times``. So ``[Status(503), DropAfter(10)]`` answers 503, then drops, then serves normally.
+  An outcome fault with ``at=N`` applies only to GETs whose ``Range`` starts at byte N (one
+  part of a multi-connection download); other GETs pass it by without using it.
 * The *modifiers* ``Corrupt``, ``IgnoreRange``, ``IgnoreIfRange`` and ``Rate`` apply together
   to every GET that serves content (a GET answered by ``Status`` neither sees nor uses them);
   ``times=k`` means the next k such GETs, ``None`` forever.
@@ -47,6 +49,17 @@ armed from the start and counts its own uses:
   from the old version, and every request that starts after it sees the new one. The switch
   happens when that GET starts, so it is visible before the client can see the first response
   finish or be cut: there is no race for the client's next attempt.
+
+Signed redirects
+----------------
+``add_signed_redirect(path, target, ttl_s)`` answers ``path`` with a 302 to
+``target?expires=<unix time + ttl_s>`` (a fresh one each time, like the Hub's CDN links), and
+``target`` then answers 403 to any GET whose ``expires`` is missing or past (HEAD too).
+
+Connections
+-----------
+``open_connections()`` is how many client connections the server holds open right now (idle
+keep-alive ones included): a client that closed its sockets sees it fall to zero.
 
 Request log
 -----------
@@ -105,6 +118,7 @@ class Status:
     code: int
     times: int = 1
     retry_after: int | None = None
+    at: int | None = None  # only GETs whose Range starts here (None: every GET)
 
 
 @dataclass
@@ -115,6 +129,7 @@ class DropAfter:
 
     nbytes: int
     times: int = 1
+    at: int | None = None  # only GETs whose Range starts here (None: every GET)
 
 
 @dataclass
@@ -125,6 +140,7 @@ class Stall:
     after: int
     seconds: float
     times: int = 1
+    at: int | None = None  # only GETs whose Range starts here (None: every GET)
 
 
 @dataclass
@@ -313,6 +329,8 @@ class _Entry:
     version: _Version | None = None
     redirect: tuple[int, str] | None = None  # (status, location)
     faults: list[_Armed] = field(default_factory=list)
+    signed_ttl_s: float | None = None  # the redirect appends ?expires=now+ttl
+    signed: bool = False  # GETs need an unexpired ?expires= (a signed redirect's target)
 
 
 @dataclass
@@ -471,15 +489,19 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         record = self._record()
         path, range_header = record.path, self.headers.get("Range")
-        entry, plan = owner._plan(path, head)
+        entry, plan = owner._plan(path, head, None if head else record.range_start)
         record.faults = plan.names
         try:
             if entry is None:
                 self._simple(record, 404, b"not found\n")
             elif plan.outcome is not None and isinstance(plan.outcome, Status):
                 self._status_fault(record, plan.outcome)
+            elif entry.signed and not _unexpired(record.query):
+                self._simple(record, 403, b"signature expired\n")
             elif entry.redirect is not None:
                 code, location = entry.redirect
+                if entry.signed_ttl_s is not None:
+                    location = f"{location}?expires={time.time() + entry.signed_ttl_s:.3f}"
                 self._simple(record, code, b"", {"Location": location})
             else:
                 self._content(record, plan, head, range_header)
@@ -758,6 +780,18 @@ class FileServer:
         with self._lock:
             self._entries[_norm(path)] = _Entry(redirect=(status, location))
 
+    def add_signed_redirect(self, path: str, target: str, ttl_s: float) -> None:
+        """Answer ``path`` with a 302 to ``target?expires=...`` valid for ``ttl_s`` seconds;
+        ``target`` (added already) then refuses GETs without an unexpired one (403)."""
+        with self._lock:
+            self._entries[_norm(path)] = _Entry(redirect=(302, target), signed_ttl_s=ttl_s)
+            self._entries[_norm(target)].signed = True
+
+    def open_connections(self) -> int:
+        """Client connections open right now (idle keep-alive ones included)."""
+        with self._lock:
+            return len(self._conns)
+
     def set_faults(self, path: str, faults: list[Fault]) -> None:
         """Replace the faults of ``path`` with fresh ones (use counts start over). Only
         ``Status`` acts on a redirect."""
@@ -812,8 +846,11 @@ class FileServer:
 
     # -- internals used by the handler
 
-    def _plan(self, path: str, head: bool) -> tuple[_Entry | None, _Plan]:
-        """Decide, atomically, which version and faults this request gets."""
+    def _plan(
+        self, path: str, head: bool, range_start: int | None = None
+    ) -> tuple[_Entry | None, _Plan]:
+        """Decide, atomically, which version and faults this request gets (``range_start``:
+        where the request's Range starts, for outcome faults given ``at``)."""
         with self._lock:
             entry = self._entries.get(path)
             if entry is None:
@@ -823,7 +860,15 @@ class FileServer:
                 return entry, plan
             live = [a for a in entry.faults if a.left is None or a.left > 0]
             used: list[_Armed] = []
-            outcome = next((a for a in live if isinstance(a.fault, _OUTCOME)), None)
+            outcome = next(
+                (
+                    a
+                    for a in live
+                    if isinstance(a.fault, _OUTCOME)
+                    and (a.fault.at is None or a.fault.at == range_start)
+                ),
+                None,
+            )
             if outcome is not None:
                 plan.outcome = outcome.fault  # type: ignore[assignment]
                 used.append(outcome)
@@ -867,6 +912,18 @@ class FileServer:
             else:
                 self._conns.discard(sock)
                 self._conns_idle.notify_all()
+
+
+def _unexpired(query: str) -> bool:
+    """Whether a signed URL's ``expires=`` (unix time) is present and still in the future."""
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if name == "expires":
+            try:
+                return float(value) > time.time()
+            except ValueError:
+                return False
+    return False
 
 
 def _norm(path: str) -> str:

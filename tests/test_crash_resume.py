@@ -37,7 +37,14 @@ def make_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def start_server(home: Path, port: int, allow: str) -> subprocess.Popen:
+# These tests measure the single stream's resume: a file this size would otherwise go in
+# parts (tests/test_fetch_parts.py kills a multi-part download).
+ONE_STREAM = {"MODELHOST_FETCH_CONNECTIONS": "1"}
+
+
+def start_server(
+    home: Path, port: int, allow: str, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "MODELHOST_HOME": str(home),
@@ -45,6 +52,7 @@ def start_server(home: Path, port: int, allow: str) -> subprocess.Popen:
         "MODELHOST_URL_ALLOW_DEFAULTS": "false",
         "MODELHOST_FETCH_BACKOFF_S": "0.05",
         "MODELHOST_FETCH_READ_TIMEOUT_S": "5",
+        **(extra_env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
@@ -120,7 +128,7 @@ def test_sigkill_mid_download_resumes_after_restart(tmp_path):
     with FileServer() as files:
         files.add("/big.safetensors", source, etag='"big-v1"', faults=[Rate(RATE)])
         base = f"http://127.0.0.1:{port}"
-        server = start_server(home, port, files.host_port)
+        server = start_server(home, port, files.host_port, ONE_STREAM)
         try:
             job = httpx.post(
                 f"{base}/models/download",
@@ -144,7 +152,7 @@ def test_sigkill_mid_download_resumes_after_restart(tmp_path):
         finally:
             server.kill()
 
-        server = start_server(home, port, files.host_port)
+        server = start_server(home, port, files.host_port, ONE_STREAM)
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -212,7 +220,7 @@ def test_twenty_sigkills_refetch_under_five_percent(tmp_path):
     base = f"http://127.0.0.1:{port}"
     with FileServer() as files:
         files.add("/big.safetensors", source, etag='"big-v1"', faults=[Rate(SLOW_RATE)])
-        server = start_server(home, port, files.host_port)
+        server = start_server(home, port, files.host_port, ONE_STREAM)
         try:
             job_id = httpx.post(
                 f"{base}/models/download",
@@ -228,7 +236,7 @@ def test_twenty_sigkills_refetch_under_five_percent(tmp_path):
                 wait_for_bytes(base, job_id, kill * SIZE / (KILLS + 1))
                 server.send_signal(signal.SIGKILL)
                 server.wait(timeout=10)
-                server = start_server(home, port, files.host_port)
+                server = start_server(home, port, files.host_port, ONE_STREAM)
             status = wait_until_finished(base, job_id)
             assert status["status"] == "completed", status
             info = httpx.get(f"{base}/models/download/big/info").json()

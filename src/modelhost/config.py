@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     # Overrides upstream_timeout_s for the reads of file transfers only (None: use it).
     fetch_read_timeout_s: float | None = Field(default=None, gt=0)
     fetch_parallel_files: int = Field(default=4, ge=1, le=32)
+    # Multi-connection downloads: a file of known size of at least fetch_part_threshold_mb
+    # (MB, 10^6 bytes) is fetched as parts over fetch_connections ranged connections, when
+    # the server honours Range; fetch_max_connections caps transfer connections across all
+    # downloads together. fetch_part_size_mb None: about two parts per connection (8-64 MiB).
+    fetch_connections: int = Field(default=8, ge=1, le=64)
+    fetch_max_connections: int = Field(default=16, ge=1, le=1024)
+    fetch_part_threshold_mb: float = Field(default=64, gt=0)
+    fetch_part_size_mb: float | None = Field(default=None, gt=0)
+    # A bandwidth cap on all downloads together, in MB/s (10^6 bytes/s); None: no cap. A
+    # request's max_mbps caps its own job on top of it.
+    fetch_max_mbps: float | None = Field(default=None, gt=0)
 
     @field_validator("url_allow", "torch_hub_allow", "allowed_hosts", mode="before")
     @classmethod
@@ -206,6 +217,20 @@ class Settings(BaseSettings):
     @property
     def disk_reserve_bytes(self) -> int:
         return int(self.disk_reserve_mb * MB)
+
+    @property
+    def fetch_part_threshold_bytes(self) -> int:
+        return max(1, int(self.fetch_part_threshold_mb * MB))
+
+    @property
+    def fetch_part_size_bytes(self) -> int | None:
+        return (
+            None if self.fetch_part_size_mb is None else max(1, int(self.fetch_part_size_mb * MB))
+        )
+
+    @property
+    def fetch_max_bytes_per_s(self) -> float | None:
+        return None if self.fetch_max_mbps is None else self.fetch_max_mbps * MB
 
     @property
     def cache_limit_bytes(self) -> int | None:

@@ -84,6 +84,11 @@ def build_services(settings: Settings) -> Services:
             if settings.fetch_read_timeout_s
             else "MODELHOST_UPSTREAM_TIMEOUT_S"
         ),
+        connections=settings.fetch_connections,
+        max_connections=settings.fetch_max_connections,
+        part_threshold=settings.fetch_part_threshold_bytes,
+        part_size=settings.fetch_part_size_bytes,
+        max_bytes_per_s=settings.fetch_max_bytes_per_s,
     )
     hub = HubSettings(
         settings.hf_endpoint,

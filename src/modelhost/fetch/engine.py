@@ -51,6 +51,7 @@ from modelhost.fetch.cancel import CancelToken
 from modelhost.fetch.http import TIMEOUT_SETTING, Authorizer, OpenResponse, open_url
 from modelhost.fetch.policy import UrlPolicy
 from modelhost.fetch.progress import Progress
+from modelhost.fetch.ratelimit import NO_THROTTLE, RateLimiter, Throttle, throttle_of
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 # flaky link keeps going as long as it keeps making progress.
 PROGRESS_RESETS_RETRIES = 8 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Multi-connection downloads (fetch/parts.py): files of at least PART_THRESHOLD bytes go in
+# parts over up to CONNECTIONS connections each, MAX_CONNECTIONS across all downloads.
+CONNECTIONS = 8
+MAX_CONNECTIONS = 16
+PART_THRESHOLD = 64 * 1_000_000  # 64 MB (modelhost.units.MB), as the setting says
 # No file is larger than the largest file offset (off_t); a length past it is a lie.
 MAX_LENGTH = 2**63 - 1
 
@@ -427,26 +433,44 @@ def _read_body(
 
 
 class _FileProgress:
-    """One file's share of a job's progress, so that a retry can take back what it counted."""
+    """One file's share of a job's progress, so that a retry can take back what it counted.
 
-    def __init__(self, progress: Progress, path: str) -> None:
+    It is also where bandwidth caps act: every receive is counted here (by the single
+    stream and by every part's worker), and ``add`` sleeps as long as ``throttle`` says.
+    """
+
+    def __init__(
+        self,
+        progress: Progress,
+        path: str,
+        throttle: Throttle = NO_THROTTLE,
+        cancel: CancelToken | None = None,
+    ) -> None:
         self.progress = progress
         self.path = path
+        self.throttle = throttle
+        self.cancel = cancel
         self.counted = 0
         self.transferred = 0
+        self._lock = threading.Lock()  # parts count from several threads
 
     def add(self, nbytes: int) -> None:
         self.progress.add(nbytes, self.path)
-        self.counted += nbytes
-        self.transferred += nbytes
+        with self._lock:
+            self.counted += nbytes
+            self.transferred += nbytes
+        if self.throttle.active:
+            self.throttle.consume(nbytes, self.cancel)
 
     def add_existing(self, nbytes: int) -> None:
         self.progress.add_existing(nbytes, self.path)
-        self.counted += nbytes
+        with self._lock:
+            self.counted += nbytes
 
     def reset(self) -> None:
-        self.progress.remove(self.counted, self.path)
-        self.counted = 0
+        with self._lock:
+            counted, self.counted = self.counted, 0
+        self.progress.remove(counted, self.path)
 
     def set_status(self, status: str) -> None:
         self.progress.set_status(self.path, status)
@@ -465,7 +489,19 @@ class FetchEngine:
         *,
         upstream_timeout_s: float | None = None,
         read_timeout_setting: str = TIMEOUT_SETTING,
+        connections: int = CONNECTIONS,
+        max_connections: int = MAX_CONNECTIONS,
+        part_threshold: int = PART_THRESHOLD,
+        part_size: int | None = None,
+        max_bytes_per_s: float | None = None,
     ) -> None:
+        """``connections``: parallel ranged connections per file of at least
+        ``part_threshold`` bytes (1: always one stream); ``max_connections``: transfer
+        connections across all downloads; ``part_size``: bytes per part (None: about two
+        parts per connection, 8-64 MiB); ``max_bytes_per_s``: a cap on all downloads
+        together (None: none)."""
+        from modelhost.fetch.parts import Slots
+
         self.partial_dir = Path(partial_dir)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.policy = policy
@@ -477,6 +513,15 @@ class FetchEngine:
         self.authorization = authorization
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        if connections < 1 or max_connections < 1 or part_threshold < 1:
+            raise ValueError("connections, max_connections and part_threshold must be >= 1")
+        if part_size is not None and part_size < 1:
+            raise ValueError("part_size must be >= 1")
+        self.connections = connections
+        self.part_threshold = part_threshold
+        self.part_size = part_size
+        self.slots = Slots(max_connections)
+        self.limiter = None if max_bytes_per_s is None else RateLimiter(max_bytes_per_s)
 
     def _open(
         self,
@@ -625,26 +670,36 @@ class FetchEngine:
         key = partial_key(spec)
         return self.partial_dir / f"{key}.part", self.partial_dir / f"{key}.json"
 
+    def parts_map_path(self, spec: FileSpec) -> Path:
+        """Where a multi-part download of ``spec`` keeps its part map."""
+        return self.partial_dir / f"{partial_key(spec)}.parts.json"
+
     def partial_size(self, spec: FileSpec) -> int:
         part, _ = self.partial_paths(spec)
+        return self._held_bytes(part)
+
+    @staticmethod
+    def _held_bytes(part: Path) -> int:
+        """Bytes of a ``.part`` file that are really there: a multi-part download's map
+        counts its parts' written bytes (the file has holes); otherwise its length."""
+        from modelhost.fetch.parts import done_bytes
+
         try:
-            return part.stat().st_size
+            length = part.stat().st_size
         except FileNotFoundError:
             return 0
+        done = done_bytes(part.with_suffix(".parts.json"))
+        return length if done is None else min(done, length)
 
     def partial_bytes(self) -> int:
         """Bytes held in partial files (``*.part``) right now, measured."""
-        total = 0
-        for part in self.partial_dir.glob("*.part"):
-            try:
-                total += part.stat().st_size
-            except FileNotFoundError:  # finished or discarded while we looked
-                continue
-        return total
+        return sum(self._held_bytes(part) for part in self.partial_dir.glob("*.part"))
 
     def discard(self, spec: FileSpec) -> None:
         """Forget any partial bytes of ``spec`` (cancel, force re-download)."""
-        for path in self.partial_paths(spec):
+        parts_map = self.parts_map_path(spec)
+        temporary = parts_map.with_name(parts_map.name + ".tmp")
+        for path in (*self.partial_paths(spec), parts_map, temporary):
             path.unlink(missing_ok=True)
 
     def fetch(
@@ -652,14 +707,17 @@ class FetchEngine:
         spec: FileSpec,
         progress: Progress | None = None,
         cancel: CancelToken | None = None,
+        limiter: RateLimiter | None = None,
     ) -> FetchedFile:
         """Fetch ``spec`` to a verified local file, resuming whatever an earlier attempt left.
 
-        Raises ``Cancelled``, ``DigestMismatch``, ``SizeMismatch``, ``SourceNotAllowed`` or
-        ``FetchError`` (with the last transient error once retries are exhausted).
+        ``limiter`` caps this transfer (a job's ``max_mbps``, shared by its files) on top of
+        the engine's global cap. Raises ``Cancelled``, ``DigestMismatch``, ``SizeMismatch``,
+        ``SourceNotAllowed`` or ``FetchError`` (with the last transient error once retries
+        are exhausted).
         """
         try:
-            return self._fetch(spec, progress, cancel)
+            return self._fetch(spec, progress, cancel, throttle_of(limiter, self.limiter))
         except OSError as exc:
             # The state file, an fsync or a local import can find the disk full too.
             if exc.errno in DISK_FULL_ERRNOS:
@@ -667,10 +725,14 @@ class FetchEngine:
             raise
 
     def _fetch(
-        self, spec: FileSpec, progress: Progress | None, cancel: CancelToken | None
+        self,
+        spec: FileSpec,
+        progress: Progress | None,
+        cancel: CancelToken | None,
+        throttle: Throttle = NO_THROTTLE,
     ) -> FetchedFile:
-        file_progress = _FileProgress(progress or Progress(), spec.path)
         cancel = cancel or CancelToken()
+        file_progress = _FileProgress(progress or Progress(), spec.path, throttle, cancel)
         with self._lock_for(partial_key(spec)):
             if is_local_only(spec):
                 # No network copy to fall back to (an air-gapped cache, a local directory):
@@ -685,7 +747,7 @@ class FetchEngine:
                 file_progress.reset()
                 before = file_progress.transferred
                 try:
-                    local_path, size, digest = self._attempt(spec, file_progress, cancel)
+                    local_path, size, digest = self._attempt_in_slot(spec, file_progress, cancel)
                     file_progress.set_status("done")
                     return FetchedFile(
                         spec=spec,
@@ -727,9 +789,35 @@ class FetchEngine:
             return 0, None
         return offset, state
 
+    def _attempt_in_slot(
+        self, spec: FileSpec, progress: _FileProgress, cancel: CancelToken
+    ) -> tuple[Path, int, str]:
+        """One attempt, holding one of the global connection slots (a multi-part download
+        takes more for its other workers while they have parts to fetch)."""
+        self.slots.acquire(cancel)
+        try:
+            return self._attempt(spec, progress, cancel)
+        finally:
+            self.slots.release()
+
+    def _goes_in_parts(self, spec: FileSpec) -> bool:
+        """A saved part map resumes as parts; a single stream's state resumes as one; a
+        fresh file goes in parts when its size is known and at least the threshold."""
+        if self.parts_map_path(spec).exists():
+            return True
+        if self.partial_paths(spec)[1].exists():
+            return False
+        return self.connections > 1 and spec.size is not None and spec.size >= self.part_threshold
+
     def _attempt(
         self, spec: FileSpec, progress: _FileProgress, cancel: CancelToken
     ) -> tuple[Path, int, str]:
+        if self._goes_in_parts(spec):
+            from modelhost.fetch.parts import fetch_in_parts
+
+            done = fetch_in_parts(self, spec, progress, cancel)
+            if done is not None:
+                return done
         part, meta = self.partial_paths(spec)
         offset, state = self._load_state(spec, part, meta)
         headers: dict[str, str] = {}
@@ -742,6 +830,7 @@ class FetchEngine:
                 headers["Range"] = f"bytes={offset}-"
                 headers["If-Range"] = validator
         response = self._open(spec.url, headers=headers, cancel=cancel)
+        progress.throttle.fit_socket(response.connection.sock)
         try:
             return self._receive(spec, response, part, meta, offset, state, progress, cancel)
         finally:

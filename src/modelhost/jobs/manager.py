@@ -40,6 +40,7 @@ from modelhost.errors import (
 from modelhost.fetch import CancelToken, FetchedFile, FetchEngine, FileSpec, Progress
 from modelhost.fetch.archive import extract_zip, remove_tree
 from modelhost.fetch.engine import set_thread_nice
+from modelhost.fetch.ratelimit import RateLimiter
 from modelhost.jobs.db import JobRepository
 from modelhost.jobs.events import EventBus, EventKind, JobEvent
 from modelhost.jobs.models import Job, JobState, JobView, utcnow
@@ -894,6 +895,8 @@ class JobManager:
         if not to_fetch:
             return [], reused
         workers = min(self.parallel_files, len(to_fetch))
+        # The request's cap, one bucket shared by all of this job's files and connections.
+        limiter = RateLimiter.from_mbps(active.job.request.get("max_mbps"))
         with ThreadPoolExecutor(
             workers,
             thread_name_prefix=f"fetch-{active.job.id}",
@@ -901,7 +904,7 @@ class JobManager:
             initargs=(TRANSFER_NICE,),
         ) as pool:
             futures = [
-                pool.submit(self.engine.fetch, spec, active.progress, active.cancel)
+                pool.submit(self.engine.fetch, spec, active.progress, active.cancel, limiter)
                 for spec in to_fetch
             ]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -962,6 +965,7 @@ class JobManager:
                     if archive.local_path is not None:
                         archive.local_path.unlink(missing_ok=True)
                         archive.local_path.with_suffix(".json").unlink(missing_ok=True)
+                        archive.local_path.with_suffix(".parts.json").unlink(missing_ok=True)
             raise
         return unpacked
 

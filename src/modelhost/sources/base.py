@@ -90,6 +90,15 @@ class DownloadRequest(BaseModel):
     ignore_patterns: list[str] | None = Field(
         default=None, description="huggingface source: skip files matching these globs"
     )
+    # Not part of the identity (it changes how fast, not what, gets installed): a request
+    # that differs only in max_mbps joins the job already running, which keeps its own cap.
+    max_mbps: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description="cap this download's bandwidth, in MB/s (10^6 bytes per second), on top "
+        "of MODELHOST_FETCH_MAX_MBPS; all its files and connections share it",
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,769 @@
+"""Multi-connection downloads: one large file as byte ranges over parallel connections.
+
+A file of at least the engine's ``part_threshold`` bytes (known size) is split into parts.
+The first request asks for part 0 only (``Range: bytes=0-N``): a 206 says the server honours
+ranges and gives the validator (strong ETag, else Last-Modified) every later part is asked
+with (``If-Range``); a 200 means it does not, and that response is streamed whole as one
+connection, as before. Parts are claimed lowest first by up to ``connections`` workers (each
+holds one of the engine's global connection slots), written where they belong in the one
+``.part`` file, and recorded in ``<key>.parts.json`` (each part's range, the bytes of it
+written, the validator), which is rewritten atomically every ``MAP_FLUSH_S`` while bytes
+arrive. Bytes a process wrote sit in the page cache, which outlives a SIGKILL; so a restart
+resumes every unfinished part from its recorded offset (with ``If-Range``), and the whole
+file's sha256 and size, checked at the end, catch a power cut's bad tail.
+
+A part answered with another version (200 to a ranged ``If-Range`` request, a different
+ETag or Last-Modified, a Content-Range that does not fit) restarts the whole file from zero,
+never splicing versions. A part answered 403/410 from a redirect target (an expired signed
+CDN URL) re-resolves the original URL once, and carries on with the fresh target.
+
+The sha256 is computed as the contiguous prefix grows: the worker of the first unfinished
+part hands its buffers to the hashing thread as they fill; bytes written ahead of the
+prefix are read back (from the page cache) when the prefix reaches them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from modelhost.errors import (
+    DISK_FULL_ERRNOS,
+    Cancelled,
+    FetchError,
+    SizeMismatch,
+    TransientFetchError,
+)
+from modelhost.fetch.cancel import CancelToken
+from modelhost.fetch.engine import (
+    _CONTENT_RANGE,
+    PROGRESS_RESETS_RETRIES,
+    FileSpec,
+    _body_reader,
+    _error_for_status,
+    _FileProgress,
+    _strong_etag,
+    _thread_nice,
+    disk_full,
+    set_thread_nice,
+    upstream_error,
+    verify,
+)
+from modelhost.fetch.http import OpenResponse
+
+if TYPE_CHECKING:
+    from modelhost.fetch.engine import FetchEngine
+
+log = logging.getLogger(__name__)
+
+MAP_VERSION = 1
+MAP_FLUSH_S = 0.025  # the part map is rewritten at most this often while bytes arrive
+PART_BUFFER = 1024 * 1024  # a worker's receive buffer (handed to the hasher when full)
+HASH_QUEUE = 16  # buffers waiting for the hasher; past it, bytes are read back instead
+READ_BACK = 4 * 1024 * 1024
+SLOT_POLL_S = 0.1  # how often a waiting worker checks for a cancel or for no work left
+# Automatic part size: about two parts per connection, within these bounds.
+MIN_AUTO_PART = 8 * 1024 * 1024
+MAX_AUTO_PART = 64 * 1024 * 1024
+PART_ALIGN = 64 * 1024
+EXPIRED_STATUSES = (403, 410)
+MAX_RESOLVES_PER_REQUEST = 3
+
+
+class VersionChanged(TransientFetchError):
+    """A part came from another version of the file: the file restarts from zero."""
+
+
+@dataclass
+class Part:
+    """One byte range ``[start, end)`` of the file; ``done`` bytes of it are written."""
+
+    start: int
+    end: int
+    done: int = 0
+
+    @property
+    def position(self) -> int:
+        return self.start + self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.start + self.done >= self.end
+
+
+@dataclass
+class PartMap:
+    """What ``<key>.parts.json`` holds: the file, its validator, and every part's state."""
+
+    url: str
+    total: int
+    etag: str | None
+    last_modified: str | None
+    parts: list[Part] = field(default_factory=list)
+    version: int = MAP_VERSION
+
+    @property
+    def validator(self) -> str | None:
+        """What ``If-Range`` sends: the strong ETag, else the Last-Modified date."""
+        return _strong_etag(self.etag) or self.last_modified
+
+    @property
+    def done(self) -> int:
+        return sum(part.done for part in self.parts)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> PartMap:
+        data = json.loads(text)
+        parts = [Part(**part) for part in data.pop("parts")]
+        return cls(parts=parts, **data)
+
+    def is_consistent(self, spec: FileSpec) -> bool:
+        """Whether the map describes ``spec``'s file: same URL and size, parts that tile
+        ``[0, total)`` in order, each with a plausible count of bytes done."""
+        if self.version != MAP_VERSION or self.url != spec.url or self.validator is None:
+            return False
+        if spec.size is not None and self.total != spec.size:
+            return False
+        position = 0
+        for part in self.parts:
+            if part.start != position or part.end <= part.start:
+                return False
+            if not 0 <= part.done <= part.end - part.start:
+                return False
+            position = part.end
+        return position == self.total
+
+
+def auto_part_size(total: int, connections: int) -> int:
+    """About two parts per connection (a worker that finishes early takes another), each
+    between 8 and 64 MiB, aligned to 64 KiB."""
+    size = -(-total // (2 * max(1, connections)))
+    size = max(MIN_AUTO_PART, min(MAX_AUTO_PART, size))
+    return -(-size // PART_ALIGN) * PART_ALIGN
+
+
+def split(total: int, part_size: int) -> list[Part]:
+    """The parts of a ``total``-byte file, ``part_size`` bytes each (the last one shorter)."""
+    return [Part(start, min(total, start + part_size)) for start in range(0, total, part_size)]
+
+
+def load_map(path: Path, spec: FileSpec) -> PartMap | None:
+    """The saved part map of ``spec``, None when there is none or it does not fit."""
+    try:
+        saved = PartMap.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return saved if saved.is_consistent(spec) else None
+
+
+def save_map(path: Path, state: PartMap) -> None:
+    """Write the map atomically (a temporary file renamed over it): a kill mid-write leaves
+    the previous map, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(state.to_json())
+    os.replace(temporary, path)
+
+
+def done_bytes(path: Path) -> int | None:
+    """Bytes a saved part map says are written (None without a readable map)."""
+    try:
+        return PartMap.from_json(path.read_text()).done
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full(exc) from exc
+        raise
+
+
+class PrefixHasher:
+    """sha256 (and the git blob id when asked) of the file's contiguous written prefix.
+
+    Workers report every write (``wrote``) and offer full buffers (``offer``); a buffer that
+    starts exactly where the hash has got to is hashed from memory, anything else is read
+    back from the file once the prefix reaches it. Parts a worker is receiving are read back
+    only up to the start of that worker's current buffer, which it will offer itself.
+    """
+
+    def __init__(self, path: Path, state: PartMap, git_size: int | None) -> None:
+        self._state = state
+        self._fd = os.open(path, os.O_RDONLY)
+        self.digest = hashlib.sha256()
+        self.git_digest = hashlib.sha1(f"blob {git_size}\0".encode()) if git_size else None
+        self._lock = threading.Condition()
+        self._queued = 0  # bytes hashed or waiting in the queue: the next byte to take
+        self._buffers: queue.SimpleQueue[tuple[bytearray, int]] = queue.SimpleQueue()
+        self._waiting = 0
+        self._receiving: dict[int, int] = {}  # part index -> start of its worker's buffer
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._nice = _thread_nice()
+        self.from_memory = 0  # bytes hashed from the workers' buffers
+        self.read_back = 0  # bytes read back from the file (the page cache, mostly)
+        self._thread = threading.Thread(target=self._run, name="modelhost-sha256-parts")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def receiving(self, index: int, buffer_start: int | None) -> None:
+        """Part ``index``'s worker now fills a buffer from ``buffer_start`` (None: no worker)."""
+        with self._lock:
+            if buffer_start is None:
+                self._receiving.pop(index, None)
+            else:
+                self._receiving[index] = buffer_start
+            self._lock.notify_all()
+
+    def wrote(self, part: Part, nbytes: int) -> None:
+        """``nbytes`` more of ``part`` are in the file."""
+        with self._lock:
+            part.done += nbytes
+            self._lock.notify_all()
+
+    def offer(self, offset: int, buffer: bytearray, length: int) -> bool:
+        """Hash ``buffer[:length]`` (the bytes at ``offset``) from memory if the prefix is
+        exactly there; True means the hasher took the buffer and the caller needs another."""
+        with self._lock:
+            if offset != self._queued or self._waiting >= HASH_QUEUE:
+                return False
+            self._queued += length
+            self._waiting += 1
+            self._buffers.put((buffer, length))
+            self._lock.notify_all()
+            return True
+
+    def snapshot(self) -> list[Part]:
+        """A consistent copy of the parts' progress (for the part map)."""
+        with self._lock:
+            return [Part(p.start, p.end, p.done) for p in self._state.parts]
+
+    def _readable_until(self) -> int:
+        """The end of what may be read back now (under the lock)."""
+        for index, part in enumerate(self._state.parts):
+            if part.finished:
+                continue
+            limit = self._receiving.get(index)
+            return part.position if limit is None else min(limit, part.position)
+        return self._state.total
+
+    def _next(self) -> tuple[bytearray, int] | tuple[int, int] | None:
+        """The next piece of work: a buffer, a range to read back, or None to stop."""
+        with self._lock:
+            while True:
+                if self._waiting:
+                    self._waiting -= 1
+                    return self._buffers.get()
+                if self._queued >= self._state.total or self._stopped:
+                    return None
+                until = self._readable_until()
+                if until > self._queued:
+                    start = self._queued
+                    length = min(READ_BACK, until - start)
+                    self._queued += length
+                    return start, length
+                self._lock.wait()
+
+    def _update(self, data: memoryview) -> None:
+        self.digest.update(data)
+        if self.git_digest is not None:
+            self.git_digest.update(data)
+
+    def _run(self) -> None:
+        set_thread_nice(self._nice)  # hash at the priority of the transfer it serves
+        scratch = bytearray(READ_BACK)
+        try:
+            while (work := self._next()) is not None:
+                first, length = work
+                if isinstance(first, bytearray):
+                    self._update(memoryview(first)[:length])
+                    self.from_memory += length
+                    continue
+                view = memoryview(scratch)[:length]
+                got = os.preadv(self._fd, [view], first)
+                if got != length:
+                    raise OSError(f"read back {got} of {length} bytes at {first}")
+                self._update(view)
+                self.read_back += length
+        except BaseException as exc:  # reported by finish(); the download fails with it
+            self._error = exc
+
+    def finish(self) -> tuple[str, str | None]:
+        """Wait for the whole file to be hashed; returns (sha256, git blob id)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.digest.hexdigest(), (
+            None if self.git_digest is None else self.git_digest.hexdigest()
+        )
+
+    def close(self) -> None:
+        """Stop hashing (an abandoned download) and release the file."""
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        self._thread.join()
+        os.close(self._fd)
+
+
+class Slots:
+    """The engine's global connection cap (``MODELHOST_FETCH_MAX_CONNECTIONS``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._semaphore = threading.Semaphore(limit)
+
+    def acquire(self, cancel: CancelToken, wanted: threading.Event | None = None) -> bool:
+        """Take a slot, waiting as long as needed; False if ``wanted`` is cleared meanwhile
+        (no work left). Raises ``Cancelled``."""
+        while True:
+            cancel.raise_if_cancelled()
+            if wanted is not None and not wanted.is_set():
+                return False
+            if self._semaphore.acquire(timeout=SLOT_POLL_S):
+                return True
+
+    def release(self) -> None:
+        self._semaphore.release()
+
+
+@dataclass
+class _Shared:
+    """What the workers of one download share, under ``lock``."""
+
+    url: str | None  # the URL parts are asked from (a redirect's target), None: resolve
+    next_index: int = 0
+    claimed: set[int] = field(default_factory=set)
+    error: BaseException | None = None
+    resolutions: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    resolve_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PartedDownload:
+    """One file fetched as parts by several workers; ``run`` blocks until it is verified."""
+
+    def __init__(
+        self,
+        engine: FetchEngine,
+        spec: FileSpec,
+        state: PartMap,
+        progress: _FileProgress,
+        cancel: CancelToken,
+    ) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.state = state
+        self.progress = progress
+        self.cancel = cancel
+        self.part_path, self.meta_path = engine.partial_paths(spec)
+        self.map_path = engine.parts_map_path(spec)
+        self.shared = _Shared(url=None)
+        # Stops every worker: the caller's cancel, or the first part that fails.
+        self.stop = CancelToken()
+        self.more_work = threading.Event()
+        self._flushed_at = 0.0
+        self._flush_lock = threading.Lock()
+        self.hasher: PrefixHasher | None = None
+
+    # --- the whole download ---------------------------------------------------------------
+
+    def run(self, first: OpenResponse | None) -> tuple[Path, int, str]:
+        """Fetch every unfinished part (``first``: part 0's open response), hash, verify;
+        the caller holds one connection slot, used by the first worker."""
+        unlink_cancel = self.cancel.on_cancel(lambda: self.stop.cancel(self.cancel.reason))
+        self.progress.add_existing(self.state.done)
+        git_size = self.state.total if self.spec.git_sha1 else None
+        self.hasher = PrefixHasher(self.part_path, self.state, git_size)
+        helpers: list[threading.Thread] = []
+        try:
+            self.more_work.set()
+            first_index = self._claim()
+            if first_index is not None:
+                opened = first or self._open_part(self.state.parts[first_index])
+                helpers = self._start_helpers()
+                self._work(first_index, opened)
+            self.more_work.clear()
+            for helper in helpers:
+                helper.join()
+            self._raise_if_failed()
+            self.progress.set_status("verifying")  # every byte is in; the hash may lag
+            self._flush(force=True)
+            digest, git_digest = self.hasher.finish()
+            log.debug(
+                "%s: %d bytes hashed as they arrived, %d read back",
+                self.spec.path,
+                self.hasher.from_memory,
+                self.hasher.read_back,
+            )
+        finally:
+            self.more_work.clear()
+            self.stop.cancel("download ended")
+            for helper in helpers:
+                helper.join()
+            unlink_cancel()
+            self.hasher.close()
+        return self._verified(digest, git_digest)
+
+    def _verified(self, digest: str, git_digest: str | None) -> tuple[Path, int, str]:
+        fd = os.open(self.part_path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            verify(self.spec, size, digest, git_digest)
+        except FetchError:
+            self.engine.discard(self.spec)
+            raise
+        return self.part_path, size, digest
+
+    def _raise_if_failed(self) -> None:
+        error = self.shared.error
+        if self.cancel.cancelled:
+            self._flush(force=True)
+            raise Cancelled(self.cancel.reason)
+        if error is None:
+            missing = [i for i, part in enumerate(self.state.parts) if not part.finished]
+            if missing:  # no worker failed, yet parts are left: never hash a file with holes
+                self._flush(force=True)
+                raise TransientFetchError(f"{self.spec.url}: parts {missing} were not fetched")
+            return
+        if isinstance(error, VersionChanged):
+            self.engine.discard(self.spec)  # never splice: the next attempt starts over
+        else:
+            self._flush(force=True)  # what is written stays, for a later resume
+        raise error
+
+    def _start_helpers(self) -> list[threading.Thread]:
+        count = min(self.engine.connections, len(self.state.parts)) - 1
+        nice = _thread_nice()
+        helpers = [
+            threading.Thread(
+                target=self._helper, args=(nice,), name=f"modelhost-part-{i + 1}", daemon=True
+            )
+            for i in range(max(0, count))
+        ]
+        for helper in helpers:
+            helper.start()
+        return helpers
+
+    def _helper(self, nice: int | None) -> None:
+        """A worker beyond the first: takes a global slot while there is work left."""
+        set_thread_nice(nice)
+        try:
+            if not self.engine.slots.acquire(self.stop, self.more_work):
+                return
+        except Cancelled:
+            return
+        try:
+            index = self._claim()
+            if index is not None:
+                self._work(index, None)
+        finally:
+            self.engine.slots.release()
+
+    def _claim(self) -> int | None:
+        """The lowest unfinished part no worker has, now this worker's; None: no work."""
+        with self.shared.lock:
+            for index in range(self.shared.next_index, len(self.state.parts)):
+                part = self.state.parts[index]
+                if index in self.shared.claimed or part.finished:
+                    continue
+                self.shared.claimed.add(index)
+                self.shared.next_index = index + 1
+                return index
+            self.more_work.clear()
+            return None
+
+    def _fail(self, error: BaseException) -> None:
+        with self.shared.lock:
+            if self.shared.error is None:
+                self.shared.error = error
+        self.stop.cancel(f"another part failed: {error}")
+
+    def _work(self, index: int | None, opened: OpenResponse | None) -> None:
+        """Fetch claimed parts one after another until none is left (or the stop)."""
+        fd = os.open(self.part_path, os.O_WRONLY)
+        try:
+            while index is not None:
+                try:
+                    self._fetch_part(fd, index, opened)
+                except Cancelled:
+                    return
+                except BaseException as exc:  # the first failure stops the others
+                    self._fail(exc)
+                    return
+                opened = None
+                index = self._claim()
+        finally:
+            os.close(fd)
+
+    # --- one part -------------------------------------------------------------------------
+
+    def _fetch_part(self, fd: int, index: int, opened: OpenResponse | None) -> None:
+        """Fetch part ``index`` to its end, resuming after transient faults with backoff
+        (the retry count starts over whenever an attempt moved enough bytes)."""
+        part = self.state.parts[index]
+        retry = self.engine.retry
+        attempt = 0
+        while not part.finished:
+            self.stop.raise_if_cancelled()
+            before = part.done
+            try:
+                response = opened or self._open_part(part)
+                opened = None
+                try:
+                    self._check_part_response(part, response)
+                    self._receive_part(fd, index, part, response)
+                finally:
+                    response.close()
+            except VersionChanged:
+                raise
+            except TransientFetchError as exc:
+                self.stop.raise_if_cancelled()
+                if part.done - before >= PROGRESS_RESETS_RETRIES:
+                    attempt = 0
+                if attempt >= retry.retries:
+                    raise FetchError(
+                        f"{exc.message} (part {index + 1} of {len(self.state.parts)}: gave up "
+                        f"after {attempt + 1} attempts)",
+                        error="Download failed",
+                    ) from exc
+                delay = retry.delay(attempt)
+                log.info("retrying part %d of %s in %.2fs: %s", index, self.spec.url, delay, exc)
+                self.stop.sleep(delay)
+                attempt += 1
+        self._flush(force=True)
+
+    def _part_headers(self, part: Part) -> dict[str, str]:
+        validator = self.state.validator
+        assert validator is not None  # a map without one is never used
+        return {"Range": f"bytes={part.position}-{part.end - 1}", "If-Range": validator}
+
+    def _open_part(self, part: Part) -> OpenResponse:
+        """Open the rest of ``part`` from the resolved URL; a 403/410 there (an expired
+        signed URL) re-resolves the original URL, whose redirects lead to a fresh one."""
+        headers = self._part_headers(part)
+        for _ in range(MAX_RESOLVES_PER_REQUEST):
+            with self.shared.lock:
+                url = self.shared.url
+            if url is None:  # a resumed download: its old target may have expired
+                resolved = self._resolve(None, headers)
+                if resolved is not None:
+                    return resolved
+                continue
+            response = self.engine._open(url, headers=headers, cancel=self.stop)
+            if response.status not in EXPIRED_STATUSES or url == self.spec.url:
+                return response
+            response.close()
+            log.info("%s answered %d: asking %s again", url, response.status, self.spec.url)
+            resolved = self._resolve(url, headers)
+            if resolved is not None:
+                return resolved
+        raise FetchError(
+            f"{self.spec.url}: the URLs it redirects to kept expiring", error="Download failed"
+        )
+
+    def _resolve(self, stale: str | None, headers: dict[str, str]) -> OpenResponse | None:
+        """Ask the original URL (following redirects) for this part, unless another worker
+        already replaced ``stale`` meanwhile (then None: use theirs)."""
+        with self.shared.resolve_lock:
+            with self.shared.lock:
+                if self.shared.url != stale:
+                    return None
+            response = self.engine._open(self.spec.url, headers=headers, cancel=self.stop)
+            with self.shared.lock:
+                if stale is not None:
+                    self.shared.resolutions += 1
+                if response.status not in EXPIRED_STATUSES:
+                    self.shared.url = response.url
+            if response.status in EXPIRED_STATUSES:
+                status = response.status
+                response.close()
+                raise upstream_error(
+                    status, f"Upstream answered {status} for {self.spec.url} (asked again)"
+                )
+            return response
+
+    def _check_part_response(self, part: Part, response: OpenResponse) -> None:
+        """Raise unless ``response`` is the asked range of the same version."""
+        if response.status == 206:
+            match = _CONTENT_RANGE.match(response.header("Content-Range") or "")
+            expected = (str(part.position), str(part.end - 1), str(self.state.total))
+            if match is None or match.groups() != expected:
+                raise VersionChanged(
+                    f"{response.url} answered range {response.header('Content-Range')!r} for "
+                    f"bytes {part.position}-{part.end - 1} of {self.state.total}; the file "
+                    "changed: restarting it from zero"
+                )
+            etag, modified = response.header("ETag"), response.header("Last-Modified")
+            if (etag is not None and self.state.etag is not None and etag != self.state.etag) or (
+                self.state.etag is None and modified and modified != self.state.last_modified
+            ):
+                raise VersionChanged(
+                    f"{response.url} is another version now (ETag {etag}, was "
+                    f"{self.state.etag}); restarting the file from zero"
+                )
+            return
+        if response.status in (200, 416):
+            # If-Range did not match (a new version), or ranges are no longer honoured.
+            raise VersionChanged(
+                f"{response.url} answered {response.status} to a part's ranged request: the "
+                "file changed upstream; restarting it from zero"
+            )
+        raise _error_for_status(response)
+
+    def _receive_part(self, fd: int, index: int, part: Part, response: OpenResponse) -> None:
+        """Write the body where it belongs, each receive at once (a kill loses only what was
+        in flight), handing full buffers to the hasher; raises at a short body."""
+        assert self.hasher is not None
+        hasher, throttle = self.hasher, self.progress.throttle
+        remaining = part.end - part.position
+        throttle.fit_socket(response.connection.sock, self.engine.connections)
+        read_some = _body_reader(response.response, remaining)
+        unregister = self.stop.on_cancel(response.shutdown)
+        buffer, fill, buffer_start = bytearray(PART_BUFFER), 0, part.position
+        hasher.receiving(index, buffer_start)
+        try:
+            while remaining:
+                want = min(PART_BUFFER - fill, remaining, throttle.max_read(PART_BUFFER))
+                try:
+                    n = read_some(memoryview(buffer)[fill : fill + want])
+                except (OSError, ValueError) as exc:
+                    self.stop.raise_if_cancelled()
+                    raise TransientFetchError(
+                        f"Connection lost at byte {part.position} of {response.url}: "
+                        f"{exc or type(exc).__name__}"
+                    ) from exc
+                if not n:
+                    self.stop.raise_if_cancelled()
+                    raise TransientFetchError(
+                        f"Connection closed at byte {part.position} of {response.url} "
+                        f"({remaining} bytes of part {index + 1} missing)"
+                    )
+                _pwrite_all(fd, memoryview(buffer)[fill : fill + n], part.position)
+                hasher.wrote(part, n)
+                fill, remaining = fill + n, remaining - n
+                self.progress.add(n)  # sleeps here when a bandwidth cap says so
+                if fill == PART_BUFFER or not remaining:
+                    if hasher.offer(buffer_start, buffer, fill):
+                        buffer = bytearray(PART_BUFFER)
+                    fill, buffer_start = 0, part.position
+                    hasher.receiving(index, buffer_start)
+                self._flush()
+                self.stop.raise_if_cancelled()
+        finally:
+            unregister()
+            hasher.receiving(index, None)
+
+    def _flush(self, force: bool = False) -> None:
+        """Rewrite the part map (at most every ``MAP_FLUSH_S`` unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._flushed_at < MAP_FLUSH_S:
+            return
+        if not self._flush_lock.acquire(blocking=force):
+            return  # another worker is writing it right now
+        try:
+            assert self.hasher is not None
+            self._flushed_at = now
+            snapshot = PartMap(
+                url=self.state.url,
+                total=self.state.total,
+                etag=self.state.etag,
+                last_modified=self.state.last_modified,
+                parts=self.hasher.snapshot(),
+            )
+            save_map(self.map_path, snapshot)
+        finally:
+            self._flush_lock.release()
+
+
+def fetch_in_parts(
+    engine: FetchEngine, spec: FileSpec, progress: _FileProgress, cancel: CancelToken
+) -> tuple[Path, int, str] | None:
+    """Fetch ``spec`` as parts: resume its saved part map, or start one by asking for part 0.
+
+    A server that answers that first request with 200 (no range support) has its response
+    streamed whole, as one connection. Returns None when the server honours ranges but gives
+    no validator to ask the other parts with: the caller then fetches it as one stream.
+    The caller holds one connection slot.
+    """
+    part_path, meta_path = engine.partial_paths(spec)
+    map_path = engine.parts_map_path(spec)
+    saved = load_map(map_path, spec)
+    if saved is not None and part_path.exists():
+        meta_path.unlink(missing_ok=True)
+        return PartedDownload(engine, spec, saved, progress, cancel).run(None)
+    engine.discard(spec)  # a map that does not fit, or a .part without its map
+    if spec.size is None or spec.size < engine.part_threshold or engine.connections < 2:
+        return None  # a map was left for a file that no longer goes in parts
+    part_size = engine.part_size or auto_part_size(spec.size, engine.connections)
+    layout = split(spec.size, part_size)
+    headers = {"Range": f"bytes=0-{layout[0].end - 1}"}
+    response = engine._open(spec.url, headers=headers, cancel=cancel)
+    progress.throttle.fit_socket(response.connection.sock)
+    handed_over = False
+    try:
+        if response.status == 200:
+            log.info("%s ignores Range: fetching it as one stream", response.url)
+            return engine._receive(spec, response, part_path, meta_path, 0, None, progress, cancel)
+        state = _first_part_state(spec, response, layout)
+        if state is None:
+            log.info("%s gives no validator: fetching it as one stream", response.url)
+            return None
+        with open(part_path, "wb"):
+            pass  # an empty file the parts are written into
+        save_map(map_path, state)
+        download = PartedDownload(engine, spec, state, progress, cancel)
+        download.shared.url = response.url
+        handed_over = True  # the first worker reads and closes it
+        return download.run(response)
+    finally:
+        if not handed_over:
+            response.close()
+
+
+def _first_part_state(spec: FileSpec, response: OpenResponse, layout: list[Part]) -> PartMap | None:
+    """The part map a 206 for part 0 starts (None: no validator); raises for other answers."""
+    if response.status != 206:
+        raise _error_for_status(response)
+    match = _CONTENT_RANGE.match(response.header("Content-Range") or "")
+    total = spec.size
+    if match is None or match.group(1) != "0" or match.group(2) != str(layout[0].end - 1):
+        raise TransientFetchError(
+            f"{response.url} answered range {response.header('Content-Range')!r} for "
+            f"bytes 0-{layout[0].end - 1}"
+        )
+    if match.group(3) != str(total):
+        raise SizeMismatch(
+            f"{spec.url} is {match.group(3)} bytes upstream, expected {total}; "
+            "the file changed upstream or the expected size is wrong"
+        )
+    state = PartMap(
+        url=spec.url,
+        total=int(match.group(3)),
+        etag=response.header("ETag"),
+        last_modified=response.header("Last-Modified"),
+        parts=layout,
+    )
+    return state if state.validator is not None else None
