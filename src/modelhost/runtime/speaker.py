@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -49,3 +50,20 @@ def parse_speaker_embedding(value: object, dim: int) -> np.ndarray:
     if not all(math.isfinite(x) for x in numbers):
         raise InvalidInput("speaker embedding must contain only finite numbers")
     return np.asarray(numbers, dtype=np.float32)
+
+
+def shipped_speakers(path: Path, dim: int) -> dict[str, np.ndarray]:
+    """The x-vectors a model ships as ``speaker_embeddings/<name>.npy`` (float arrays of
+    ``dim`` values; others are skipped: they are not this model's speakers), by name."""
+    found: dict[str, np.ndarray] = {}
+    folder = Path(path) / "speaker_embeddings"
+    if not folder.is_dir():
+        return found
+    for file in sorted(folder.glob("*.npy")):
+        try:
+            vector = np.load(file, allow_pickle=False)
+        except (OSError, ValueError):
+            continue
+        if vector.dtype.kind == "f" and vector.size == dim and np.isfinite(vector).all():
+            found[file.stem] = vector.reshape(-1).astype(np.float32)
+    return found

@@ -47,6 +47,13 @@ class BarkAdapter(Adapter):
 
         return speak_one(loaded, lambda m: _bark(loaded, m, text, speaker, max_new_tokens), seed)
 
+    def voices(self, loaded: LoadedModel) -> list[str]:
+        """Voice "default" (no preset: Bark's unprompted voice) and the shipped presets."""
+        return ["default", *loaded.extra.get("voice_presets", [])]
+
+    def speaker_for_voice(self, loaded: LoadedModel, voice: str) -> Any:
+        return None if voice == "default" else voice
+
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)
 

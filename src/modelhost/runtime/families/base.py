@@ -265,6 +265,16 @@ class Adapter:
     ) -> BatchPlan | None:
         return None
 
+    def voices(self, loaded: LoadedModel) -> list[str]:
+        """The model's own voice names for the speech API (``voice``); one voice, "default",
+        unless the family knows more. Optional for adapters not built on ``Adapter``."""
+        return ["default"]
+
+    def speaker_for_voice(self, loaded: LoadedModel, voice: str) -> Any:
+        """The ``speaker`` argument ``synthesize`` takes for one of ``voices(loaded)``
+        (None: the family's default voice)."""
+        return None
+
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
         if self.synthesize is not None:
             return SmokeRequest("synthesize", {"text": "hello world", "max_new_tokens": 8})

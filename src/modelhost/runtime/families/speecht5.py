@@ -62,6 +62,14 @@ class SpeechT5Adapter(Adapter):
 
         return speak_one(loaded, lambda m: _speecht5(loaded, m, text, speaker), seed)
 
+    def voices(self, loaded: LoadedModel) -> list[str]:
+        """Voice "default" (the packaged embedding, ``runtime.speaker``) and the x-vectors the
+        model ships as ``speaker_embeddings/<name>.npy``."""
+        return ["default", *sorted(loaded.extra.get("speaker_voices", {}))]
+
+    def speaker_for_voice(self, loaded: LoadedModel, voice: str) -> Any:
+        return loaded.extra.get("speaker_voices", {}).get(voice)
+
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)
 
@@ -69,7 +77,7 @@ class SpeechT5Adapter(Adapter):
 def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
     from transformers import SpeechT5ForTextToSpeech, SpeechT5HifiGan, SpeechT5Processor
 
-    from modelhost.runtime.speaker import default_speaker_embedding
+    from modelhost.runtime.speaker import default_speaker_embedding, shipped_speakers
 
     assert info.vocoder_path is not None  # detect_family guarantees it
     model = SpeechT5ForTextToSpeech.from_pretrained(path, **kw)
@@ -85,6 +93,7 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
             "speaker_embedding_dim": dim,
             "default_speaker": default_speaker_embedding(dim),
             "max_text_positions": int(model.config.max_text_positions),
+            "speaker_voices": shipped_speakers(path, dim),
         },
     )
 

@@ -65,6 +65,14 @@ class VitsAdapter(Adapter):
 
         return vits_batch_plan(loaded, text, speaker, seed)
 
+    def voices(self, loaded: LoadedModel) -> list[str]:
+        """Speaker ids "0" .. "N-1" (config.num_speakers); "default" for one speaker."""
+        speakers = int(loaded.extra.get("num_speakers", 1))
+        return [str(i) for i in range(speakers)] if speakers > 1 else ["default"]
+
+    def speaker_for_voice(self, loaded: LoadedModel, voice: str) -> Any:
+        return int(voice) if voice.isdigit() else None
+
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)
 
