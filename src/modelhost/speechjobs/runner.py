@@ -48,11 +48,6 @@ def new_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-def sentence_seed(seed: int, index: int) -> int:
-    """Sentence ``index``'s seed: ``seed + index``, kept in torch's seed range."""
-    return (seed + index) % 2**64
-
-
 class SpeechJobRunner:
     """The speech jobs of one server: submit, inspect, cancel, delete, and run them."""
 
