@@ -6,14 +6,20 @@ is unloaded mid-job, and let short requests through while they run."""
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import time
 import wave
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import soundfile
 from conftest import RunningServer, make_settings
+from test_crash_resume import free_port
 from tiny_models import build_vits
 
 from modelhost.audio.encode import encode_audio
@@ -355,3 +361,93 @@ def test_final_rows_are_never_written_again(tmp_path):
         2**64 - 1,
     )
     assert stored.sentences == ("a.", "b.")
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+def start_serve(home: Path, port: int, root: Path) -> subprocess.Popen:
+    """A real `modelhost serve` process on ``home`` (as tests/test_crash_resume.py starts it)."""
+    env = {
+        **os.environ,
+        "MODELHOST_HOME": str(home),
+        "MODELHOST_IMPORT_ROOTS": str(root),
+        "MODELHOST_URL_ALLOW_DEFAULTS": "false",
+        "MODELHOST_DEVICE": "cpu",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("modelhost serve did not start")
+
+
+def poll_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/audio/speech/jobs/{job_id}").json()
+        if job["status"] in FINAL:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_job_resumes_at_the_next_sentence_with_the_same_audio(tmp_path):
+    root, home, port = tmp_path / "imports", tmp_path / "home", free_port()
+    build_vits(root / MODEL)
+    text = " ".join(f"Sentence {i} of the crash test, spoken once." for i in range(50))
+    body = {"model": MODEL, "input": text, "response_format": "wav", "seed": 21}
+    base = f"http://127.0.0.1:{port}"
+    server = start_serve(home, port, root)
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            started = client.post(
+                "/models/download",
+                json={"source": "local", "model_id": str(root / MODEL), "name": MODEL},
+            )
+            assert started.status_code == 202, started.text
+            download = started.json()["download_id"]
+            while client.get(f"/models/download/status/{download}").json()["status"] != "completed":
+                time.sleep(0.05)
+            assert client.post(f"/models/{MODEL}/load", json={}).status_code in (200, 409)
+            job = client.post("/v1/audio/speech/jobs", json=body).json()
+        assert job["progress"]["sentences_total"] == 50
+        directory = home / "speech" / job["id"]
+        deadline = time.monotonic() + 60
+        while len(list(directory.glob("*.f32"))) < 5:  # sentences durably written
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+    finally:
+        server.kill()
+    written = len(list(directory.glob("*.f32")))
+    assert 1 <= written < 50, written
+
+    server = start_serve(home, port, root)  # the model is not loaded: the resume loads it
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            resumed = poll_job(client, job["id"])
+            assert resumed["status"] == "completed", resumed
+            assert resumed["resumed_from"] == written  # not one sentence spoken twice
+            assert resumed["progress"] == {"sentences_done": 50, "sentences_total": 50}
+            interrupted = client.get(f"/v1/audio/speech/jobs/{job['id']}/content").content
+            again = client.post("/v1/audio/speech/jobs", json=body).json()
+            uninterrupted = poll_job(client, again["id"])
+            assert uninterrupted["status"] == "completed" and uninterrupted["resumed_from"] is None
+            reference = client.get(f"/v1/audio/speech/jobs/{again['id']}/content").content
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert len(interrupted) > 50 * 1000
+    assert interrupted == reference

@@ -45,6 +45,7 @@ speech_jobs_table = Table(
     Column("sample_rate", Integer),
     Column("audio_bytes", Integer),
     Column("audio_samples", Integer),
+    Column("resumed_from", Integer),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True)),
@@ -80,6 +81,7 @@ def _to_job(row) -> SpeechJob:
         sample_rate=data["sample_rate"],
         audio_bytes=data["audio_bytes"],
         audio_samples=data["audio_samples"],
+        resumed_from=data["resumed_from"],
         **{name: _aware(data[name]) for name in _TIMES},
     )
 
@@ -97,6 +99,7 @@ def _to_row(job: SpeechJob) -> dict:
         "sample_rate": job.sample_rate,
         "audio_bytes": job.audio_bytes,
         "audio_samples": job.audio_samples,
+        "resumed_from": job.resumed_from,
         **{name: getattr(job, name) for name in _TIMES},
     }
 

@@ -76,6 +76,8 @@ class SpeechJob:
     sample_rate: int | None = None
     audio_bytes: int | None = None  # the encoded result's size, once completed
     audio_samples: int | None = None
+    # Sentences already on disk when the job was last resumed after a restart (None: never).
+    resumed_from: int | None = None
     created_at: datetime = field(default_factory=utcnow)
     updated_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None

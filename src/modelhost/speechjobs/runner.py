@@ -238,10 +238,14 @@ class SpeechJobRunner:
     async def _run_sentences(self, job: SpeechJob) -> None:
         total = job.sentences_total
         start = await asyncio.to_thread(self.files.first_missing, job.id, total)
+        resumed = job.id in self._recovered and job.state == SpeechJobState.RUNNING
+        if resumed:
+            log.info("speech job %s resumes at sentence %d of %d", job.id, start + 1, total)
         job = job.evolve(
             state=SpeechJobState.RUNNING,
             started_at=job.started_at or utcnow(),
             sentences_done=start,
+            resumed_from=start if resumed else job.resumed_from,
             message=f"Speaking: {start} of {total} sentences done",
         )
         if not await asyncio.to_thread(self.repository.save, job):

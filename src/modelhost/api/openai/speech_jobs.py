@@ -75,6 +75,10 @@ class SpeechJobObject(BaseModel):
     progress: JobProgress
     message: str
     error: JobError | None = None
+    resumed_from: int | None = Field(
+        default=None,
+        description="sentences already spoken when the job last resumed after a restart",
+    )
     voice: str | None
     response_format: str
     speed: float
@@ -132,6 +136,7 @@ def job_object(job: SpeechJob) -> SpeechJobObject:
         ),
         message=job.message,
         error=JobError(message=job.error) if job.error else None,
+        resumed_from=job.resumed_from,
         voice=job.params.voice,
         response_format=job.params.response_format,
         speed=job.params.speed,
