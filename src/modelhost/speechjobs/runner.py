@@ -188,8 +188,10 @@ class SpeechJobRunner:
     # ------------------------------------------------------------------ scheduling
 
     def _stop(self, job_id: str) -> None:
-        self._stopping.add(job_id)
+        """No sentence of ``job_id`` starts from now on (a queued job never starts)."""
         self._queued.pop(job_id, None)
+        if job_id in self._running:
+            self._stopping.add(job_id)
 
     def _kick(self) -> None:
         """Start every queued job its model and the global limit allow, oldest first."""

@@ -22,6 +22,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
+from modelhost.api.openai.errors import openai_error_responses
+from modelhost.audio.encode import FORMATS
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
     SpeechRequest,
@@ -40,7 +42,7 @@ from modelhost.speechjobs.runner import new_seed
 
 # Not ``api.errors`` / ``api.inference`` at import time: ``api.errors`` imports this package
 # (``api.openai.errors``), which imports the route modules; ``loaded_model`` is imported
-# where it is used, and the error responses are described here.
+# where it is used.
 router = APIRouter(
     prefix="/v1",
     dependencies=[Depends(require_api_key), Depends(require_valid_text)],
@@ -101,19 +103,6 @@ class SpeechJobDeleted(BaseModel):
     id: str
     object: Literal["audio.speech.job.deleted"] = "audio.speech.job.deleted"
     deleted: bool = True
-
-
-# Why each status is answered, in OpenAI's error shape ({"error": {message, type, param, code}}).
-_WHY = {
-    400: "Invalid body: a field out of range, an unknown voice, an input with no text",
-    401: "MODELHOST_API_KEY is set and the request lacks 'Authorization: Bearer <key>'",
-    404: "No such speech job, or no such model",
-    409: "Not now: the model is not loaded, the job is not completed, or already finished",
-}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict]:
-    return {code: {"description": _WHY[code]} for code in sorted({401, *statuses})}
 
 
 def _unix(value: datetime | None) -> int | None:
@@ -182,7 +171,7 @@ def _check_tts(loaded: LoadedModel) -> None:
     "/audio/speech/jobs",
     status_code=202,
     summary="Speak a text of any length as a job (progress, resume after restart, cancel)",
-    responses=_errors(400, 404, 409),
+    responses=openai_error_responses(400, 404, 409),
 )
 async def create_speech_job(body: SpeechRequest, services: ServicesDep) -> SpeechJobObject:
     runner = runner_of(services)
@@ -208,7 +197,7 @@ async def create_speech_job(body: SpeechRequest, services: ServicesDep) -> Speec
 @router.get(
     "/audio/speech/jobs",
     summary="List speech jobs, newest first",
-    responses=_errors(400),
+    responses=openai_error_responses(400),
 )
 async def list_speech_jobs(
     services: ServicesDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
@@ -220,7 +209,7 @@ async def list_speech_jobs(
 @router.get(
     "/audio/speech/jobs/{job_id}",
     summary="A speech job's status and progress",
-    responses=_errors(404),
+    responses=openai_error_responses(404),
 )
 async def get_speech_job(job_id: str, services: ServicesDep) -> SpeechJobObject:
     return job_object(await runner_of(services).get(job_id))
@@ -229,7 +218,7 @@ async def get_speech_job(job_id: str, services: ServicesDep) -> SpeechJobObject:
 @router.post(
     "/audio/speech/jobs/{job_id}/cancel",
     summary="Cancel a speech job (the sentence being spoken may finish; no more start)",
-    responses=_errors(404, 409),
+    responses=openai_error_responses(404, 409),
 )
 async def cancel_speech_job(job_id: str, services: ServicesDep) -> SpeechJobObject:
     return job_object(await runner_of(services).cancel(job_id))
@@ -238,7 +227,7 @@ async def cancel_speech_job(job_id: str, services: ServicesDep) -> SpeechJobObje
 @router.delete(
     "/audio/speech/jobs/{job_id}",
     summary="Delete a speech job and its audio (cancelling it first if it runs)",
-    responses=_errors(404),
+    responses=openai_error_responses(404),
 )
 async def delete_speech_job(job_id: str, services: ServicesDep) -> SpeechJobDeleted:
     await runner_of(services).delete(job_id)
@@ -250,8 +239,14 @@ async def delete_speech_job(job_id: str, services: ServicesDep) -> SpeechJobDele
     summary="A completed speech job's audio, in its response_format",
     response_class=FileResponse,
     responses={
-        200: {"description": "The audio", "content": {"audio/mpeg": {}, "audio/wav": {}}},
-        **_errors(404, 409),
+        200: {
+            "description": "The audio, in the job's response_format",
+            "content": {
+                f.media_type: {"schema": {"type": "string", "format": "binary"}}
+                for f in FORMATS.values()
+            },
+        },
+        **openai_error_responses(404, 409),
     },
 )
 async def speech_job_content(job_id: str, services: ServicesDep) -> FileResponse:
