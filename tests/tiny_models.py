@@ -393,9 +393,10 @@ def _write_voice_preset(directory: Path, name: str, rng: Any) -> None:
     (directory / "speaker_embeddings_path.json").write_text(json.dumps(index, indent=2), "utf-8")
 
 
-def build_vits(directory: Path) -> Path:
+def build_vits(directory: Path, **overrides: Any) -> Path:
     """VitsModel (hidden 16, tiny flows and HiFi-GAN) + VitsTokenizer over characters, laid
-    out like facebook/mms-tts-eng (vocab.json, no phonemizer)."""
+    out like facebook/mms-tts-eng (vocab.json, no phonemizer). ``overrides``: VitsConfig
+    fields (e.g. ``num_speakers=3, speaker_embedding_size=8`` for several speakers)."""
     from transformers import VitsConfig, VitsModel, VitsTokenizer
 
     directory = _prepare(directory)
@@ -432,6 +433,7 @@ def build_vits(directory: Path) -> Path:
         depth_separable_num_layers=1,
         sampling_rate=16_000,
         pad_token_id=0,
+        **overrides,
     )
     _torch_seed()
     VitsModel(config).eval().save_pretrained(directory)

@@ -10,12 +10,13 @@ seed from the request's. Nothing here knows about HTTP: the API and the jobs lay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +50,7 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # One atempo instance takes factors in [0.5, 2.0] (FFmpeg's limits; wider ones are chained).
 _ATEMPO_MIN, _ATEMPO_MAX = 0.5, 2.0
 _SEED_MAX = 2**64 - 1
+T = TypeVar("T")
 
 ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 StreamFormat = Literal["audio", "sse"]
@@ -201,7 +203,8 @@ async def synthesize_sentence(
     """Speak ``text`` (one sentence) on ``loaded``'s own inference worker, batched with
     other requests where its family batches: one worker call per sentence, so other requests
     interleave between a long text's sentences. Hold the model (``lifecycle.acquire``) around
-    it. Cancelling the await drops the sentence if it has not started."""
+    it. Cancelling the await drops the sentence if it has not started, and waits for it to
+    end if it has."""
     from modelhost.runtime.batching import worker_for
     from modelhost.runtime.inference import synthesize_work
 
@@ -210,7 +213,23 @@ async def synthesize_sentence(
     )
     future = worker_for(loaded).submit(work, batch_fn)
     future.add_done_callback(lambda f: _spoken(f, loaded.name, index))
-    return await asyncio.wrap_future(future)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        await _finish_running(future)
+        raise
+
+
+async def _finish_running(future: Future) -> None:
+    """After a cancel: a sentence already running on the worker cannot be stopped, so wait
+    (shielded from the cancel) until it ends, and the caller's hold on the model lasts until
+    the model is no longer in use. A queued one was dropped by the cancel."""
+    if future.done():
+        return
+    import anyio
+
+    with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+        await asyncio.wrap_future(future)
 
 
 def _spoken(future: Future, model: str, index: int) -> None:
@@ -220,6 +239,21 @@ def _spoken(future: Future, model: str, index: int) -> None:
 
 
 # --------------------------------------------------------------------------- speed
+
+# Tempo changes and encoding run here: neither on the event loop nor on asyncio's default
+# pool (the control plane's), nor on the model's worker (other requests would wait on it).
+AUDIO_THREADS = 2
+_audio_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+async def run_audio(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the audio threads (speed changes, encoding), awaited."""
+    global _audio_pool
+    with _pool_lock:
+        if _audio_pool is None:
+            _audio_pool = ThreadPoolExecutor(AUDIO_THREADS, thread_name_prefix="modelhost-audio")
+    return await asyncio.get_running_loop().run_in_executor(_audio_pool, fn, *args)
 
 
 def tempo_factors(speed: float) -> list[float]:
