@@ -451,3 +451,21 @@ def test_sigkill_mid_job_resumes_at_the_next_sentence_with_the_same_audio(tmp_pa
         server.wait(timeout=30)
     assert len(interrupted) > 50 * 1000
     assert interrupted == reference
+
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm", "flac"])
+def test_a_job_sounds_as_the_speech_endpoint_for_the_same_body(server, fmt):
+    body = {"model": MODEL, "input": TEXT, "response_format": fmt, "seed": 13, "speed": 1.5}
+    direct = server.client.post("/v1/audio/speech", json=body)
+    assert direct.status_code == 200, direct.text
+    job = wait_job(server, submit(server, **{k: v for k, v in body.items() if k != "model"})["id"])
+    assert job["status"] == "completed", job
+    answer = content(server, job["id"])
+    assert answer.headers["content-type"] == direct.headers["content-type"]
+    if fmt == "pcm":
+        assert answer.content == direct.content
+    else:
+        job_samples, job_rate = soundfile.read(io.BytesIO(answer.content), dtype="int16")
+        direct_samples, direct_rate = soundfile.read(io.BytesIO(direct.content), dtype="int16")
+        assert job_rate == direct_rate == RATE
+        assert np.array_equal(job_samples, direct_samples)
