@@ -469,3 +469,38 @@ def test_a_job_sounds_as_the_speech_endpoint_for_the_same_body(server, fmt):
         direct_samples, direct_rate = soundfile.read(io.BytesIO(direct.content), dtype="int16")
         assert job_rate == direct_rate == RATE
         assert np.array_equal(job_samples, direct_samples)
+
+
+def test_deleting_a_running_job_removes_it_and_its_files(server):
+    job = submit(server, input=LONG_TEXT, response_format="wav", seed=6)
+    wait_progress(server, job["id"], 2)
+    directory = server.settings.home / "speech" / job["id"]
+    assert list(directory.glob("*.f32"))
+    deleted = server.client.delete(f"/v1/audio/speech/jobs/{job['id']}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    time.sleep(0.3)  # a sentence still being spoken must not bring the directory back
+    assert not directory.exists()
+    assert server.client.get(f"/v1/audio/speech/jobs/{job['id']}").status_code == 404
+    after = submit(server, input="The model is free again.", seed=1)  # the runner goes on
+    assert wait_job(server, after["id"])["status"] == "completed"
+
+
+def test_a_model_deleted_mid_job_fails_it(make_server, tmp_path):
+    root = tmp_path / "imports"
+    build_vits(root / MODEL)
+    other = make_server([], import_roots=(root,), device="cpu")
+    install_vits(other, root)
+    job = other.client.post(
+        "/v1/audio/speech/jobs", json={"model": MODEL, "input": LONG_TEXT, "seed": 1}
+    ).json()
+    wait_progress(other, job["id"], 1)
+    assert other.client.delete(f"/models/download/{MODEL}").status_code == 200
+    failed = wait_job(other, job["id"])
+    assert failed["status"] == "failed", failed
+    message = failed["error"]["message"]
+    # Deleted while the job waited for its next sentence, or gone already by then.
+    assert message.startswith("Stopped at sentence "), message
+    assert message.endswith(
+        (f"Model '{MODEL}' is being deleted", f"Model not found in cache: {MODEL}")
+    ), message
+    assert failed["progress"]["sentences_done"] < 300
