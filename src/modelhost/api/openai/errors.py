@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, Field
 from starlette.requests import Request
 
 V1_PREFIX = "/v1/"
@@ -55,42 +54,3 @@ def openai_error_body(
             "code": code or slug(error),
         }
     }
-
-
-class OpenAIErrorDetail(BaseModel):
-    message: str = Field(description="what went wrong and what to do about it")
-    type: str = Field(description="OpenAI's error type for the status")
-    param: str | None = Field(default=None, description="the body field it is about")
-    code: str | None = Field(default=None, description="a short slug of the error")
-
-
-class OpenAIErrorBody(BaseModel):
-    """Every error response of a /v1 route (``openai_error_body`` builds it)."""
-
-    error: OpenAIErrorDetail
-
-
-# Why each status is answered on /v1 routes (a malformed body is 400 there, never 422).
-OPENAI_ERROR_STATUSES = {
-    400: "Invalid request: a malformed body, a value out of range, an unknown voice",
-    401: "MODELHOST_API_KEY is set and the request lacks 'Authorization: Bearer <key>'",
-    403: "Host not in MODELHOST_ALLOWED_HOSTS, or a state change from an Origin not in "
-    "MODELHOST_CORS_ORIGINS",
-    404: "No such model or object",
-    409: "Conflicts with the current state (a model not loaded, a job not completed)",
-    501: "Part of the API but not built in this version",
-    503: "The server cannot take the request now",
-}
-
-
-def openai_error_responses(*statuses: int) -> dict[int | str, dict]:
-    """``responses=`` for a /v1 route: the guard's 401/403 plus ``statuses``, each with
-    OpenAI's error body, and ``4XX`` for the rest (which also keeps FastAPI from listing a
-    422 that /v1 routes never answer)."""
-    codes = sorted({401, 403, *statuses})
-    body = {"model": OpenAIErrorBody}
-    responses: dict[int | str, dict] = {
-        code: {**body, "description": OPENAI_ERROR_STATUSES[code]} for code in codes
-    }
-    responses["4XX"] = {**body, "description": "Any other client error, in the same shape"}
-    return responses

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
-from modelhost.api.openai.errors import openai_error_responses
+from modelhost.api.openai.schemas import openai_error_responses
 from modelhost.audio.encode import FORMATS
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
