@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
+from modelhost.api.inference import loaded_model
 from modelhost.api.openai.schemas import openai_error_responses
 from modelhost.audio.encode import FORMATS
 from modelhost.audio.sentences import split_sentences
@@ -40,9 +41,6 @@ from modelhost.runtime.wav import Audio
 from modelhost.speechjobs import SpeechJob, SpeechJobRunner, SpeechParams, Synthesize
 from modelhost.speechjobs.runner import new_seed
 
-# Not ``api.errors`` / ``api.inference`` at import time: ``api.errors`` imports this package
-# (``api.openai.errors``), which imports the route modules; ``loaded_model`` is imported
-# where it is used.
 router = APIRouter(
     prefix="/v1",
     dependencies=[Depends(require_api_key), Depends(require_valid_text)],
@@ -178,8 +176,6 @@ async def create_speech_job(body: SpeechRequest, services: ServicesDep) -> Speec
     _check_request(body)
     # The /synthesize rule: the model must be loaded (or MODELHOST_LOAD_ON_DEMAND loads it);
     # its voice is checked now, so a bad one is a 400 here rather than a failed job later.
-    from modelhost.api.inference import loaded_model
-
     async with loaded_model(services, body.model) as loaded:
         _check_tts(loaded)
         resolve_voice(loaded, body.voice)
@@ -262,8 +258,6 @@ async def _job_model(services: Services, name: str, may_load: bool) -> AsyncIter
     """The model held in use for one sentence. ``may_load``: a job recovered at start loads
     its model (the restart unloaded it) before its first sentence; otherwise the
     /synthesize rule holds (an unloaded model fails the job unless MODELHOST_LOAD_ON_DEMAND)."""
-    from modelhost.api.inference import loaded_model
-
     validate_name(name)
     lifecycle = services.lifecycle
     if may_load and not services.runtime.is_loaded(name) and not lifecycle.is_closing(name):
