@@ -507,3 +507,44 @@ def test_a_model_deleted_mid_job_fails_it(make_server, tmp_path):
         (f"Model '{MODEL}' is being deleted", f"Model not found in cache: {MODEL}")
     ), message
     assert failed["progress"]["sentences_done"] < 300
+
+
+def test_start_sweeps_what_a_crash_left(tmp_path):
+    """A directory whose job row is gone goes; a finished job keeps only its audio."""
+    import asyncio
+
+    from sqlalchemy import create_engine
+
+    from modelhost.speechjobs import SentenceFiles, SpeechJobRunner
+
+    repository = SpeechJobRepository(create_engine(f"sqlite:///{tmp_path / 'state.db'}"))
+    files = SentenceFiles(tmp_path / "speech")
+    params = SpeechParams(voice=None, response_format="wav", speed=1.0, seed=1)
+    done = SpeechJob(
+        id="speechjob_done",
+        model=MODEL,
+        state=SpeechJobState.COMPLETED,
+        params=params,
+        sentences=("a.",),
+        sentences_done=1,
+    )
+    repository.insert(done)
+    for job_id in ("speechjob_done", "speechjob_orphan"):
+        files.create(job_id)
+        files.write_sentence(job_id, 0, np.ones(8, np.float32), RATE)
+    files.write_audio("speechjob_done", "wav", b"RIFF")
+
+    async def never(job, index, may_load):
+        raise AssertionError("nothing is left to run")
+
+    async def start_and_stop() -> None:
+        runner = SpeechJobRunner(repository, files)
+        await runner.start(never)
+        await runner.stop()
+
+    asyncio.run(start_and_stop())
+    assert files.job_ids() == ["speechjob_done"]
+    assert sorted(p.name for p in files.directory("speechjob_done").iterdir()) == [
+        "audio.wav",
+        "meta.json",
+    ]

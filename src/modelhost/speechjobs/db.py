@@ -154,6 +154,12 @@ class SpeechJobRepository:
         with _storage_errors(), self.engine.connect() as conn:
             return [_to_job(row) for row in conn.execute(query.limit(limit))]
 
+    def states(self) -> dict[str, SpeechJobState]:
+        """Every job's id and state."""
+        query = select(speech_jobs_table.c.id, speech_jobs_table.c.state)
+        with _storage_errors(), self.engine.connect() as conn:
+            return {row.id: SpeechJobState(row.state) for row in conn.execute(query)}
+
     def delete(self, job_id: str) -> bool:
         """Remove the job's row; whether there was one."""
         query = delete(speech_jobs_table).where(speech_jobs_table.c.id == job_id)

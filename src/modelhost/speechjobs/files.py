@@ -102,9 +102,18 @@ class SentenceFiles:
         write_atomic(self.audio_path(job_id, fmt), data)
 
     def drop_sentences(self, job_id: str) -> None:
-        """Remove the sentence files once the encoded audio is kept."""
-        for path in self.directory(job_id).glob(f"*{SENTENCE_SUFFIX}"):
+        """Remove the sentence files (the encoded audio is kept, or there will be none)."""
+        directory = self.directory(job_id)
+        if not directory.is_dir():
+            return
+        for path in directory.glob(f"*{SENTENCE_SUFFIX}"):
             path.unlink(missing_ok=True)
+
+    def job_ids(self) -> list[str]:
+        """The jobs that have a directory here."""
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if p.is_dir()]
 
     def remove(self, job_id: str) -> None:
         """The job's directory and everything in it."""

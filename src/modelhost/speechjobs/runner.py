@@ -69,6 +69,7 @@ class SpeechJobRunner:
     async def start(self, synthesize: Synthesize) -> None:
         """Begin running jobs; every pending or running job in the database resumes."""
         self._synthesize = synthesize
+        await asyncio.to_thread(self._sweep)
         unfinished = await asyncio.to_thread(
             self.repository.list, (SpeechJobState.PENDING, SpeechJobState.RUNNING), 100_000
         )
@@ -78,6 +79,17 @@ class SpeechJobRunner:
         if unfinished:
             log.info("resuming %d speech job(s)", len(unfinished))
         self._kick()
+
+    def _sweep(self) -> None:
+        """What a crash can leave behind: the directory of a job whose row is gone (killed
+        during a delete), the sentence files of a completed job (killed before they went)."""
+        states = self.repository.states()
+        for job_id in self.files.job_ids():
+            state = states.get(job_id)
+            if state is None:
+                self.files.remove(job_id)
+            elif state.finished:
+                self.files.drop_sentences(job_id)
 
     async def stop(self) -> None:
         """Stop running jobs where they are (their rows stay running: the next start resumes)."""
@@ -153,6 +165,7 @@ class SpeechJobRunner:
         if not await asyncio.to_thread(self.repository.save, cancelled):
             return await self.cancel(job_id)  # it reached a final state meanwhile
         self._stop(job_id)
+        await asyncio.to_thread(self.files.drop_sentences, job_id)  # it will have no audio
         return cancelled
 
     async def delete(self, job_id: str) -> None:
@@ -321,7 +334,8 @@ class SpeechJobRunner:
         failed = job.evolve(
             state=SpeechJobState.FAILED, finished_at=utcnow(), error=message, message=message
         )
-        await asyncio.to_thread(self.repository.save, failed)
+        if await asyncio.to_thread(self.repository.save, failed):
+            await asyncio.to_thread(self.files.drop_sentences, job_id)
 
 
 def _not_ready(job: SpeechJob) -> str:
