@@ -352,9 +352,13 @@ def test_final_rows_are_never_written_again(tmp_path):
         sentences=("a.", "b."),
     )
     repository.insert(job)
+    summary = repository.get(job.id)  # status and listings do not read the text
+    assert (summary.sentences, summary.sentences_total) == ((), 2)
+    assert repository.save(summary.evolve(sentences_done=1))  # and a save never rewrites it
+    assert repository.get(job.id, sentences=True).sentences == ("a.", "b.")
     assert repository.save(job.evolve(state=SpeechJobState.CANCELLED, sentences_done=1))
     assert not repository.save(job.evolve(sentences_done=2))
-    stored = repository.get(job.id)
+    stored = repository.get(job.id, sentences=True)
     assert (stored.state, stored.sentences_done, stored.params.seed) == (
         SpeechJobState.CANCELLED,
         1,

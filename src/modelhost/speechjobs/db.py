@@ -39,6 +39,7 @@ speech_jobs_table = Table(
     Column("state", String(16), nullable=False),
     Column("params", JSON, nullable=False),
     Column("sentences", JSON, nullable=False),
+    Column("sentences_total", Integer, nullable=False),
     Column("sentences_done", Integer, nullable=False, default=0),
     Column("message", Text, nullable=False, default=""),
     Column("error", Text),
@@ -54,6 +55,10 @@ speech_jobs_table = Table(
 )
 
 _TIMES = ("created_at", "updated_at", "started_at", "finished_at")
+# Written once, by insert: a save (after every sentence) never rewrites the text.
+_FIXED = ("id", "model", "params", "sentences", "sentences_total", "created_at")
+# Every column but the text, for status and listings.
+_SUMMARY = [c for c in speech_jobs_table.columns if c.name != "sentences"]
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -74,7 +79,8 @@ def _to_job(row) -> SpeechJob:
         model=data["model"],
         state=SpeechJobState(data["state"]),
         params=SpeechParams.from_json(_loaded(data["params"])),
-        sentences=tuple(_loaded(data["sentences"])),
+        sentences=tuple(_loaded(data["sentences"])) if "sentences" in data else (),
+        sentences_total=data["sentences_total"],
         sentences_done=data["sentences_done"],
         message=data["message"] or "",
         error=data["error"],
@@ -93,6 +99,7 @@ def _to_row(job: SpeechJob) -> dict:
         "state": job.state.value,
         "params": job.params.to_json(),
         "sentences": list(job.sentences),
+        "sentences_total": job.sentences_total,
         "sentences_done": job.sentences_done,
         "message": job.message,
         "error": job.error,
@@ -124,7 +131,7 @@ class SpeechJobRepository:
         query = (
             update(speech_jobs_table)
             .where(speech_jobs_table.c.id == job.id, speech_jobs_table.c.state.not_in(final))
-            .values(**_to_row(job))
+            .values(**{k: v for k, v in _to_row(job).items() if k not in _FIXED})
         )
         with _storage_errors(), self.engine.begin() as conn:
             written = conn.execute(query).rowcount
@@ -132,8 +139,10 @@ class SpeechJobRepository:
             log.debug("speech job %s: not saved as %s, its row is final", job.id, job.state.value)
         return bool(written)
 
-    def get(self, job_id: str) -> SpeechJob | None:
-        query = select(speech_jobs_table).where(speech_jobs_table.c.id == job_id)
+    def get(self, job_id: str, sentences: bool = False) -> SpeechJob | None:
+        """The job ``job_id``; its ``sentences`` too when asked (the runner)."""
+        columns = speech_jobs_table.columns if sentences else _SUMMARY
+        query = select(*columns).where(speech_jobs_table.c.id == job_id)
         with _storage_errors(), self.engine.connect() as conn:
             row = conn.execute(query).first()
         return _to_job(row) if row else None
@@ -141,13 +150,14 @@ class SpeechJobRepository:
     def list(
         self, states: tuple[SpeechJobState, ...] | None = None, limit: int = 100
     ) -> list[SpeechJob]:
-        """Jobs, newest first (oldest first when filtering for ``states``: the run order)."""
+        """Jobs without their sentences, newest first (oldest first when filtering for
+        ``states``: the run order)."""
         table = speech_jobs_table
         if states is None:
-            query = select(table).order_by(table.c.created_at.desc(), table.c.id.desc())
+            query = select(*_SUMMARY).order_by(table.c.created_at.desc(), table.c.id.desc())
         else:
             query = (
-                select(table)
+                select(*_SUMMARY)
                 .where(table.c.state.in_([s.value for s in states]))
                 .order_by(table.c.created_at.asc(), table.c.id.asc())
             )

@@ -69,7 +69,10 @@ class SpeechJob:
     model: str
     state: SpeechJobState
     params: SpeechParams
-    sentences: tuple[str, ...]
+    # The text, split: read from the database only where it is spoken (the runner); status
+    # and listings read ``sentences_total`` alone, however long the text.
+    sentences: tuple[str, ...] = ()
+    sentences_total: int = 0
     sentences_done: int = 0
     message: str = ""
     error: str | None = None
@@ -83,9 +86,9 @@ class SpeechJob:
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
-    @property
-    def sentences_total(self) -> int:
-        return len(self.sentences)
+    def __post_init__(self) -> None:
+        if self.sentences and self.sentences_total != len(self.sentences):
+            object.__setattr__(self, "sentences_total", len(self.sentences))
 
     def evolve(self, **changes: Any) -> SpeechJob:
         """A copy with ``changes`` and a new ``updated_at``."""

@@ -232,7 +232,7 @@ class SpeechJobRunner:
     # ------------------------------------------------------------------ running
 
     async def _run(self, job_id: str) -> None:
-        job = await asyncio.to_thread(self.repository.get, job_id)
+        job = await asyncio.to_thread(self.repository.get, job_id, True)
         if job is None or job.state.finished:
             return
         try:
