@@ -368,7 +368,7 @@ def test_first_chunk_arrives_before_the_last_sentence(client):
 
 
 def test_disconnect_stops_the_remaining_sentences(server):
-    gate = SentenceGate("vits", hold_after=2)
+    gate = SentenceGate("vits", hold_after=1)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
         body = json.dumps({"model": "vits", "input": MANY, "response_format": "pcm"})
@@ -379,13 +379,14 @@ def test_disconnect_stops_the_remaining_sentences(server):
         assert len(response.read1(65536)) > 0  # sentence 0's audio
         conn.sock.shutdown(2)
         conn.close()
-        time.sleep(0.5)  # the server notices while sentence 2 is held on the worker
+        time.sleep(0.5)  # the server notices while sentence 1 is held on the worker
         at_disconnect = gate.count
         gate.released.set()
         time.sleep(1.0)
-        # Sentences 0-2 were spoken (2 held on the worker when the client left); 2 ends,
-        # none after it starts: at most the one running when the client left.
-        assert (at_disconnect, gate.count) == (3, 3)
+        # Sentence 1 is held on the worker when the client leaves (or the server saw the
+        # close before starting it): it ends, and none after it starts.
+        assert at_disconnect in (1, 2)
+        assert gate.count == at_disconnect, (at_disconnect, gate.count)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the hold on the model is released
             rows = server.client.get("/models/managed").json()["downloaded_models"]
@@ -412,17 +413,14 @@ def test_concurrent_streams_never_mix(server):
         assert response.status_code == 200, response.text
         return response.content
 
-    sequential = [np.frombuffer(fetch(job), "<i2").astype(np.int32) for job in jobs]
+    sequential = [fetch(job) for job in jobs]
     with ThreadPoolExecutor(8) as pool:
-        concurrent = [np.frombuffer(b, "<i2").astype(np.int32) for b in pool.map(fetch, jobs)]
+        concurrent = list(pool.map(fetch, jobs))
     assert len({len(b) for b in sequential}) > 1  # different texts: different audio
+    # Concurrent sentences run as padded VITS batches (each item's noise from its own seed):
+    # byte for byte what each stream gets alone.
     for alone, together in zip(sequential, concurrent, strict=True):
-        # Concurrent sentences run as one padded VITS batch, whose float sums differ from a
-        # lone forward's in the last bit: at most one 16-bit step apart. Mixed audio would
-        # differ in length or by thousands of steps.
-        assert len(together) == len(alone)
-        assert np.abs(together - alone).max() <= 1
-
+        assert together == alone
 
 def test_sse_events_carry_the_same_audio(server):
     body = {"model": "vits", "input": TWO, "response_format": "pcm", "seed": 9}

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     load_on_demand: bool = False
     # Speech jobs (/v1/audio/speech/jobs) running at once, over all models (one per model).
     speech_jobs_max_running: int = Field(default=2, ge=1, le=16)
+    # CUDA loads stream safetensors weights onto the GPU (parallel reads into pinned buffers,
+    # copies overlapping reads: runtime/streamer.py); false: from_pretrained, as on CPU.
+    gpu_stream: bool = True
 
     # Where torchvision's weight files are fetched from (a mirror replaces download.pytorch.org).
     torchvision_mirror: str | None = None

@@ -19,6 +19,7 @@ from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
 from modelhost.api.openai import routers as openai_routers
 from modelhost.api.openai import speech_jobs as openai_speech_jobs
+from modelhost.api.openai import voices as speech_voices
 from modelhost.api.security import install_security
 from modelhost.catalog import load_catalog, load_models_config
 from modelhost.config import Settings
@@ -101,6 +102,7 @@ def build_services(settings: Settings) -> Services:
         max_loaded=settings.max_loaded,
         gpu_memory_fraction=settings.gpu_memory_fraction,
         device_setting=settings.device,
+        gpu_stream=settings.gpu_stream,
         cpu_memory_bytes=(
             int(settings.cpu_memory_limit_gb * GB) if settings.cpu_memory_limit_gb else None
         ),
@@ -246,5 +248,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference.router)
     for router in openai_routers():
         app.include_router(router)
+    # The speech API's voices: GET /v1/audio/voices and modelhost's GET /models/{name}/voices.
+    app.include_router(speech_voices.router)
+    app.include_router(speech_voices.models_router)
     app.include_router(ui.router)
     return app

@@ -26,16 +26,12 @@ class AudioFormat:
     media_type: str
     # Sample rates the codec takes (None: any); the first one >= the input's is used.
     rates: tuple[int, ...] | None = None
-    # Bits per second for lossy codecs (None: FFmpeg's default). libmp3lame's default is
-    # about 24 kbit/s for 16 kHz mono, audibly poor; 64 kbit/s is transparent-ish for speech.
-    bit_rate: int | None = None
 
 
 FORMATS: dict[str, AudioFormat] = {
     "mp3": AudioFormat(
         "mp3", "mp3", "libmp3lame", "audio/mpeg",
         (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
-        bit_rate=64_000,
     ),
     "opus": AudioFormat("opus", "ogg", "libopus", "audio/ogg", (8000, 12000, 16000, 24000, 48000)),
     "aac": AudioFormat(
@@ -46,6 +42,11 @@ FORMATS: dict[str, AudioFormat] = {
     "wav": AudioFormat("wav", "wav", "pcm_s16le", "audio/wav"),
     "pcm": AudioFormat("pcm", None, "pcm_s16le", "audio/pcm", (PCM_RATE,)),
 }
+
+
+# Bits per second for the lossy codecs whose FFmpeg default is too low: libmp3lame's is
+# about 24 kbit/s for 16 kHz mono, audibly poor; 64 kbit/s keeps speech clean.
+BIT_RATES: dict[str, int] = {"mp3": 64_000}
 
 
 def audio_format(name: str) -> AudioFormat:
@@ -94,8 +95,8 @@ def _frame(data: np.ndarray, rate: int, sample_format: str):
 
 def _add_stream(container, spec: AudioFormat, rate: int):
     stream = container.add_stream(spec.codec, rate=rate, layout="mono")
-    if spec.bit_rate is not None:
-        stream.bit_rate = spec.bit_rate
+    if spec.name in BIT_RATES:
+        stream.bit_rate = BIT_RATES[spec.name]
     return stream
 
 

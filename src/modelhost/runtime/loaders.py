@@ -37,6 +37,7 @@ from modelhost.runtime.memory import (
     release_cached,
     weights_bytes,
 )
+from modelhost.runtime.pretrained import stream_enabled
 from modelhost.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -170,13 +171,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _build(info: FamilyInfo, path: Path, device: torch.device, safetensors: bool) -> Parts:
-    """The family loader's parts moved to ``device``. Whatever Transformers or torch raise
-    about the model's own files becomes a 400 naming the model; running out of memory a
-    409; either way nothing stays allocated."""
+def _build(
+    info: FamilyInfo, path: Path, device: torch.device, safetensors: bool, stream: bool = False
+) -> Parts:
+    """The family loader's parts moved to ``device`` (``stream``: Transformers weights are
+    streamed onto it, ``runtime.pretrained``). Whatever Transformers or torch raise about
+    the model's own files becomes a 400 naming the model; running out of memory a 409;
+    either way nothing stays allocated."""
     try:
         adapter = adapter_for(info.family)
-        parts = adapter.load(info, path, LoadOptions(device, safetensors))
+        parts = adapter.load(info, path, LoadOptions(device, safetensors, stream))
         parts.model.eval().to(device)
         if parts.vocoder is not None:
             parts.vocoder.eval().to(device)
@@ -211,10 +215,16 @@ def _load_error(exc: Exception, path: Path, device: torch.device) -> Exception:
 
 
 def load(
-    manifest: Manifest, path: Path, device: torch.device, allow_pickle: bool = False
+    manifest: Manifest,
+    path: Path,
+    device: torch.device,
+    allow_pickle: bool = False,
+    gpu_stream: bool = True,
 ) -> LoadedModel:
     """Load an installed model onto ``device`` and measure it. Blocking: call it in a
-    worker thread. Raises ``UnsupportedModel`` / ``PickleNotAllowed`` / ``PickleRefused`` /
+    worker thread. ``gpu_stream`` (``MODELHOST_GPU_STREAM``): on CUDA, safetensors weights
+    are streamed onto the GPU (``runtime.pretrained``) instead of read through the CPU.
+    Raises ``UnsupportedModel`` / ``PickleNotAllowed`` / ``PickleRefused`` /
     ``MalformedWeights`` before reading weights when the model cannot or may not be
     loaded (``preflight``; the registry also sizes it from its config first)."""
     path = Path(path)
@@ -224,7 +234,8 @@ def load(
 
     started = time.perf_counter()
     before = read_allocator(device)
-    parts = _build(info, path, device, checked.safetensors)
+    stream = stream_enabled(device, gpu_stream)
+    parts = _build(info, path, device, checked.safetensors, stream)
     after = read_allocator(device)
     seconds = time.perf_counter() - started
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,13 +52,17 @@ Loader = Callable[[Manifest, Path, "torch.device", bool], LoadedModel]
 
 
 def load_on_first_use(
-    manifest: Manifest, path: Path, device: torch.device, allow_pickle: bool
+    manifest: Manifest,
+    path: Path,
+    device: torch.device,
+    allow_pickle: bool,
+    gpu_stream: bool = True,
 ) -> LoadedModel:
     """The default loader, ``loaders.load``, imported by the first load (torch and
     transformers with it), not when the server starts."""
     from modelhost.runtime.loaders import load
 
-    return load(manifest, path, device, allow_pickle)
+    return load(manifest, path, device, allow_pickle, gpu_stream)
 
 
 DRAIN_TIMEOUT_S = 30.0  # how long an unload waits for the requests in flight
@@ -108,6 +113,7 @@ class ModelRegistry:
         cpu_memory_bytes: int | None = None,
         loader: Loader | None = None,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        gpu_stream: bool = True,
     ) -> None:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1 (or None for no limit)")
@@ -117,7 +123,8 @@ class ModelRegistry:
         self.gpu_memory_fraction = gpu_memory_fraction
         self.device_setting = device_setting
         self.cpu_memory_bytes = cpu_memory_bytes
-        self._loader: Loader = loader or load_on_first_use
+        # gpu_stream (MODELHOST_GPU_STREAM): CUDA loads stream safetensors onto the GPU.
+        self._loader: Loader = loader or partial(load_on_first_use, gpu_stream=gpu_stream)
         self._models: dict[str, LoadedModel] = {}
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.RLock()  # guards the dicts below and the budget; held briefly

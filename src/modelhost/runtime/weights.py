@@ -211,12 +211,28 @@ def _read_header_json(handle: BinaryIO, name: str, file_size: int) -> tuple[dict
     return header, length
 
 
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    """A checked safetensors file: its tensors, where their data section starts (8 + the
+    header's length) and the file's size."""
+
+    tensors: dict[str, TensorEntry]
+    data_start: int
+    file_size: int
+
+
 def safetensors_header(file: Path, name: str | None = None) -> dict[str, TensorEntry]:
     """The checked header of a safetensors file: tensor name -> dtype, shape, byte range.
 
     Everything the safetensors library would trip over is checked here first, so a bad
     file is a ``MalformedWeights`` (400) naming ``name`` (default: the file's name) and what
     is wrong, before any loader sees it."""
+    return safetensors_layout(file, name).tensors
+
+
+def safetensors_layout(file: Path, name: str | None = None) -> SafetensorsLayout:
+    """``safetensors_header`` with the data section's offset in the file (the streamer reads
+    the byte ranges itself)."""
     name = name or Path(file).name
     try:
         with open(file, "rb") as handle:
@@ -235,7 +251,7 @@ def safetensors_header(file: Path, name: str | None = None) -> dict[str, TensorE
         )
     tensors = {key: _tensor_entry(name, key, value) for key, value in header.items()}
     _check_layout(name, tensors, file_size - 8 - length)
-    return tensors
+    return SafetensorsLayout(tensors, 8 + length, file_size)
 
 
 def estimate_bytes(manifest: Manifest, path: Path, device_type: str) -> int:

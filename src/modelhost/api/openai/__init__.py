@@ -11,18 +11,9 @@ from fastapi import APIRouter
 
 
 def routers() -> list[APIRouter]:
-    """Every router of this package, in the order the app includes them: the /v1 routes,
-    then ``GET /models/{name}/voices`` (modelhost's own path for the speech API's voices)."""
-    # Imported here, not at the top: api/errors.py imports this package's errors module, and
-    # route modules import api/errors.py (error_responses) and api/inference.py.
-    from modelhost.api.openai import (
-        embeddings,
-        models,
-        speech,
-        speech_jobs,
-        transcriptions,
-        voices,
-    )
+    """Every /v1 router, in the order the app includes them."""
+    # Imported here, not at the top: api/errors.py imports this package's errors module,
+    # and the route modules import api/errors.py.
+    from modelhost.api.openai import embeddings, models, speech, speech_jobs, transcriptions
 
-    routes = [m.router for m in (models, speech, speech_jobs, transcriptions, embeddings, voices)]
-    return [*routes, voices.models_router]
+    return [m.router for m in (models, speech, speech_jobs, transcriptions, embeddings)]

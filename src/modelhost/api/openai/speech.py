@@ -20,8 +20,8 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
-from modelhost.api.errors import error_responses
 from modelhost.api.inference import loaded_model
+from modelhost.api.openai.schemas import openai_error_responses
 from modelhost.audio.encode import FORMATS, StreamEncoder
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
@@ -82,7 +82,7 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
                 SSE_MEDIA_TYPE: {"schema": {"type": "string"}},
             },
         },
-        **error_responses(400, 404, 409),
+        **openai_error_responses(400, 404, 409),
     },
 )
 async def create_speech(body: SpeechRequest, request: Request, services: ServicesDep) -> Response:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from modelhost.api.deps import ModelNamePath, ServicesDep, require_api_key
 from modelhost.api.errors import error_responses
 from modelhost.api.inference import loaded_model
+from modelhost.api.openai.schemas import openai_error_responses
 from modelhost.audio.speech import builtin_voices, model_voices
 from modelhost.errors import InvalidRequest
 
@@ -50,7 +51,7 @@ async def _voices(services: ServicesDep, name: str) -> VoicesResponse:
 @router.get(
     "/audio/voices",
     summary="The voices of a text-to-speech model (for POST /v1/audio/speech's voice)",
-    responses=error_responses(400, 404, 409),
+    responses=openai_error_responses(400, 404, 409),
 )
 async def list_voices(
     services: ServicesDep,

@@ -73,10 +73,13 @@ class Parts:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How a load was asked for: the target device and whether only safetensors are read."""
+    """How a load was asked for: the target device, whether only safetensors are read, and
+    whether the weights are streamed onto the device (``runtime.pretrained``: CUDA loads
+    with ``MODELHOST_GPU_STREAM`` on)."""
 
     device: torch.device
     safetensors: bool
+    stream: bool = False
 
     def hf_kwargs(self) -> dict[str, Any]:
         """``from_pretrained`` keyword arguments (local files only, dtype, safetensors)."""

@@ -39,7 +39,7 @@ class FeatureExtractionAdapter(Adapter):
         )
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _embed
@@ -55,10 +55,13 @@ class FeatureExtractionAdapter(Adapter):
         return _probe(loaded)
 
 
-def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+    from modelhost.runtime.pretrained import load_pretrained
+
     if info.sentence_transformers:
         from sentence_transformers import SentenceTransformer
 
+        kw = options.hf_kwargs()
         model_kwargs = {"dtype": kw["dtype"], "use_safetensors": kw["use_safetensors"]}
         model = SentenceTransformer(
             str(path), device="cpu", local_files_only=True, model_kwargs=model_kwargs
@@ -66,7 +69,7 @@ def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
         return Parts(model, None, extra={"backend": "sentence-transformers"})
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path, **kw)
+    model = load_pretrained(AutoModel, path, options)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Parts(model, tokenizer, extra={"backend": "transformers-mean-pooling"})
 

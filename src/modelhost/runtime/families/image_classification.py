@@ -39,7 +39,7 @@ class ImageClassificationAdapter(Adapter):
         return ctx.info(Family.IMAGE_CLASSIFICATION, "image-classification")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _classify_image
@@ -54,12 +54,13 @@ class ImageClassificationAdapter(Adapter):
         return SmokeRequest("predict", {"inputs": {"pixels": pixels}, "parameters": {}})
 
 
-def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
     from transformers import AutoModelForImageClassification
 
     from modelhost.runtime.images import ConfigPreprocessor
+    from modelhost.runtime.pretrained import load_pretrained
 
-    model = AutoModelForImageClassification.from_pretrained(path, **kw)
+    model = load_pretrained(AutoModelForImageClassification, path, options)
     processor: Any
     try:
         from transformers import AutoImageProcessor

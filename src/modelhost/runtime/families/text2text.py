@@ -40,7 +40,7 @@ class Text2TextAdapter(Adapter):
         return ctx.info(Family.TEXT2TEXT, "text2text-generation")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _generate
@@ -56,10 +56,12 @@ class Text2TextAdapter(Adapter):
         )
 
 
-def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(path, **kw)
+    from modelhost.runtime.pretrained import load_pretrained
+
+    model = load_pretrained(AutoModelForSeq2SeqLM, path, options)
     return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
 
 

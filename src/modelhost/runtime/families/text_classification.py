@@ -40,7 +40,7 @@ class TextClassificationAdapter(Adapter):
         return ctx.info(Family.TEXT_CLASSIFICATION, "text-classification")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _classify_text
@@ -56,10 +56,12 @@ class TextClassificationAdapter(Adapter):
         return _probe(loaded)
 
 
-def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
+    from modelhost.runtime.pretrained import load_pretrained
+
+    model = load_pretrained(AutoModelForSequenceClassification, path, options)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     return Parts(model, tokenizer, extra={"labels": labels})

@@ -39,7 +39,7 @@ class TextGenerationAdapter(Adapter):
         return ctx.info(Family.TEXT_GENERATION, "text-generation")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _generate
@@ -55,10 +55,12 @@ class TextGenerationAdapter(Adapter):
         )
 
 
-def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    from modelhost.runtime.pretrained import load_pretrained
+
+    model = load_pretrained(AutoModelForCausalLM, path, options)
     return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
 
 

@@ -36,7 +36,7 @@ class WhisperAdapter(Adapter):
         return ctx.info(Family.WHISPER, "automatic-speech-recognition")
 
     def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options.hf_kwargs())
+        return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
         from modelhost.runtime.inference import _transcribe
@@ -54,10 +54,12 @@ class WhisperAdapter(Adapter):
         return SmokeRequest("predict", {"inputs": inputs, "parameters": {"max_new_tokens": 2}})
 
 
-def _load_parts(info: FamilyInfo, path: Path, kw: dict[str, Any]) -> Parts:
+def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    model = WhisperForConditionalGeneration.from_pretrained(path, **kw)
+    from modelhost.runtime.pretrained import load_pretrained
+
+    model = load_pretrained(WhisperForConditionalGeneration, path, options)
     processor = WhisperProcessor.from_pretrained(path, local_files_only=True)
     rate = int(processor.feature_extractor.sampling_rate)
     return Parts(model, processor, extra={"input_sample_rate": rate})
