@@ -425,9 +425,10 @@ def test_sigkill_mid_job_resumes_at_the_next_sentence_with_the_same_audio(tmp_pa
             assert started.status_code == 202, started.text
             download = started.json()["download_id"]
             deadline = time.monotonic() + 120
-            while (status := client.get(f"/models/download/status/{download}").json())[
-                "status"
-            ] != "completed":
+            while True:
+                status = client.get(f"/models/download/status/{download}").json()
+                if status["status"] == "completed":
+                    break
                 assert status["status"] not in FINAL and time.monotonic() < deadline, status
                 time.sleep(0.05)
             assert client.post(f"/models/{MODEL}/load", json={}).status_code in (200, 409)
