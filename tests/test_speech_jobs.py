@@ -407,7 +407,7 @@ def poll_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
 
 
 # Two `modelhost serve` processes, each importing torch and loading the model: 20 s on an idle
-# 2-core machine, 40 s on a busy one.
+# 2-core machine, up to 65 s on a busy one.
 @pytest.mark.slow
 def test_sigkill_mid_job_resumes_at_the_next_sentence_with_the_same_audio(tmp_path):
     root, home, port = tmp_path / "imports", tmp_path / "home", free_port()
