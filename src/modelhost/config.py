@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     cpu_memory_limit_gb: float | None = Field(default=None, gt=0)
     load_on_demand: bool = False
+    # Speech jobs (/v1/audio/speech/jobs) running at once, over all models (one per model).
+    speech_jobs_max_running: int = Field(default=2, ge=1, le=16)
     # CUDA loads stream safetensors weights onto the GPU (parallel reads into pinned buffers,
     # copies overlapping reads: runtime/streamer.py); false: from_pretrained, as on CPU.
     gpu_stream: bool = True

@@ -155,3 +155,8 @@ class PickleRejected(FetchError):
 class Cancelled(ModelhostError):
     status_code = 409
     error = "Cancelled"
+
+
+class SpeechJobNotFound(ModelhostError):
+    status_code = 404
+    error = "Speech job does not exist"

@@ -18,6 +18,7 @@ from modelhost.api import downloads, events, health, inference, metrics, models,
 from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
 from modelhost.api.openai import routers as openai_routers
+from modelhost.api.openai import speech_jobs as openai_speech_jobs
 from modelhost.api.openai import voices as speech_voices
 from modelhost.api.security import install_security
 from modelhost.catalog import load_catalog, load_models_config
@@ -31,6 +32,7 @@ from modelhost.jobs import JobManager, JobRepository
 from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
 from modelhost.sources import HubSettings
+from modelhost.speechjobs import SentenceFiles, SpeechJobRepository, SpeechJobRunner
 from modelhost.store import Store
 from modelhost.units import GB
 
@@ -140,6 +142,11 @@ def build_services(settings: Settings) -> Services:
         catalog=load_catalog(),
         runtime=runtime,
         lifecycle=lifecycle,
+        speech_jobs=SpeechJobRunner(
+            SpeechJobRepository(jobs.repository.engine),
+            SentenceFiles(home / "speech"),
+            max_running=settings.speech_jobs_max_running,
+        ),
     )
 
 
@@ -213,11 +220,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = build_services(settings)
         app.state.services = services
         await services.jobs.start()
+        await services.speech_jobs.start(openai_speech_jobs.job_synthesizer(services))
         log.info("modelhost %s serving from %s", __version__, settings.home)
         warm_up_runtime(services.jobs)
         try:
             yield
         finally:
+            await services.speech_jobs.stop()
             await services.jobs.stop()
             await asyncio.to_thread(services.runtime.unload_all)
 

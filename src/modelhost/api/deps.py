@@ -16,6 +16,7 @@ from modelhost.jobs import JobManager
 from modelhost.names import NAME_PATTERN
 from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
+from modelhost.speechjobs import SpeechJobRunner
 from modelhost.store import Store
 
 
@@ -32,6 +33,8 @@ class Services:
     # The owner of each model's life (load, requests in flight, unload, pin, delete): every
     # inference call runs inside ``lifecycle.acquire(name)``.
     lifecycle: ModelLifecycle
+    # Long-form speech jobs (/v1/audio/speech/jobs), in the jobs' database.
+    speech_jobs: SpeechJobRunner | None = None
 
 
 def get_services(request: Request) -> Services:
