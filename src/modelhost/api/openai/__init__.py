@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from modelhost.api.openai import embeddings, models, speech, speech_jobs, transcriptions
-
 
 def routers() -> list[APIRouter]:
     """Every /v1 router, in the order the app includes them."""
+    # Imported here, not at the top: api/errors.py imports this package's errors module,
+    # and the route modules import api/errors.py.
+    from modelhost.api.openai import embeddings, models, speech, speech_jobs, transcriptions
+
     return [m.router for m in (models, speech, speech_jobs, transcriptions, embeddings)]

@@ -1,0 +1,53 @@
+"""What the /v1 resource modules share: finding the request's model, and its errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from modelhost.api.deps import Services
+from modelhost.api.inference import loaded_model
+from modelhost.errors import InvalidName, ModelhostError, ModelNotFound
+from modelhost.names import validate_name
+from modelhost.runtime.loaded import LoadedModel
+from modelhost.store import Manifest
+
+
+def model_not_found(name: str) -> ModelNotFound:
+    """OpenAI's 404 for a model that is not installed (its clients raise ``NotFoundError``)."""
+    return ModelNotFound(
+        f"The model '{name}' does not exist: no installed model has that name "
+        "(GET /v1/models lists them; POST /models/download installs one)",
+        param="model",
+    )
+
+
+async def installed(services: Services, name: str) -> Manifest:
+    """The manifest of the installed model ``name`` (404 when there is none, or it is being
+    deleted; 400 for a name no model can have)."""
+    try:
+        validate_name(name)
+    except InvalidName as exc:
+        exc.param = "model"
+        raise
+    manifest = await asyncio.to_thread(services.store.get, name)
+    if manifest is None or services.lifecycle.is_closing(name):
+        raise model_not_found(name)
+    return manifest
+
+
+@asynccontextmanager
+async def model_in_use(services: Services, name: str) -> AsyncIterator[LoadedModel]:
+    """``loaded_model`` for a /v1 route: the loaded model held in use for the block; its
+    errors (not installed, not loaded, unloaded meanwhile) name ``model`` as their param."""
+    await installed(services, name)
+    try:
+        async with loaded_model(services, name) as loaded:
+            yield loaded
+    except ModelNotFound:  # deleted since installed() saw it
+        raise model_not_found(name) from None
+    except ModelhostError as exc:
+        if exc.status_code == 409 and exc.param is None:  # not loaded, being unloaded
+            exc.param = "model"
+        raise
