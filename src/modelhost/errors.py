@@ -21,9 +21,7 @@ class ModelhostError(Exception):
     # The request field at fault, when one is (OpenAI's ``error.param`` on /v1 routes).
     param: str | None = None
 
-    def __init__(
-        self, message: str, *, error: str | None = None, param: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, error: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if error is not None:

@@ -96,7 +96,7 @@ def transcribe(loaded: LoadedModel, samples: np.ndarray, options: TranscribeOpti
             # What generate detected (the same call), not passed back in: a language given
             # to generate also adds the task token, which changes the transcript.
             language = _detect_language(model, processor, inputs["input_features"])
-    return _transcript(processor.tokenizer, tokens, len(samples) / rate, language, timestamps)
+        return _transcript(loaded, tokens, len(samples) / rate, language, timestamps)
 
 
 def _generation_kwargs(
@@ -142,20 +142,33 @@ def language_name(language: str | None) -> str | None:
 
 
 def _transcript(
-    tokenizer: Any, tokens: torch.Tensor, duration: float, language: str | None, ts: bool
+    loaded: LoadedModel,
+    tokens: torch.Tensor,
+    duration: float,
+    language: str | None,
+    ts: bool,
 ) -> Transcript:
-    ids = tokens.tolist()
-    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    """Text and segments as the transformers ASR pipeline decodes them (its own
+    ``_decode_asr``: the same text, the same chunks, also for partial UTF-8 bytes)."""
+    tokenizer = loaded.processor.tokenizer
+    extractor = loaded.processor.feature_extractor
+    precision = extractor.chunk_length / loaded.model.config.max_source_positions
+    text, optional = tokenizer._decode_asr(
+        [{"tokens": tokens[None]}],
+        return_timestamps=ts,
+        return_language=None,
+        time_precision=precision,
+    )
+    text = str(text).strip()
     segments: list[Segment] = []
-    if ts:
-        decoded = tokenizer.decode(ids, output_offsets=True)
-        for offset in decoded.get("offsets", []):
-            start, end = offset["timestamp"]
-            segments.append(
-                Segment(float(start), float(min(end, duration)), offset["text"], [])
-            )
+    for chunk in optional.get("chunks", []) if ts else []:
+        # Times past the end of the clip (a model's guess) are cut to it.
+        start, end = (
+            duration if t is None else min(float(t), duration) for t in chunk["timestamp"]
+        )
+        segments.append(Segment(start, end, chunk["text"], []))
     if not segments:
         special = set(tokenizer.all_special_ids)
-        segments = [Segment(0.0, duration, text, [t for t in ids if t not in special])]
-        ts = False
+        ids = [t for t in tokens.tolist() if t not in special]
+        segments, ts = [Segment(0.0, duration, text, ids)], False
     return Transcript(text, duration, language_name(language), segments, ts)

@@ -6,12 +6,39 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from pydantic import BaseModel, Field
+
 from modelhost.api.deps import Services
+from modelhost.api.errors import ERROR_STATUSES, GUARD_STATUSES
 from modelhost.api.inference import loaded_model
 from modelhost.errors import InvalidName, ModelhostError, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.store import Manifest
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="what went wrong and what to do about it")
+    type: str = Field(description="OpenAI's error type: invalid_request_error, ...")
+    param: str | None = Field(description="the request field at fault, when one is")
+    code: str | None = Field(description="model_not_found, invalid_api_key, ... or a slug")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error answer on /v1, in OpenAI's shape (its clients raise from the status)."""
+
+    error: OpenAIError
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict]:
+    """``responses=`` for a /v1 route: the guard's statuses, ``statuses``, and every other
+    4xx (a malformed body is a 400 here, never FastAPI's 422), all in OpenAI's shape."""
+    codes: list[int | str] = sorted({*GUARD_STATUSES, *statuses})
+    described = {
+        code: {"model": OpenAIErrorBody, "description": ERROR_STATUSES[code]} for code in codes
+    }
+    described["4XX"] = {"model": OpenAIErrorBody, "description": "Any other invalid request"}
+    return described
 
 
 def model_not_found(name: str) -> ModelNotFound:

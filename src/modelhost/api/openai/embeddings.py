@@ -18,9 +18,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.api.deps import ServicesDep, require_api_key, require_valid_text
-from modelhost.api.errors import error_responses
 from modelhost.api.inference import on_worker
-from modelhost.api.openai.common import installed, model_in_use
+from modelhost.api.openai.common import installed, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
@@ -84,9 +83,7 @@ def parse_input(value: Any) -> list[str]:
 
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts:
-        raise InvalidRequest(
-            "input must be a string or a non-empty list of strings", param="input"
-        )
+        raise InvalidRequest("input must be a string or a non-empty list of strings", param="input")
     if all(isinstance(t, int) and not isinstance(t, bool) for t in texts) or all(
         isinstance(t, list) for t in texts
     ):
@@ -133,7 +130,7 @@ def check_task(name: str, task: str | None) -> None:
 
 def not_embedding(name: str, what: str) -> InvalidRequest:
     return InvalidRequest(
-        f"Model '{name}' is a {what} model, not an embedding model: /v1/embeddings serves "
+        f"Model '{name}' serves {what}, not embeddings: /v1/embeddings serves "
         "feature-extraction models (sentence-transformers or encoders)",
         error="Not an embedding model",
         param="model",
@@ -162,7 +159,7 @@ def check_dimensions(loaded: LoadedModel, requested: Any) -> None:
     "/embeddings",
     summary="OpenAI: embeddings of texts (batched with concurrent requests)",
     response_model=EmbeddingsResponse,
-    responses=error_responses(400, 404, 409, 503),
+    responses=openai_error_responses(400, 404, 409, 503),
 )
 async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> Response:
     from modelhost.runtime.embeddings import embeddings_batch, embeds

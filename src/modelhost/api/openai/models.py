@@ -11,8 +11,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from modelhost.api.deps import ServicesDep, require_api_key
-from modelhost.api.errors import error_responses
-from modelhost.api.openai.common import installed
+from modelhost.api.openai.common import installed, openai_error_responses
 from modelhost.store import Manifest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
@@ -42,7 +41,7 @@ def model_object(manifest: Manifest) -> ModelObject:
     "/models",
     summary="OpenAI: list the installed models",
     response_model=ModelList,
-    responses=error_responses(),
+    responses=openai_error_responses(),
 )
 async def list_models(services: ServicesDep) -> ModelList:
     manifests = await asyncio.to_thread(services.store.list)
@@ -54,7 +53,7 @@ async def list_models(services: ServicesDep) -> ModelList:
     "/models/{model:path}",
     summary="OpenAI: one installed model",
     response_model=ModelObject,
-    responses=error_responses(400, 404),
+    responses=openai_error_responses(400, 404),
 )
 async def retrieve_model(model: str, services: ServicesDep) -> ModelObject:
     return model_object(await installed(services, model))

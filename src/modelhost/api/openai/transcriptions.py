@@ -21,9 +21,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from modelhost.api.deps import ServicesDep, require_api_key
-from modelhost.api.errors import error_responses
 from modelhost.api.inference import on_worker
-from modelhost.api.openai.common import installed, model_in_use
+from modelhost.api.openai.common import installed, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest, NotImplementedYet
 from modelhost.runtime.batching import Work
 
@@ -222,7 +221,15 @@ async def read_upload(upload: UploadFile) -> bytes:
     "/audio/transcriptions",
     summary="OpenAI: transcribe an audio file with a Whisper model",
     openapi_extra=_FORM_SCHEMA,
-    responses=error_responses(400, 404, 409, 501, 503),
+    responses={
+        200: {
+            "model": Transcription,
+            "description": "json / verbose_json: JSON (`text`, and for verbose_json language, "
+            "duration, segments); text, srt, vtt: text/plain",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **openai_error_responses(400, 404, 409, 501, 503),
+    },
 )
 async def create_transcription(request: Request, services: ServicesDep) -> Response:
     from modelhost.runtime.decode import decode_audio
@@ -265,7 +272,7 @@ def check_task(name: str, task: str | None) -> None:
 
 def not_whisper(name: str, what: str) -> InvalidRequest:
     return InvalidRequest(
-        f"Model '{name}' is a {what} model, not speech recognition: "
+        f"Model '{name}' serves {what}, not speech recognition: "
         "/v1/audio/transcriptions serves Whisper models",
         error="Not a speech recognition model",
         param="model",
