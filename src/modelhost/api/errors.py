@@ -83,13 +83,16 @@ def error_response(
     status: int,
     message: str,
     error: str,
+    /,
     headers: dict[str, str] | None = None,
     param: str | None = None,
     code: str | None = None,
     **extra: object,
 ) -> JSONResponse:
     """An error answer in the shape the route's clients read: modelhost's error body, or
-    OpenAI's ``{"error": {...}}`` on the OpenAI-compatible ``/v1`` routes."""
+    OpenAI's ``{"error": {...}}`` on the OpenAI-compatible ``/v1`` routes. The first four
+    are positional-only, so ``extra`` may hold a body field named ``status`` (a failed
+    download's ``"status": "failed"``)."""
     if is_openai_path(request):
         body = openai_error_body(status, message, error, param=param, code=code)
     else:
