@@ -293,7 +293,8 @@ def test_transcription_formats_equal_the_pipeline(client, whisper_dirs, clip):
             model="whisper", file=("clip.wav", data, "audio/wav"), **extra
         )
 
-    assert create(None).text == expected  # json is the default
+    default = create(None)  # json is the default
+    assert default.text == expected and default.usage.seconds == 2.0
     assert create("json").text == expected
     assert create("text") == expected + "\n"
     verbose = create("verbose_json")
@@ -351,6 +352,35 @@ def test_transcription_decodes_other_formats(server, client, whisper_dirs):
         )
         # Codec padding moves the end by a few ms at most.
         assert abs(verbose.duration - 2.0) < 0.1, (name, verbose.duration)
+
+
+@pytest.mark.parametrize(
+    "form, kwargs",
+    [({"prompt": "hello world"}, "prompt"), ({"language": "en"}, {"language": "en"})],
+)
+def test_transcription_prompt_and_language_reach_generate(client, whisper_dirs, clip, form, kwargs):
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    data, samples = clip
+    path = whisper_dirs["whisper"]
+    model = WhisperForConditionalGeneration.from_pretrained(path).eval()
+    processor = WhisperProcessor.from_pretrained(path)
+    features = processor.feature_extractor(
+        samples, sampling_rate=RATE, return_tensors="pt", return_attention_mask=True
+    )
+    if kwargs == "prompt":
+        kwargs = {"prompt_ids": processor.get_prompt_ids(form["prompt"], return_tensors="pt")}
+    tokens = model.generate(
+        input_features=features.input_features,
+        attention_mask=features.attention_mask,
+        num_beams=5,  # the pipeline's default, as the server's (this model sets max_length)
+        **kwargs,
+    )
+    expected = processor.batch_decode(tokens, skip_special_tokens=True)[0].strip()
+    plain = _pipeline(path, samples)["text"].strip()
+    assert expected != plain  # the option changes the transcript of this model
+    got = client.audio.transcriptions.create(model="whisper", file=("clip.wav", data), **form)
+    assert got.text == expected
 
 
 def test_transcription_options(client, clip):

@@ -71,8 +71,14 @@ _FORM_SCHEMA = {
 }
 
 
+class DurationUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
 class Transcription(BaseModel):
     text: str
+    usage: DurationUsage
 
 
 class SegmentObject(BaseModel):
@@ -87,11 +93,6 @@ class SegmentObject(BaseModel):
     tokens: list[int]
     temperature: float
     compression_ratio: float
-
-
-class DurationUsage(BaseModel):
-    type: Literal["duration"] = "duration"
-    seconds: float
 
 
 class VerboseTranscription(BaseModel):
@@ -282,7 +283,8 @@ def not_whisper(name: str, what: str) -> InvalidRequest:
 def render(transcript: Transcript, fmt: str, options: TranscribeOptions) -> Response:
     """The answer in ``response_format``."""
     if fmt == "json":
-        return JSONResponse(Transcription(text=transcript.text).model_dump())
+        usage = DurationUsage(seconds=round(transcript.duration, 3))
+        return JSONResponse(Transcription(text=transcript.text, usage=usage).model_dump())
     if fmt == "text":
         return PlainTextResponse(transcript.text + "\n")
     if fmt == "srt":
