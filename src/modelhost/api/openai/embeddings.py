@@ -23,7 +23,7 @@ from modelhost.api.openai.common import installed, model_in_use, openai_error_re
 from modelhost.errors import InvalidRequest
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
-from modelhost.runtime.families import canonical_task
+from modelhost.runtime.families import canonical_task, family_name
 from modelhost.runtime.loaded import LoadedModel
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch
@@ -128,9 +128,11 @@ def check_task(name: str, task: str | None) -> None:
         raise not_embedding(name, canonical)
 
 
-def not_embedding(name: str, what: str) -> InvalidRequest:
+def not_embedding(name: str, what: str, family: str | None = None) -> InvalidRequest:
+    if what == "feature-extraction" and family:  # a registered family of that task
+        what = f"feature-extraction through the registered family '{family}'"
     return InvalidRequest(
-        f"Model '{name}' serves {what}, not embeddings: /v1/embeddings serves "
+        f"Model '{name}' serves {what}, not embeddings: /v1/embeddings serves the built-in "
         "feature-extraction models (sentence-transformers or encoders)",
         error="Not an embedding model",
         param="model",
@@ -170,7 +172,7 @@ async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> R
     check_task(body.model, manifest.task)
     async with model_in_use(services, body.model) as loaded:
         if not embeds(loaded):
-            raise not_embedding(body.model, loaded.task)
+            raise not_embedding(body.model, loaded.task, family_name(loaded.family))
         check_dimensions(loaded, body.dimensions)
         chunks = []
         for start in range(0, len(texts), CHUNK):
