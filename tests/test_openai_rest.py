@@ -209,9 +209,13 @@ def test_concurrent_embeddings_are_batched(server, client, reference):
     with loaded.lock:  # the worker's first forward waits here: the others queue behind it
         for thread in threads:
             thread.start()
+        # Every request reached the server and is in flight (queued on the worker, or
+        # taken into the batch that waits for the lock); then give the worker's batch
+        # window (50 ms) time to close before the forward may run.
         deadline = time.monotonic() + 30
-        while _row(server)["queued"] < len(TEXTS) - 1 and time.monotonic() < deadline:
+        while _row(server)["inflight"] < len(TEXTS) and time.monotonic() < deadline:
             time.sleep(0.01)
+        time.sleep(0.3)
     for thread in threads:
         thread.join(timeout=60)
     after = _row(server)
@@ -500,3 +504,42 @@ def test_guard_refusal_is_openai_shaped_on_v1(server):
     # modelhost's own routes keep modelhost's body.
     own = server.client.get("/models", headers={"host": "evil.example"})
     assert own.status_code == 403 and own.json()["success"] is False
+
+
+def test_decoding_damaged_files_only_ever_answers_invalid_input():
+    """Seeded mutations of real files (truncated, bytes changed, noise): each decodes or is
+    an InvalidInput (400), never another exception (a 500). This found metadata in broken
+    UTF-8 and a stream whose frames change format mid-way."""
+    import random
+
+    from modelhost.audio.encode import encode_audio
+    from modelhost.runtime.decode import decode_audio
+    from modelhost.runtime.errors import InvalidInput
+
+    originals = [
+        encoded(tone(1.0), RATE, "WAV", "PCM_16"),
+        encoded(tone(1.0), RATE, "FLAC"),
+        encode_audio(tone(1.0), RATE, "mp3"),
+        encode_audio(tone(1.0), RATE, "opus"),
+        encode_audio(tone(1.0), RATE, "aac"),
+    ]
+    rng = random.Random(0)
+    outcomes = {"decoded": 0, "refused": 0}
+    for _ in range(400):
+        data = bytearray(rng.choice(originals))
+        roll = rng.random()
+        if roll < 0.3:
+            data = data[: rng.randrange(1, len(data))]
+        elif roll < 0.8:
+            for _ in range(rng.randrange(1, 20)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        else:
+            data = bytearray(rng.randbytes(rng.randrange(1, 2000)))
+        try:
+            samples = decode_audio(bytes(data), RATE, 30.0)
+        except InvalidInput:
+            outcomes["refused"] += 1
+        else:
+            assert samples.dtype == np.float32 and samples.ndim == 1 and samples.size > 0
+            outcomes["decoded"] += 1
+    assert outcomes["decoded"] > 50 and outcomes["refused"] > 50, outcomes

@@ -21,15 +21,19 @@ def decode_audio(data: bytes, rate: int, max_seconds: float) -> np.ndarray:
 
     limit = int(max_seconds * rate)
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        # Metadata in a broken encoding is skipped, not fatal: only the samples matter.
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
             stream = next((s for s in container.streams if s.type == "audio"), None)
             if stream is None:
                 raise InvalidInput("the file holds no audio stream")
             samples = _decoded(container, stream, rate, limit, max_seconds)
-    except av.FFmpegError as exc:
+    except InvalidInput:
+        raise
+    except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
         raise InvalidInput(
-            f"could not decode the file as audio ({exc.strerror or exc}): send wav, flac, "
-            "mp3, ogg, m4a or webm"
+            f"could not decode the file as audio ({why}): send wav, flac, mp3, ogg, m4a or "
+            "webm"
         ) from None
     if samples.size == 0:
         raise InvalidInput("the audio holds no samples")
@@ -43,7 +47,13 @@ def _decoded(container, stream, rate: int, limit: int, max_seconds: float) -> np
     chunks: list[np.ndarray] = []
     total = 0
     for frame in container.decode(stream):
-        for out in resampler.resample(frame):
+        try:
+            converted = resampler.resample(frame)
+        except ValueError:  # the stream changed format, layout or rate mid-way
+            converted = resampler.resample(None)
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            converted += resampler.resample(frame)
+        for out in converted:
             chunks.append(out.to_ndarray().reshape(-1))
             total += chunks[-1].size
         if total > limit:
