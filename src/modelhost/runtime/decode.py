@@ -32,8 +32,7 @@ def decode_audio(data: bytes, rate: int, max_seconds: float) -> np.ndarray:
     except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
         why = getattr(exc, "strerror", None) or str(exc)
         raise InvalidInput(
-            f"could not decode the file as audio ({why}): send wav, flac, mp3, ogg, m4a or "
-            "webm"
+            f"could not decode the file as audio ({why}): send wav, flac, mp3, ogg, m4a or webm"
         ) from None
     if samples.size == 0:
         raise InvalidInput("the audio holds no samples")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from pydantic import BaseModel, Field
@@ -64,11 +64,19 @@ async def installed(services: Services, name: str) -> Manifest:
     return manifest
 
 
+async def check_model(services: Services, name: str, check: Callable[[Manifest], None]) -> None:
+    """Before a /v1 route uses ``name``: a loaded model needs no disk read (as ``predict``);
+    otherwise its manifest must exist and pass ``check`` (its task), before anything loads."""
+    if services.runtime.is_loaded(name) and not services.lifecycle.is_closing(name):
+        return
+    check(await installed(services, name))
+
+
 @asynccontextmanager
 async def model_in_use(services: Services, name: str) -> AsyncIterator[LoadedModel]:
     """``loaded_model`` for a /v1 route: the loaded model held in use for the block; its
-    errors (not installed, not loaded, unloaded meanwhile) name ``model`` as their param."""
-    await installed(services, name)
+    errors (not installed, not loaded, unloaded meanwhile) name ``model`` as their param.
+    Call ``check_model`` first."""
     try:
         async with loaded_model(services, name) as loaded:
             yield loaded

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.api.deps import ServicesDep, require_api_key, require_valid_text
 from modelhost.api.inference import on_worker
-from modelhost.api.openai.common import installed, model_in_use, openai_error_responses
+from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
@@ -38,6 +38,7 @@ router = APIRouter(
 MAX_INPUTS = 2048  # OpenAI's limit on the texts of one request
 CHUNK = 64  # texts per queued work item (runtime.inference.MAX_BATCH)
 FORMATS = ("float", "base64")
+INLINE_TEXTS = 8  # a response of at most this many vectors is built on the event loop
 
 
 class EmbeddingsRequest(BaseModel):
@@ -168,8 +169,7 @@ async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> R
 
     texts = parse_input(body.input)
     fmt = check_format(body.encoding_format)
-    manifest = await installed(services, body.model)
-    check_task(body.model, manifest.task)
+    await check_model(services, body.model, lambda m: check_task(body.model, m.task))
     async with model_in_use(services, body.model) as loaded:
         if not embeds(loaded):
             raise not_embedding(body.model, loaded.task, family_name(loaded.family))
@@ -180,7 +180,10 @@ async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> R
             work = Work(plan.run_one, plan.group, plan.items, plan.payload)
             chunks.append(on_worker(loaded, work, plan.run))
         rows = await asyncio.gather(*chunks)
-    content = await asyncio.to_thread(response_json, body.model, rows, fmt)
+    if len(texts) <= INLINE_TEXTS:  # microseconds: not worth a thread hop
+        content = response_json(body.model, rows, fmt)
+    else:
+        content = await asyncio.to_thread(response_json, body.model, rows, fmt)
     return Response(content, media_type="application/json")
 
 

@@ -22,7 +22,7 @@ from starlette.formparsers import MultiPartException
 
 from modelhost.api.deps import ServicesDep, require_api_key
 from modelhost.api.inference import on_worker
-from modelhost.api.openai.common import installed, model_in_use, openai_error_responses
+from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest, NotImplementedYet
 from modelhost.runtime.batching import Work
 
@@ -242,8 +242,7 @@ async def create_transcription(request: Request, services: ServicesDep) -> Respo
         data = await read_upload(parsed.upload)
     finally:
         await form.close()
-    manifest = await installed(services, parsed.model)
-    check_task(parsed.model, manifest.task)
+    await check_model(services, parsed.model, lambda m: check_task(parsed.model, m.task))
     async with model_in_use(services, parsed.model) as loaded:
         if not is_whisper(loaded):
             raise not_whisper(parsed.model, loaded.task)
