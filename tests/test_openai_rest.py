@@ -430,6 +430,15 @@ def test_transcription_bad_requests(server, clip, fields, file, param, fragment,
     assert fragment in error["message"]
 
 
+def test_transcription_upload_over_25_mb_is_413(server, client):
+    big = b"\0" * (25 * 1000 * 1000 + 100 * 1024)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.audio.transcriptions.create(model="whisper", file=("big.wav", big))
+    assert caught.value.status_code == 413
+    assert caught.value.body["param"] == "file"
+    assert "at most 25000000" in caught.value.body["message"]
+
+
 def test_transcription_needs_file_and_model(server, clip):
     data, _ = clip
     missing_file = server.client.post(

@@ -76,6 +76,13 @@ class DurationUsage(BaseModel):
     seconds: float
 
 
+class UploadTooLarge(InvalidRequest):
+    """An upload over ``MAX_UPLOAD_BYTES`` (413, as OpenAI answers it)."""
+
+    status_code = 413
+    error = "File too large"
+
+
 class Transcription(BaseModel):
     text: str
     usage: DurationUsage
@@ -195,8 +202,9 @@ async def read_form(request: Request):
     """The multipart form, refusing an upload over ``MAX_UPLOAD_BYTES`` before reading it."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES + 64 * 1024:
-        raise InvalidRequest(
-            f"the upload is {int(length)} bytes; at most {MAX_UPLOAD_BYTES} per file",
+        raise UploadTooLarge(
+            f"the upload is {int(length)} bytes; the file may have at most {MAX_UPLOAD_BYTES}: "
+            "split or compress the audio",
             param="file",
         )
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -212,7 +220,10 @@ async def read_form(request: Request):
 async def read_upload(upload: UploadFile) -> bytes:
     data = await upload.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
-        raise InvalidRequest(f"the file is over {MAX_UPLOAD_BYTES} bytes", param="file")
+        raise UploadTooLarge(
+            f"the file is over {MAX_UPLOAD_BYTES} bytes: split or compress the audio",
+            param="file",
+        )
     if not data:
         raise InvalidRequest("the file is empty", param="file")
     return data
