@@ -29,18 +29,12 @@ class AudioFormat:
 
 FORMATS: dict[str, AudioFormat] = {
     "mp3": AudioFormat(
-        "mp3",
-        "mp3",
-        "libmp3lame",
-        "audio/mpeg",
+        "mp3", "mp3", "libmp3lame", "audio/mpeg",
         (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
     ),
     "opus": AudioFormat("opus", "ogg", "libopus", "audio/ogg", (8000, 12000, 16000, 24000, 48000)),
     "aac": AudioFormat(
-        "aac",
-        "adts",
-        "aac",
-        "audio/aac",
+        "aac", "adts", "aac", "audio/aac",
         (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
     ),
     "flac": AudioFormat("flac", "flac", "flac", "audio/flac"),
