@@ -133,7 +133,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"Invalid request: {_describe_validation(exc)}"
         # OpenAI answers a malformed body with 400; modelhost's own routes keep 422.
         status = 400 if is_openai_path(request) else 422
-        return error_response(request, status, message, "Validation error", param=_first_param(exc))
+        return error_response(
+            request, status, message, "Validation error", param=_first_param(exc)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
