@@ -18,12 +18,16 @@ class ModelhostError(Exception):
 
     status_code = 500
     error = "Internal error"
+    # The request field at fault, when one is (OpenAI's ``error.param`` on /v1 routes).
+    param: str | None = None
 
-    def __init__(self, message: str, *, error: str | None = None) -> None:
+    def __init__(self, message: str, *, error: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if error is not None:
             self.error = error
+        if param is not None:
+            self.param = param
 
 
 class InvalidRequest(ModelhostError):

@@ -11,7 +11,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelhost.api.openai.errors import is_openai_path, openai_error_body
+from modelhost.api.openai.errors import (
+    is_openai_path,
+    openai_code,
+    openai_error_body,
+    unknown_route_message,
+)
 from modelhost.errors import ModelhostError
 
 log = logging.getLogger(__name__)
@@ -78,14 +83,18 @@ def error_response(
     status: int,
     message: str,
     error: str,
+    /,
     headers: dict[str, str] | None = None,
     param: str | None = None,
+    code: str | None = None,
     **extra: object,
 ) -> JSONResponse:
     """An error answer in the shape the route's clients read: modelhost's error body, or
-    OpenAI's ``{"error": {...}}`` on the OpenAI-compatible ``/v1`` routes."""
+    OpenAI's ``{"error": {...}}`` on the OpenAI-compatible ``/v1`` routes. The first four
+    are positional-only, so ``extra`` may hold a body field named ``status`` (a failed
+    download's ``"status": "failed"``)."""
     if is_openai_path(request):
-        body = openai_error_body(status, message, error, param=param)
+        body = openai_error_body(status, message, error, param=param, code=code)
     else:
         body = error_body(message, error, **extra)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -109,7 +118,15 @@ def install_error_handlers(app: FastAPI) -> None:
         if getattr(exc, "download_id", None):
             # A failure recorded as a job: the documented "Download Failed" body, plus its id.
             extra = {"status": "failed", "download_id": exc.download_id}
-        return error_response(request, exc.status_code, exc.message, exc.error, **extra)
+        return error_response(
+            request,
+            exc.status_code,
+            exc.message,
+            exc.error,
+            param=exc.param,
+            code=openai_code(exc),
+            **extra,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -122,12 +139,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message, code = str(exc.detail), None
+        if is_openai_path(request) and exc.status_code in (404, 405):
+            message, code = unknown_route_message(request, exc.status_code)
         return error_response(
             request,
             exc.status_code,
-            str(exc.detail),
+            message,
             f"HTTP {exc.status_code}",
             headers=getattr(exc, "headers", None),
+            code=code,
         )
 
     @app.exception_handler(Exception)

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelhost.api.errors import error_body
+from modelhost.api.openai.errors import is_v1, openai_error_body
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -86,6 +87,7 @@ class HostOriginGuard:
         host = headers.get("host", "")
         if not self.hosts.allows(host):
             return _forbidden(
+                scope,
                 f"Host {host!r} is not in MODELHOST_ALLOWED_HOSTS: this server answers only "
                 "the names it is configured for (a guard against DNS rebinding). Add the name "
                 "you use to reach it to MODELHOST_ALLOWED_HOSTS (host or host:port, "
@@ -101,6 +103,7 @@ class HostOriginGuard:
         if normalized in self.origins or normalized == same_origin:
             return None
         return _forbidden(
+            scope,
             f"Origin {origin!r} is not in MODELHOST_CORS_ORIGINS: a web page from another "
             f"site may not {method} to this server. Add that origin (scheme://host[:port]) to "
             "MODELHOST_CORS_ORIGINS if you trust it; requests without an Origin header (curl, "
@@ -109,7 +112,10 @@ class HostOriginGuard:
         )
 
 
-def _forbidden(message: str, error: str) -> JSONResponse:
+def _forbidden(scope: Scope, message: str, error: str) -> JSONResponse:
+    # In the shape the route's clients read: OpenAI's on /v1, modelhost's elsewhere.
+    if is_v1(scope.get("path", "")):
+        return JSONResponse(openai_error_body(403, message, error), status_code=403)
     return JSONResponse(error_body(message, error), status_code=403)
 
 
