@@ -474,7 +474,11 @@ def test_a_later_sentence_that_fails_leaves_the_body_incomplete(server):
 def test_unknown_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as caught:
         speak(client, model="no-such-model", input="hello")
-    assert caught.value.body["message"] == "Model not found in cache: no-such-model"
+    assert caught.value.body["message"] == (
+        "The model 'no-such-model' does not exist: no installed model has that name "
+        "(GET /v1/models lists them; POST /models/download installs one)"
+    )
+    assert (caught.value.body["code"], caught.value.body["param"]) == ("model_not_found", "model")
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,8 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
-from modelhost.api.inference import loaded_model
+from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.api.openai.errors import openai_error_body
-from modelhost.api.openai.schemas import openai_error_responses
 from modelhost.audio.encode import FORMATS, StreamEncoder
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
@@ -122,7 +121,7 @@ async def _speech_chunks(
 ) -> AsyncIterator[bytes]:
     """The encoded audio, a chunk per sentence (the first one may be empty: nothing of the
     file is ready yet), then the encoder's last bytes. Holds the model in use throughout."""
-    async with loaded_model(services, body.model) as loaded:
+    async with model_in_use(services, body.model) as loaded:
         if not loaded.is_tts:
             raise InvalidRequest(
                 f"Model '{body.model}' is a {loaded.task} model, not text-to-speech",

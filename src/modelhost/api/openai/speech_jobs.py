@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
 from modelhost.api.inference import loaded_model
-from modelhost.api.openai.schemas import openai_error_responses
+from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.audio.encode import FORMATS
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
@@ -176,7 +176,7 @@ async def create_speech_job(body: SpeechRequest, services: ServicesDep) -> Speec
     _check_request(body)
     # The /synthesize rule: the model must be loaded (or MODELHOST_LOAD_ON_DEMAND loads it);
     # its voice is checked now, so a bad one is a 400 here rather than a failed job later.
-    async with loaded_model(services, body.model) as loaded:
+    async with model_in_use(services, body.model) as loaded:
         _check_tts(loaded)
         resolve_voice(loaded, body.voice)
     sentences = await asyncio.to_thread(split_sentences, body.input)

@@ -14,8 +14,7 @@ from pydantic import BaseModel
 
 from modelhost.api.deps import ModelNamePath, ServicesDep, require_api_key
 from modelhost.api.errors import error_responses
-from modelhost.api.inference import loaded_model
-from modelhost.api.openai.schemas import openai_error_responses
+from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.audio.speech import builtin_voices, model_voices
 from modelhost.errors import InvalidRequest
 
@@ -36,7 +35,7 @@ class VoicesResponse(BaseModel):
 
 
 async def _voices(services: ServicesDep, name: str) -> VoicesResponse:
-    async with loaded_model(services, name) as loaded:
+    async with model_in_use(services, name) as loaded:
         if not loaded.is_tts:
             raise InvalidRequest(
                 f"Model '{name}' is a {loaded.task} model, not text-to-speech: it has no voices",
