@@ -4,6 +4,25 @@ Run it from the repository root, with the package installed::
 
     python bench/fetch.py                      # 1 GiB file, 5 rounds
     python bench/fetch.py --size-mb 256 --rounds 9 --curl-fsync --json
+    python bench/fetch.py --api                # + modelhost's API vs curl -o + openssl dgst
+    python bench/fetch.py --cap-mbps 50 --rounds 3   # 50 MB/s per connection: vs aria2c, curl
+
+Modes (every tool once per round, the order reversed every other round):
+
+* default: ``curl`` and ``engine`` (below).
+* ``--api``: also ``curl_sha256`` (``curl -o``, then ``openssl dgst -sha256`` of the output,
+  timed together; OpenSSL uses the CPU's SHA instructions) and ``modelhost``: one
+  ``python -m modelhost serve`` (fresh ``MODELHOST_HOME``, started before the first round,
+  allowed only the loopback nginx), timed from ``POST /models/download`` (url source, the
+  sha256 given, ``load: false``) to the job's status ``completed`` (polled every ``POLL_S``):
+  fetched, verified, fsynced and committed to the store. The model is deleted after each run.
+  Reported: engine/curl throughput (target >= 0.9) and modelhost/curl_sha256 time
+  (target <= 1.05), each the median of per-round ratios, with the peer's own MiB/s.
+* ``--cap-mbps N``: nginx ``limit_rate`` caps every connection at N MB/s (10^6 bytes, as
+  ``MODELHOST_FETCH_MAX_MBPS``); tools ``curl``, ``aria2c -x16 -s16 -k1M`` and ``modelhost``
+  (as above; ``MODELHOST_FETCH_*`` variables in the environment reach the server, e.g.
+  ``MODELHOST_FETCH_CONNECTIONS``). Reported: modelhost/aria2c and modelhost/curl time
+  (targets <= 1.0). Outputs of curl and aria2c are checked (size, sha256) untimed.
 
 What it measures: a local nginx (``/usr/sbin/nginx``; ``apt-get install nginx-light``) serves
 ``--size-mb`` MiB of random bytes from ``--workdir``. Each round downloads that file once with
