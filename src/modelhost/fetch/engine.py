@@ -1020,16 +1020,18 @@ class FetchEngine:
     ) -> int:
         """Append the body to ``part``, hashing what is already there first.
 
-        Every receive is written to ``part`` as soon as it arrives; the hasher is fed whole
-        buffers (large updates release the GIL). Why write at once rather than per buffer:
-        a resume starts from the ``.part`` file's length (``_load_state``), and bytes a
-        process wrote sit in the page cache, which survives the process being killed
-        (SIGKILL, OOM). Bytes still in a buffer die with it: with 4 MiB buffers, 20 kills
-        over a 300 MB download re-fetched 18% of it; written per receive, a kill loses
-        only what was in flight on the socket. Resuming stays safe: the range is asked with
-        ``If-Range`` (same validator or the file restarts from zero, never spliced), and
-        the whole file's sha256 and size are checked at the end, so a ``.part`` that a
-        power cut left with a bad tail is discarded, never installed.
+        Received bytes are written to ``part`` at once: whole blocks around the page cache
+        (``_PartWriter``, O_DIRECT) once ``DIRECT_MIN_WRITE`` bytes wait, and everything
+        received before the stream waits for the network; the hasher is fed whole buffers
+        (large updates release the GIL). Why write at once rather than per buffer: a resume
+        starts from the ``.part`` file's length (``_load_state``), and written bytes survive
+        the process being killed (SIGKILL, OOM). Bytes still in a buffer die with it: with
+        4 MiB buffers, 20 kills over a 300 MB download re-fetched 18% of it; written before
+        every wait, a kill loses only what was in flight (at most ``DIRECT_MIN_WRITE`` more
+        while bytes keep arriving faster than they are read). Resuming stays safe: the range
+        is asked with ``If-Range`` (same validator or the file restarts from zero, never
+        spliced), and the whole file's sha256 and size are checked at the end, so a ``.part``
+        that a power cut left with a bad tail is discarded, never installed.
         """
         read_some = _body_reader(response.response, total - offset if total is not None else None)
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
