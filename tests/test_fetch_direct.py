@@ -172,3 +172,23 @@ def test_a_stalled_stream_has_every_received_byte_on_disk(tmp_path):
         thread.join(timeout=10)
     assert seen == received
     assert result and result[0].local_path.read_bytes() == payload
+
+
+def test_a_refused_direct_write_falls_back_to_buffered_writes(tmp_path):
+    """EINVAL from a direct write (here: a buffer address the kernel refuses) is not an
+    error: the bytes go through the ordinary descriptor, and so does the rest."""
+    part = tmp_path / "w.part"
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+    buffer = mmap.mmap(-1, 4 * DIRECT_ALIGN)
+    data = os.urandom(len(buffer))
+    buffer[:] = data
+    try:
+        writer = direct_writer(part, fd, 0)
+        writer._direct(memoryview(buffer)[1 : 1 + DIRECT_ALIGN])  # misaligned address
+        assert writer.direct_fd is None
+        assert part.read_bytes() == data[1 : 1 + DIRECT_ALIGN]
+        writer.write(memoryview(buffer), len(buffer))  # buffered from here on, at once
+        assert part.stat().st_size == len(buffer)
+        writer.close()
+    finally:
+        os.close(fd)
