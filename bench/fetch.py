@@ -4,6 +4,25 @@ Run it from the repository root, with the package installed::
 
     python bench/fetch.py                      # 1 GiB file, 5 rounds
     python bench/fetch.py --size-mb 256 --rounds 9 --curl-fsync --json
+    python bench/fetch.py --api                # + modelhost's API vs curl -o + openssl dgst
+    python bench/fetch.py --cap-mbps 50 --rounds 3   # 50 MB/s per connection: vs aria2c, curl
+
+Modes (every tool once per round, the order reversed every other round):
+
+* default: ``curl`` and ``engine`` (below).
+* ``--api``: also ``curl_sha256`` (``curl -o``, then ``openssl dgst -sha256`` of the output,
+  timed together; OpenSSL uses the CPU's SHA instructions) and ``modelhost``: one
+  ``python -m modelhost serve`` (fresh ``MODELHOST_HOME``, started before the first round,
+  allowed only the loopback nginx), timed from ``POST /models/download`` (url source, the
+  sha256 given, ``load: false``) to the job's status ``completed`` (polled every ``POLL_S``):
+  fetched, verified, fsynced and committed to the store. The model is deleted after each run.
+  Reported: engine/curl throughput (target >= 0.9) and modelhost/curl_sha256 time
+  (target <= 1.05), each the median of per-round ratios, with the peer's own MiB/s.
+* ``--cap-mbps N``: nginx ``limit_rate`` caps every connection at N MB/s (10^6 bytes, as
+  ``MODELHOST_FETCH_MAX_MBPS``); tools ``curl``, ``aria2c -x16 -s16 -k1M`` and ``modelhost``
+  (as above; ``MODELHOST_FETCH_*`` variables in the environment reach the server, e.g.
+  ``MODELHOST_FETCH_CONNECTIONS``). Reported: modelhost/aria2c and modelhost/curl time
+  (targets <= 1.0). Outputs of curl and aria2c are checked (size, sha256) untimed.
 
 What it measures: a local nginx (``/usr/sbin/nginx``; ``apt-get install nginx-light``) serves
 ``--size-mb`` MiB of random bytes from ``--workdir``. Each round downloads that file once with
@@ -40,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +69,25 @@ CHUNK = 4 * MIB
 SERVED_NAME = "big.bin"
 WORKER_FLAG = "--engine-worker"
 ENGINE_MODE = "subprocess"
+MB = 1_000_000  # --cap-mbps is in MB/s of 10^6 bytes, as MODELHOST_FETCH_MAX_MBPS
+API_MODEL = "bench-fetch"
+API_FILE = "model.safetensors"
+POLL_S = 0.025  # status polling interval of the modelhost (API) run
+SERVER_START_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 900.0
+# The brief's reference for a multi-connection client; the rest only names the output and
+# keeps aria2c quiet and from renaming or resuming an older file.
+ARIA2C = [
+    "aria2c",
+    "-x16",
+    "-s16",
+    "-k1M",
+    "-q",
+    "--allow-overwrite=true",
+    "--auto-file-renaming=false",
+    "--continue=false",
+    "--summary-interval=0",
+]
 # On VMs with virtio-balloon free page reporting, memory freed more than ~2 s earlier has been
 # handed back to the host, and page-cache writes into it fault it back in, costing up to ~1.5 s
 # per GiB on the 2-core dev VM (most for large write() calls). Without a pause, whether a run
@@ -72,6 +110,8 @@ class Run:
     mib_per_s: float
     inprocess_seconds: float | None = None  # engine only: the fetch() call alone
     seconds_with_sync: float | None = None  # curl with --curl-fsync: curl, then sync -d
+    hash_seconds: float | None = None  # curl_sha256: the openssl dgst part of its seconds
+    post_seconds: float | None = None  # modelhost: the POST /models/download alone
 
 
 # --- the served file ----------------------------------------------------------------------
@@ -233,6 +273,48 @@ def run_curl(url: str, out: Path, size: int, with_sync: bool) -> tuple[float, fl
     return seconds, synced
 
 
+def openssl_sha256(path: Path) -> str:
+    """``openssl dgst -sha256 FILE``'s digest (OpenSSL uses the CPU's SHA instructions;
+    coreutils' sha256sum may not)."""
+    result = subprocess.run(
+        ["openssl", "dgst", "-sha256", str(path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise BenchError(f"openssl dgst failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout.strip().rsplit(" ", 1)[-1].lower()
+
+
+def run_curl_sha256(url: str, out: Path, size: int, sha256: str) -> tuple[float, float]:
+    """``curl -o`` then ``openssl dgst -sha256``; return total and hashing seconds."""
+    start = time.perf_counter()
+    run_curl(url, out, size, with_sync=False)
+    hashing = time.perf_counter()
+    digest = openssl_sha256(out)
+    end = time.perf_counter()
+    if digest != sha256:
+        raise BenchError(f"openssl dgst says {digest}, expected {sha256}")
+    return end - start, end - hashing
+
+
+def run_aria2c(url: str, out: Path, size: int, sha256: str) -> float:
+    """Download with ``aria2c -x16 -s16 -k1M`` (16 connections, 1 MiB pieces); wall seconds.
+
+    Its output is checked afterwards, untimed (aria2c verifies nothing by itself here).
+    """
+    cmd = [*ARIA2C, "-d", str(out.parent), "-o", out.name, url]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise BenchError(f"aria2c failed ({result.returncode}): {result.stdout}{result.stderr}")
+    if out.stat().st_size != size or sha256_of(out) != sha256:
+        raise BenchError("aria2c's output does not have the served file's size and sha256")
+    return seconds
+
+
 def run_engine(url: str, partial_dir: Path, size: int, sha256: str) -> tuple[float, float]:
     """Fetch with the engine in a fresh Python process; return wall and in-process seconds."""
     cmd = [sys.executable, __file__, WORKER_FLAG, url, str(partial_dir), str(size), sha256]
@@ -280,6 +362,103 @@ def discard_engine_output(partial_dir: Path, url: str, sha256: str) -> None:
     engine.discard(FileSpec(url=url, path=SERVED_NAME, sha256=sha256))
 
 
+# --- modelhost through its API ------------------------------------------------------------
+
+
+@contextmanager
+def modelhost_serving(home: Path, nginx_port: int) -> Iterator[str]:
+    """A ``python -m modelhost serve`` subprocess with a fresh ``home`` that may fetch from the
+    loopback nginx only; yield its base URL once ``/health`` answers; always stop it.
+
+    ``MODELHOST_FETCH_*`` settings in the environment (connections, caps) pass through.
+    """
+    import httpx
+
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODELHOST_HOME": str(home),
+        "MODELHOST_URL_ALLOW": f"127.0.0.1:{nginx_port}",
+        "MODELHOST_URL_ALLOW_DEFAULTS": "false",
+    }
+    log_path = home.parent / "modelhost.log"
+    with log_path.open("wb") as log:
+        cmd = [sys.executable, "-m", "modelhost", "serve", "--port", str(port)]
+        proc = subprocess.Popen(
+            [*cmd, "--log-level", "warning"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    text = log_path.read_text(errors="replace")
+                    raise BenchError(f"modelhost exited with status {proc.returncode}:\n{text}")
+                try:
+                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"modelhost did not answer /health in {SERVER_START_TIMEOUT_S}s"
+                    )
+                time.sleep(0.05)
+            yield base
+        finally:
+            stop_process(proc)
+
+
+def run_modelhost(base: str, url: str, size: int, sha256: str) -> tuple[float, float]:
+    """One download through the API (url source, sha256 given): timed from ``POST
+    /models/download`` to the job's status ``completed`` (polled every ``POLL_S``). The
+    manifest and the installed file are checked afterwards (untimed), then the model is
+    deleted. Returns the seconds and the POST's own seconds."""
+    import httpx
+
+    body = {
+        "source": "url",
+        "model_id": url,
+        "name": API_MODEL,
+        "filename": API_FILE,  # not .bin: that suffix means pickled weights, to convert
+        "sha256": sha256,
+        "load": False,
+    }
+    with httpx.Client(base_url=base, timeout=120) as client:
+        start = time.perf_counter()
+        response = client.post("/models/download", json=body)
+        posted = time.perf_counter() - start
+        if response.status_code != 202:
+            raise BenchError(f"POST /models/download: {response.status_code} {response.text}")
+        download_id = response.json()["download_id"]
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            status = client.get(f"/models/download/status/{download_id}").json()
+            if status["status"] == "completed":
+                break
+            if status["status"] in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise BenchError(f"modelhost job {status['status']}: {status['message']}")
+            time.sleep(POLL_S)
+        seconds = time.perf_counter() - start
+        info = client.get(f"/models/download/{API_MODEL}/info").json()
+        files = {f["path"]: (f["size"], f["sha256"]) for f in info["files"]}
+        if files != {API_FILE: (size, sha256)}:
+            raise BenchError(f"modelhost's manifest lists {files}, expected {API_FILE}")
+        installed = Path(info["path"]) / API_FILE
+        if installed.stat().st_size != size or sha256_of(installed) != sha256:
+            raise BenchError(f"{installed} does not have the served file's size and sha256")
+        deleted = client.delete(f"/models/download/{API_MODEL}")
+        if deleted.status_code != 200:
+            raise BenchError(f"DELETE /models/download/{API_MODEL}: {deleted.status_code}")
+    return seconds, posted
+
+
 # --- the benchmark ------------------------------------------------------------------------
 
 
@@ -290,36 +469,63 @@ class Setup:
     url: str
     size: int
     sha256: str
-    curl_out: Path
-    partial_dir: Path
+    workdir: Path
     curl_fsync: bool
     settle_s: float
+    api_base: str | None = None
+
+    @property
+    def curl_out(self) -> Path:
+        return self.workdir / "curl.out"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.workdir / "engine-partial"
+
+
+def clean(setup: Setup) -> None:
+    """Delete every tool's output."""
+    setup.curl_out.unlink(missing_ok=True)
+    for leftover in setup.workdir.glob("curl.out.aria2"):
+        leftover.unlink()
+    discard_engine_output(setup.partial_dir, setup.url, setup.sha256)
+
+
+def timed(setup: Setup, tool: str, round_no: int) -> Run:
+    """Run ``tool`` once; its Run."""
+    size = setup.size
+    if tool == "curl":
+        seconds, synced = run_curl(setup.url, setup.curl_out, size, setup.curl_fsync)
+        return Run(round_no, tool, seconds, throughput(size, seconds), seconds_with_sync=synced)
+    if tool == "engine":
+        seconds, inprocess = run_engine(setup.url, setup.partial_dir, size, setup.sha256)
+        return Run(round_no, tool, seconds, throughput(size, seconds), inprocess_seconds=inprocess)
+    if tool == "curl_sha256":
+        seconds, hashing = run_curl_sha256(setup.url, setup.curl_out, size, setup.sha256)
+        return Run(round_no, tool, seconds, throughput(size, seconds), hash_seconds=hashing)
+    if tool == "aria2c":
+        seconds = run_aria2c(setup.url, setup.curl_out, size, setup.sha256)
+        return Run(round_no, tool, seconds, throughput(size, seconds))
+    if tool == "modelhost" and setup.api_base is not None:
+        seconds, posted = run_modelhost(setup.api_base, setup.url, size, setup.sha256)
+        return Run(round_no, tool, seconds, throughput(size, seconds), post_seconds=posted)
+    raise BenchError(f"unknown tool {tool!r}")
 
 
 def one_run(setup: Setup, tool: str, round_no: int) -> Run:
     """Time one download by ``tool`` from a clean state, then delete its output."""
-    setup.curl_out.unlink(missing_ok=True)
-    discard_engine_output(setup.partial_dir, setup.url, setup.sha256)
+    clean(setup)
     os.sync()  # start every run with no dirty pages of earlier runs being written back
-    time.sleep(setup.settle_s)  # the same memory state for both tools (see --settle-s)
+    time.sleep(setup.settle_s)  # the same memory state for every tool (see --settle-s)
     try:
-        if tool == "curl":
-            seconds, synced = run_curl(setup.url, setup.curl_out, setup.size, setup.curl_fsync)
-            return Run(
-                round_no, tool, seconds, throughput(setup.size, seconds), seconds_with_sync=synced
-            )
-        seconds, inprocess = run_engine(setup.url, setup.partial_dir, setup.size, setup.sha256)
-        return Run(
-            round_no, tool, seconds, throughput(setup.size, seconds), inprocess_seconds=inprocess
-        )
+        return timed(setup, tool, round_no)
     finally:
-        setup.curl_out.unlink(missing_ok=True)
-        discard_engine_output(setup.partial_dir, setup.url, setup.sha256)
+        clean(setup)
 
 
 def describe(run: Run, size: int) -> str:
     """One human-readable line for a run."""
-    line = f"round {run.round}  {run.tool:<6} {run.seconds:8.3f} s  {run.mib_per_s:9.1f} MiB/s"
+    line = f"round {run.round}  {run.tool:<11} {run.seconds:8.3f} s  {run.mib_per_s:9.1f} MiB/s"
     if run.inprocess_seconds is not None:
         line += (
             f"   (in-process fetch {run.inprocess_seconds:.3f} s, "
@@ -330,115 +536,216 @@ def describe(run: Run, size: int) -> str:
             f"   (with sync -d {run.seconds_with_sync:.3f} s, "
             f"{throughput(size, run.seconds_with_sync):.1f} MiB/s)"
         )
+    if run.hash_seconds is not None:
+        line += f"   (of which openssl dgst {run.hash_seconds:.3f} s)"
+    if run.post_seconds is not None:
+        line += f"   (POST answered in {run.post_seconds:.3f} s)"
     return line
 
 
-def summarize(runs: list[Run], size: int, rounds: int, curl_fsync: bool) -> dict[str, object]:
-    """Medians per tool and the median of per-round engine/curl ratios."""
+@dataclass(frozen=True)
+class Comparison:
+    """A tool against its peer: the median over rounds of per-round ratios."""
+
+    tool: str
+    peer: str
+    measure: str  # "time" (tool's seconds / peer's) or "throughput" (tool's MiB/s / peer's)
+    target: str  # e.g. "<= 1.05"
+
+    def ratio(self, tool: Run, peer: Run) -> float:
+        if self.measure == "time":
+            return tool.seconds / peer.seconds
+        return tool.mib_per_s / peer.mib_per_s
+
+    def met(self, ratio: float) -> bool:
+        bound = float(self.target.split()[1])
+        return ratio <= bound if self.target.startswith("<=") else ratio >= bound
+
+
+def comparisons(tools: tuple[str, ...]) -> list[Comparison]:
+    """The comparisons a run of ``tools`` reports, each with the brief's target."""
+    if "aria2c" in tools:  # capped: modelhost's API against multi- and single-connection
+        return [
+            Comparison("modelhost", "aria2c", "time", "<= 1.0"),
+            Comparison("modelhost", "curl", "time", "<= 1.0"),
+        ]
+    wanted = [
+        Comparison("engine", "curl", "throughput", ">= 0.9"),
+        Comparison("modelhost", "curl_sha256", "time", "<= 1.05"),
+    ]
+    return [c for c in wanted if c.tool in tools and c.peer in tools]
+
+
+def summarize_comparison(c: Comparison, runs: list[Run], rounds: int) -> dict[str, object]:
+    """One comparison's figures: per-round and median ratio, the peer's own speed."""
+    tool = {r.round: r for r in runs if r.tool == c.tool}
+    peer = {r.round: r for r in runs if r.tool == c.peer}
+    ratios = [c.ratio(tool[i], peer[i]) for i in range(rounds)]
+    ratio = statistics.median(ratios)
+    return {
+        "tool": c.tool,
+        "peer": c.peer,
+        "measure": c.measure,
+        "round_ratios": ratios,
+        "ratio": ratio,
+        "target": c.target,
+        "met": c.met(ratio),
+        "peer_mib_per_s": statistics.median(r.mib_per_s for r in peer.values()),
+        "tool_mib_per_s": statistics.median(r.mib_per_s for r in tool.values()),
+    }
+
+
+def summarize(
+    runs: list[Run], size: int, rounds: int, curl_fsync: bool, tools: tuple[str, ...]
+) -> dict[str, object]:
+    """Medians per tool, the median of per-round engine/curl ratios, and each comparison."""
+    summary: dict[str, object] = {"size_bytes": size, "rounds": rounds, "tools": list(tools)}
+    for name in tools:
+        summary[f"{name}_mib_per_s"] = statistics.median(
+            r.mib_per_s for r in runs if r.tool == name
+        )
     engine = {r.round: r for r in runs if r.tool == "engine"}
     curl = {r.round: r for r in runs if r.tool == "curl"}
-    ratios = [engine[i].mib_per_s / curl[i].mib_per_s for i in range(rounds)]
-    summary: dict[str, object] = {
-        "size_bytes": size,
-        "rounds": rounds,
-        "engine_mode": ENGINE_MODE,
-        "engine_mib_per_s": statistics.median(r.mib_per_s for r in engine.values()),
-        "curl_mib_per_s": statistics.median(r.mib_per_s for r in curl.values()),
-        "engine_inprocess_mib_per_s": statistics.median(
-            throughput(size, r.inprocess_seconds or 0.0) for r in engine.values()
-        ),
-        "round_ratios": ratios,
-        "ratio": statistics.median(ratios),
-        "curl_fsync": curl_fsync,
-        "runs": [asdict(r) for r in runs],
-    }
-    if curl_fsync:
+    if engine and curl:
+        ratios = [engine[i].mib_per_s / curl[i].mib_per_s for i in range(rounds)]
+        summary.update(
+            engine_mode=ENGINE_MODE,
+            engine_inprocess_mib_per_s=statistics.median(
+                throughput(size, r.inprocess_seconds or 0.0) for r in engine.values()
+            ),
+            round_ratios=ratios,
+            ratio=statistics.median(ratios),
+        )
+    summary["comparisons"] = [summarize_comparison(c, runs, rounds) for c in comparisons(tools)]
+    summary["curl_fsync"] = curl_fsync
+    if curl_fsync and curl:
         synced = [throughput(size, curl[i].seconds_with_sync or 0.0) for i in range(rounds)]
-        sync_ratios = [engine[i].mib_per_s / synced[i] for i in range(rounds)]
         summary["curl_sync_mib_per_s"] = statistics.median(synced)
-        summary["round_ratios_vs_curl_sync"] = sync_ratios
-        summary["ratio_vs_curl_sync"] = statistics.median(sync_ratios)
+        if engine:
+            sync_ratios = [engine[i].mib_per_s / synced[i] for i in range(rounds)]
+            summary["round_ratios_vs_curl_sync"] = sync_ratios
+            summary["ratio_vs_curl_sync"] = statistics.median(sync_ratios)
+    summary["runs"] = [asdict(r) for r in runs]
     return summary
 
 
 FAIRNESS_NOTE = (
     "note: the engine hashes (sha256) and fsyncs the file and runs as a fresh Python process "
-    "(start-up and imports included); curl does neither verification nor fsync"
+    "(start-up and imports included); curl does neither verification nor fsync; modelhost "
+    "(through the API, server already running) verifies, fsyncs and commits the file into its "
+    "store; curl_sha256 is curl -o, then openssl dgst -sha256; aria2c verifies nothing"
 )
 
 
 def print_summary(summary: dict[str, object]) -> None:
     """The human-readable summary lines."""
     rounds = summary["rounds"]
-    print(
-        f"engine median: {summary['engine_mib_per_s']:.1f} MiB/s "
-        f"(in-process fetch only: {summary['engine_inprocess_mib_per_s']:.1f} MiB/s)"
-    )
-    print(f"curl   median: {summary['curl_mib_per_s']:.1f} MiB/s")
+    for name in summary["tools"]:  # type: ignore[attr-defined]
+        line = f"{name:<11} median: {summary[f'{name}_mib_per_s']:.1f} MiB/s"
+        if name == "engine":
+            line += f" (in-process fetch only: {summary['engine_inprocess_mib_per_s']:.1f} MiB/s)"
+        print(line)
     if summary["curl_fsync"]:
         print(f"curl + sync -d median: {summary['curl_sync_mib_per_s']:.1f} MiB/s")
     print(FAIRNESS_NOTE)
-    print(f"ratio engine/curl (median of {rounds} rounds): {summary['ratio']:.2f}")
-    if summary["curl_fsync"]:
+    if "ratio" in summary:
+        print(f"ratio engine/curl (median of {rounds} rounds): {summary['ratio']:.2f}")
+    if "ratio_vs_curl_sync" in summary:
         print(
             f"ratio engine/(curl + sync -d) (median of {rounds} rounds): "
             f"{summary['ratio_vs_curl_sync']:.2f}"
         )
+    for c in summary["comparisons"]:  # type: ignore[attr-defined]
+        what = "time" if c["measure"] == "time" else "MiB/s"
+        print(
+            f"{c['tool']}/{c['peer']} {what} (median of {rounds} rounds): {c['ratio']:.2f} "
+            f"(target {c['target']}: {'met' if c['met'] else 'NOT met'}; "
+            f"{c['peer']} {c['peer_mib_per_s']:.1f} MiB/s, {c['tool']} {c['tool_mib_per_s']:.1f})"
+        )
+
+
+def tools_for(args: argparse.Namespace) -> tuple[str, ...]:
+    """Which tools this invocation runs, in round 0's order (odd rounds reverse it)."""
+    if args.cap_mbps is not None:
+        return ("curl", "aria2c", "modelhost")
+    if args.api:
+        return ("curl", "engine", "curl_sha256", "modelhost")
+    return ("curl", "engine")
+
+
+def check_tools(tools: tuple[str, ...]) -> None:
+    """Refuse to start without nginx or a reference tool."""
+    if not os.access(NGINX, os.X_OK):
+        raise BenchError(f"{NGINX} not found: apt-get install nginx-light")
+    needed = {"curl": "curl", "curl_sha256": "openssl", "aria2c": "aria2c"}
+    for tool in tools:
+        if tool in needed and shutil.which(needed[tool]) is None:
+            raise BenchError(f"{needed[tool]} not found: apt-get install {needed[tool]}")
+
+
+def run_rounds(setup: Setup, tools: tuple[str, ...], rounds: int, say) -> list[Run]:
+    """Every tool once per round, alternating the order; returns the runs."""
+    runs: list[Run] = []
+    for round_no in range(rounds):
+        for tool in tools if round_no % 2 == 0 else tools[::-1]:
+            run = one_run(setup, tool, round_no)
+            runs.append(run)
+            say(describe(run, setup.size))
+    return runs
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, object]:
     """Set up the file and nginx, run the alternating rounds, return the summary."""
-    if not os.access(NGINX, os.X_OK):
-        raise BenchError(f"{NGINX} not found: apt-get install nginx-light")
-    if shutil.which("curl") is None:
-        raise BenchError("curl not found: apt-get install curl")
+    tools = tools_for(args)
+    check_tools(tools)
     size = args.size_mb * MIB
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     served = workdir / "served"
-    served.mkdir(exist_ok=True)
+    served.mkdir(parents=True, exist_ok=True)
     data = served / SERVED_NAME
-    say = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
     if ensure_data_file(data, size):
         say(f"generated {data} ({args.size_mb} MiB of random bytes)")
     else:
         say(f"reusing {data} ({args.size_mb} MiB)")
     sha256 = sha256_of(data)
+    limit = None if args.cap_mbps is None else int(args.cap_mbps * MB)
     runtime = Path(tempfile.mkdtemp(prefix="nginx-", dir=workdir))
+    home = workdir / "modelhost" / "home"
     try:
-        with nginx_serving(served, runtime) as port:
+        with nginx_serving(served, runtime, limit) as port, ExitStack() as stack:
             setup = Setup(
                 url=f"http://127.0.0.1:{port}/{SERVED_NAME}",
                 size=size,
                 sha256=sha256,
-                curl_out=workdir / "curl.out",
-                partial_dir=workdir / "engine-partial",
+                workdir=workdir,
                 curl_fsync=args.curl_fsync,
                 settle_s=args.settle_s,
             )
+            if "modelhost" in tools:
+                shutil.rmtree(home.parent, ignore_errors=True)
+                setup.api_base = stack.enter_context(modelhost_serving(home, port))
+            cap = "uncapped" if limit is None else f"nginx limit_rate {limit} B/s per connection"
             say(
-                f"serving {setup.url} with nginx; engine runs as a {ENGINE_MODE} "
-                f"({Path(sys.executable).name}); {args.rounds} rounds, alternating order, "
-                f"{args.settle_s:g} s pause before each run"
+                f"serving {setup.url} with nginx ({cap}); tools {', '.join(tools)}; engine as a "
+                f"{ENGINE_MODE}; {args.rounds} rounds, alternating order, {args.settle_s:g} s "
+                "pause before each run"
             )
-            runs: list[Run] = []
-            for round_no in range(args.rounds):
-                order = ("curl", "engine") if round_no % 2 == 0 else ("engine", "curl")
-                for tool in order:
-                    run = one_run(setup, tool, round_no)
-                    runs.append(run)
-                    say(describe(run, size))
+            runs = run_rounds(setup, tools, args.rounds, say)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
-    summary = summarize(runs, size, args.rounds, args.curl_fsync)
+        shutil.rmtree(home.parent, ignore_errors=True)
+    summary = summarize(runs, size, args.rounds, args.curl_fsync, tools)
     summary["settle_s"] = args.settle_s
+    summary["cap_bytes_per_s"] = limit
     return summary
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
-        description="Fetch-engine throughput divided by curl's, on one file served by nginx."
+        description="Fetch-engine (and modelhost API) throughput against curl, openssl and "
+        "aria2c, on one file served by nginx on loopback."
     )
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--size-mb", type=int, default=1024, help="file size in MiB (default 1024)")
@@ -452,6 +759,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--curl-fsync", action="store_true", help="also time `sync -d` of curl's output"
     )
     parser.add_argument(
+        "--api",
+        action="store_true",
+        help="also download through a modelhost server's API, against curl -o + openssl dgst",
+    )
+    parser.add_argument(
+        "--cap-mbps",
+        type=float,
+        default=None,
+        help="cap every connection at this many MB/s (10^6 bytes; nginx limit_rate) and "
+        "compare modelhost's API with aria2c -x16 -s16 -k1M and curl",
+    )
+    parser.add_argument(
         "--settle-s",
         type=float,
         default=SETTLE_S,
@@ -461,6 +780,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.size_mb < 1 or args.settle_s < 0:
         parser.error("--rounds and --size-mb must be at least 1, --settle-s not negative")
+    if args.cap_mbps is not None and args.cap_mbps * MB < 1:
+        parser.error("--cap-mbps must be at least 0.000001 (one byte per second)")
     return args
 
 

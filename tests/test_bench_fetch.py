@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -15,6 +16,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "fetch.py"
 NGINX = "/usr/sbin/nginx"
 MIB = 1024 * 1024
 KEYS = {
+    "tools",
+    "comparisons",
+    "cap_bytes_per_s",
     "size_bytes",
     "rounds",
     "engine_mode",
@@ -90,3 +94,58 @@ def test_two_rounds_alternate_and_curl_fsync_ratio(tmp_path: Path) -> None:
     assert summary["ratio_vs_curl_sync"] == pytest.approx(statistics.median(synced), abs=1e-9)
     for i in (0, 1):
         assert curl[i]["seconds_with_sync"] >= curl[i]["seconds"]
+
+
+def check_comparisons(summary: dict) -> None:
+    """Each comparison's ratios follow from the runs' seconds, and its peer's speed too."""
+    size_mib = summary["size_bytes"] / MIB
+    runs = {(r["round"], r["tool"]): r for r in summary["runs"]}
+    for c in summary["comparisons"]:
+        ratios = []
+        for i in range(summary["rounds"]):
+            tool, peer = runs[(i, c["tool"])], runs[(i, c["peer"])]
+            if c["measure"] == "time":
+                ratios.append(tool["seconds"] / peer["seconds"])
+            else:
+                ratios.append(peer["seconds"] / tool["seconds"])
+        assert c["round_ratios"] == pytest.approx(ratios, abs=1e-9)
+        assert c["ratio"] == pytest.approx(statistics.median(ratios), abs=1e-9)
+        peer_speeds = [size_mib / runs[(i, c["peer"])]["seconds"] for i in range(summary["rounds"])]
+        assert c["peer_mib_per_s"] == pytest.approx(statistics.median(peer_speeds), abs=1e-9)
+        bound = float(c["target"].split()[1])
+        assert c["met"] == (c["ratio"] <= bound if c["target"][0] == "<" else c["ratio"] >= bound)
+
+
+def test_api_mode_times_modelhost_against_curl_and_openssl(tmp_path: Path) -> None:
+    summary = run_bench(tmp_path, "--rounds", "1", "--api")
+
+    assert summary["tools"] == ["curl", "engine", "curl_sha256", "modelhost"]
+    assert [r["tool"] for r in summary["runs"]] == summary["tools"]  # round 0's order
+    assert summary["cap_bytes_per_s"] is None
+    pairs = [(c["tool"], c["peer"], c["measure"], c["target"]) for c in summary["comparisons"]]
+    assert pairs == [
+        ("engine", "curl", "throughput", ">= 0.9"),
+        ("modelhost", "curl_sha256", "time", "<= 1.05"),
+    ]
+    check_comparisons(summary)
+    runs = {r["tool"]: r for r in summary["runs"]}
+    assert 0 < runs["curl_sha256"]["hash_seconds"] < runs["curl_sha256"]["seconds"]
+    assert 0 < runs["modelhost"]["post_seconds"] < runs["modelhost"]["seconds"]
+    # The served file is kept; every download, the server's home included, was deleted.
+    leftovers = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert leftovers == ["big.bin"]
+
+
+def test_capped_mode_compares_with_aria2c_and_curl_under_the_cap(tmp_path: Path) -> None:
+    if shutil.which("aria2c") is None:
+        pytest.skip("aria2c not installed: apt-get install aria2")
+    summary = run_bench(tmp_path, "--rounds", "1", "--cap-mbps", "40")
+
+    assert summary["tools"] == ["curl", "aria2c", "modelhost"]
+    assert summary["cap_bytes_per_s"] == 40_000_000
+    pairs = [(c["tool"], c["peer"]) for c in summary["comparisons"]]
+    assert pairs == [("modelhost", "aria2c"), ("modelhost", "curl")]
+    check_comparisons(summary)
+    # One connection cannot beat the cap (nginx limit_rate, in bytes per second).
+    curl = next(r for r in summary["runs"] if r["tool"] == "curl")
+    assert summary["size_bytes"] / curl["seconds"] < 1.1 * 40_000_000

@@ -18,10 +18,12 @@ import hashlib
 import http.client
 import json
 import logging
+import mmap
 import os
 import queue
 import random
 import re
+import select
 import shutil
 import sys
 import threading
@@ -68,6 +70,15 @@ WRITEBACK_EVERY = 64 * 1024 * 1024
 # slices took 0.5 s where 4 MiB writes took 1.9 s (large writes into freshly reclaimed
 # memory are slow there); the receive and hash buffers stay large.
 WRITE_SLICE = 16 * 1024
+# O_DIRECT writes (Linux) skip the page cache: measured on the same VM, 1 GiB written from
+# 4 MiB buffers took 0.53-0.59 s and 0.05-0.08 s of system CPU, where buffered 16 KiB writes
+# took 0.6-3.2 s and 0.44-1.3 s of CPU (the page cache's allocation and copy; the CPU is
+# what a download shares with the server sending it on two cores). Buffer address, file
+# offset and length must be multiples of DIRECT_ALIGN.
+DIRECT_ALIGN = 4096
+# While bytes keep arriving, direct writes wait for this many (each is a device round trip;
+# tiny ones are slow); before the stream waits for the network, everything is written.
+DIRECT_MIN_WRITE = 256 * 1024
 TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 # An attempt that moved at least this much resets the retry count: a long download over a
 # flaky link keeps going as long as it keeps making progress.
@@ -181,10 +192,11 @@ class _Hasher:
         self.git_digest = None
         if git_size is not None:
             self.git_digest = hashlib.sha1(f"blob {git_size}\0".encode())
-        self.free: queue.Queue[bytearray] = queue.Queue()
+        # Page-aligned anonymous memory: O_DIRECT writes need aligned buffer addresses.
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(buffers):
-            self.free.put(bytearray(CHUNK_SIZE))
-        self._work: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+            self.free.put(mmap.mmap(-1, CHUNK_SIZE))
+        self._work: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="modelhost-sha256", daemon=True)
         self._thread.start()
 
@@ -197,7 +209,7 @@ class _Hasher:
                 self.git_digest.update(memoryview(buffer)[:length])
             self.free.put(buffer)
 
-    def feed(self, buffer: bytearray, length: int) -> None:
+    def feed(self, buffer: mmap.mmap, length: int) -> None:
         self._work.put((buffer, length))
 
     def hexdigest(self) -> str:
@@ -318,6 +330,124 @@ def _write_all(fd: int, view: memoryview) -> None:
         if exc.errno in DISK_FULL_ERRNOS:
             raise disk_full(exc) from exc
         raise
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int, slice_size: int) -> None:
+    while view:
+        n = os.pwrite(fd, view[:slice_size], offset)
+        view, offset = view[n:], offset + n
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor of ``path`` that writes around the page cache, or None where the
+    platform or the file system has no O_DIRECT."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
+
+
+class _PartWriter:
+    """Writes one stream's bytes into its ``.part`` file as they arrive; the receive buffers
+    map to the file one after another from ``base`` on.
+
+    Where the file system allows, whole ``DIRECT_ALIGN`` blocks go through an O_DIRECT
+    descriptor (see DIRECT_ALIGN), once ``DIRECT_MIN_WRITE`` bytes wait or a buffer is full;
+    for that ``base`` is aligned, so a resume at an unaligned offset first reads the few bytes
+    before it back into the first buffer (``head``). ``write(..., urgent=True)`` (the stream
+    has nothing more to read right now, or it ended) also writes what waits and the unaligned
+    tail, the tail through the ordinary descriptor: a process killed while it waits for the
+    network has every received byte in the file, as with buffered writes. Without O_DIRECT,
+    or once a direct write fails with EINVAL, every receive is written through the ordinary
+    descriptor in ``WRITE_SLICE`` slices.
+    """
+
+    def __init__(self, part: Path, fd: int, offset: int) -> None:
+        self.fd = fd
+        self.direct_fd = _open_direct(part)
+        self.head = offset % DIRECT_ALIGN if self.direct_fd is not None else 0
+        self.base = offset - self.head  # the file offset of the current buffer's byte 0
+        self.direct_at = self.base  # direct writes go on from here (aligned)
+        self.end = offset  # the file holds every byte before this
+
+    def start(self, buffer: memoryview) -> int:
+        """Put the head in the first buffer; returns how much of it is filled."""
+        if self.head and os.preadv(self.fd, [buffer[: self.head]], self.base) != self.head:
+            raise TransientFetchError("the partial file shrank while it was being resumed")
+        return self.head
+
+    def pending(self, fill: int) -> bool:
+        """Whether some of ``buffer[:fill]`` is not in the file yet."""
+        return self.base + fill > self.end
+
+    def write(self, buffer: memoryview, fill: int, urgent: bool = False) -> None:
+        """Write what of ``buffer[:fill]`` is not in the file yet: all of it when ``urgent``
+        or without O_DIRECT, otherwise the whole blocks once enough wait."""
+        if self.direct_fd is not None:
+            aligned = self.base + fill - fill % DIRECT_ALIGN
+            waiting = aligned - self.direct_at
+            if waiting > 0 and (urgent or waiting >= DIRECT_MIN_WRITE or fill == len(buffer)):
+                self._direct(buffer[self.direct_at - self.base : aligned - self.base])
+            if not urgent:
+                return
+        if self.base + fill > self.end:
+            self._buffered(buffer[self.end - self.base : fill])
+
+    def next_buffer(self, length: int) -> None:
+        """The buffer of ``length`` bytes is all written; the next one follows it."""
+        self.base += length
+        self.direct_at = max(self.direct_at, self.base)
+
+    def _direct(self, view: memoryview) -> None:
+        try:
+            while view:
+                n = os.pwrite(self.direct_fd, view, self.direct_at)  # type: ignore[arg-type]
+                view, self.direct_at = view[n:], self.direct_at + n
+                self.end = max(self.end, self.direct_at)
+                if n % DIRECT_ALIGN:  # short and unaligned: the rest cannot go direct
+                    break
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc) from exc
+            if exc.errno != errno.EINVAL:
+                raise
+        if view:  # refused (EINVAL: this file system wants another alignment) or misaligned
+            self.close()
+            self.end = min(self.end, self.direct_at)  # buffered writes go on from here
+            self._buffered(view)
+
+    def _buffered(self, view: memoryview) -> None:
+        try:
+            _pwrite_all(self.fd, view, self.end, WRITE_SLICE)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise disk_full(exc) from exc
+            raise
+        self.end += len(view)
+
+    def close(self) -> None:
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+
+
+def _ready_to_read(response: OpenResponse) -> Callable[[], bool]:
+    """A check whether the response's socket has bytes to read now (without waiting)."""
+    sock = response.connection.sock
+    if sock is None:
+        return lambda: False
+    fileno = sock.fileno()
+
+    def ready() -> bool:
+        try:
+            return bool(select.select([fileno], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
+    return ready
 
 
 def _body_reader(
@@ -979,70 +1109,109 @@ class FetchEngine:
     ) -> int:
         """Append the body to ``part``, hashing what is already there first.
 
-        Every receive is written to ``part`` as soon as it arrives; the hasher is fed whole
-        buffers (large updates release the GIL). Why write at once rather than per buffer:
-        a resume starts from the ``.part`` file's length (``_load_state``), and bytes a
-        process wrote sit in the page cache, which survives the process being killed
-        (SIGKILL, OOM). Bytes still in a buffer die with it: with 4 MiB buffers, 20 kills
-        over a 300 MB download re-fetched 18% of it; written per receive, a kill loses
-        only what was in flight on the socket. Resuming stays safe: the range is asked with
-        ``If-Range`` (same validator or the file restarts from zero, never spliced), and
-        the whole file's sha256 and size are checked at the end, so a ``.part`` that a
-        power cut left with a bad tail is discarded, never installed.
+        Received bytes are written to ``part`` at once: whole blocks around the page cache
+        (``_PartWriter``, O_DIRECT) once ``DIRECT_MIN_WRITE`` bytes wait, and everything
+        received before the stream waits for the network; the hasher is fed whole buffers
+        (large updates release the GIL). Why write at once rather than per buffer: a resume
+        starts from the ``.part`` file's length (``_load_state``), and written bytes survive
+        the process being killed (SIGKILL, OOM). Bytes still in a buffer die with it: with
+        4 MiB buffers, 20 kills over a 300 MB download re-fetched 18% of it; written before
+        every wait, a kill loses only what was in flight (at most ``DIRECT_MIN_WRITE`` more
+        while bytes keep arriving faster than they are read). Resuming stays safe: the range
+        is asked with ``If-Range`` (same validator or the file restarts from zero, never
+        spliced), and the whole file's sha256 and size are checked at the end, so a ``.part``
+        that a power cut left with a bad tail is discarded, never installed.
         """
         read_some = _body_reader(response.response, total - offset if total is not None else None)
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        writer: _PartWriter | None = None
         try:
             if offset:
                 os.ftruncate(fd, offset)  # never keep bytes past what was recorded
-                self._hash_existing(fd, offset, hasher, cancel)
-            os.lseek(fd, offset, os.SEEK_SET)
-            received = 0
-            remaining = None if total is None else total - offset
-            buffer, fill = hasher.free.get(), 0
-            flushed = offset
+            writer = _PartWriter(part, fd, offset)
+            if writer.base:
+                self._hash_existing(fd, writer.base, hasher, cancel)
+            received = self._receive_into(
+                read_some,
+                _ready_to_read(response),
+                writer,
+                hasher,
+                (offset, total, response.url),
+                progress,
+                cancel,
+            )
+            writer.close()
+            os.fsync(fd)
+            return received
+        finally:
+            if writer is not None:
+                writer.close()
+            os.close(fd)
+
+    @staticmethod
+    def _receive_into(
+        read_some: Callable[[memoryview], int],
+        ready: Callable[[], bool],
+        writer: _PartWriter,
+        hasher: _Hasher,
+        where: tuple[int, int | None, str],
+        progress: _FileProgress,
+        cancel: CancelToken,
+    ) -> int:
+        """``_stream``'s loop: receive into the hasher's buffers, write, hand full buffers to
+        the hasher; returns the bytes received. Before it waits for the network (``ready``
+        says no bytes are there) every byte received is written, and when the connection
+        fails too, so that a kill or a retry resumes after it. ``where``: the offset the body
+        starts at, the file's total size (None: unknown) and the URL, for messages."""
+        offset, total, url = where
+        received = 0
+        remaining = None if total is None else total - offset
+        buffer = hasher.free.get()
+        view = memoryview(buffer)
+        fill = writer.start(view)
+        flushed = offset
+        try:
+            while remaining is None or remaining > 0:
+                if writer.pending(fill) and not ready():
+                    writer.write(view, fill, urgent=True)  # we wait now: all of it to disk
+                want = CHUNK_SIZE - fill if remaining is None else min(CHUNK_SIZE - fill, remaining)
+                try:
+                    n = read_some(view[fill : fill + want])
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    cancel.raise_if_cancelled()
+                    raise TransientFetchError(
+                        f"Connection lost after {offset + received} bytes of "
+                        f"{url}: {exc or type(exc).__name__}"
+                    ) from exc
+                if not n:
+                    cancel.raise_if_cancelled()
+                    break
+                fill += n
+                received += n
+                if remaining is not None:
+                    remaining -= n
+                writer.write(view, fill)
+                progress.add(n)
+                if fill == CHUNK_SIZE:
+                    hasher.feed(buffer, fill)
+                    writer.next_buffer(fill)
+                    buffer, fill = hasher.free.get(), 0
+                    view = memoryview(buffer)
+                    written = offset + received
+                    if writer.direct_fd is None and written - flushed >= WRITEBACK_EVERY:
+                        start_writeback(writer.fd, flushed, written - flushed)
+                        flushed = written
+                if cancel.cancelled:
+                    raise Cancelled(cancel.reason)
+        finally:
             try:
-                while remaining is None or remaining > 0:
-                    want = (
-                        CHUNK_SIZE - fill
-                        if remaining is None
-                        else min(CHUNK_SIZE - fill, remaining)
-                    )
-                    try:
-                        n = read_some(memoryview(buffer)[fill : fill + want])
-                    except (OSError, ValueError, http.client.HTTPException) as exc:
-                        cancel.raise_if_cancelled()
-                        raise TransientFetchError(
-                            f"Connection lost after {offset + received} bytes of "
-                            f"{response.url}: {exc or type(exc).__name__}"
-                        ) from exc
-                    if not n:
-                        cancel.raise_if_cancelled()
-                        break
-                    _write_all(fd, memoryview(buffer)[fill : fill + n])
-                    fill += n
-                    received += n
-                    if remaining is not None:
-                        remaining -= n
-                    progress.add(n)
-                    if fill == CHUNK_SIZE:
-                        hasher.feed(buffer, fill)
-                        buffer, fill = hasher.free.get(), 0
-                        written = offset + received
-                        if written - flushed >= WRITEBACK_EVERY:
-                            start_writeback(fd, flushed, written - flushed)
-                            flushed = written
-                    if cancel.cancelled:
-                        raise Cancelled(cancel.reason)
+                writer.write(view, fill, urgent=True)
             finally:
                 if fill:
                     hasher.feed(buffer, fill)
                 else:
                     hasher.free.put(buffer)
-            os.fsync(fd)
-            return received
-        finally:
-            os.close(fd)
+        return received
 
     @staticmethod
     def _hash_existing(fd: int, length: int, hasher: _Hasher, cancel: CancelToken) -> None:
