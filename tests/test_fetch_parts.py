@@ -215,7 +215,9 @@ def test_parts_resume_from_the_saved_map_in_a_new_engine(tmp_path, fileserver, p
     assert all(r.headers["If-Range"] == fileserver.etag("/w") for r in resumed)
     assert fetched.bytes_transferred == SIZE - saved.done
     assert progress.snapshot().bytes_done == SIZE
-    assert fileserver.bytes_sent("/w") < 1.05 * SIZE
+    # The second engine is served exactly what the map says is missing. (What the first
+    # run's other connections had in flight when it gave up depends on the machine's load.)
+    assert sum(r.body_bytes_sent for r in resumed) == SIZE - saved.done
 
 
 class RecordingProgress(Progress):
