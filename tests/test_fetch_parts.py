@@ -43,6 +43,9 @@ def payload() -> bytes:
 def make_engine(
     partial: Path, server: FileServer, connections: int = 4, retries: int = 3, **options
 ) -> FetchEngine:
+    # These tests count connections and parts side by side: every connection from the
+    # start (tests/test_fetch_probe.py covers the probing that adds them one by one).
+    options.setdefault("probe_window_s", None)
     return FetchEngine(
         partial,
         UrlPolicy.from_hosts([server.host_port]),
