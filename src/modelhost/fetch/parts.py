@@ -81,10 +81,11 @@ READ_BACK = CHUNK_SIZE
 SLOT_POLL_S = 0.1  # how often a waiting worker checks for a cancel or for no work left
 # Automatic part size: about PARTS_PER_CONNECTION parts per connection, within these bounds.
 # Small parts keep the hashed prefix close behind the receiving front (workers take the
-# lowest unclaimed part), so little is left to read back once the last byte is in: measured
-# on 1 GiB over 16 capped connections, 32 MiB parts left ~0.75 s of hashing after the last
-# byte, 8 MiB parts ~0.2 s.
-PARTS_PER_CONNECTION = 16
+# lowest unclaimed part), so little is left to read back once the last byte is in (1 GiB over
+# 16 capped connections: 32 MiB parts left ~0.75 s of hashing after the last byte, 8 MiB
+# parts ~0.2 s); but every part is a new connection, whose start is slow (1 GiB uncapped
+# over one connection: 8 MiB parts 431 MiB/s, 32 MiB 522, 64 MiB 529).
+PARTS_PER_CONNECTION = 4
 MIN_AUTO_PART = 8 * 1024 * 1024
 MAX_AUTO_PART = 64 * 1024 * 1024
 PART_ALIGN = 64 * 1024
