@@ -4,13 +4,16 @@ A file of at least the engine's ``part_threshold`` bytes (known size) is split i
 The first request asks for part 0 only (``Range: bytes=0-N``): a 206 says the server honours
 ranges and gives the validator (strong ETag, else Last-Modified) every later part is asked
 with (``If-Range``); a 200 means it does not, and that response is streamed whole as one
-connection, as before. Parts are claimed lowest first by up to ``connections`` workers (each
-holds one of the engine's global connection slots), written where they belong in the one
-``.part`` file, and recorded in ``<key>.parts.json`` (each part's range, the bytes of it
-written, the validator), which is rewritten atomically every ``MAP_FLUSH_S`` while bytes
-arrive. Bytes a process wrote sit in the page cache, which outlives a SIGKILL; so a restart
-resumes every unfinished part from its recorded offset (with ``If-Range``), and the whole
-file's sha256 and size, checked at the end, catch a power cut's bad tail.
+connection, as before. Parts are claimed lowest first by workers (each holds one of the
+engine's global connection slots): one at first, more while they pay (``_grow``: a
+per-connection cap rewards them, a link one connection fills does not), up to
+``connections``. Each writes its part where it belongs in the one ``.part`` file as the single
+stream does (``_PartWriter``: O_DIRECT whole blocks, everything received written before it
+waits for the network), and ``<key>.parts.json`` records each part's range, the bytes of it
+written (only bytes already in the file), and the validator; it is rewritten atomically every
+``MAP_FLUSH_S`` while bytes arrive. So a restart after a SIGKILL resumes every unfinished part
+from its recorded offset (with ``If-Range``), and the whole file's sha256 and size, checked at
+the end, catch a power cut's bad tail.
 
 A part answered with another version (200 to a ranged ``If-Range`` request, a different
 ETag or Last-Modified, a Content-Range that does not fit) restarts the whole file from zero,
@@ -19,7 +22,7 @@ CDN URL) re-resolves the original URL once, and carries on with the fresh target
 
 The sha256 is computed as the contiguous prefix grows: the worker of the first unfinished
 part hands its buffers to the hashing thread as they fill; bytes written ahead of the
-prefix are read back (from the page cache) when the prefix reaches them.
+prefix are read back (from disk, with O_DIRECT) when the prefix reaches them.
 """
 
 from __future__ import annotations
