@@ -43,6 +43,9 @@ def payload() -> bytes:
 def make_engine(
     partial: Path, server: FileServer, connections: int = 4, retries: int = 3, **options
 ) -> FetchEngine:
+    # These tests count connections and parts side by side: every connection from the
+    # start (tests/test_fetch_probe.py covers the probing that adds them one by one).
+    options.setdefault("probe_window_s", None)
     return FetchEngine(
         partial,
         UrlPolicy.from_hosts([server.host_port]),
@@ -387,6 +390,14 @@ def test_sigkill_during_a_multi_part_download_resumes_every_part(tmp_path):
             before_kill = [r for r in files.requests if r.method == "GET"]
             (map_path,) = (home / "partial").glob("*.parts.json")
             saved = PartMap.from_json(map_path.read_text())
+            # Parts write with O_DIRECT and deferred blocks: what the map recorded must be
+            # on disk, byte for byte, after the kill (never a count ahead of the writes).
+            on_disk = map_path.with_name(map_path.name.replace(".parts.json", ".part"))
+            written = on_disk.read_bytes()
+            for part in saved.parts:
+                got = written[part.start : part.start + part.done]
+                assert got == data[part.start : part.start + part.done], (part, len(got))
+            assert saved.done > 0.3 * size
             server = start_server(home, port, files.host_port, env)
             status = wait_until_finished(base, job_id)
             assert status["status"] == "completed", status["message"]

@@ -4,13 +4,16 @@ A file of at least the engine's ``part_threshold`` bytes (known size) is split i
 The first request asks for part 0 only (``Range: bytes=0-N``): a 206 says the server honours
 ranges and gives the validator (strong ETag, else Last-Modified) every later part is asked
 with (``If-Range``); a 200 means it does not, and that response is streamed whole as one
-connection, as before. Parts are claimed lowest first by up to ``connections`` workers (each
-holds one of the engine's global connection slots), written where they belong in the one
-``.part`` file, and recorded in ``<key>.parts.json`` (each part's range, the bytes of it
-written, the validator), which is rewritten atomically every ``MAP_FLUSH_S`` while bytes
-arrive. Bytes a process wrote sit in the page cache, which outlives a SIGKILL; so a restart
-resumes every unfinished part from its recorded offset (with ``If-Range``), and the whole
-file's sha256 and size, checked at the end, catch a power cut's bad tail.
+connection, as before. Parts are claimed lowest first by workers (each holds one of the
+engine's global connection slots): one at first, more while they pay (``_grow``: a
+per-connection cap rewards them, a link one connection fills does not), up to
+``connections``. Each writes its part where it belongs in the one ``.part`` file as the single
+stream does (``_PartWriter``: O_DIRECT whole blocks, everything received written before it
+waits for the network), and ``<key>.parts.json`` records each part's range, the bytes of it
+written (only bytes already in the file), and the validator; it is rewritten atomically every
+``MAP_FLUSH_S`` while bytes arrive. So a restart after a SIGKILL resumes every unfinished part
+from its recorded offset (with ``If-Range``), and the whole file's sha256 and size, checked at
+the end, catch a power cut's bad tail.
 
 A part answered with another version (200 to a ranged ``If-Range`` request, a different
 ETag or Last-Modified, a Content-Range that does not fit) restarts the whole file from zero,
@@ -19,14 +22,16 @@ CDN URL) re-resolves the original URL once, and carries on with the fresh target
 
 The sha256 is computed as the contiguous prefix grows: the worker of the first unfinished
 part hands its buffers to the hashing thread as they fill; bytes written ahead of the
-prefix are read back (from the page cache) when the prefix reaches them.
+prefix are read back (from disk, with O_DIRECT) when the prefix reaches them.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -45,11 +50,16 @@ from modelhost.errors import (
 from modelhost.fetch.cancel import CancelToken
 from modelhost.fetch.engine import (
     _CONTENT_RANGE,
+    CHUNK_SIZE,
+    DIRECT_ALIGN,
     PROGRESS_RESETS_RETRIES,
     FileSpec,
     _body_reader,
     _error_for_status,
     _FileProgress,
+    _open_direct_read,
+    _PartWriter,
+    _ready_to_read,
     _strong_etag,
     _thread_nice,
     disk_full,
@@ -66,14 +76,31 @@ log = logging.getLogger(__name__)
 
 MAP_VERSION = 1
 MAP_FLUSH_S = 0.025  # the part map is rewritten at most this often while bytes arrive
-PART_BUFFER = 1024 * 1024  # a worker's receive buffer (handed to the hasher when full)
-HASH_QUEUE = 16  # buffers waiting for the hasher; past it, bytes are read back instead
-READ_BACK = 4 * 1024 * 1024
+# A worker's receive buffer (handed to the hasher when full): page-aligned anonymous memory,
+# as the single stream's, so that whole blocks go to the file with O_DIRECT.
+PART_BUFFER = CHUNK_SIZE
+HASH_QUEUE = 8  # buffers waiting for the hasher; past it, bytes are read back instead
+READ_BACK = CHUNK_SIZE
 SLOT_POLL_S = 0.1  # how often a waiting worker checks for a cancel or for no work left
-# Automatic part size: about two parts per connection, within these bounds.
+# Automatic part size: about PARTS_PER_CONNECTION parts per connection, within these bounds.
+# Small parts keep the hashed prefix close behind the receiving front (workers take the
+# lowest unclaimed part), so little is left to read back once the last byte is in (1 GiB over
+# 16 capped connections: 32 MiB parts left ~0.75 s of hashing after the last byte, 8 MiB
+# parts ~0.2 s); but every part is a new connection, whose start is slow (1 GiB uncapped
+# over one connection: 8 MiB parts 431 MiB/s, 32 MiB 522, 64 MiB 529).
+PARTS_PER_CONNECTION = 4
 MIN_AUTO_PART = 8 * 1024 * 1024
 MAX_AUTO_PART = 64 * 1024 * 1024
 PART_ALIGN = 64 * 1024
+# Connections are added while they pay: after PROBE_WINDOW_S (engine.probe_window_s) of one
+# connection's rate, a second one is tried; once added connections have paid, the count
+# grows by PROBE_GROWTH at a time (up to engine.connections), as long as the added ones each
+# carry at least PROBE_SHARE of what one carried before. A per-connection
+# cap rewards every one; on a fast link one connection already fills the machine, and more
+# only cost CPU (parts written ahead of the hash are read back).
+PROBE_SHARE = 0.5
+PROBE_GROWTH = 4  # a ramp of 1, 2, 8, 16: few windows at less than the caps allow
+PROBE_START_WINDOWS = 4  # windows to wait for added connections' first bytes
 EXPIRED_STATUSES = (403, 410)
 MAX_RESOLVES_PER_REQUEST = 3
 
@@ -146,9 +173,9 @@ class PartMap:
 
 
 def auto_part_size(total: int, connections: int) -> int:
-    """About two parts per connection (a worker that finishes early takes another), each
-    between 8 and 64 MiB, aligned to 64 KiB."""
-    size = -(-total // (2 * max(1, connections)))
+    """About ``PARTS_PER_CONNECTION`` parts per connection (a worker that finishes early
+    takes another), each between 8 and 64 MiB, aligned to 64 KiB."""
+    size = -(-total // (PARTS_PER_CONNECTION * max(1, connections)))
     size = max(MIN_AUTO_PART, min(MAX_AUTO_PART, size))
     return -(-size // PART_ALIGN) * PART_ALIGN
 
@@ -201,28 +228,46 @@ class PrefixHasher:
 
     Workers report every write (``wrote``) and offer full buffers (``offer``); a buffer that
     starts exactly where the hash has got to is hashed from memory, anything else is read
-    back from the file once the prefix reaches it. Parts a worker is receiving are read back
-    only up to the start of that worker's current buffer, which it will offer itself.
+    back from the file once the prefix reaches it (around the page cache where the file
+    system allows: parts are written with O_DIRECT, so their pages are on disk only). Parts a
+    worker is receiving are read back only up to the start of that worker's current buffer,
+    which it will offer itself. Buffers come from and go back to a pool (``take``/``give``):
+    page-aligned, so that workers write them with O_DIRECT, and reused, because faulting
+    fresh anonymous pages in costs a small VM as much as the page cache does.
     """
 
     def __init__(self, path: Path, state: PartMap, git_size: int | None) -> None:
         self._state = state
         self._fd = os.open(path, os.O_RDONLY)
+        self._direct_fd = _open_direct_read(path)
         self.digest = hashlib.sha256()
         self.git_digest = hashlib.sha1(f"blob {git_size}\0".encode()) if git_size else None
         self._lock = threading.Condition()
         self._queued = 0  # bytes hashed or waiting in the queue: the next byte to take
-        self._buffers: queue.SimpleQueue[tuple[bytearray, int]] = queue.SimpleQueue()
+        self._buffers: queue.SimpleQueue[tuple[mmap.mmap, int]] = queue.SimpleQueue()
+        self._pool: list[mmap.mmap] = []
         self._waiting = 0
         self._receiving: dict[int, int] = {}  # part index -> start of its worker's buffer
         self._stopped = False
         self._error: BaseException | None = None
         self._nice = _thread_nice()
         self.from_memory = 0  # bytes hashed from the workers' buffers
-        self.read_back = 0  # bytes read back from the file (the page cache, mostly)
+        self.read_back = 0  # bytes read back from the file
         self._thread = threading.Thread(target=self._run, name="modelhost-sha256-parts")
         self._thread.daemon = True
         self._thread.start()
+
+    def take(self) -> mmap.mmap:
+        """A free receive buffer (``PART_BUFFER`` bytes, page-aligned)."""
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return mmap.mmap(-1, PART_BUFFER)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """Return a buffer nobody uses any more to the pool."""
+        with self._lock:
+            self._pool.append(buffer)
 
     def receiving(self, index: int, buffer_start: int | None) -> None:
         """Part ``index``'s worker now fills a buffer from ``buffer_start`` (None: no worker)."""
@@ -239,9 +284,10 @@ class PrefixHasher:
             part.done += nbytes
             self._lock.notify_all()
 
-    def offer(self, offset: int, buffer: bytearray, length: int) -> bool:
+    def offer(self, offset: int, buffer: mmap.mmap, length: int) -> bool:
         """Hash ``buffer[:length]`` (the bytes at ``offset``) from memory if the prefix is
-        exactly there; True means the hasher took the buffer and the caller needs another."""
+        exactly there; True means the hasher took the buffer (it goes back to the pool once
+        hashed) and the caller needs another."""
         with self._lock:
             if offset != self._queued or self._waiting >= HASH_QUEUE:
                 return False
@@ -265,7 +311,7 @@ class PrefixHasher:
             return part.position if limit is None else min(limit, part.position)
         return self._state.total
 
-    def _next(self) -> tuple[bytearray, int] | tuple[int, int] | None:
+    def _next(self) -> tuple[mmap.mmap, int] | tuple[int, int] | None:
         """The next piece of work: a buffer, a range to read back, or None to stop."""
         with self._lock:
             while True:
@@ -277,7 +323,7 @@ class PrefixHasher:
                 until = self._readable_until()
                 if until > self._queued:
                     start = self._queued
-                    length = min(READ_BACK, until - start)
+                    length = min(READ_BACK - start % DIRECT_ALIGN, until - start)
                     self._queued += length
                     return start, length
                 self._lock.wait()
@@ -287,21 +333,41 @@ class PrefixHasher:
         if self.git_digest is not None:
             self.git_digest.update(data)
 
+    def _read(self, scratch: mmap.mmap, start: int, length: int) -> memoryview:
+        """``length`` bytes of the file at ``start``: whole blocks with O_DIRECT (the written
+        bytes around them are in the file too), else through the page cache."""
+        if self._direct_fd is not None:
+            low = start - start % DIRECT_ALIGN
+            high = -(-(start + length) // DIRECT_ALIGN) * DIRECT_ALIGN
+            try:
+                got = os.preadv(self._direct_fd, [memoryview(scratch)[: high - low]], low)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.close(self._direct_fd)  # this file system wants another alignment
+                self._direct_fd = None
+            else:
+                if got < start + length - low:
+                    raise OSError(f"read back {got} of {high - low} bytes at {low}")
+                return memoryview(scratch)[start - low : start - low + length]
+        view = memoryview(scratch)[:length]
+        got = os.preadv(self._fd, [view], start)
+        if got != length:
+            raise OSError(f"read back {got} of {length} bytes at {start}")
+        return view
+
     def _run(self) -> None:
         set_thread_nice(self._nice)  # hash at the priority of the transfer it serves
-        scratch = bytearray(READ_BACK)
+        scratch = mmap.mmap(-1, READ_BACK)
         try:
             while (work := self._next()) is not None:
                 first, length = work
-                if isinstance(first, bytearray):
+                if isinstance(first, mmap.mmap):
                     self._update(memoryview(first)[:length])
                     self.from_memory += length
+                    self.give(first)
                     continue
-                view = memoryview(scratch)[:length]
-                got = os.preadv(self._fd, [view], first)
-                if got != length:
-                    raise OSError(f"read back {got} of {length} bytes at {first}")
-                self._update(view)
+                self._update(self._read(scratch, first, length))
                 self.read_back += length
         except BaseException as exc:  # reported by finish(); the download fails with it
             self._error = exc
@@ -322,6 +388,8 @@ class PrefixHasher:
             self._lock.notify_all()
         self._thread.join()
         os.close(self._fd)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
 
 
 class Slots:
@@ -380,6 +448,12 @@ class PartedDownload:
         # Stops every worker: the caller's cancel, or the first part that fails.
         self.stop = CancelToken()
         self.more_work = threading.Event()
+        # Connection probing: workers numbered at or past ``allowed`` stop after their part.
+        self.allowed = engine.connections
+        self.peak_workers = 1  # the most workers started (for logs and tests)
+        self._live: set[int] = set()  # threads that have received bytes
+        self._live_changed = threading.Condition()
+        self._first_done = threading.Event()  # the first worker found no more work
         self._flushed_at = 0.0
         self._flush_lock = threading.Lock()
         self.hasher: PrefixHasher | None = None
@@ -394,14 +468,22 @@ class PartedDownload:
         git_size = self.state.total if self.spec.git_sha1 else None
         self.hasher = PrefixHasher(self.part_path, self.state, git_size)
         helpers: list[threading.Thread] = []
+        prober: threading.Thread | None = None
+        unlink_wake = self.stop.on_cancel(self._first_done.set)
         try:
             self.more_work.set()
             first_index = self._claim()
             if first_index is not None:
                 opened = first or self._open_part(self.state.parts[first_index])
-                helpers = self._start_helpers()
-                self._work(first_index, opened)
+                prober = threading.Thread(
+                    target=self._grow, args=(helpers,), name="modelhost-parts-probe", daemon=True
+                )
+                prober.start()
+                self._work(first_index, opened, 0)
             self.more_work.clear()
+            self._first_done.set()
+            if prober is not None:
+                prober.join()
             for helper in helpers:
                 helper.join()
             self._raise_if_failed()
@@ -417,8 +499,11 @@ class PartedDownload:
         finally:
             self.more_work.clear()
             self.stop.cancel("download ended")
+            if prober is not None:
+                prober.join()
             for helper in helpers:
                 helper.join()
+            unlink_wake()
             unlink_cancel()
             self.hasher.close()
         return self._verified(digest, git_digest)
@@ -454,20 +539,78 @@ class PartedDownload:
             self._flush(force=True)  # what is written stays, for a later resume
         raise error
 
-    def _start_helpers(self) -> list[threading.Thread]:
-        count = min(self.engine.connections, len(self.state.parts)) - 1
-        nice = _thread_nice()
-        helpers = [
-            threading.Thread(
-                target=self._helper, args=(nice,), name=f"modelhost-part-{i + 1}", daemon=True
-            )
-            for i in range(max(0, count))
-        ]
-        for helper in helpers:
-            helper.start()
-        return helpers
+    def _grow(self, helpers: list[threading.Thread]) -> None:
+        """Start the other workers (into ``helpers``): all at once without probing, else
+        adding more while the added ones pay (see PROBE_SHARE)."""
+        target = min(self.engine.connections, len(self.state.parts))
+        window = self.engine.probe_window_s
+        if window is None:
+            self._start_helpers(helpers, target - 1)
+            return
+        count = 1
+        if not self._wait_live(1, window * PROBE_START_WINDOWS):
+            return
+        rate = self._measure(window)
+        while count < target and rate is not None and self.more_work.is_set():
+            step = min(1 if count == 1 else count * (PROBE_GROWTH - 1), target - count)
+            self._start_helpers(helpers, step)
+            if not self._wait_live(count + step, window * PROBE_START_WINDOWS):
+                self.allowed = count  # no slot or no work for them: do without
+                return
+            now = self._measure(window)
+            if now is None:
+                return
+            if now - rate < PROBE_SHARE * step * rate / count:
+                log.info(
+                    "%s: %d connections gave %.1f MB/s, %d gave %.1f: staying at %d",
+                    self.spec.path, count, rate / 1e6, count + step, now / 1e6, count,
+                )
+                self.allowed = count  # the added workers finish their part, then stop
+                return
+            count, rate = count + step, now
 
-    def _helper(self, nice: int | None) -> None:
+    def _measure(self, window: float) -> float | None:
+        """This file's receive rate over the next ``window`` seconds (None: it ended)."""
+        started, before = time.monotonic(), self.progress.transferred
+        if self._first_done.wait(window):
+            return None
+        return (self.progress.transferred - before) / (time.monotonic() - started)
+
+    def _wait_live(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` workers have received bytes; False at the timeout, the stop
+        or the end of the work."""
+        deadline = time.monotonic() + timeout
+        with self._live_changed:
+            while len(self._live) < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._first_done.is_set() or not self.more_work.is_set():
+                    return False
+                self._live_changed.wait(min(left, SLOT_POLL_S))
+        return True
+
+    def _received(self, nbytes: int) -> None:
+        """Note that this worker's connection delivers (the probe waits for that)."""
+        ident = threading.get_ident()
+        if nbytes and ident not in self._live:
+            with self._live_changed:
+                self._live.add(ident)
+                self._live_changed.notify_all()
+
+    def _start_helpers(self, helpers: list[threading.Thread], count: int) -> None:
+        nice = _thread_nice()
+        for _ in range(max(0, count)):
+            number = len(helpers) + 1
+            helper = threading.Thread(
+                target=self._helper,
+                args=(nice, number),
+                name=f"modelhost-part-{number}",
+                daemon=True,
+            )
+            helper.start()
+            helpers.append(helper)
+        self.peak_workers = max(self.peak_workers, len(helpers) + 1)
+
+    def _helper(self, nice: int | None, number: int) -> None:
         """A worker beyond the first: takes a global slot while there is work left."""
         set_thread_nice(nice)
         try:
@@ -476,9 +619,9 @@ class PartedDownload:
         except Cancelled:
             return
         try:
-            index = self._claim()
+            index = self._claim() if number < self.allowed else None
             if index is not None:
-                self._work(index, None)
+                self._work(index, None, number)
         finally:
             self.engine.slots.release()
 
@@ -501,9 +644,10 @@ class PartedDownload:
                 self.shared.error = error
         self.stop.cancel(f"another part failed: {error}")
 
-    def _work(self, index: int | None, opened: OpenResponse | None) -> None:
-        """Fetch claimed parts one after another until none is left (or the stop)."""
-        fd = os.open(self.part_path, os.O_WRONLY)
+    def _work(self, index: int | None, opened: OpenResponse | None, number: int) -> None:
+        """Fetch claimed parts one after another until none is left (or the stop, or the
+        probe says worker ``number`` does not pay)."""
+        fd = os.open(self.part_path, os.O_RDWR)
         try:
             while index is not None:
                 try:
@@ -514,7 +658,7 @@ class PartedDownload:
                     self._fail(exc)
                     return
                 opened = None
-                index = self._claim()
+                index = self._claim() if number < self.allowed else None
         finally:
             os.close(fd)
 
@@ -634,47 +778,77 @@ class PartedDownload:
         raise _error_for_status(response)
 
     def _receive_part(self, fd: int, index: int, part: Part, response: OpenResponse) -> None:
-        """Write the body where it belongs, each receive at once (a kill loses only what was
-        in flight), handing full buffers to the hasher; raises at a short body."""
+        """Write the body where it belongs, as the single stream does (``_PartWriter``: whole
+        blocks with O_DIRECT once enough wait, everything received before waiting for the
+        network, so a kill loses only what was in flight), counting in the map only bytes
+        written, and handing full buffers to the hasher; raises at a short body."""
         assert self.hasher is not None
         hasher, throttle = self.hasher, self.progress.throttle
         remaining = part.end - part.position
         throttle.fit_socket(response.connection.sock, self.engine.connections)
         read_some = _body_reader(response.response, remaining)
+        ready = _ready_to_read(response)
         unregister = self.stop.on_cancel(response.shutdown)
-        buffer, fill, buffer_start = bytearray(PART_BUFFER), 0, part.position
+        # Direct writes start at the block holding the resume offset; never in a block
+        # that begins in the part before (its worker may still be writing it).
+        aligned_start = part.position - part.position % DIRECT_ALIGN
+        writer = _PartWriter(self.part_path, fd, part.position, aligned_start >= part.start)
+        buffer = hasher.take()
+        view = memoryview(buffer)
+        fill = writer.start(view)
+        buffer_start = writer.base
         hasher.receiving(index, buffer_start)
         try:
             while remaining:
+                if writer.pending(fill) and not ready():
+                    self._write(writer, part, view, fill, urgent=True)  # we wait: all of it
                 want = min(PART_BUFFER - fill, remaining, throttle.max_read(PART_BUFFER))
                 try:
-                    n = read_some(memoryview(buffer)[fill : fill + want])
+                    n = read_some(view[fill : fill + want])
                 except (OSError, ValueError) as exc:
                     self.stop.raise_if_cancelled()
                     raise TransientFetchError(
-                        f"Connection lost at byte {part.position} of {response.url}: "
+                        f"Connection lost at byte {writer.base + fill} of {response.url}: "
                         f"{exc or type(exc).__name__}"
                     ) from exc
                 if not n:
                     self.stop.raise_if_cancelled()
                     raise TransientFetchError(
-                        f"Connection closed at byte {part.position} of {response.url} "
+                        f"Connection closed at byte {writer.base + fill} of {response.url} "
                         f"({remaining} bytes of part {index + 1} missing)"
                     )
-                _pwrite_all(fd, memoryview(buffer)[fill : fill + n], part.position)
-                hasher.wrote(part, n)
                 fill, remaining = fill + n, remaining - n
+                self._write(writer, part, view, fill, urgent=not remaining)
+                self._received(n)
                 self.progress.add(n)  # sleeps here when a bandwidth cap says so
                 if fill == PART_BUFFER or not remaining:
                     if hasher.offer(buffer_start, buffer, fill):
-                        buffer = bytearray(PART_BUFFER)
-                    fill, buffer_start = 0, part.position
+                        buffer = hasher.take()
+                        view = memoryview(buffer)
+                    writer.next_buffer(fill)
+                    fill, buffer_start = 0, writer.base
                     hasher.receiving(index, buffer_start)
                 self._flush()
                 self.stop.raise_if_cancelled()
         finally:
-            unregister()
-            hasher.receiving(index, None)
+            try:
+                self._write(writer, part, view, fill, urgent=True)
+            finally:
+                writer.close()
+                unregister()
+                hasher.receiving(index, None)
+                hasher.give(buffer)
+
+    def _write(
+        self, writer: _PartWriter, part: Part, view: memoryview, fill: int, urgent: bool
+    ) -> None:
+        """Let ``writer`` write what it will of ``view[:fill]``; the part's ``done`` grows by
+        what reached the file, so that the map never records bytes still in memory."""
+        before = writer.end
+        writer.write(view, fill, urgent=urgent)
+        if writer.end > before:
+            assert self.hasher is not None
+            self.hasher.wrote(part, writer.end - before)
 
     def _flush(self, force: bool = False) -> None:
         """Rewrite the part map (at most every ``MAP_FLUSH_S`` unless ``force``)."""
@@ -718,6 +892,7 @@ def fetch_in_parts(
     if spec.size is None or spec.size < engine.part_threshold or engine.connections < 2:
         return None  # a map was left for a file that no longer goes in parts
     part_size = engine.part_size or auto_part_size(spec.size, engine.connections)
+    part_size = -(-part_size // DIRECT_ALIGN) * DIRECT_ALIGN  # parts own whole blocks
     layout = split(spec.size, part_size)
     headers = {"Range": f"bytes=0-{layout[0].end - 1}"}
     response = engine._open(spec.url, headers=headers, cancel=cancel)
