@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     # Multi-connection downloads: a file of known size of at least fetch_part_threshold_mb
     # (MB, 10^6 bytes) is fetched as parts over fetch_connections ranged connections, when
     # the server honours Range; fetch_max_connections caps transfer connections across all
-    # downloads together. fetch_part_size_mb None: about two parts per connection (8-64 MiB).
+    # downloads together. fetch_part_size_mb None: about four parts per connection (8-64 MiB).
     fetch_connections: int = Field(default=8, ge=1, le=64)
     fetch_max_connections: int = Field(default=16, ge=1, le=1024)
     fetch_part_threshold_mb: float = Field(default=64, gt=0)
