@@ -127,7 +127,7 @@ def test_the_global_cap_holds_for_all_parts_of_two_downloads(tmp_path, fileserve
     assert errors == []
     assert progress.transferred == 24 * MB
     assert 24 * MB / elapsed == pytest.approx(cap, rel=0.10)
-    assert progress.fastest_window(4.0) <= 1.10 * cap
+    assert progress.fastest_window(4.0) <= window_bound(cap, 4.0)
     # Both went in parts, side by side.
     assert len({r.range_start for r in fileserver.requests if r.path == "/a"}) == 12
 
@@ -148,7 +148,16 @@ def test_a_requests_cap_slows_a_single_stream(tmp_path, fileserver):
     assert fetched.sha256 == sha(data)
     assert [r.range_start for r in fileserver.requests] == [None]
     assert len(data) / elapsed == pytest.approx(3 * MB, rel=0.10)
-    assert progress.fastest_window(2.0) <= 1.10 * 3 * MB
+    assert progress.fastest_window(2.0) <= window_bound(3 * MB, 2.0)
+
+
+
+def window_bound(cap: float, window_s: float) -> float:
+    """The fastest rate a window of ``window_s`` may show if every 10 s window stays within
+    10% of ``cap``: at most one second's worth of bytes ahead of the cap (the bucket's burst,
+    one receive counted before its debt is slept off), which over 10 s is 10%. A short test
+    checks the 10 s promise this way; an uncapped transfer is many times over it."""
+    return cap * (1 + 1.0 / window_s)
 
 
 def test_max_mbps_is_not_part_of_the_identity():
