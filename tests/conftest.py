@@ -54,6 +54,30 @@ def make_settings(home: Path, allow: list[str], **overrides) -> Settings:
     return Settings(**values)
 
 
+def serve_subprocess(
+    port: int, env: dict[str, str], timeout_s: float = 30, keep_stderr: bool = True
+) -> subprocess.Popen:
+    """A real ``modelhost serve`` process on ``port`` with ``env``, once ``/health`` answers.
+    ``keep_stderr`` pipes its stderr into the error raised when it does not start (leave it
+    off for a long-lived, chatty server, whose full pipe would block it)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if keep_stderr else subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    why = process.stderr.read().decode() if keep_stderr else "see its log"
+    raise RuntimeError(f"modelhost serve did not start: {why}")
+
+
 class RunningServer:
     """modelhost served by uvicorn on a free loopback port, in a thread of this process."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import serve_subprocess
 from fileserver import FileServer, Rate, Stall
 
 from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
@@ -54,21 +55,7 @@ def start_server(
         "MODELHOST_FETCH_READ_TIMEOUT_S": "5",
         **(extra_env or {}),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"server did not start: {process.stderr.read().decode()}")
+    return serve_subprocess(port, env)
 
 
 FETCH_ONE = """

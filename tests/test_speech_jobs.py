@@ -9,7 +9,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 import wave
 from pathlib import Path
@@ -18,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-from conftest import RunningServer, make_settings
+from conftest import RunningServer, make_settings, serve_subprocess
 from test_crash_resume import free_port
 from tiny_models import build_vits
 
@@ -379,21 +378,7 @@ def start_serve(home: Path, port: int, root: Path) -> subprocess.Popen:
         "MODELHOST_URL_ALLOW_DEFAULTS": "false",
         "MODELHOST_DEVICE": "cpu",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("modelhost serve did not start")
+    return serve_subprocess(port, env, timeout_s=60, keep_stderr=False)
 
 
 def poll_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
