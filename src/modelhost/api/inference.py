@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,7 +25,9 @@ from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
-from modelhost.runtime.wav import Audio
+
+if TYPE_CHECKING:  # annotations only: numpy is imported by the first synthesis
+    from modelhost.runtime.wav import Audio
 
 router = APIRouter(
     dependencies=[Depends(require_api_key), Depends(require_valid_text)], tags=["inference"]

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.errors import InvalidRequest
 
-if TYPE_CHECKING:  # annotations only: no torch on import
+if TYPE_CHECKING:  # annotations only: no torch or numpy on import
+    import numpy as np
+
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.wav import Audio
 
@@ -274,6 +275,8 @@ def apply_speed(samples: np.ndarray, rate: int, speed: float) -> np.ndarray:
     """``samples`` (mono float at ``rate`` Hz) played ``speed`` times as fast, pitch kept:
     FFmpeg's ``atempo`` filter (chained for speeds beyond one atempo's 0.5-2.0), through
     PyAV's filter graph. ``speed`` 1.0 returns the samples unchanged."""
+    import numpy as np  # here, not at the top: the server starts without numpy
+
     data = np.asarray(samples, dtype=np.float32).reshape(-1)
     if speed == 1.0 or len(data) == 0:
         return data

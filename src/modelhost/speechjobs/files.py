@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported by the methods that need it: not at server start
+    import numpy as np
 
 SENTENCE_SUFFIX = ".f32"
 META = "meta.json"
@@ -77,6 +79,8 @@ class SentenceFiles:
             raise ValueError(
                 f"the model now speaks at {rate} Hz, the job's first sentences at {known} Hz"
             )
+        import numpy as np
+
         data = np.ascontiguousarray(samples, dtype="<f4").reshape(-1)
         write_atomic(self.sentence_path(job_id, index), data.tobytes())
 
@@ -89,6 +93,8 @@ class SentenceFiles:
 
     def read_all(self, job_id: str, total: int) -> np.ndarray:
         """Every sentence's samples, concatenated in order."""
+        import numpy as np
+
         parts = [
             np.fromfile(self.sentence_path(job_id, i), dtype="<f4").astype(np.float32)
             for i in range(total)

@@ -15,20 +15,23 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from modelhost.audio.encode import FORMATS, encode_audio
+from modelhost.audio.formats import FORMATS
 from modelhost.errors import Conflict, InvalidRequest, ModelhostError, SpeechJobNotFound
-from modelhost.runtime.wav import Audio
 from modelhost.speechjobs.db import SpeechJobRepository
 from modelhost.speechjobs.files import SentenceFiles
 from modelhost.speechjobs.models import SpeechJob, SpeechJobState, SpeechParams, utcnow
+
+if TYPE_CHECKING:  # annotations only: the runtime (numpy) is not imported at start
+    from modelhost.runtime.wav import Audio
 
 log = logging.getLogger(__name__)
 
 # (job, sentence index, may_load) -> that sentence's audio, speed applied. ``may_load``: the
 # job was recovered at start and this is its first sentence since, so the model (unloaded
 # by the restart) may be loaded again; otherwise the /synthesize rule holds.
-Synthesize = Callable[[SpeechJob, int, bool], Awaitable[Audio]]
+Synthesize = Callable[[SpeechJob, int, bool], Awaitable["Audio"]]
 
 QUEUE_FULL_RETRY_S = 0.2  # a full worker queue (503) is waited out, not failed
 DELETE_WAIT_S = 30.0  # how long a delete waits for the running sentence to end
@@ -313,6 +316,8 @@ class SpeechJobRunner:
         rate = job.sample_rate or await asyncio.to_thread(self.files.sample_rate, job.id)
         assert rate is not None
         samples = await asyncio.to_thread(self.files.read_all, job.id, job.sentences_total)
+        from modelhost.audio.encode import encode_audio  # numpy and PyAV: not at start
+
         data = await asyncio.to_thread(encode_audio, samples, rate, fmt)
         await asyncio.to_thread(self.files.write_audio, job.id, fmt, data)
         seconds = len(samples) / rate

@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
@@ -23,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
 from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.api.openai.errors import openai_error_body
-from modelhost.audio.encode import FORMATS, StreamEncoder
+from modelhost.audio.formats import FORMATS
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
     MAX_INPUT_CHARS,
@@ -35,6 +36,9 @@ from modelhost.audio.speech import (
     synthesize_sentence,
 )
 from modelhost.errors import InvalidRequest, ModelhostError
+
+if TYPE_CHECKING:  # the encoder (numpy, PyAV) is imported by the first request
+    from modelhost.audio.encode import StreamEncoder
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,8 @@ async def _speech_chunks(
         voice = resolve_voice(loaded, body.voice)
         assert loaded.sample_rate is not None  # every speaking family records it
         # Off the loop: the first one imports PyAV and every one opens a muxer.
+        from modelhost.audio.encode import StreamEncoder
+
         encoder = await run_audio(StreamEncoder, body.response_format, loaded.sample_rate)
         for index, sentence in enumerate(sentences):
             if index and await request.is_disconnected():

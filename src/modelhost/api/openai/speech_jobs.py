@@ -12,10 +12,11 @@ supplies the per-sentence synthesis the runner calls.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
@@ -24,7 +25,7 @@ from pydantic import BaseModel, Field
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
 from modelhost.api.inference import loaded_model
 from modelhost.api.openai.common import model_in_use, openai_error_responses
-from modelhost.audio.encode import FORMATS
+from modelhost.audio.formats import FORMATS
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
     SpeechRequest,
@@ -37,9 +38,11 @@ from modelhost.errors import InvalidRequest, NotImplementedYet
 from modelhost.names import validate_name
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
-from modelhost.runtime.wav import Audio
 from modelhost.speechjobs import SpeechJob, SpeechJobRunner, SpeechParams, Synthesize
 from modelhost.speechjobs.runner import new_seed
+
+if TYPE_CHECKING:  # numpy: imported by the first job, not at start
+    from modelhost.runtime.wav import Audio
 
 router = APIRouter(
     prefix="/v1",
@@ -285,6 +288,6 @@ def job_synthesizer(services: Services) -> Synthesize:
         samples = await asyncio.to_thread(
             apply_speed, audio.samples, audio.sample_rate, job.params.speed
         )
-        return Audio(samples, audio.sample_rate)
+        return dataclasses.replace(audio, samples=samples)
 
     return speak
