@@ -136,6 +136,12 @@ def test_api_mode_times_modelhost_against_curl_and_openssl(tmp_path: Path) -> No
     assert leftovers == ["big.bin"]
 
 
+# nginx's limit_rate waits after each send for as long as its bytes take at the rate, so the
+# last send is never waited for: at most a send buffer (net.ipv4.tcp_wmem's 4 MB maximum)
+# plus what the reader took meanwhile; 8 MB bounds it.
+FIRST_SEND_BYTES = 8_000_000
+
+
 def test_capped_mode_compares_with_aria2c_and_curl_under_the_cap(tmp_path: Path) -> None:
     if shutil.which("aria2c") is None:
         pytest.skip("aria2c not installed: apt-get install aria2")
@@ -146,6 +152,7 @@ def test_capped_mode_compares_with_aria2c_and_curl_under_the_cap(tmp_path: Path)
     pairs = [(c["tool"], c["peer"]) for c in summary["comparisons"]]
     assert pairs == [("modelhost", "aria2c"), ("modelhost", "curl")]
     check_comparisons(summary)
-    # One connection cannot beat the cap (nginx limit_rate, in bytes per second).
+    # One connection cannot beat the cap (nginx limit_rate, in bytes per second) but by
+    # its last send (measured: 16 MiB in 0.38 s, 44 MB/s). Uncapped, curl takes 0.03 s.
     curl = next(r for r in summary["runs"] if r["tool"] == "curl")
-    assert summary["size_bytes"] / curl["seconds"] < 1.1 * 40_000_000
+    assert curl["seconds"] > (summary["size_bytes"] - FIRST_SEND_BYTES) / 40_000_000
