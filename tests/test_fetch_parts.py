@@ -43,6 +43,7 @@ def payload() -> bytes:
 def make_engine(
     partial: Path, server: FileServer, connections: int = 4, retries: int = 3, **options
 ) -> FetchEngine:
+    options.setdefault("part_size", MIB)
     # These tests count connections and parts side by side: every connection from the
     # start (tests/test_fetch_probe.py covers the probing that adds them one by one).
     options.setdefault("probe_window_s", None)
@@ -53,7 +54,6 @@ def make_engine(
         read_timeout_s=2.0,
         connections=connections,
         part_threshold=MIB,
-        part_size=MIB,
         **options,
     )
 
@@ -326,27 +326,67 @@ def test_partial_size_counts_the_bytes_written_not_the_holes(tmp_path, fileserve
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_prefix_is_hashed_as_it_arrives(tmp_path, fileserver, monkeypatch):
-    """With one worker ahead of the hash at a time (two connections, a paced server), the
-    bytes of the first unfinished part are hashed from the receive buffers; only what was
-    written ahead of the prefix is read back."""
+@pytest.fixture
+def hashers(monkeypatch) -> list:
+    """Every PrefixHasher a download makes, kept for its counters."""
     from modelhost.fetch import parts
 
-    hashers: list[parts.PrefixHasher] = []
+    made: list[parts.PrefixHasher] = []
 
     class Recorded(parts.PrefixHasher):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            hashers.append(self)
+            made.append(self)
 
     monkeypatch.setattr(parts, "PrefixHasher", Recorded)
-    data = os.urandom(8 * MIB)
-    fileserver.add("/w", data, faults=[Rate(16 * MIB)])
-    engine = make_engine(tmp_path, fileserver, connections=2)
+    return made
+
+
+def test_bytes_ahead_of_the_prefix_are_hashed_from_memory(tmp_path, fileserver, hashers):
+    """Four connections on a paced server, each part two receive buffers long: three
+    quarters of the bytes arrive ahead of the hashed prefix. Their buffers are kept until
+    the prefix reaches them, so (almost) nothing is read back from the file; the kept memory
+    is all returned at the end."""
+    from modelhost.fetch.parts import PART_BUFFER
+
+    data = os.urandom(8 * PART_BUFFER)
+    fileserver.add("/w", data, faults=[Rate(32 * MIB)])
+    engine = make_engine(tmp_path, fileserver, connections=4, part_size=2 * PART_BUFFER)
     assert engine.fetch(spec_of(fileserver, "/w", data)).sha256 == sha(data)
     (hasher,) = hashers
     assert hasher.from_memory + hasher.read_back == len(data)
-    assert hasher.from_memory >= 4 * MIB, (hasher.from_memory, hasher.read_back)
+    # A buffer that ends its part can be read back before its worker offers it; the rest
+    # comes from memory (reading back every byte ahead: about a quarter from memory).
+    assert hasher.from_memory >= 6 * PART_BUFFER, (hasher.from_memory, hasher.read_back)
+    assert engine.ahead_memory.held == 0
+
+
+def test_without_memory_to_keep_the_bytes_ahead_are_read_back(tmp_path, fileserver, hashers):
+    """With no memory budget, every buffer not at the prefix is read back from the file,
+    and the hash is still that of the file."""
+    from modelhost.fetch.parts import AheadMemory
+
+    data = os.urandom(8 * MIB)
+    fileserver.add("/w", data, faults=[Rate(16 * MIB)])
+    engine = make_engine(tmp_path, fileserver, connections=4)
+    engine.ahead_memory = AheadMemory(0)
+    assert engine.fetch(spec_of(fileserver, "/w", data)).sha256 == sha(data)
+    (hasher,) = hashers
+    assert (hasher.from_memory, hasher.read_back) == (0, len(data))
+
+
+def test_kept_buffers_survive_a_dropped_part_and_are_all_returned(tmp_path, fileserver, hashers):
+    """A part that breaks mid-buffer resumes; what was kept before the break and what comes
+    after it hash to the file's digest, and no kept memory is left held."""
+    data = os.urandom(8 * MIB)
+    drops = [DropAfter(300_001, at=3 * MIB), DropAfter(5, at=6 * MIB)]
+    fileserver.add("/w", data, faults=[Rate(16 * MIB), *drops])
+    engine = make_engine(tmp_path, fileserver, connections=4)
+    fetched = engine.fetch(spec_of(fileserver, "/w", data))
+    assert fetched.sha256 == sha(data)
+    assert fetched.local_path.read_bytes() == data
+    assert engine.ahead_memory.held == 0
+    assert len([r for r in gets(fileserver, "/w") if r.range_start in (3 * MIB, 6 * MIB)]) == 2
 
 
 def test_sigkill_during_a_multi_part_download_resumes_every_part(tmp_path):
@@ -420,3 +460,17 @@ def test_sigkill_during_a_multi_part_download_resumes_every_part(tmp_path):
     assert info["files"][0]["sha256"] == expected
     installed = Path(info["path"]) / "big.safetensors"
     assert sha(installed.read_bytes()) == expected
+
+
+@pytest.mark.parametrize("connections", [2, 4, 8, 16])
+def test_automatic_parts_keep_one_per_connection_within_the_kept_memory(connections):
+    """The window between the hash and the receiving front is about one part per
+    connection: automatic parts keep it within AHEAD_MEMORY, and within 8-64 MiB."""
+    from modelhost.fetch.parts import AHEAD_MEMORY, auto_part_size
+
+    for total in (100 * MIB, 1024 * MIB, 10 * 1024 * MIB):
+        size = auto_part_size(total, connections)
+        assert 8 * MIB <= size <= 64 * MIB and size % (64 * 1024) == 0
+        assert connections * size <= AHEAD_MEMORY, (total, connections, size)
+    largest = min(64 * MIB, AHEAD_MEMORY // connections)
+    assert auto_part_size(10 * 1024 * MIB, connections) == largest

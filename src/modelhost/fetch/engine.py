@@ -652,7 +652,7 @@ class FetchEngine:
         together (None: none); ``probe_window_s``: a file in parts starts with one
         connection and adds more while they pay, measured over windows this long (None: all
         ``connections`` at once)."""
-        from modelhost.fetch.parts import Slots
+        from modelhost.fetch.parts import AHEAD_MEMORY, AheadMemory, Slots
 
         self.partial_dir = Path(partial_dir)
         self.partial_dir.mkdir(parents=True, exist_ok=True)
@@ -676,6 +676,7 @@ class FetchEngine:
             raise ValueError("probe_window_s must be positive (or None: no probing)")
         self.probe_window_s = probe_window_s
         self.slots = Slots(max_connections)
+        self.ahead_memory = AheadMemory(AHEAD_MEMORY)
         self.limiter = None if max_bytes_per_s is None else RateLimiter(max_bytes_per_s)
 
     def _open(

@@ -33,7 +33,6 @@ import json
 import logging
 import mmap
 import os
-import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,7 +78,10 @@ MAP_FLUSH_S = 0.025  # the part map is rewritten at most this often while bytes 
 # A worker's receive buffer (handed to the hasher when full): page-aligned anonymous memory,
 # as the single stream's, so that whole blocks go to the file with O_DIRECT.
 PART_BUFFER = CHUNK_SIZE
-HASH_QUEUE = 8  # buffers waiting for the hasher; past it, bytes are read back instead
+# Receive buffers kept for the hash ahead of its position, across the engine's downloads:
+# with N connections, (N-1)/N of the bytes arrive ahead of the hashed prefix, and the window
+# between the prefix and the front is about N parts (auto_part_size keeps N parts within it).
+AHEAD_MEMORY = 256 * 1024 * 1024
 READ_BACK = CHUNK_SIZE
 SLOT_POLL_S = 0.1  # how often a waiting worker checks for a cancel or for no work left
 # Automatic part size: about PARTS_PER_CONNECTION parts per connection, within these bounds.
@@ -174,9 +176,12 @@ class PartMap:
 
 def auto_part_size(total: int, connections: int) -> int:
     """About ``PARTS_PER_CONNECTION`` parts per connection (a worker that finishes early
-    takes another), each between 8 and 64 MiB, aligned to 64 KiB."""
-    size = -(-total // (PARTS_PER_CONNECTION * max(1, connections)))
-    size = max(MIN_AUTO_PART, min(MAX_AUTO_PART, size))
+    takes another), each between 8 and 64 MiB and small enough that one part per connection
+    fits in ``AHEAD_MEMORY`` (the bytes ahead of the hash stay in memory), aligned to 64 KiB."""
+    connections = max(1, connections)
+    size = -(-total // (PARTS_PER_CONNECTION * connections))
+    largest = max(MIN_AUTO_PART, min(MAX_AUTO_PART, AHEAD_MEMORY // connections))
+    size = max(MIN_AUTO_PART, min(largest, size))
     return -(-size // PART_ALIGN) * PART_ALIGN
 
 
@@ -223,30 +228,61 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         raise
 
 
+class AheadMemory:
+    """Bytes of receive buffers the engine's downloads may keep for the hash, beyond the
+    buffers in use (``MODELHOST``'s parted downloads together; see ``AHEAD_MEMORY``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if they fit; False when the budget is spent."""
+        with self._lock:
+            if self._held + nbytes > self.limit:
+                return False
+            self._held += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return self._held
+
+
 class PrefixHasher:
     """sha256 (and the git blob id when asked) of the file's contiguous written prefix.
 
-    Workers report every write (``wrote``) and offer full buffers (``offer``); a buffer that
-    starts exactly where the hash has got to is hashed from memory, anything else is read
-    back from the file once the prefix reaches it (around the page cache where the file
-    system allows: parts are written with O_DIRECT, so their pages are on disk only). Parts a
-    worker is receiving are read back only up to the start of that worker's current buffer,
-    which it will offer itself. Buffers come from and go back to a pool (``take``/``give``):
+    Workers report every write (``wrote``) and offer each full buffer (``offer``) once its
+    bytes are in the file. A buffer at or ahead of the hash's position is kept (within the
+    engine's ``AheadMemory``) until the prefix reaches it, and hashed from memory; anything
+    else is read back from the file once the prefix reaches it (around the page cache where
+    the file system allows: parts are written with O_DIRECT, so their pages are on disk
+    only; measured: reading back 1 GiB so took 1.6 s, more than hashing it). Parts a worker
+    is receiving are read back only up to the start of that worker's current buffer, which
+    it will offer itself. Buffers come from and go back to a pool (``take``/``give``):
     page-aligned, so that workers write them with O_DIRECT, and reused, because faulting
     fresh anonymous pages in costs a small VM as much as the page cache does.
     """
 
-    def __init__(self, path: Path, state: PartMap, git_size: int | None) -> None:
+    def __init__(
+        self, path: Path, state: PartMap, git_size: int | None, memory: AheadMemory
+    ) -> None:
         self._state = state
+        self._memory = memory
         self._fd = os.open(path, os.O_RDONLY)
         self._direct_fd = _open_direct_read(path)
         self.digest = hashlib.sha256()
         self.git_digest = hashlib.sha1(f"blob {git_size}\0".encode()) if git_size else None
         self._lock = threading.Condition()
-        self._queued = 0  # bytes hashed or waiting in the queue: the next byte to take
-        self._buffers: queue.SimpleQueue[tuple[mmap.mmap, int]] = queue.SimpleQueue()
+        self._queued = 0  # the next byte to hash (everything before it is hashed or taken)
+        self._kept: dict[int, tuple[mmap.mmap, int]] = {}  # offset -> (buffer, length)
         self._pool: list[mmap.mmap] = []
-        self._waiting = 0
         self._receiving: dict[int, int] = {}  # part index -> start of its worker's buffer
         self._stopped = False
         self._error: BaseException | None = None
@@ -285,15 +321,16 @@ class PrefixHasher:
             self._lock.notify_all()
 
     def offer(self, offset: int, buffer: mmap.mmap, length: int) -> bool:
-        """Hash ``buffer[:length]`` (the bytes at ``offset``) from memory if the prefix is
-        exactly there; True means the hasher took the buffer (it goes back to the pool once
-        hashed) and the caller needs another."""
+        """Keep ``buffer[:length]`` (the bytes at ``offset``, already in the file) to hash
+        from memory when the prefix gets there; True means the hasher took the buffer (it
+        goes back to the pool once hashed) and the caller needs another. False: the hash
+        is past ``offset`` already, or the memory budget is spent (read back instead)."""
         with self._lock:
-            if offset != self._queued or self._waiting >= HASH_QUEUE:
+            if offset < self._queued or self._stopped or offset in self._kept:
                 return False
-            self._queued += length
-            self._waiting += 1
-            self._buffers.put((buffer, length))
+            if not self._memory.take(PART_BUFFER):
+                return False
+            self._kept[offset] = (buffer, length)
             self._lock.notify_all()
             return True
 
@@ -312,21 +349,37 @@ class PrefixHasher:
         return self._state.total
 
     def _next(self) -> tuple[mmap.mmap, int] | tuple[int, int] | None:
-        """The next piece of work: a buffer, a range to read back, or None to stop."""
+        """The next piece of work: a kept buffer, a range to read back, or None to stop."""
         with self._lock:
             while True:
-                if self._waiting:
-                    self._waiting -= 1
-                    return self._buffers.get()
+                self._drop_passed()
+                kept = self._kept.pop(self._queued, None)
+                if kept is not None:
+                    self._memory.give(PART_BUFFER)
+                    self._queued += kept[1]
+                    return kept
                 if self._queued >= self._state.total or self._stopped:
                     return None
-                until = self._readable_until()
+                until = min(self._readable_until(), self._next_kept())
                 if until > self._queued:
                     start = self._queued
                     length = min(READ_BACK - start % DIRECT_ALIGN, until - start)
                     self._queued += length
                     return start, length
                 self._lock.wait()
+
+    def _next_kept(self) -> int:
+        """Where the first kept buffer ahead of the hash starts (under the lock): the
+        read-back stops there."""
+        return min(self._kept, default=self._state.total)
+
+    def _drop_passed(self) -> None:
+        """Return kept buffers the hash has gone past (a retried part's buffer that begins
+        inside an earlier one) to the pool (under the lock)."""
+        for offset in [o for o in self._kept if o < self._queued]:
+            buffer, _ = self._kept.pop(offset)
+            self._memory.give(PART_BUFFER)
+            self._pool.append(buffer)
 
     def _update(self, data: memoryview) -> None:
         self.digest.update(data)
@@ -382,11 +435,15 @@ class PrefixHasher:
         )
 
     def close(self) -> None:
-        """Stop hashing (an abandoned download) and release the file."""
+        """Stop hashing (an abandoned download), release the file and the kept buffers."""
         with self._lock:
             self._stopped = True
             self._lock.notify_all()
         self._thread.join()
+        with self._lock:
+            self._memory.give(PART_BUFFER * len(self._kept))
+            self._kept.clear()
+            self._pool.clear()
         os.close(self._fd)
         if self._direct_fd is not None:
             os.close(self._direct_fd)
@@ -466,7 +523,7 @@ class PartedDownload:
         unlink_cancel = self.cancel.on_cancel(lambda: self.stop.cancel(self.cancel.reason))
         self.progress.add_existing(self.state.done)
         git_size = self.state.total if self.spec.git_sha1 else None
-        self.hasher = PrefixHasher(self.part_path, self.state, git_size)
+        self.hasher = PrefixHasher(self.part_path, self.state, git_size, self.engine.ahead_memory)
         helpers: list[threading.Thread] = []
         prober: threading.Thread | None = None
         unlink_wake = self.stop.on_cancel(self._first_done.set)
