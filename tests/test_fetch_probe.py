@@ -105,6 +105,25 @@ def test_one_connection_that_fills_the_link_stays_alone(tmp_path, fileserver, re
     assert len(gets) == 12
 
 
+def test_connections_paying_less_than_the_first_ones_are_still_added(
+    tmp_path, fileserver, recorded
+):
+    """Each connection capped at 2 MB/s under a 5.4 MB/s link (as 16 capped connections are
+    under what 2 cores can take): two connections double the rate, four add only another
+    1.4 MB/s, about 0.35 of what each of the first two carried (longer windows: the link's
+    burst is spent before the rate is measured). That still pays, so the download ends with
+    four connections."""
+    data = os.urandom(16 * MIB)
+    fileserver.add("/w", data, faults=[Rate(2_000_000)])
+    engine = make_engine(tmp_path, fileserver, connections=4, window=0.6)
+    link = RateLimiter(5_400_000)
+    spec = FileSpec(fileserver.url("/w"), "w.bin", len(data), sha(data))
+    fetched = engine.fetch(spec, Progress(), CancelToken(), limiter=link)
+    assert fetched.sha256 == sha(data)
+    (download,) = recorded
+    assert (download.peak_workers, download.allowed) == (4, 4)
+
+
 @pytest.mark.slow
 def test_an_uncapped_loopback_server_gets_one_or_two_connections(tmp_path, recorded):
     """No cap anywhere: on loopback one connection is as fast as the machine, and probing
