@@ -120,6 +120,7 @@ def test_at_most_max_downloads_transfer_at_once(make_server, fileserver, payload
         assert server.wait_for(job_id)["status"] == "completed"
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_status_reports_live_progress(make_server, fileserver, payload):
     fileserver.add("/slow.safetensors", payload, faults=[Rate(1_000_000)])
     server = make_server([fileserver.host_port])
@@ -137,6 +138,7 @@ def test_status_reports_live_progress(make_server, fileserver, payload):
     server.client.post(f"/models/download/{job['download_id']}/cancel")
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_cancel_ends_job_within_a_second_and_discards_partial(make_server, fileserver, payload):
     fileserver.add("/c.safetensors", payload, faults=[Rate(500_000)])
     server = make_server([fileserver.host_port])

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "fetch.py"
 NGINX = "/usr/sbin/nginx"
 MIB = 1024 * 1024

@@ -372,6 +372,7 @@ def served_copy(bert, server, tmp_path):
     process.wait(timeout=30)
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_startup_is_fast_and_imports_no_server_code(served_copy):
     timings: dict[str, list[float]] = {}
 

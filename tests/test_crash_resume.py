@@ -62,6 +62,9 @@ FETCH_ONE = """
 import sys
 from pathlib import Path
 from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
+
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
 partial, host, url, size, digest = sys.argv[1:]
 engine = FetchEngine(Path(partial), UrlPolicy.from_hosts([host]), RetryPolicy(retries=0),
                      read_timeout_s=60)

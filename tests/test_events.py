@@ -79,6 +79,7 @@ def phases(messages) -> list[str]:
     return seen
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_job_stream_orders_phases_and_bytes_and_ends_after_the_final_status(modelhost):
     server = modelhost()
     job = post(server, source="huggingface", model_id="test-org/two-files", name="two", load=False)

@@ -21,6 +21,9 @@ from modelhost.jobs.manager import request_key
 from modelhost.sources import DownloadRequest
 from modelhost.units import MB
 
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
+
 MIB = 1024 * 1024
 
 

@@ -169,6 +169,7 @@ def test_size_mismatch_is_reported(tmp_path, fileserver, payload):
         make_engine(tmp_path, fileserver).fetch(FileSpec(fileserver.url("/w"), "w", SIZE + 1))
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_cancel_stops_within_a_second(tmp_path, fileserver, payload):
     fileserver.add("/w", payload, faults=[Rate(500_000)])
     engine = make_engine(tmp_path, fileserver)
@@ -207,6 +208,7 @@ def test_partial_survives_a_new_engine_and_resumes(tmp_path, fileserver, payload
     assert progress.snapshot().bytes_done == SIZE
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_progress_measures_speed_and_eta(tmp_path, fileserver, payload):
     fileserver.add("/w", payload, faults=[Rate(4_000_000)])
     engine = make_engine(tmp_path, fileserver)

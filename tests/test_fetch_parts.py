@@ -255,6 +255,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_cancel_closes_every_connection_within_a_second(tmp_path, fileserver):
     data = os.urandom(16 * MIB)
     fileserver.add("/w", data, faults=[Rate(200_000)])

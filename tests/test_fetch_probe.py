@@ -21,6 +21,9 @@ from modelhost.fetch import (
 )
 from modelhost.fetch.ratelimit import RateLimiter
 
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
+
 MIB = 1024 * 1024
 
 

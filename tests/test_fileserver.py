@@ -424,6 +424,7 @@ def test_drop_after_zero_and_urllib(srv: FileServer) -> None:
     assert srv.bytes_sent() == 0
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_stall(srv: FileServer) -> None:
     srv.set_faults("/data.bin", [Stall(after=4000, seconds=0.4)])
     conn = http.client.HTTPConnection(srv.host_port, timeout=5)

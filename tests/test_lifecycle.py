@@ -271,6 +271,7 @@ def test_store_eviction_keeps_the_protected_and_pinned(tmp_path):
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.serial  # timing-sensitive: run alone
 def test_slow_load_of_one_model_does_not_delay_another(bert_dir):
     from modelhost.runtime.loaders import load as real_load
 

@@ -16,6 +16,9 @@ import pytest
 
 import modelhost
 
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
+
 MODELHOST = shutil.which("modelhost", path=str(Path(sys.executable).parent))
 HEAVY = ("torch", "transformers", "torchvision", "torchaudio", "safetensors", "numpy", "av")
 

@@ -22,6 +22,9 @@ from modelhost.errors import Cancelled, UpstreamTimeout
 from modelhost.fetch import CancelToken, FetchEngine, RetryPolicy, UrlPolicy
 from modelhost.sources.hub_api import HubApi
 
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 REPO = "test-org/tiny"
 

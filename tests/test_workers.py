@@ -11,6 +11,9 @@ import time
 import httpx
 import pytest
 
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
+
 
 class Slow(__import__("torch").nn.Module):
     """A real computation whose time is set by its weight's size: ``rounds`` matmuls."""
