@@ -18,6 +18,9 @@ from fileserver import FileServer, Rate, Stall
 
 from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
 
+# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
+pytestmark = pytest.mark.serial
+
 SIZE = 300 * 1024 * 1024
 RATE = 60 * 1024 * 1024  # bytes/s: slow enough to kill the server mid-file
 
@@ -63,8 +66,6 @@ import sys
 from pathlib import Path
 from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
 
-# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
-pytestmark = pytest.mark.serial
 partial, host, url, size, digest = sys.argv[1:]
 engine = FetchEngine(Path(partial), UrlPolicy.from_hosts([host]), RetryPolicy(retries=0),
                      read_timeout_s=60)
