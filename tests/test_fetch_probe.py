@@ -70,6 +70,14 @@ def most_connections(server: FileServer, done: threading.Event) -> list[int]:
     return most
 
 
+def fetch_under_link(engine: FetchEngine, server: FileServer, data: bytes, link_bps: int) -> None:
+    """Fetch ``/w`` (``data``) through a link of ``link_bps`` bytes/s shared by every
+    connection (a RateLimiter, as a real link is); checks the digest."""
+    spec = FileSpec(server.url("/w"), "w.bin", len(data), sha(data))
+    fetched = engine.fetch(spec, Progress(), CancelToken(), limiter=RateLimiter(link_bps))
+    assert fetched.sha256 == sha(data)
+
+
 def test_a_per_connection_cap_gets_every_connection(tmp_path, fileserver, recorded):
     """Each connection limited to 2 MB/s: every doubling doubles the rate, so the download
     goes from one connection to two to four, and is faster than one connection could be."""
@@ -96,10 +104,7 @@ def test_one_connection_that_fills_the_link_stays_alone(tmp_path, fileserver, re
     data = os.urandom(12 * MIB)
     fileserver.add("/w", data)
     engine = make_engine(tmp_path, fileserver, connections=4, window=0.3)
-    link = RateLimiter(6_000_000)
-    spec = FileSpec(fileserver.url("/w"), "w.bin", len(data), sha(data))
-    fetched = engine.fetch(spec, Progress(), CancelToken(), limiter=link)
-    assert fetched.sha256 == sha(data)
+    fetch_under_link(engine, fileserver, data, 6_000_000)
     (download,) = recorded
     assert download.peak_workers == 2
     assert download.allowed == 1
@@ -119,10 +124,7 @@ def test_connections_paying_less_than_the_first_ones_are_still_added(
     data = os.urandom(16 * MIB)
     fileserver.add("/w", data, faults=[Rate(2_000_000)])
     engine = make_engine(tmp_path, fileserver, connections=4, window=0.6)
-    link = RateLimiter(5_400_000)
-    spec = FileSpec(fileserver.url("/w"), "w.bin", len(data), sha(data))
-    fetched = engine.fetch(spec, Progress(), CancelToken(), limiter=link)
-    assert fetched.sha256 == sha(data)
+    fetch_under_link(engine, fileserver, data, 5_400_000)
     (download,) = recorded
     assert (download.peak_workers, download.allowed) == (4, 4)
 

@@ -12,14 +12,7 @@ import struct
 
 import numpy as np
 
-from modelhost.audio.formats import (  # noqa: F401  (re-exported: one import for callers)
-    BIT_RATES,
-    FORMATS,
-    PCM_RATE,
-    AudioFormat,
-    audio_format,
-    output_rate,
-)
+from modelhost.audio.formats import BIT_RATES, AudioFormat, audio_format, output_rate
 
 
 def _as_int16_frames(samples: np.ndarray) -> np.ndarray:

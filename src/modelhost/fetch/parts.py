@@ -247,8 +247,8 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 class AheadMemory:
-    """Bytes of receive buffers the engine's downloads may keep for the hash, beyond the
-    buffers in use (``MODELHOST``'s parted downloads together; see ``AHEAD_MEMORY``)."""
+    """Bytes of receive buffers that one engine's parted downloads, together, may keep for
+    the hash ahead of its position (``AHEAD_MEMORY``), beyond the buffers being filled."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -625,7 +625,7 @@ class PartedDownload:
         count = 1
         if not self._wait_live(1, window * PROBE_START_WINDOWS):
             return
-        rate = self._measure(window, settle=window * PROBE_SETTLE)
+        rate = self._measure(window)
         if rate is not None:
             log.debug("%s: 1 connection: %.2f MB/s", self.spec.path, rate / 1e6)
         while count < target and rate is not None and self.more_work.is_set():
@@ -634,7 +634,7 @@ class PartedDownload:
             if not self._wait_live(count + step, window * PROBE_START_WINDOWS):
                 self.allowed = count  # no slot or no work for them: do without
                 return
-            now = self._measure(window, settle=window * PROBE_SETTLE)
+            now = self._measure(window)
             if now is None:
                 return
             log.debug("%s: %d connections: %.2f MB/s", self.spec.path, count + step, now / 1e6)
@@ -648,10 +648,10 @@ class PartedDownload:
                 return
             count, rate = count + step, now
 
-    def _measure(self, window: float, settle: float = 0.0) -> float | None:
-        """This file's receive rate over ``window`` seconds from ``settle`` seconds on
-        (None: it ended)."""
-        if settle and self._first_done.wait(settle):
+    def _measure(self, window: float) -> float | None:
+        """This file's receive rate over ``window`` seconds, from ``PROBE_SETTLE`` of a
+        window on (None: it ended)."""
+        if self._first_done.wait(window * PROBE_SETTLE):
             return None
         started, before = time.monotonic(), self.progress.transferred
         if self._first_done.wait(window):
