@@ -20,9 +20,9 @@ from modelhost.runtime.families.base import BatchPlan
 from modelhost.runtime.inference import (
     TextsCall,
     _embedding_matrix,
-    _encode,
     _texts,
     _using,
+    encode_for_embedding,
 )
 from modelhost.runtime.loaded import LoadedModel
 
@@ -44,7 +44,7 @@ def normalizes(loaded: LoadedModel) -> bool:
     """Whether the vectors are L2-normalized here: a sentence-transformers model gives its
     own pipeline's output (all-MiniLM-L6-v2 ends in a Normalize module); a plain encoder's
     mean-pooled vectors are normalized, as OpenAI's embeddings are."""
-    return loaded.extra.get("backend") != "sentence-transformers"
+    return loaded.extra.get("backend") not in ("sentence-transformers", "sentence-layout")
 
 
 def dimension(loaded: LoadedModel) -> int | None:
@@ -68,7 +68,7 @@ def token_counts(loaded: LoadedModel, model: torch.nn.Module, texts: list[str]) 
         preprocess = getattr(model, "preprocess", None) or model.tokenize
         mask = preprocess(texts)["attention_mask"]
     else:
-        mask = _encode(loaded, model, texts)["attention_mask"]
+        mask = encode_for_embedding(loaded, model, texts)["attention_mask"]
     return [int(n) for n in mask.sum(dim=1).tolist()]
 
 

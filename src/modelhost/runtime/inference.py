@@ -30,6 +30,7 @@ from modelhost.runtime.families.registry import adapter_for
 from modelhost.runtime.images import decode_image, pixel_values
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.runtime.memory import weights_bytes
+from modelhost.runtime.sentence_layout import SentenceLayout
 from modelhost.runtime.speaker import parse_speaker_embedding
 from modelhost.runtime.wav import Audio, decode_base64, parse_wav, resample
 
@@ -482,14 +483,18 @@ def _classify_rows(
     return [_ranked(row, labels, top_k) for row in probs.cpu()]
 
 
-def _encode(loaded: LoadedModel, model: nn.Module, texts: list[str]) -> dict[str, Any]:
-    """A padded, truncated batch of ``texts`` on the model's device."""
+def _encode(
+    loaded: LoadedModel, model: nn.Module, texts: list[str], max_length: int | None = None
+) -> dict[str, Any]:
+    """A padded, truncated batch of ``texts`` on the model's device (at most ``max_length``
+    tokens each when given, and never more than the model takes)."""
     tokenizer = loaded.processor
+    limit = _max_length(tokenizer, model.config)
     enc = tokenizer(
         texts,
         padding=True,
         truncation=True,
-        max_length=_max_length(tokenizer, model.config),
+        max_length=min(limit, max_length) if max_length else limit,
         return_tensors="pt",
     )
     return _to(enc, _device(model))
@@ -497,8 +502,28 @@ def _encode(loaded: LoadedModel, model: nn.Module, texts: list[str]) -> dict[str
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token vectors where ``mask`` is 1 (the sentence-transformers pooling)."""
+    return pool(hidden, mask, ("mean",))
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: Sequence[str]) -> torch.Tensor:
+    """Token vectors pooled into one vector per row by each of ``modes`` (``cls``, ``max``,
+    ``mean``, ``mean_sqrt_len``), concatenated in that order as sentence-transformers does."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    counts = weights.sum(dim=1).clamp(min=1e-9)
+    pooled = []
+    for mode in modes:
+        if mode == "cls":
+            pooled.append(hidden[:, 0])
+        elif mode == "max":
+            # Padding must never win the max: sentence-transformers sets it to -1e9 too.
+            pooled.append(hidden.masked_fill(weights == 0, -1e9).max(dim=1).values)
+        elif mode == "mean":
+            pooled.append((hidden * weights).sum(dim=1) / counts)
+        elif mode == "mean_sqrt_len":
+            pooled.append((hidden * weights).sum(dim=1) / counts.sqrt())
+        else:
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    return torch.cat(pooled, dim=1)
 
 
 def _normalize_param(params: Mapping[str, Any]) -> bool:
@@ -514,10 +539,26 @@ def _embed(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> 
     return {"embeddings": matrix.tolist(), "dimension": int(matrix.shape[1])}
 
 
+def embedding_layout(loaded: LoadedModel) -> SentenceLayout:
+    """How a feature-extraction model pools (plain encoders: mean pooling, nothing else)."""
+    return loaded.extra.get("layout") or SentenceLayout()
+
+
+def encode_for_embedding(loaded: LoadedModel, model: nn.Module, texts: list[str]) -> dict:
+    """``texts`` tokenized as the model's layout reads them (casing, sequence length)."""
+    layout = embedding_layout(loaded)
+    if layout.do_lower_case:
+        texts = [text.lower() for text in texts]
+    return _encode(loaded, model, texts, layout.max_seq_length)
+
+
 def _embedding_matrix(
     loaded: LoadedModel, model: nn.Module, texts: list[str], normalize: bool
 ) -> torch.Tensor:
-    """One row per text: mean-pooled over its own tokens (padding masked), on the CPU."""
+    """One row per text: pooled over its own tokens (padding masked), on the CPU.
+
+    A sentence-transformers layout (``loaded.extra["layout"]``) says how: its pooling modes,
+    its Normalize module, its sequence length and casing; any other encoder is mean-pooled."""
     if loaded.extra.get("backend") == "sentence-transformers":
         vectors = model.encode(
             texts,
@@ -527,10 +568,11 @@ def _embedding_matrix(
             show_progress_bar=False,
         )
         return torch.from_numpy(np.asarray(vectors, dtype=np.float32))
-    enc = _encode(loaded, model, texts)
+    layout = embedding_layout(loaded)
+    enc = encode_for_embedding(loaded, model, texts)
     hidden = model(**enc).last_hidden_state
-    matrix = mean_pool(hidden, enc["attention_mask"]).float().cpu()
-    if normalize:
+    matrix = pool(hidden, enc["attention_mask"], layout.pooling).float().cpu()
+    if normalize or layout.normalize:
         matrix = torch.nn.functional.normalize(matrix, p=2, dim=1)
     return matrix
 

@@ -14,6 +14,7 @@ from modelhost.runtime.families.base import (
     LoadOptions,
     Parts,
 )
+from modelhost.runtime.sentence_layout import SentenceLayout, read_layout
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     from torch import nn
@@ -56,22 +57,34 @@ class FeatureExtractionAdapter(Adapter):
 
 
 def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-    from modelhost.runtime.pretrained import load_pretrained
+    """The encoder and tokenizer, pooled as the model's sentence-transformers layout says.
 
-    if info.sentence_transformers:
-        from sentence_transformers import SentenceTransformer
-
-        kw = options.hf_kwargs()
-        model_kwargs = {"dtype": kw["dtype"], "use_safetensors": kw["use_safetensors"]}
-        model = SentenceTransformer(
-            str(path), device="cpu", local_files_only=True, model_kwargs=model_kwargs
-        )
-        return Parts(model, None, extra={"backend": "sentence-transformers"})
+    modelhost runs the usual layout (Transformer, Pooling, Normalize) itself; only a pipeline
+    with other modules needs the ``sentence-transformers`` package (a missing one is reported
+    with the ``pip install`` that brings it)."""
     from transformers import AutoModel, AutoTokenizer
 
+    from modelhost.runtime.pretrained import load_pretrained
+
+    layout = read_layout(path) if info.sentence_transformers else SentenceLayout()
+    if not layout.native:
+        return _load_sentence_transformers(path, options)
     model = load_pretrained(AutoModel, path, options)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return Parts(model, tokenizer, extra={"backend": "transformers-mean-pooling"})
+    backend = "sentence-layout" if info.sentence_transformers else "transformers-mean-pooling"
+    return Parts(model, tokenizer, extra={"backend": backend, "layout": layout})
+
+
+def _load_sentence_transformers(path: Path, options: LoadOptions) -> Parts:
+    """A pipeline modelhost does not run itself, through the sentence-transformers package."""
+    from sentence_transformers import SentenceTransformer
+
+    kw = options.hf_kwargs()
+    model_kwargs = {"dtype": kw["dtype"], "use_safetensors": kw["use_safetensors"]}
+    model = SentenceTransformer(
+        str(path), device="cpu", local_files_only=True, model_kwargs=model_kwargs
+    )
+    return Parts(model, None, extra={"backend": "sentence-transformers"})
 
 
 def _probe(loaded: LoadedModel) -> Probe:
@@ -102,15 +115,16 @@ def _probe(loaded: LoadedModel) -> Probe:
             EMBEDDING_TOLERANCE,
         )
     enc = sentence_batch(proc, device)
+    layout: SentenceLayout = loaded.extra.get("layout") or SentenceLayout()
 
     def run_pooled(m: nn.Module, v: nn.Module | None) -> torch.Tensor:
-        from modelhost.runtime.inference import mean_pool
+        from modelhost.runtime.inference import pool
 
-        pooled = mean_pool(m(**enc).last_hidden_state.float(), enc["attention_mask"])
+        pooled = pool(m(**enc).last_hidden_state.float(), enc["attention_mask"], layout.pooling)
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
     return Probe(
         run_pooled,
-        f"unit-norm mean-pooled embeddings of {len(SAMPLE_TEXTS)} sentences",
+        f"unit-norm {'+'.join(layout.pooling)}-pooled embeddings of {len(SAMPLE_TEXTS)} sentences",
         EMBEDDING_TOLERANCE,
     )
