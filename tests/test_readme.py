@@ -1,0 +1,201 @@
+"""The README as a user meets it: its install on a fresh venv, then every runnable block.
+
+``test_readme_runs_on_a_plain_install`` copies this tree (what a clone holds), creates a new
+virtual environment, runs the Quick start's install block exactly as written in it (no test
+extras: what a user gets from ``pip install .``), starts the Quick start's server block, and
+runs every block marked ``runnable`` in order against a loopback Hub that serves the models
+the blocks name (tiny real builds under the real repository ids, and the real
+all-MiniLM-L6-v2 files). Each block must exit 0 and print the lines its ``text output``
+block documents. Blocks that cannot run here say so in their fence and are checked for syntax
+(``readme_blocks`` describes the fence words).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hubserver import HubServer
+from readme_blocks import Block, output_matches, parse_blocks
+from tiny_models import publish_all
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SHELLS = ("bash", "sh")
+# The catalog's ids the README's blocks name that the test Hub would not hold otherwise.
+EXTRA_REPOS = {"openai/whisper-tiny": "whisper"}
+BLOCK_TIMEOUT_S = 300
+
+
+def readme_blocks() -> list[Block]:
+    return parse_blocks(README.read_text(encoding="utf-8"))
+
+
+def test_every_shell_block_is_marked_and_parses() -> None:
+    """Each bash block says whether it runs here; each parses; each Python block compiles."""
+    problems = []
+    for block in readme_blocks():
+        where = block.label(README)
+        if block.language in SHELLS:
+            if not block.runnable and "not-runnable" not in block.tags:
+                problems.append(f"{where}: mark it `runnable` or `not-runnable: <why>`")
+            elif "not-runnable" in block.tags and not block.reason:
+                problems.append(f"{where}: `not-runnable` needs a reason after a colon")
+            done = subprocess.run(["bash", "-n"], input=block.code, text=True, capture_output=True)
+            if done.returncode != 0:
+                problems.append(f"{where}: bash -n: {done.stderr.strip()}")
+        elif block.language == "python":
+            try:
+                compile(block.code, where, "exec")
+            except SyntaxError as exc:
+                problems.append(f"{where}: {exc}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_has_an_install_a_server_and_examples_to_run() -> None:
+    roles = [block.role for block in readme_blocks() if block.runnable]
+    assert roles[:2] == ["install", "serve"], roles
+    assert roles.count("example") >= 3, roles
+
+
+def _copy_tree(target: Path) -> Path:
+    """The files a clone of this tree holds (tracked and new, ignored ones left out)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+def _user_env(venv: Path, home: Path, **extra: str) -> dict[str, str]:
+    """A user's shell: the new venv first on PATH, none of this test run's Python settings."""
+    inherited = ("PATH", "LANG", "LC_ALL", "TMPDIR", "TERM")
+    env = {k: v for k, v in os.environ.items() if k in inherited}
+    test_bin = str(Path(sys.executable).parent)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != test_bin]
+    env.update(
+        PATH=os.pathsep.join([str(venv / "bin"), *path]),
+        VIRTUAL_ENV=str(venv),
+        HOME=str(home),
+        COLUMNS="200",
+        NO_COLOR="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _run(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", block.code],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BLOCK_TIMEOUT_S,
+    )
+
+
+@pytest.fixture(scope="module")
+def plain_install(tmp_path_factory) -> Path:
+    """A new venv where the Quick start's install block ran as written: its path."""
+    root = tmp_path_factory.mktemp("plain-install")
+    tree = _copy_tree(root / "modelhost")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = next(b for b in readme_blocks() if b.runnable and b.role == "install")
+    done = _run(install, tree, _user_env(venv, root))
+    assert done.returncode == 0, f"{install.label(README)}\n{done.stdout[-3000:]}{done.stderr}"
+    return venv
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_models) -> Iterator[HubServer]:
+    with HubServer() as server:
+        publish_all(server, tiny_models)
+        for repo_id, name in EXTRA_REPOS.items():
+            server.add_repo(repo_id, tiny_models[name])
+        yield server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the README's server block did not answer at {url}")
+
+
+@pytest.mark.slow
+def test_readme_runs_on_a_plain_install(plain_install: Path, hub: HubServer, tmp_path) -> None:
+    """Every runnable block, in order, against the README's own server on a plain install."""
+    import_check = subprocess.run(
+        [str(plain_install / "bin" / "python"), "-c", "import sentence_transformers"],
+        capture_output=True,
+    )
+    assert import_check.returncode != 0, "the plain install must not have the test extras"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _user_env(
+        plain_install,
+        tmp_path,
+        MODELHOST_HOME=str(tmp_path / "home"),
+        MODELHOST_PORT=str(port),
+        MODELHOST_URL=url,
+        MODELHOST_URL_ALLOW=hub.host_port,
+        HF_ENDPOINT=hub.base_url,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_XET="1",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    blocks = [b for b in readme_blocks() if b.runnable and b.role != "install"]
+    serve = next(b for b in blocks if b.role == "serve")
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        ["bash", "-c", serve.code], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_healthy(url, server)
+        for block in blocks:
+            if block.role != "example":
+                continue
+            done = _run(block, work, env)
+            output = done.stdout + done.stderr
+            where = block.label(README)
+            assert done.returncode == 0, f"{where} exited {done.returncode}:\n{output}"
+            missing = output_matches(block.expected, output)
+            assert missing is None, f"{where}: no line {missing!r} in:\n{output}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    printed = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in printed, printed[-3000:]
