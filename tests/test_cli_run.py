@@ -170,11 +170,13 @@ def test_a_source_typo_and_an_unknown_name_suggest(cli, server):
     result = cli("pull", "mms-tts-en")
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "'mms-tts-en' is not a catalog name, SOURCE:MODEL_ID or a Hub id ORG/NAME: did you "
+        "'mms-tts-en' is not a catalog name, SOURCE:MODEL_ID or a Hub id ORG/NAME; did you "
         "mean mms_tts_eng? (`modelhost catalog` lists the catalog)"
     )
-    result = cli("run", "nothing_like_it", "hi")
-    assert result.returncode == 1 and "is not a catalog name" in result.stderr
+    result = cli("run", "mms_tts_en", "hi")
+    assert result.returncode == 1
+    assert result.stderr.startswith("'mms_tts_en' is not an installed model, a catalog name")
+    assert "did you mean mms_tts_eng" in result.stderr
 
 
 def test_say_picks_its_model(spoken, catalog_pulled, cli, server, tmp_path):

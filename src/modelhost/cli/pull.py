@@ -33,11 +33,12 @@ def split_spec(spec: str) -> tuple[str, str]:
     return source, model_id
 
 
-def resolve(client: Client, spec: str, installed: list[str] = ()) -> dict[str, Any]:
+def resolve(client: Client, spec: str, installed: list[str] | None = None) -> dict[str, Any]:
     """The ``POST /models/download`` body ``spec`` names, before any flag: ``SOURCE:MODEL_ID``,
     a bare Hub id ``ORG/NAME`` (huggingface), or a catalog name (the catalog's own request:
-    its source, model id, task, vocoder). Only a bare word asks the server for the catalog;
-    ``installed`` names are suggested too when it names nothing."""
+    its source, model id, task, vocoder). Only a bare word asks the server for the catalog.
+    ``installed``: the caller also took installed names (``run``), so an unknown word's
+    error says so and suggests them too."""
     if ":" in spec:
         source, model_id = split_spec(spec)
     elif "/" in spec:
@@ -47,22 +48,28 @@ def resolve(client: Client, spec: str, installed: list[str] = ()) -> dict[str, A
     return {"source": source, "model_id": model_id, "name": derive_name(source, model_id)}
 
 
-def catalog_request(client: Client, name: str, installed: list[str] = ()) -> dict[str, Any]:
+def catalog_request(
+    client: Client, name: str, installed: list[str] | None = None
+) -> dict[str, Any]:
     """The catalog entry ``name``'s download request; an error naming close entries."""
     entries = client.get("/models/available").get("available_models") or {}
     if name in entries:
         return dict(entries[name]["download_request"])
-    raise CliError(unknown_name_message(name, [*entries, *installed]))
+    raise CliError(unknown_name_message(name, list(entries), installed))
 
 
-def unknown_name_message(name: str, known: list[str]) -> str:
+def unknown_name_message(name: str, catalog: list[str], installed: list[str] | None) -> str:
     """Why ``name`` names nothing, with the closest known names (``-`` and ``_`` alike)."""
-    keys = {entry.lower().replace("-", "_"): entry for entry in known}
+    keys: dict[str, list[str]] = {}
+    for entry in dict.fromkeys([*catalog, *(installed or [])]):
+        keys.setdefault(entry.lower().replace("-", "_"), []).append(entry)
     close = difflib.get_close_matches(name.lower().replace("-", "_"), list(keys), n=5, cutoff=0.5)
-    hint = f"did you mean {', '.join(keys[key] for key in close)}? " if close else ""
+    names = [entry for key in close for entry in keys[key]]
+    hint = f"; did you mean {', '.join(names)}?" if names else ""
+    kinds = "an installed model, " if installed is not None else ""
     return (
-        f"{name!r} is not a catalog name, SOURCE:MODEL_ID or a Hub id ORG/NAME: "
-        f"{hint}(`modelhost catalog` lists the catalog)"
+        f"{name!r} is not {kinds}a catalog name, SOURCE:MODEL_ID or a Hub id ORG/NAME"
+        f"{hint} (`modelhost catalog` lists the catalog)"
     )
 
 
