@@ -31,11 +31,14 @@ SHOWN_VALUES = 8
 
 def _model_for(spec: str, task: str | None, as_json: bool) -> str:
     """The installed model ``spec`` names, installing (and loading) it first if needed."""
-    names = [row["name"] for row in serving.installed(client())]
-    if spec in names:
+    rows = {row["name"]: row for row in serving.installed(client())}
+    if spec in rows:
         return spec
-    body = pulling.resolve(client(), spec, names)
-    if body["name"] not in names:
+    body = pulling.resolve(client(), spec, list(rows))
+    same = rows.get(body["name"], {}).get("model_id") == body["model_id"]
+    if not same:
+        # Not installed, or its name holds another model: the server installs it, or says
+        # what is in the way (409 naming the difference).
         install({**body, **({"task": task} if task else {})}, as_json)
     return body["name"]
 
