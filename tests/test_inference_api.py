@@ -232,7 +232,7 @@ def test_synthesize_refuses_a_text_model(modelhost):
     install(server, "test-org/tiny-bert", "bert")
     response = server.client.post("/synthesize", json={"model_name": "bert", "text": "hi"})
     assert response.status_code == 400
-    assert "not text-to-speech" in response.json()["message"]
+    assert "not a text-to-speech model" in response.json()["message"]
 
 
 def test_torchscript_file_from_the_url_source(make_server, fileserver, tmp_path):

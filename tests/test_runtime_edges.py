@@ -422,7 +422,7 @@ def test_runtime_text_check_refuses_lone_surrogates() -> None:
          "this VITS model has a single speaker: omit speaker"),
         ("/synthesize", {"model_name": "vits", "text": 7}, 422, "text: Input should be a "
          "valid string"),
-        ("/synthesize", {"model_name": "bert", "text": "hi"}, 400, "not text-to-speech"),
+        ("/synthesize", {"model_name": "bert", "text": "hi"}, 400, "not a text-to-speech model"),
         ("/models/vits/predict", {"inputs": "hi"}, 400, "is text-to-speech: use synthesize"),
         ("/models/bert/load", {"device": "tpu"}, 400, "invalid device 'tpu'"),
         ("/models/bert/load", {"device": "cuda:x"}, 400, "invalid device 'cuda:x'"),

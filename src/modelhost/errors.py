@@ -43,6 +43,23 @@ class InvalidSource(InvalidRequest):
     error = "Invalid source"
 
 
+class NotTextToSpeech(InvalidRequest):
+    """Speech asked of a model that cannot speak; the message lists the models that can, so
+    the user (CLI, dashboard or API) learns what to ask for instead."""
+
+    error = "Not a TTS model"
+
+    def __init__(
+        self, name: str, task: str, tts_models: list[str], hint: str = "", param: str | None = None
+    ) -> None:
+        listed = ", ".join(tts_models) if tts_models else "none"
+        super().__init__(
+            f"Model '{name}' is not a text-to-speech model (task: {task}); "
+            f"installed TTS models: {listed}" + (f". {hint}" if hint else ""),
+            param=param,
+        )
+
+
 class SourceNotAllowed(ModelhostError):
     """A URL whose scheme, host or resolved address the allow-list does not admit."""
 

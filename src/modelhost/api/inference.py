@@ -19,7 +19,8 @@ from modelhost.api.deps import (
     require_valid_text,
 )
 from modelhost.api.errors import error_responses
-from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
+from modelhost.api.tts_refusal import not_tts
+from modelhost.errors import Conflict, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.errors import ModelNotLoaded
@@ -188,11 +189,12 @@ async def _speak_generated_text(
     manifest = await asyncio.to_thread(services.store.get, body.model_name)
     speak_with = manifest.spec.speak_with if manifest else None
     if not speak_with:
-        raise InvalidRequest(
-            f"Model '{body.model_name}' is a {loaded.task} model, not text-to-speech; use "
-            f"POST /models/{body.model_name}/predict (or install it with auto_convert_tts "
-            'and "speak_with": "<a TTS model>" to have its output spoken)',
-            error="Not a TTS model",
+        raise await not_tts(
+            services,
+            body.model_name,
+            loaded.task,
+            hint=f"Use POST /models/{body.model_name}/predict (or install it with "
+            'auto_convert_tts and "speak_with": "<a TTS model>" to have its output spoken)',
         )
     try:
         async with loaded_model(services, speak_with) as tts:

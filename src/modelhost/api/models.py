@@ -21,11 +21,11 @@ from modelhost.api.errors import error_responses
 from modelhost.catalog import (
     available_view,
     entry_for_model_id,
-    is_tts_task,
     load_sizes,
     measure_sizes,
     models_view,
     save_sizes,
+    speaks,
 )
 from modelhost.names import validate_name
 from modelhost.runtime.errors import ModelNotLoaded
@@ -111,7 +111,7 @@ async def cache_info(services: ServicesDep) -> dict:
     store, jobs = services.store, services.jobs
     manifests = await asyncio.to_thread(store.list)
     total_bytes = await asyncio.to_thread(store.total_size)
-    tts = [m for m in manifests if m.task and is_tts_task(m.task)]
+    tts = [m for m in manifests if speaks(m)]
     tts_bytes = sum(m.total_size for m in tts)
     limit = services.settings.cache_limit_bytes
     partial_bytes = await asyncio.to_thread(jobs.engine.partial_bytes)
@@ -131,7 +131,7 @@ async def cache_info(services: ServicesDep) -> dict:
                 "revision": m.revision,
                 "task": m.task,
                 "size_bytes": m.total_size,
-                "is_tts": bool(m.task and is_tts_task(m.task)),
+                "is_tts": speaks(m),
             }
             for m in manifests
         ],

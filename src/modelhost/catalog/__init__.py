@@ -16,6 +16,7 @@ from modelhost.catalog.catalog import (
     load_catalog,
     load_models_config,
     models_view,
+    speaks,
 )
 from modelhost.catalog.sizes import SizeMeasurement, load_sizes, measure_sizes, save_sizes
 
@@ -35,6 +36,7 @@ __all__ = [
     "load_catalog",
     "load_models_config",
     "models_view",
+    "speaks",
     "SizeMeasurement",
     "load_sizes",
     "measure_sizes",

@@ -49,6 +49,12 @@ def is_tts_task(task: str) -> bool:
     return task in TTS_TASKS
 
 
+def speaks(manifest: Manifest) -> bool:
+    """Whether an installed model is text-to-speech: its task says so, or its source
+    recorded it as a TTS model (a VITS or SpeechT5 installed without a task)."""
+    return manifest.spec.model_type == "tts" or bool(manifest.task and is_tts_task(manifest.task))
+
+
 # --------------------------------------------------------------------------- models.json
 
 

@@ -111,6 +111,7 @@ def main(
 
 
 from modelhost.cli import commands as _commands  # noqa: E402,F401 - registers the commands
+from modelhost.cli import run as _run  # noqa: E402,F401 - registers `run`
 from modelhost.cli.serve import serve  # noqa: E402
 
 app.command()(serve)

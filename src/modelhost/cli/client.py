@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from json import dumps
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -85,6 +87,23 @@ class StreamResponse:
             yield line.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body and its content type (an upload, as OpenAI's routes
+    take it); the boundary is random, so no file's bytes can hold it by chance."""
+    boundary = os.urandom(16).hex()
+    parts = []
+    for name, value in fields.items():
+        head = f'Content-Disposition: form-data; name="{name}"'
+        parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + value.encode() + b"\r\n")
+    for name, (filename, data) in files.items():
+        quoted = filename.replace('"', "%22")  # a quote would end the header's value
+        head = f'Content-Disposition: form-data; name="{name}"; filename="{quoted}"'
+        kind = "Content-Type: application/octet-stream"
+        parts.append(f"--{boundary}\r\n{head}\r\n{kind}\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
 def error_from(response: Response) -> ApiError:
     """The ``ApiError`` an error answer means; the server's ``message`` when it sent one."""
     if response.status_code == 401:
@@ -134,10 +153,15 @@ class Client:
         path: str,
         json: Any = None,  # noqa: A002 - the name callers know from requests/httpx
         params: dict[str, Any] | None = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
     ) -> Response:
-        """Send one request; raise ``ServerUnreachable`` / ``ApiError`` instead of answering."""
+        """Send one request (a JSON body, or ``content`` of ``content_type``); raise
+        ``ServerUnreachable`` / ``ApiError`` instead of answering."""
+        if json is not None:
+            content, content_type = dumps(json).encode(), "application/json"
         with self._translated():
-            raw = self._send(method, path, json, params, READ_TIMEOUT_S)
+            raw = self._send(method, path, content, content_type, params, READ_TIMEOUT_S)
             response = Response(raw.status, raw.reason, raw.read(), dict(raw.getheaders()))
         if raw.will_close:
             self.close()
@@ -160,6 +184,14 @@ class Client:
     def delete(self, path: str) -> Any:
         """``DELETE path`` -> JSON."""
         return self.json("DELETE", path)
+
+    def post_form(
+        self, path: str, fields: dict[str, str], files: dict[str, tuple[str, bytes]]
+    ) -> Any:
+        """``POST path`` as ``multipart/form-data`` (``files``: field -> (file name, bytes))
+        -> JSON."""
+        content, content_type = multipart(fields, files)
+        return self.request("POST", path, content=content, content_type=content_type).json()
 
     def post_status(self, path: str, body: Any) -> tuple[int, Any]:
         """``POST path`` -> (status code, JSON): for answers whose 200 and 202 differ."""
@@ -198,7 +230,8 @@ class Client:
         self,
         method: str,
         path: str,
-        body: Any,
+        payload: bytes | None,
+        content_type: str | None,
         params: dict[str, Any] | None,
         read_timeout_s: float,
     ) -> http.client.HTTPResponse:
@@ -206,10 +239,8 @@ class Client:
         closed it between requests (the keep-alive race every client meets)."""
         target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
         headers = dict(self.headers)
-        payload = None
-        if body is not None:
-            payload = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+        if content_type is not None:
+            headers["Content-Type"] = content_type
         for attempt in (1, 2):
             reused = self._connection is not None
             if self._connection is None:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from modelhost.cli import app, client, err, handled, out, print_versions, render, state
+from modelhost.cli import app, client, err, handled, out, print_versions, render, serving, state
 from modelhost.cli import pull as pulling
 from modelhost.cli.client import CliError
 
@@ -25,9 +25,10 @@ PLAYERS = (
 )
 
 
-def _request_body(source: str, model_id: str, name: str, **flags: Any) -> dict[str, Any]:
-    """The ``POST /models/download`` body: only the fields a flag set."""
-    body: dict[str, Any] = {"source": source, "model_id": model_id, "name": name}
+def _request_body(base: dict[str, Any], **flags: Any) -> dict[str, Any]:
+    """The ``POST /models/download`` body: ``base`` (what the name resolved to) with the
+    fields a flag set on top."""
+    body = dict(base)
     body.update({key: value for key, value in flags.items() if value not in (None, False, [])})
     if flags.get("load") is False:
         body["load"] = False
@@ -44,8 +45,9 @@ def report(answer: dict, as_json: bool) -> None:
 def pull(
     spec: str = typer.Argument(
         ...,
-        metavar="SOURCE:MODEL_ID",
-        help="e.g. huggingface:org/model, url:https://host/m.safetensors",
+        metavar="MODEL",
+        help="SOURCE:MODEL_ID (huggingface:org/model, url:https://host/m.safetensors), "
+        "a Hub id org/model, or a catalog name (mms_tts_eng)",
     ),
     name: Optional[str] = typer.Option(None, "--name", help="Name here (default: from the id)"),  # noqa: UP045
     vocoder: bool = typer.Option(False, "--vocoder", help="Also fetch the TTS vocoder"),
@@ -70,12 +72,9 @@ def pull(
     as_json: bool = JSON,
 ) -> None:
     """Download a model, with live progress (Ctrl-C asks whether to cancel)."""
-    source, model_id = pulling.split_spec(spec)
-    name = name or pulling.derive_name(source, model_id)
     body = _request_body(
-        source,
-        model_id,
-        name,
+        pulling.resolve(client(), spec),
+        name=name,
         task=task,
         include_vocoder=vocoder,
         vocoder_model=vocoder_model,
@@ -92,33 +91,61 @@ def pull(
         experimental=experimental,
         enable_large_model=enable_large_model,
     )
+    _after_submit(submit(body, force), detach, as_json)
+
+
+def submit(body: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """``POST /models/download``; with ``force``, an installed model is downloaded again."""
     answer = client().post_status("/models/download", body)[1]
     if answer.get("status") == "already_exists" and force:
         # The server re-downloads an installed model through a forced retry.
         answer = client().post(
             "/models/manage",
-            params={"action": "retry_download", "model_name": name, "force_redownload": True},
+            params={
+                "action": "retry_download",
+                "model_name": body["name"],
+                "force_redownload": True,
+            },
         )
-    _after_submit(answer, detach, as_json)
+    return answer
+
+
+def follow_job(answer: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Draw a submitted job's bars until it ends (on stderr under ``--json``, so stdout
+    stays the JSON); its final state. Ctrl-C asks whether to cancel it."""
+    download_id = answer["download_id"]
+    if not as_json:
+        out.print(f"{answer.get('message')}  (id {download_id})", soft_wrap=True)
+    try:
+        return pulling.follow(client(), download_id, err if as_json else out)
+    except KeyboardInterrupt:
+        raise typer.Exit(pulling.ask_cancel(client(), download_id, out)) from None
+
+
+def install(body: dict[str, Any], as_json: bool) -> None:
+    """Install ``body`` as ``pull`` does (bars, phases); return once it completed, or
+    exit 1 with the job's message (``run``'s first step)."""
+    answer = submit(body)
+    if answer.get("status") == "already_exists":
+        return
+    final = follow_job(answer, as_json)
+    completed = final.get("status") == "completed"
+    code = pulling.outcome(final, err if as_json or not completed else out)
+    if not completed:
+        raise typer.Exit(code)
 
 
 def _after_submit(answer: dict[str, Any], detach: bool, as_json: bool) -> None:
     """Report the POST's answer, then follow the job unless detached or already installed."""
-    download_id = answer["download_id"]
     if answer.get("status") == "already_exists" or detach:
         if as_json:
             render.print_json(answer)
         elif detach and answer.get("status") != "already_exists":
-            typer.echo(download_id)
+            typer.echo(answer["download_id"])
         else:
             out.print(answer.get("message") or "already installed", soft_wrap=True)
         return
-    if not as_json:
-        out.print(f"{answer.get('message')}  (id {download_id})", soft_wrap=True)
-    try:
-        final = pulling.follow(client(), download_id, err if as_json else out)
-    except KeyboardInterrupt:
-        raise typer.Exit(pulling.ask_cancel(client(), download_id, out)) from None
+    final = follow_job(answer, as_json)
     if as_json:
         render.print_json(final)
         raise typer.Exit(0 if final.get("status") == "completed" else 1)
@@ -197,23 +224,44 @@ def unload(name: str, as_json: bool = JSON) -> None:
 @handled
 def say(
     text: str,
-    model: str = typer.Option(..., "-m", "--model", help="An installed text-to-speech model"),
+    model: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "-m",
+        "--model",
+        help="A text-to-speech model (default: the only loaded one, else "
+        "$MODELHOST_DEFAULT_TTS, else the only installed one)",
+    ),
     output: Path = typer.Option(Path("out.wav"), "-o", "--output", help="WAV file to write"),
     speaker: Optional[str] = typer.Option(None, help="Voice preset / speaker id (JSON ok)"),  # noqa: UP045
     seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same audio)"),  # noqa: UP045
     play: bool = typer.Option(False, "--play", help="Play the file once written"),
 ) -> None:
     """Text to speech: write the server's WAV to a file (and play it)."""
-    body: dict[str, Any] = {"model_name": model, "text": text}
-    if speaker is not None:
-        body["speaker"] = _parse_value(speaker)
-    if seed is not None:
-        body["seed"] = seed
-    response = client().request("POST", "/synthesize", json=body)
-    output.write_bytes(response.content)
-    out.print(f"wrote {output} ({len(response.content)} bytes)", soft_wrap=True)
+    model = model or serving.choose_tts(client())
+    serving.ensure_loaded(client(), model)
+    value = None if speaker is None else _parse_value(speaker)
+    write_speech(model, text, output, speaker=value, seed=seed)
     if play:
         _play(output)
+
+
+def write_speech(
+    model: str, text: str, output: Path, quiet: bool = False, **options: Any
+) -> dict[str, Any]:
+    """Speak ``text`` with ``model`` into the WAV file ``output``; print what was written
+    (path, duration, model) unless ``quiet``, and return those facts."""
+    data = serving.synthesize(client(), model, text, **options)
+    output.write_bytes(data)
+    facts = {"model_name": model, "output": str(output), "bytes": len(data)}
+    facts.update(serving.wav_facts(data))
+    if quiet:
+        return facts
+    out.print(
+        f"wrote {output} ({facts['duration_s']:.2f} s at {facts['sample_rate']} Hz, "
+        f"{len(data)} bytes) with {model}",
+        soft_wrap=True,
+    )
+    return facts
 
 
 def _play(path: Path) -> None:

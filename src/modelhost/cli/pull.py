@@ -6,6 +6,7 @@ leaving it running is a real choice.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +31,46 @@ def split_spec(spec: str) -> tuple[str, str]:
     if not sep or not source or not model_id:
         raise CliError(f"expected SOURCE:MODEL_ID (e.g. huggingface:org/model), got {spec!r}")
     return source, model_id
+
+
+def resolve(client: Client, spec: str, installed: list[str] | None = None) -> dict[str, Any]:
+    """The ``POST /models/download`` body ``spec`` names, before any flag: ``SOURCE:MODEL_ID``,
+    a bare Hub id ``ORG/NAME`` (huggingface), or a catalog name (the catalog's own request:
+    its source, model id, task, vocoder). Only a bare word asks the server for the catalog.
+    ``installed``: the caller also took installed names (``run``), so an unknown word's
+    error says so and suggests them too."""
+    if ":" in spec:
+        source, model_id = split_spec(spec)
+    elif "/" in spec:
+        source, model_id = "huggingface", spec
+    else:
+        return catalog_request(client, spec, installed)
+    return {"source": source, "model_id": model_id, "name": derive_name(source, model_id)}
+
+
+def catalog_request(
+    client: Client, name: str, installed: list[str] | None = None
+) -> dict[str, Any]:
+    """The catalog entry ``name``'s download request; an error naming close entries."""
+    entries = client.get("/models/available").get("available_models") or {}
+    if name in entries:
+        return dict(entries[name]["download_request"])
+    raise CliError(unknown_name_message(name, list(entries), installed))
+
+
+def unknown_name_message(name: str, catalog: list[str], installed: list[str] | None) -> str:
+    """Why ``name`` names nothing, with the closest known names (``-`` and ``_`` alike)."""
+    keys: dict[str, list[str]] = {}
+    for entry in dict.fromkeys([*catalog, *(installed or [])]):
+        keys.setdefault(entry.lower().replace("-", "_"), []).append(entry)
+    close = difflib.get_close_matches(name.lower().replace("-", "_"), list(keys), n=5, cutoff=0.5)
+    names = [entry for key in close for entry in keys[key]]
+    hint = f"; did you mean {', '.join(names)}?" if names else ""
+    kinds = "an installed model, " if installed is not None else ""
+    return (
+        f"{name!r} is not {kinds}a catalog name, SOURCE:MODEL_ID or a Hub id ORG/NAME"
+        f"{hint} (`modelhost catalog` lists the catalog)"
+    )
 
 
 def derive_name(source: str, model_id: str) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.catalog import is_tts_task
+from modelhost.catalog import speaks
 from modelhost.config import PicklePolicy
 from modelhost.convert import ConvertLimits, convert_pickles
 from modelhost.errors import (
@@ -524,8 +524,7 @@ class JobManager:
                 "model first (e.g. source tts_auto, model_id mms-tts-eng)",
                 error="speak_with model not installed",
             )
-        speaks = tts.spec.model_type == "tts" or bool(tts.task and is_tts_task(tts.task))
-        if not speaks or not tts.spec.loadable:
+        if not speaks(tts) or not tts.spec.loadable:
             raise InvalidRequest(
                 f"speak_with names '{name}' ({tts.source}: {tts.model_id}), which is not a "
                 "text-to-speech model the server can run",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from modelhost.errors import InvalidSource
 from modelhost.sources.base import VALID_SOURCES, DownloadRequest, Plan, Source, SourceContext
 from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
@@ -24,12 +26,18 @@ _SOURCES: dict[str, type[Source]] = {
 
 
 def get_source(name: str) -> Source:
-    """The source called ``name``; raises ``InvalidSource`` with the API's message."""
+    """The source called ``name``; raises ``InvalidSource`` with the API's message, which
+    names the closest source when ``name`` looks like a typo of one."""
     if name not in _SOURCES:
-        raise InvalidSource(
-            f"Invalid source. Must be one of: [{', '.join(VALID_SOURCES)}]",
-            error=f"Invalid source: {name}",
+        choices = f"Must be one of: [{', '.join(VALID_SOURCES)}]"
+        close = difflib.get_close_matches(name.lower(), VALID_SOURCES, n=1)
+        # A typo gets the suggestion first: it is the line the user needs.
+        message = (
+            f"unknown source {name!r}: did you mean {close[0]!r}? {choices}"
+            if close
+            else f"Invalid source. {choices}"
         )
+        raise InvalidSource(message, error=f"Invalid source: {name}", param="source")
     return _SOURCES[name]()
 
 

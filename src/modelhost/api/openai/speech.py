@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
 from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.api.openai.errors import openai_error_body
+from modelhost.api.tts_refusal import not_tts
 from modelhost.audio.formats import FORMATS
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
@@ -127,10 +128,7 @@ async def _speech_chunks(
     file is ready yet), then the encoder's last bytes. Holds the model in use throughout."""
     async with model_in_use(services, body.model) as loaded:
         if not loaded.is_tts:
-            raise InvalidRequest(
-                f"Model '{body.model}' is a {loaded.task} model, not text-to-speech",
-                error="Not a TTS model",
-            )
+            raise await not_tts(services, body.model, loaded.task, param="model")
         voice = resolve_voice(loaded, body.voice)
         assert loaded.sample_rate is not None  # every speaking family records it
         # Off the loop: the first one imports PyAV and every one opens a muxer.
