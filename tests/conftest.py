@@ -22,6 +22,12 @@ from modelhost.api.app import create_app  # noqa: E402
 from modelhost.config import Settings  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``early`` run first: each takes minutes on its own, and started first
+    the other workers of the parallel pass (pytest -n 3) get through the rest meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """The tiny real-architecture models, built once per session, plus real MiniLM."""
