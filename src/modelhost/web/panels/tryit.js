@@ -51,7 +51,7 @@ async function transcribe() {
   form.append("response_format", "json");
   const answer = await api("/v1/audio/transcriptions", { method: "POST", form });
   $("transcribe-text").value = answer.text;
-  $("transcribe-info").textContent = answer.usage && answer.usage.seconds != null ? `${answer.usage.seconds} s of audio` : "";
+  $("transcribe-info").textContent = answer.usage && answer.usage.seconds != null ? `${answer.usage.seconds.toFixed(2)} s of audio` : "";
 }
 
 export function init() {
