@@ -498,6 +498,9 @@ def test_page_is_styled_not_blank_and_serves_its_modules_safely(browser, stocked
     page.select_option("#classify-model", "bert")
     page.click("#classify-submit")
     page.locator(".score-row").first.wait_for()
+    page.select_option("#embed-model", "minilm")
+    page.click("#embed-submit")
+    page.locator("#embed-result").wait_for()
     for heading in HEADINGS:
         assert page.get_by_role("heading", name=heading).is_visible(), heading
     assert re.fullmatch(r"v\S+", page.inner_text("#version"))
@@ -514,7 +517,15 @@ def test_page_is_styled_not_blank_and_serves_its_modules_safely(browser, stocked
     blank, colours, ink = _looks_blank(shot)
     assert not blank, (colours, ink)
     if os.environ.get("MODELHOST_SCREENSHOT"):  # the README's picture, refreshed by hand
-        shutil.copy(shot, DOCS_PICTURE)
+        page.set_viewport_size({"width": 1440, "height": 1180})
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=DOCS_PICTURE)
+    # Dark when the system is: another background, still a page.
+    light = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    page.emulate_media(color_scheme="dark")
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") != light
+    page.screenshot(path=tmp_path / "dashboard-dark.png", full_page=True)
+    assert not _looks_blank(tmp_path / "dashboard-dark.png")[0]
 
     # The modules: served as JavaScript, under a policy that runs only the server's files.
     page_answer = stocked.client.get("/")

@@ -40,15 +40,12 @@ function jobCard(job) {
     live && job.phase && job.phase !== job.status ? badge(job.phase, "pending") : null,
     el("code", { className: "job-id" }, `${job.source || ""}:${job.model_id || ""}`),
   );
-  const size = job.bytes_total != null ? mb(job.bytes_total) : "size unknown";
   const meta = [];
-  if (live) {
-    meta.push(`${mb(job.bytes_downloaded)} of ${size}`);
-    if (job.speed_bytes_per_s) meta.push(`${mb(job.speed_bytes_per_s)}/s`);
-    if (job.eta != null) meta.push(`ETA ${Math.round(job.eta)} s`);
-  } else {
-    meta.push(job.status === "completed" ? size : `${mb(job.bytes_downloaded)} of ${size}`);
-  }
+  if (job.status === "completed") meta.push(mb(job.bytes_total));
+  else if (job.bytes_total != null) meta.push(`${mb(job.bytes_downloaded)} of ${mb(job.bytes_total)}`);
+  else meta.push(job.bytes_downloaded ? `${mb(job.bytes_downloaded)} (size unknown)` : live ? "size unknown" : "nothing downloaded");
+  if (live && job.speed_bytes_per_s) meta.push(`${mb(job.speed_bytes_per_s)}/s`);
+  if (live && job.eta != null) meta.push(`ETA ${Math.round(job.eta)} s`);
   meta.push((job.finished_at ? "ended " + when(job.finished_at) : "started " + when(job.created_at)));
   card.append(head, el("div", { className: "job-meta" }, meta.join(" · ")));
   if (live) {

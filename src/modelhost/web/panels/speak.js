@@ -3,20 +3,23 @@
 
 import { api } from "../api.js";
 import { $, busy, fillSelect, inlineError, mb, toast } from "../ui.js";
-import { modelsFor } from "../state.js";
+import { modelsFor, state } from "../state.js";
 
 let voicesFor = null; // the model whose voices the select shows
 let audioUrl = null;
 
 async function loadVoices() {
   const model = $("speak-model").value, select = $("speak-voice"), note = $("speak-error");
-  if (model === voicesFor) return;
-  voicesFor = model;
+  // Asked again when the model changes, or is loaded or unloaded (voices need it loaded).
+  const loaded = state.loaded.get(model);
+  const key = model + "|" + (loaded ? loaded.device : "");
+  if (key === voicesFor) return;
+  voicesFor = key;
   inlineError(note, null);
   if (!model) { fillSelect(select, [], "no model"); return; }
   try {
     const answer = await api(`/v1/audio/voices?model=${encodeURIComponent(model)}`);
-    if (voicesFor !== model) return;
+    if (voicesFor !== key) return;
     fillSelect(select, answer.voices);
     select.value = answer.default;
     select.dataset.model = model;
@@ -24,7 +27,6 @@ async function loadVoices() {
     // e.g. not loaded: the server says so; speaking then uses the model's default voice.
     fillSelect(select, [], "model's default");
     select.dataset.model = "";
-    voicesFor = null; // ask again on the next render (the model may be loaded by then)
     inlineError(note, err);
   }
 }
