@@ -205,7 +205,32 @@ def test_pull_box_installs_a_hub_id(browser, modelhost, tmp_path):
     managed = server.client.get("/models/managed").json()["downloaded_models"]
     assert [(m["name"], m["device"]) for m in managed] == [("tiny-bert", "cpu")]
     page.screenshot(path=tmp_path / "pulled.png", full_page=True)
-    view.done(refused=("400 /models/download",))
+
+    # A catalog name: the body is the entry's download_request, with the options set here.
+    entry = server.client.get("/models/available").json()["available_models"]["mms_tts_eng"]
+    page.fill("#pull-id", "mms_tts_eng")
+    page.fill("#pull-name", "speaker")
+    page.uncheck("#pull-load")
+    page.check("#pull-pin")
+    with page.expect_response(lambda r: r.url.endswith("/models/download")) as answered:
+        page.click("#pull-submit")
+    assert answered.value.status == 202
+    assert answered.value.request.post_data_json == {
+        **entry["download_request"],
+        "name": "speaker",
+        "load": False,
+        "pin": True,
+    }
+    installed_row(page, "speaker").locator(".state").filter(has_text="not loaded").wait_for(
+        timeout=60_000
+    )
+    info = server.client.get("/models/download/speaker/info").json()
+    assert (info["source"], info["model_id"]) == (entry["source"], entry["model_id"])
+    # The Speak panel lists it; its voices need it loaded, as the server says.
+    voices = server.client.get("/v1/audio/voices", params={"model": "speaker"})
+    assert voices.status_code == 409
+    page.locator("#speak-error").filter(has_text=voices.json()["error"]["message"]).wait_for()
+    view.done(refused=("400 /models/download", "409 /v1/audio/voices?model=speaker"))
 
 
 # --------------------------------------------------------------------------- load failure
