@@ -567,3 +567,21 @@ def test_page_is_styled_not_blank_and_serves_its_modules_safely(browser, stocked
     assert stocked.client.get("/ui/panels/../../api/ui.py").status_code == 404
     assert stocked.client.get("/ui/panels/nope.js").status_code == 404
     view.done()
+
+
+def test_every_dashboard_file_is_served_and_packaged():
+    """A module added under web/ is in ui.py's fixed list and in the wheel's package data."""
+    import fnmatch
+
+    import tomllib
+
+    from modelhost.api.ui import DASHBOARD_FILES, WEB_DIR
+
+    on_disk = {
+        str(p.relative_to(WEB_DIR)) for p in WEB_DIR.rglob("*") if p.suffix in (".js", ".css")
+    }
+    assert set(DASHBOARD_FILES) == on_disk
+    pyproject = Path(__file__).parent.parent / "pyproject.toml"
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    for name in [*DASHBOARD_FILES, "index.html"]:
+        assert any(fnmatch.fnmatch(f"web/{name}", p) for p in patterns["modelhost"]), name

@@ -1,8 +1,10 @@
 """The web dashboard and the API docs' scripts, served from packaged files (no CDN).
 
 The page and its assets are static and hold no data, so they are served without the API key;
-every call the page makes goes to the API with the key. Swagger UI's and ReDoc's files come
-from the ``fastapi-offline`` package, which ships them.
+every call the page makes goes to the API with the key. The dashboard is plain ES modules
+(``web/app.js`` imports ``web/api.js``, ``web/state.js``, ``web/ui.js`` and ``web/panels/*``),
+served from a fixed list under a Content-Security-Policy that runs only this server's files.
+Swagger UI's and ReDoc's files come from the ``fastapi-offline`` package, which ships them.
 """
 
 from __future__ import annotations
