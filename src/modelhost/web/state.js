@@ -36,7 +36,8 @@ export const FINAL = ["completed", "failed", "cancelled"];
 /** The reason in a job's message when the load it asked for failed, else null. */
 export function loadFailureIn(message) {
   const match = /(?:loading failed|could not be loaded):\s*([\s\S]+)$/.exec(message || "");
-  return match ? match[1].trim() : null;
+  // The reason, without the hint that may follow it ("; retry with: modelhost load NAME").
+  return match ? match[1].replace(/;\s*retry with:[\s\S]*$/, "").trim() : null;
 }
 
 /** Why `name` failed to load, when it did: a Load click's error, else its latest job's. */
