@@ -328,6 +328,7 @@ def test_history_lists_failed_and_cancelled_jobs_with_their_messages(browser, mo
         assert card.get_attribute("data-status") == jobs[job_id]["status"]
         assert card.locator(".message").inner_text() == jobs[job_id]["message"]
         assert card.locator(".badge").first.inner_text() == jobs[job_id]["status"]
+        assert card.locator("button", has_text="Retry").count() == 1  # neither is installed
     assert "cancelled" in jobs[cancelled_id]["message"].lower()
     assert "no-such-model" in jobs[failed["download_id"]]["message"]
     assert page.locator(".job").count() == len(jobs) == 2

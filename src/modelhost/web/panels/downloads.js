@@ -31,6 +31,13 @@ export function update(job) {
   state.jobs.set(job.download_id, Object.assign({}, before || {}, job));
 }
 
+/** Whether Retry applies: the model's latest job, ended without installing it. */
+function retryable(job) {
+  if (job.status === "completed" || state.installed.some((m) => m.name === job.model_name)) return false;
+  return ![...state.jobs.values()].some((other) => other.model_name === job.model_name &&
+    (other.created_at || "") > (job.created_at || ""));
+}
+
 function jobCard(job) {
   const live = !FINAL.includes(job.status);
   const card = el("div", { className: "job " + (live ? "live" : "ended"), dataset: { id: job.download_id, status: job.status } });
@@ -62,7 +69,7 @@ function jobCard(job) {
     }
   } else {
     card.append(el("div", { className: "message " + job.status }, job.message || ""));
-    if (job.status !== "completed") {
+    if (retryable(job)) {
       card.append(el("div", { className: "job-actions" }, button("Retry", async () => {
         await api(`/models/manage?action=retry_download&model_name=${encodeURIComponent(job.model_name)}`, { method: "POST" });
         await refresh();
