@@ -171,7 +171,10 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_keep_alive(cls, value: object) -> float:
         # Env values are strings: "5m" as well as "300"; any negative value means never.
-        return parse_duration(value)
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (MODELHOST_KEEP_ALIVE), not {value!r}") from None
 
     @field_validator("device")
     @classmethod
