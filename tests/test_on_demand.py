@@ -260,7 +260,7 @@ def test_idle_models_unload_after_their_keep_alive(serve, imports):
 
     # keep_alive 0: unloaded right after the request, not at the reaper's next look.
     assert predict(server.client, "zero", keep_alive=0).status_code == 200
-    wait_until(lambda: "zero" not in managed(server), 0.8, "zero unloaded")
+    wait_until(lambda: "zero" not in managed(server), 0.9, "zero unloaded")
 
     # Used again: loaded again (its second load), with the server's keep-alive.
     assert predict(server.client, "short").status_code == 200
