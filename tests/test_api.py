@@ -394,8 +394,9 @@ def test_optimize_needs_a_loaded_model_and_update_needs_revisions(make_server, f
     optimize = server.client.post(
         "/models/manage", params={"action": "optimize", "model_name": "o"}
     )
-    assert optimize.status_code == 409
-    assert "POST /models/o/load first" in optimize.json()["message"]
+    # Optimize loads an installed model on demand; this one cannot be loaded, and says why.
+    assert optimize.status_code == 400
+    assert "Model 'o' is stored download-only" in optimize.json()["message"]
     status = server.client.get(f"/models/download/status/{job_id}").json()
     assert "not loaded: a bare weights file has no architecture" in status["message"]
     update = server.client.post("/models/manage", params={"action": "update", "model_name": "o"})

@@ -126,6 +126,15 @@ def test_pull_shows_progress_and_installs(bert, server, tiny_models):
     assert {"verifying", "committing", "loading"} <= set(re.findall(r"^(\w+)", output, re.M))
 
 
+def steady(managed: dict) -> dict:
+    """``/models/managed`` without the fields that change as time passes (idle time)."""
+    moving = {"idle_s", "unloads_in_s", "expires_at"}
+    rows = [
+        {k: v for k, v in row.items() if k not in moving} for row in managed["downloaded_models"]
+    ]
+    return {**managed, "downloaded_models": rows}
+
+
 def test_ls_ps_show_match_the_api(bert, cli, server):
     listed = cli("ls")
     assert listed.returncode == 0, listed.stderr
@@ -145,11 +154,13 @@ def test_ls_ps_show_match_the_api(bert, cli, server):
         as_json["cache_info"]["models"] == server.client.get("/models/cache/info").json()["models"]
     )
     managed = server.client.get("/models/managed").json()
-    assert json.loads(cli("ps", "--json").stdout) == managed
+    assert steady(json.loads(cli("ps", "--json").stdout)) == steady(managed)
     ps = cli("ps").stdout
     ps_row = next(line for line in ps.splitlines() if line.startswith("tiny-bert "))
     memory = managed["downloaded_models"][0]["memory_usage"]["allocated_mb"]
     assert ps_row.split()[1:4] == ["cpu", f"{memory:.1f}", "MiB"]
+    # UNLOADS IN: within the default keep-alive (5 minutes) of its last use.
+    assert re.fullmatch(r"[0-4]m\d\ds|5m00s", ps_row.split()[6]), ps_row
 
     assert json.loads(cli("show", "tiny-bert", "--json").stdout) == info
     shown = cli("show", "tiny-bert").stdout

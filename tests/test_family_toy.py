@@ -74,10 +74,13 @@ def test_toy_family_is_served_end_to_end(toy_registered, make_server, tmp_path):
 
     unloaded = server.client.post("/models/toy/unload")
     assert unloaded.status_code == 200, unloaded.text
-    gone = server.client.post("/models/toy/predict", json={"inputs": [1]})
-    assert gone.status_code == 409, gone.text
     managed = server.client.get("/models/managed").json()["downloaded_models"]
     assert [m["name"] for m in managed if m.get("loaded")] == []
+    # Used again, it loads on demand: a second load, not optimized this time.
+    again = server.client.post("/models/toy/predict", json={"inputs": [1]})
+    assert again.status_code == 200 and again.json()["outputs"] == pytest.approx([2.0])
+    row = server.client.get("/models/managed").json()["downloaded_models"][0]
+    assert (row["name"], row["load_count"], row["optimized"]) == ("toy", 2, False)
 
 
 def test_registered_family_is_asked_first_and_unregistered_cleanly(tmp_path):

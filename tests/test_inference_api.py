@@ -195,16 +195,22 @@ def test_budget_unloads_least_recently_used(modelhost):
         row["name"] for row in server.client.get("/models/managed").json()["downloaded_models"]
     }
     assert loaded == {"bert", "whisper"}
-    refused = server.client.post("/models/bart/predict", json={"inputs": "x"})
-    assert refused.status_code == 409 and "POST /models/bart/load" in refused.json()["message"]
+    # Used again, bart loads on demand, and the budget unloads the least recently used: bert.
+    again = server.client.post("/models/bart/predict", json={"inputs": "x"})
+    assert again.status_code == 200, again.text
+    rows = {
+        row["name"]: row for row in server.client.get("/models/managed").json()["downloaded_models"]
+    }
+    assert set(rows) == {"bart", "whisper"} and rows["bart"]["load_count"] == 2
 
 
 def test_load_unload_and_delete(modelhost):
-    server = modelhost()
+    server = modelhost(load_on_demand=False)
     install(server, "test-org/tiny-bert", "bert", load=False)
     assert server.client.get("/models/managed").json()["total_models"] == 0
     not_loaded = server.client.post("/models/bert/predict", json={"inputs": "x"})
     assert not_loaded.status_code == 409
+    assert "modelhost load bert" in not_loaded.json()["message"]
 
     loaded = server.client.post("/models/bert/load", json={"pin": True})
     assert loaded.status_code == 200 and loaded.json()["pinned"] is True
@@ -221,10 +227,12 @@ def test_load_unload_and_delete(modelhost):
 
 
 def test_load_on_demand(modelhost):
-    server = modelhost(load_on_demand=True)
+    server = modelhost()  # MODELHOST_LOAD_ON_DEMAND is on by default
     install(server, "test-org/tiny-bert", "bert", load=False)
     answer = server.client.post("/models/bert/predict", json={"inputs": "x"})
     assert answer.status_code == 200 and answer.json()["predictions"]
+    row = server.client.get("/models/managed").json()["downloaded_models"][0]
+    assert (row["name"], row["load_count"]) == ("bert", 1)
 
 
 def test_synthesize_refuses_a_text_model(modelhost):

@@ -469,7 +469,10 @@ def test_unknown_routes_and_methods_under_v1(server):
     assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
 
 
-def test_model_not_loaded_is_a_conflict_naming_model(server, client):
+def test_model_not_loaded_is_a_conflict_naming_model(server, client, monkeypatch):
+    # With on-demand loading off; on, the request loads it (test_model_loads_on_demand).
+    settings = server.server.config.app.state.services.settings
+    monkeypatch.setattr(settings, "load_on_demand", False)
     assert server.client.post("/models/whisper-ts/unload").status_code == 200
     try:
         with pytest.raises(openai.ConflictError) as caught:
@@ -477,7 +480,25 @@ def test_model_not_loaded_is_a_conflict_naming_model(server, client):
                 model="whisper-ts", file=("a.wav", encoded(tone(1), RATE, "WAV"))
             )
         assert "POST /models/whisper-ts/load" in caught.value.message
+        assert "modelhost load whisper-ts" in caught.value.message
         assert caught.value.body["param"] == "model"
+    finally:
+        assert server.client.post("/models/whisper-ts/load").status_code == 200
+
+
+def test_model_loads_on_demand(server, client):
+    assert server.client.post("/models/whisper-ts/unload").status_code == 200
+    try:
+        text = client.audio.transcriptions.create(
+            model="whisper-ts",
+            file=("a.wav", encoded(tone(1), RATE, "WAV")),
+            response_format="text",
+            extra_body={"keep_alive": "10m"},
+        )
+        assert isinstance(text, str)
+        rows = server.client.get("/models/managed").json()["downloaded_models"]
+        row = next(r for r in rows if r["name"] == "whisper-ts")
+        assert row["keep_alive_s"] == 600 and row["load_count"] >= 2
     finally:
         assert server.client.post("/models/whisper-ts/load").status_code == 200
 

@@ -521,12 +521,16 @@ def test_api_key_required(server):
         speak(anonymous, input="hello")
 
 
-def test_not_loaded_model_says_how_to_load(server, client):
+def test_not_loaded_model_says_how_to_load(server, client, monkeypatch):
+    # With on-demand loading off (on, the request loads the model).
+    settings = server.server.config.app.state.services.settings
+    monkeypatch.setattr(settings, "load_on_demand", False)
     assert server.client.post("/models/vits3/unload").status_code == 200
     try:
         with pytest.raises(openai.ConflictError) as caught:
             speak(client, model="vits3", input="hello")
         assert "POST /models/vits3/load" in caught.value.body["message"]
+        assert "modelhost load vits3" in caught.value.body["message"]
         assert "MODELHOST_LOAD_ON_DEMAND" in caught.value.body["message"]
     finally:
         assert server.client.post("/models/vits3/load").status_code == 200

@@ -318,7 +318,10 @@ def test_short_requests_interleave_with_a_running_job(server):
     server.client.post(f"/v1/audio/speech/jobs/{job['id']}/cancel")
 
 
-def test_a_model_unloaded_mid_job_fails_it_with_a_clear_message(server):
+def test_a_model_unloaded_mid_job_fails_it_with_a_clear_message(server, monkeypatch):
+    # With on-demand loading off (on, the next sentence loads the model again).
+    settings = server.server.config.app.state.services.settings
+    monkeypatch.setattr(settings, "load_on_demand", False)
     job = submit(server, input=LONG_TEXT, response_format="wav", seed=4)
     wait_progress(server, job["id"], 1)
     assert server.client.post(f"/models/{MODEL}/unload").status_code == 200

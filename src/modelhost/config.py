@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from modelhost.units import GB, MB
+from modelhost.units import GB, MB, parse_duration
 
 # Hosts the ``url`` source may always fetch from: the public model hosts and the CDNs they
 # redirect to. MODELHOST_URL_ALLOW adds to them; MODELHOST_URL_ALLOW_DEFAULTS=false drops them.
@@ -81,7 +81,12 @@ class Settings(BaseSettings):
     max_loaded: int | None = Field(default=None, ge=1)
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
     cpu_memory_limit_gb: float | None = Field(default=None, gt=0)
-    load_on_demand: bool = False
+    # Inference on an installed model that is not loaded loads it (one load for concurrent
+    # first requests); false: such requests answer 409 "load it first".
+    load_on_demand: bool = True
+    # Seconds a loaded model stays loaded after its last request ended ("5m", "30s", "1h" or
+    # seconds; -1: never unloaded; 0: unloaded right after each request). Pinned models stay.
+    keep_alive: float = 300.0
     # Speech jobs (/v1/audio/speech/jobs) running at once, over all models (one per model).
     speech_jobs_max_running: int = Field(default=2, ge=1, le=16)
     # CUDA loads stream safetensors weights onto the GPU (parallel reads into pinned buffers,
@@ -161,6 +166,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(Path(p.strip()) for p in value.split(",") if p.strip())
         return value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _parse_keep_alive(cls, value: object) -> float:
+        # Env values are strings: "5m" as well as "300"; any negative value means never.
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (MODELHOST_KEEP_ALIVE), not {value!r}") from None
 
     @field_validator("device")
     @classmethod

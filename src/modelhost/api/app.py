@@ -29,6 +29,7 @@ from modelhost.fetch.engine import set_thread_nice
 from modelhost.fetch.http import Authorizer
 from modelhost.fetch.policy import Target
 from modelhost.jobs import JobManager, JobRepository
+from modelhost.runtime.keepalive import IdleReaper, restore_later
 from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
 from modelhost.sources import HubSettings
@@ -112,7 +113,9 @@ def build_services(settings: Settings) -> Services:
             int(settings.cpu_memory_limit_gb * GB) if settings.cpu_memory_limit_gb else None
         ),
     )
-    lifecycle = ModelLifecycle(runtime, store, settings.cache_limit_bytes)
+    lifecycle = ModelLifecycle(
+        runtime, store, settings.cache_limit_bytes, keep_alive_s=settings.keep_alive
+    )
     jobs = JobManager(
         store,
         engine,
@@ -228,10 +231,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         warm_up = asyncio.get_running_loop().call_later(
             WARM_UP_DELAY_S, warm_up_runtime, services.jobs
         )
+        reaper = IdleReaper(services.lifecycle)
+        reaper.start()
+        # Pinned and kept-for-ever models load again once the server answers (/health
+        # never waits for them; their loads import torch in a thread).
+        restore = asyncio.create_task(restore_later(services.lifecycle, WARM_UP_DELAY_S))
         try:
             yield
         finally:
             warm_up.cancel()
+            restore.cancel()
+            await asyncio.gather(restore, return_exceptions=True)
+            await reaper.stop()
             await services.speech_jobs.stop()
             await services.jobs.stop()
             await asyncio.to_thread(services.runtime.unload_all)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -26,6 +26,7 @@ from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
+from modelhost.units import DURATION_HELP, parse_duration
 
 if TYPE_CHECKING:  # annotations only: numpy is imported by the first synthesis
     from modelhost.runtime.wav import Audio
@@ -34,12 +35,42 @@ router = APIRouter(
     dependencies=[Depends(require_api_key), Depends(require_valid_text)], tags=["inference"]
 )
 
+# A request may find its model unloaded between loading it and holding it (an idle or an
+# explicit unload won the race); with on-demand loading it loads it again, this many times.
+ACQUIRE_ATTEMPTS = 3
+
+
+def keep_alive_field() -> Any:
+    """The ``keep_alive`` field of the bodies that use a model (checked by
+    ``keep_alive_seconds``: a 400 naming the syntax, not pydantic's 422)."""
+    return Field(
+        default=None,
+        description="how long the model stays loaded once idle, from now on: a duration such "
+        "as 5m, 30s, 1h or seconds; -1 keeps it loaded (and loads it again at start), 0 "
+        "unloads it after this request (default: MODELHOST_KEEP_ALIVE)",
+        examples=["5m", -1],
+    )
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """A request's ``keep_alive`` in seconds (-1: never unloaded), None when not given;
+    ``InvalidRequest`` (400) naming the accepted syntax otherwise."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise InvalidRequest(
+            DURATION_HELP, error="Invalid keep_alive", param="keep_alive"
+        ) from None
+
 
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: str | None = Field(default=None, description="auto, cpu, cuda, cuda:N or mps")
     pin: bool = Field(default=False, description="never evict this model")
+    keep_alive: Any = keep_alive_field()
     allow_pickle: bool = Field(default=False, description="allow pickled weights (weights_only)")
     # Checked by BatchSettings (a 400 saying the range), not here (pydantic would answer 422).
     max_batch_size: Any = Field(
@@ -84,6 +115,7 @@ class SynthesizeRequest(BaseModel):
     )
     # The range torch.manual_seed takes; beyond it torch raises instead of seeding.
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    keep_alive: Any = keep_alive_field()
 
 
 class PredictRequest(BaseModel):
@@ -91,26 +123,64 @@ class PredictRequest(BaseModel):
 
     inputs: Any
     parameters: dict[str, Any] | None = None
+    keep_alive: Any = keep_alive_field()
+
+
+def not_loaded(name: str) -> ModelNotLoaded:
+    """The 409 for an installed model that is not loaded when on-demand loading is off."""
+    return ModelNotLoaded(
+        f"Model '{name}' is installed but not loaded, and MODELHOST_LOAD_ON_DEMAND is off: "
+        f"load it first with `modelhost load {name}` or POST /models/{name}/load"
+    )
 
 
 @asynccontextmanager
-async def loaded_model(services: Services, name: str) -> AsyncIterator[LoadedModel]:
+async def loaded_model(
+    services: Services,
+    name: str,
+    keep_alive_s: float | None = None,
+    operation: str | None = None,
+) -> AsyncIterator[LoadedModel]:
     """The loaded model ``name``, held in use (``lifecycle.acquire``) for the block: an
     unload or delete waits for the block to end, and a model being deleted answers 404.
-    Loads it on demand when MODELHOST_LOAD_ON_DEMAND is set."""
+    Every route that runs a model goes through here: an installed model that is not loaded
+    is loaded first (MODELHOST_LOAD_ON_DEMAND; concurrent first requests share the load),
+    else 409. ``keep_alive_s`` (a request's ``keep_alive``) sets how long it stays loaded
+    once idle; ``operation`` is shown in ``/models/managed`` meanwhile."""
     validate_name(name)
-    lifecycle = services.lifecycle
-    if not services.runtime.is_loaded(name) and not lifecycle.is_closing(name):
-        manifest = await asyncio.to_thread(services.store.require, name)
-        check_loadable(manifest)
-        if not services.settings.load_on_demand:
-            raise ModelNotLoaded(
-                f"Model '{name}' is installed but not loaded: POST /models/{name}/load first "
-                "(or set MODELHOST_LOAD_ON_DEMAND=true)"
-            )
-        await asyncio.to_thread(lifecycle.load, manifest)
-    with lifecycle.acquire(name) as loaded:
+    with ExitStack() as stack:
+        loaded = await _hold(services, name, stack, operation)
+        if keep_alive_s is not None:
+            await asyncio.to_thread(services.lifecycle.set_keep_alive, loaded, keep_alive_s)
         yield loaded
+
+
+async def _hold(
+    services: Services, name: str, stack: ExitStack, operation: str | None
+) -> LoadedModel:
+    """``lifecycle.acquire(name)`` entered on ``stack``, loading the model first if needed;
+    a model unloaded in between is loaded again (on demand only)."""
+    lifecycle = services.lifecycle
+    for attempt in range(1, ACQUIRE_ATTEMPTS + 1):
+        if not services.runtime.is_loaded(name) and not lifecycle.is_closing(name):
+            await load_on_demand(services, name)
+        try:
+            return stack.enter_context(lifecycle.acquire(name, operation))
+        except ModelNotLoaded:
+            if not services.settings.load_on_demand or attempt == ACQUIRE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def load_on_demand(services: Services, name: str) -> LoadedModel:
+    """Load the installed model ``name`` for a request, sharing a load of it under way
+    (``lifecycle.load_shared``: its own thread; this coroutine only awaits it). 404 when it
+    is not installed, 400 when it is download-only, 409 when on-demand loading is off."""
+    manifest = await asyncio.to_thread(services.store.require, name)
+    check_loadable(manifest)
+    if not services.settings.load_on_demand:
+        raise not_loaded(name)
+    return await asyncio.wrap_future(services.lifecycle.load_shared(manifest))
 
 
 @router.post(
@@ -124,9 +194,15 @@ async def load_model(
     validate_name(model_name)
     body = body or LoadRequest()
     batching = body.batch_settings()
+    keep_alive_s = keep_alive_seconds(body.keep_alive)
     manifest = await asyncio.to_thread(services.store.require, model_name)
     loaded = await asyncio.to_thread(
-        services.lifecycle.load, manifest, body.device, body.pin, body.allow_pickle
+        services.lifecycle.load,
+        manifest,
+        body.device,
+        body.pin,
+        body.allow_pickle,
+        keep_alive_s,
     )
     loaded.batching = batching
     await asyncio.to_thread(services.store.touch, model_name)
@@ -166,7 +242,8 @@ async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
     from modelhost.runtime.inference import synthesize_work
 
-    async with loaded_model(services, body.model_name) as loaded:
+    keep_alive_s = keep_alive_seconds(body.keep_alive)
+    async with loaded_model(services, body.model_name, keep_alive_s) as loaded:
         pipeline: dict[str, str] = {}
         if loaded.is_tts:
             work, batch_fn = synthesize_work(
@@ -230,7 +307,8 @@ async def _speak_generated_text(
 async def predict(model_name: ModelNamePath, body: PredictRequest, services: ServicesDep) -> dict:
     from modelhost.runtime.inference import predict_work
 
-    async with loaded_model(services, model_name) as loaded:
+    keep_alive_s = keep_alive_seconds(body.keep_alive)
+    async with loaded_model(services, model_name, keep_alive_s) as loaded:
         work, batch_fn = predict_work(loaded, body.inputs, body.parameters)
         result = await on_worker(loaded, work, batch_fn)
     return {"model_name": model_name, "task": loaded.task, **result}

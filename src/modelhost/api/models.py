@@ -18,6 +18,7 @@ from modelhost.api.deps import (
     require_api_key,
 )
 from modelhost.api.errors import error_responses
+from modelhost.api.inference import loaded_model
 from modelhost.catalog import (
     available_view,
     entry_for_model_id,
@@ -28,7 +29,6 @@ from modelhost.catalog import (
     speaks,
 )
 from modelhost.names import validate_name
-from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.sources import DownloadRequest, Plan
 from modelhost.store import Manifest, describe
 from modelhost.units import MB
@@ -272,12 +272,8 @@ async def _optimize(services: Services, model_name: str, compile: bool) -> dict:
     from modelhost.runtime.optimize import optimize
 
     await asyncio.to_thread(services.store.require, model_name)
-    if not services.runtime.is_loaded(model_name):
-        raise ModelNotLoaded(
-            f"Model '{model_name}' is not loaded; optimize works on a loaded model: "
-            f"POST /models/{model_name}/load first"
-        )
-    with services.lifecycle.acquire(model_name, operation="optimizing") as loaded:
+    # Loaded on demand like any request that runs the model (409 when that is off).
+    async with loaded_model(services, model_name, operation="optimizing") as loaded:
         report = await asyncio.to_thread(optimize, loaded, compile)
     return {
         "success": report.applied,

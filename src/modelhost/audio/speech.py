@@ -87,6 +87,12 @@ class SpeechRequest(BaseModel):
     stream_format: StreamFormat = "audio"
     # The range torch.manual_seed takes; sentence i is spoken with sentence_seed(seed, i).
     seed: int | None = Field(default=None, ge=-(2**63), le=_SEED_MAX)
+    # modelhost's (Ollama's), not OpenAI's; checked by the API (a 400 naming the syntax).
+    keep_alive: Any = Field(
+        default=None,
+        description="how long the model stays loaded once idle, from now on: 5m, 30s, 1h or "
+        "seconds; -1 never unloads it, 0 right after this request",
+    )
 
     @property
     def voice_name(self) -> str | None:

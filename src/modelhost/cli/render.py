@@ -84,7 +84,7 @@ def installed_table(infos: list[dict[str, Any]], loaded: set[str]) -> Table:
 
 def managed_table(rows: list[dict[str, Any]]) -> Table:
     """``modelhost ps``: one row per loaded model."""
-    table = _table("NAME", "DEVICE", "MEMORY", "PINNED", "IDLE", "TASK")
+    table = _table("NAME", "DEVICE", "MEMORY", "PINNED", "IDLE", "UNLOADS IN", "TASK")
     for row in rows:
         memory = (row.get("memory_usage") or {}).get("allocated_mb")
         table.add_row(
@@ -93,9 +93,18 @@ def managed_table(rows: list[dict[str, Any]]) -> Table:
             "?" if memory is None else f"{memory:.1f} MiB",
             "yes" if row.get("pinned") else "no",
             human_seconds(idle_seconds(row.get("last_used"))),
+            unloads_in(row),
             row.get("task") or "",
         )
     return table
+
+
+def unloads_in(row: dict[str, Any]) -> str:
+    """When an idle model is unloaded: 'never' (pinned, keep-alive -1), '-' while in use."""
+    if row.get("pinned") or row.get("keep_alive_s") == -1:
+        return "never"
+    seconds = row.get("unloads_in_s")
+    return "-" if seconds is None else human_seconds(seconds)
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:

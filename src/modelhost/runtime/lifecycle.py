@@ -12,7 +12,14 @@ optimize and delete.
 - ``pin`` means one thing for memory and disk: never evicted, by the memory budget while
   loaded nor by ``MODELHOST_CACHE_LIMIT_GB`` from the cache. It is kept in the manifest
   (``Manifest.pinned``), so it survives restarts and applies again when the model loads;
-- disk eviction never removes the files of a loaded, loading or pinned model.
+- disk eviction never removes the files of a loaded, loading or pinned model;
+- keep-alive: a model idle (no request in flight) for longer than its keep-alive
+  (``MODELHOST_KEEP_ALIVE``, or a request's ``keep_alive``) is unloaded by
+  ``unload_expired``, which the idle reaper (``runtime.keepalive``) calls; pinned models and
+  those kept for ever (-1) stay. A model loaded with keep-alive -1 is recorded in its
+  manifest (``keep_loaded``, with ``load_device``), so it is loaded again at start
+  (``restore``), as pinned models are;
+- ``load_shared`` lets concurrent first requests share one load (on-demand loading).
 
 Everything here blocks except ``acquire``/``close``/``reopen``, which only take a short lock
 (safe on the event loop). Importing this module does not import torch.
@@ -20,8 +27,10 @@ Everything here blocks except ``acquire``/``close``/``reopen``, which only take 
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +38,14 @@ from typing import TYPE_CHECKING
 
 from modelhost.errors import ModelNotFound
 from modelhost.runtime.errors import ModelNotLoaded
+from modelhost.units import NEVER
 
 if TYPE_CHECKING:
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.registry import ModelRegistry, UnloadReport
     from modelhost.store import Manifest, Store
+
+log = logging.getLogger(__name__)
 
 LOAD_WAIT_S = 600.0  # how long a delete waits for a load of the model that is under way
 
@@ -45,6 +57,10 @@ class _Name:
     loads: int = 0  # loads through the lifecycle in progress
     closing: str | None = None  # "deleting" while a delete runs: refuse requests and loads
     changed: threading.Condition = field(default_factory=threading.Condition)
+    load_count: int = 0  # loads that made a new resident model since the server started
+    current: LoadedModel | None = None  # the resident model of the last load
+    device: str | None = None  # where the last load put it (an on-demand reload goes there)
+    shared: Future[LoadedModel] | None = None  # the load_shared in progress
 
 
 class ModelLifecycle:
@@ -56,11 +72,17 @@ class ModelLifecycle:
         store: Store,
         cache_limit_bytes: int | None = None,
         load_wait_s: float = LOAD_WAIT_S,
+        keep_alive_s: float = NEVER,
     ) -> None:
         self.registry = registry
         self.store = store
         self.cache_limit_bytes = cache_limit_bytes
         self.load_wait_s = load_wait_s
+        # A loaded model's keep-alive unless a request sets its own (MODELHOST_KEEP_ALIVE).
+        self.keep_alive_s = keep_alive_s
+        # Called (with the model) when a model's last request in flight ends: the idle
+        # reaper's wake-up for short keep-alives. Must not block (runs on the caller).
+        self.on_idle: Callable[[LoadedModel], None] | None = None
         self._lock = threading.Lock()  # guards _names; held briefly
         self._names: dict[str, _Name] = {}
 
@@ -89,6 +111,8 @@ class ModelLifecycle:
             yield model
         finally:
             model.leave(operation)
+            if self.on_idle is not None and model.inflight == 0:
+                self.on_idle(model)
 
     # ------------------------------------------------------------------ load / unload
 
@@ -98,10 +122,13 @@ class ModelLifecycle:
         device: str | None = None,
         pin: bool = False,
         allow_pickle: bool = False,
+        keep_alive_s: float | None = None,
     ) -> LoadedModel:
         """Load an installed model (blocking). A model pinned on disk is pinned in memory
-        too; asking for ``pin`` records it in the manifest. A delete that begins while the
-        model loads wins: the model is unloaded again and ``ModelNotFound`` raised."""
+        too; asking for ``pin`` records it in the manifest. ``keep_alive_s`` sets its
+        keep-alive (default: the server's for a new load, unchanged for a loaded model).
+        A delete that begins while the model loads wins: the model is unloaded again and
+        ``ModelNotFound`` raised."""
         name = manifest.name
         entry = self._entry(name)
         with entry.changed:
@@ -127,11 +154,122 @@ class ModelLifecycle:
                 entry.changed.notify_all()
         if pin and not manifest.pinned:
             self.store.set_pinned(name, True)
+        self._adopt(entry, loaded, keep_alive_s)
         return loaded
 
+    def _adopt(self, entry: _Name, loaded: LoadedModel, keep_alive_s: float | None) -> None:
+        """Count a load that made a new resident model, set its keep-alive, and record how
+        it is loaded in the manifest (read again at start)."""
+        with entry.changed:
+            fresh = entry.current is not loaded
+            if fresh:
+                entry.load_count += 1
+                entry.current = loaded
+                loaded.load_count = entry.load_count
+            entry.device = loaded.device
+        if keep_alive_s is None:  # the server's for a new load; a reload keeps its own
+            keep_alive_s = self.keep_alive_s if fresh else loaded.keep_alive_s
+        loaded.set_keep_alive(keep_alive_s)  # a load is a use: the idle time starts again
+        self._record(loaded)
+
+    def load_shared(self, manifest: Manifest, device: str | None = None) -> Future[LoadedModel]:
+        """Load ``manifest`` in a thread of its own, or join the ``load_shared`` of it already
+        under way: concurrent first requests share one load, and their waits hold no thread
+        (the caller awaits the future). ``device`` None: where its last load put it."""
+        entry = self._entry(manifest.name)
+        with entry.changed:
+            if entry.shared is not None:
+                return entry.shared
+            future: Future[LoadedModel] = Future()
+            future.set_running_or_notify_cancel()  # a waiter's cancel never cancels the load
+            entry.shared = future
+            device = device or entry.device
+
+        def run() -> None:
+            try:
+                loaded = self.load(manifest, device)
+            except BaseException as exc:
+                self._end_shared(entry)
+                future.set_exception(exc)
+                return
+            self._end_shared(entry)
+            future.set_result(loaded)
+
+        name = f"modelhost-load-{manifest.name}"
+        threading.Thread(target=run, name=name, daemon=True).start()
+        return future
+
+    @staticmethod
+    def _end_shared(entry: _Name) -> None:
+        with entry.changed:
+            entry.shared = None
+
+    def set_keep_alive(self, loaded: LoadedModel, keep_alive_s: float) -> None:
+        """A request's ``keep_alive``: ``loaded`` stays that long once idle, from now on
+        (blocking: a change to or from -1 is recorded in the manifest)."""
+        loaded.set_keep_alive(keep_alive_s)
+        self._record(loaded)
+
+    def _record(self, loaded: LoadedModel) -> None:
+        """Write ``keep_loaded`` (kept for ever) and ``load_device`` to the manifest when
+        they changed; a failed write loses only the reload at start."""
+        try:
+            self.store.set_load_state(loaded.name, loaded.keep_alive_s < 0, loaded.device)
+        except OSError:
+            log.warning("could not record how %s is loaded", loaded.name, exc_info=True)
+
     def unload(self, name: str) -> UnloadReport:
-        """Unload ``name``: new requests are refused, those in flight finish (bounded)."""
-        return self.registry.unload(name)
+        """Unload ``name``: new requests are refused, those in flight finish (bounded). It
+        is no longer loaded again at start (unless pinned)."""
+        report = self.registry.unload(name)
+        try:
+            self.store.set_load_state(name, False, None)
+        except OSError:
+            log.warning("could not record that %s is unloaded", name, exc_info=True)
+        return report
+
+    # ------------------------------------------------------------------ keep-alive
+
+    def expiries(self) -> list[tuple[str, float]]:
+        """``(name, when)`` (``time.monotonic``) of each loaded model due to be unloaded for
+        being idle; models in use, pinned, kept for ever or being deleted are not due."""
+        due = []
+        for model in self.registry.list():
+            when = model.expires_at()
+            if when is not None and not self.is_closing(model.name):
+                due.append((model.name, when))
+        return due
+
+    def unload_expired(self, name: str, now: float) -> UnloadReport | None:
+        """Unload ``name`` if it has been idle past its keep-alive at ``now`` (blocking);
+        None when it is in use again, pinned, kept, or gone. The reaper's only way out."""
+        if self.is_closing(name):
+            return None  # the delete unloads it
+        return self.registry.unload_expired(name, now)
+
+    def restore(self) -> list[str]:
+        """Load the pinned models and those loaded with keep-alive -1 when the server last
+        stopped, each on the device of its last load (blocking; at start, in the
+        background). A model that fails to load is logged and skipped. Returns the names
+        loaded."""
+        restored = []
+        for manifest in self.store.list():
+            wanted = (manifest.pinned or manifest.keep_loaded) and manifest.spec.loadable
+            # Loaded already (a request came first): its keep-alive is the request's now.
+            if (
+                not wanted
+                or self.is_closing(manifest.name)
+                or self.registry.is_loaded(manifest.name)
+            ):
+                continue
+            keep = NEVER if manifest.keep_loaded else None
+            try:
+                self.load(manifest, manifest.load_device, keep_alive_s=keep)
+            except Exception:  # one model's failure must not keep the others unloaded
+                log.warning("could not load %s again at start", manifest.name, exc_info=True)
+                continue
+            restored.append(manifest.name)
+        return restored
 
     def _unload_quietly(self, name: str) -> UnloadReport | None:
         try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from modelhost.runtime.batching import BatchSettings, BatchStats, queued
 from modelhost.runtime.families import Family, family_name
-from modelhost.units import MB
+from modelhost.units import MB, NEVER
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch
     from torch import nn
@@ -61,6 +62,12 @@ class LoadedModel:
     inflight: int = 0
     operation: str | None = None
     retired: bool = False
+    # Idle unload (``lifecycle``): seconds it stays loaded once idle (NEVER: -1), when its
+    # last request ended (``time.monotonic``), and which load of its name this is (1 = the
+    # first since the server started).
+    keep_alive_s: float = NEVER
+    idle_since: float = field(default_factory=time.monotonic)
+    load_count: int = 1
     _idle: threading.Condition = field(default_factory=threading.Condition, repr=False)
     # How concurrent requests are coalesced (runtime.batching), and what its worker ran.
     batching: BatchSettings = field(default_factory=BatchSettings)
@@ -103,7 +110,55 @@ class LoadedModel:
             self.inflight -= 1
             if operation is not None and self.operation == operation:
                 self.operation = None
+            if self.inflight == 0:
+                self.idle_since = time.monotonic()  # keep-alive counts from here
             self._idle.notify_all()
+
+    def set_keep_alive(self, seconds: float) -> None:
+        """Keep the model ``seconds`` once idle from now on (NEVER: -1); the idle time
+        starts again now (a request asking for a keep-alive is a use)."""
+        with self._idle:
+            self.keep_alive_s = seconds
+            self.idle_since = time.monotonic()
+
+    def expires_at(self) -> float | None:
+        """When (``time.monotonic``) the model is to be unloaded for being idle: None while
+        requests are in flight, or when it is pinned or kept for ever."""
+        with self._idle:
+            if self.pinned or self.keep_alive_s < 0 or self.inflight or self.retired:
+                return None
+            return self.idle_since + self.keep_alive_s
+
+    def retire_if_expired(self, now: float) -> bool:
+        """Retire (refuse new requests) only if the model has been idle past its keep-alive
+        at ``now``, checked under the same lock ``enter`` takes: a request that got in
+        first keeps it loaded."""
+        with self._idle:
+            if self.pinned or self.keep_alive_s < 0 or self.inflight or self.retired:
+                return False
+            if self.idle_since + self.keep_alive_s > now:
+                return False
+            self.retired = True
+            return True
+
+    def keep_alive_view(self) -> dict[str, Any]:
+        """``load_count``, ``idle_s`` (null while in use), ``keep_alive_s`` (-1: never) and
+        ``unloads_in_s`` / ``expires_at`` (null when it is not due to be unloaded)."""
+        now = time.monotonic()
+        with self._idle:
+            in_use = self.inflight > 0
+            idle_s = None if in_use else round(now - self.idle_since, 3)
+        due = self.expires_at()
+        unloads_in = None if due is None else max(0.0, due - now)
+        return {
+            "load_count": self.load_count,
+            "idle_s": idle_s,
+            "keep_alive_s": NEVER if self.keep_alive_s < 0 else self.keep_alive_s,
+            "unloads_in_s": None if unloads_in is None else round(unloads_in, 3),
+            "expires_at": None
+            if unloads_in is None
+            else datetime.fromtimestamp(time.time() + unloads_in, timezone.utc).isoformat(),
+        }
 
     def retire(self) -> None:
         """Refuse new requests from now on (requests in flight go on)."""
@@ -149,6 +204,7 @@ class LoadedModel:
             "optimization": self.optimization,
             "inflight": self.inflight,
             "operation": self.operation,
+            **self.keep_alive_view(),
             **self.batching.describe(),
             **self.batch_stats.describe(queued(self)),
         }

@@ -223,6 +223,18 @@ class ModelRegistry:
             model.retire()
             return self._release(model)
 
+    def unload_expired(self, name: str, now: float) -> UnloadReport | None:
+        """Unload ``name`` only if it has been idle past its keep-alive at ``now``
+        (``LoadedModel.retire_if_expired``, decided under the model's lock, so a request
+        that got in first keeps it); None when it was not unloaded."""
+        with self._name_lock(name):
+            with self._lock:
+                model = self._models.get(name)
+                if model is None or not model.retire_if_expired(now):
+                    return None
+                self._models.pop(name)
+            return self._release(model)
+
     def pin(self, name: str, pinned: bool = True) -> LoadedModel:
         """Keep ``name`` resident (never evicted) or release it to the LRU again."""
         model = self.get(name, touch=False)

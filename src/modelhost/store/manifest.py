@@ -41,6 +41,10 @@ class Manifest(BaseModel):
     downloaded_at: datetime | None = None
     last_used: datetime | None = None
     pinned: bool = False
+    # Loaded with keep_alive -1 (never unloaded) when last seen: the server loads it again
+    # at start, as it loads pinned models, on ``load_device``.
+    keep_loaded: bool = False
+    load_device: str | None = None  # the device of its last load ("cpu", "cuda:0", ...)
     download_id: str | None = None
     spec: ModelSpec = Field(default_factory=ModelSpec)
     conversions: list[Conversion] = Field(default_factory=list)

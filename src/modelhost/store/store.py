@@ -262,6 +262,22 @@ class Store:
             _write_atomic(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
             return manifest
 
+    def set_load_state(self, name: str, keep_loaded: bool, load_device: str | None) -> None:
+        """Record how ``name`` is loaded (``Manifest.keep_loaded``, ``load_device``), read
+        again at start; a no-op when the manifest already says so or is gone (deleted)."""
+        with self._lock:
+            manifest = self.get(name)
+            if manifest is None:
+                return
+            update = {
+                "keep_loaded": keep_loaded,
+                "load_device": load_device or manifest.load_device,
+            }
+            if all(getattr(manifest, key) == value for key, value in update.items()):
+                return
+            updated = manifest.model_copy(update=update)
+            _write_atomic(self._manifest_path(name), updated.model_dump_json(indent=2).encode())
+
     def delete(self, name: str) -> tuple[Manifest, int]:
         """Remove a model, and the blobs no other model uses. Raises ``ModelNotFound``.
 

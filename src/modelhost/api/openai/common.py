@@ -73,12 +73,15 @@ async def check_model(services: Services, name: str, check: Callable[[Manifest],
 
 
 @asynccontextmanager
-async def model_in_use(services: Services, name: str) -> AsyncIterator[LoadedModel]:
-    """``loaded_model`` for a /v1 route: the loaded model held in use for the block; its
-    errors (not installed, not loaded, unloaded meanwhile) name ``model`` as their param.
-    Call ``check_model`` first."""
+async def model_in_use(
+    services: Services, name: str, keep_alive_s: float | None = None
+) -> AsyncIterator[LoadedModel]:
+    """``loaded_model`` for a /v1 route: the model (loaded on demand) held in use for the
+    block, ``keep_alive_s`` its keep-alive from now on when given; its errors (not
+    installed, not loaded, unloaded meanwhile) name ``model`` as their param. Call
+    ``check_model`` first."""
     try:
-        async with loaded_model(services, name) as loaded:
+        async with loaded_model(services, name, keep_alive_s) as loaded:
             yield loaded
     except ModelNotFound:  # deleted since installed() saw it
         raise model_not_found(name) from None

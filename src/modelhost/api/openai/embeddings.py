@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.api.deps import ServicesDep, require_api_key, require_valid_text
-from modelhost.api.inference import on_worker
+from modelhost.api.inference import keep_alive_field, keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest
 from modelhost.runtime.batching import Work
@@ -57,6 +57,7 @@ class EmbeddingsRequest(BaseModel):
         default=None, description="accepted when it equals the model's own dimension"
     )
     user: str | None = Field(default=None, description="accepted and ignored")
+    keep_alive: Any = keep_alive_field()  # modelhost's (Ollama's): not an OpenAI field
 
 
 class EmbeddingObject(BaseModel):
@@ -169,8 +170,9 @@ async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> R
 
     texts = parse_input(body.input)
     fmt = check_format(body.encoding_format)
+    keep_alive_s = keep_alive_seconds(body.keep_alive)
     await check_model(services, body.model, lambda m: check_task(body.model, m.task))
-    async with model_in_use(services, body.model) as loaded:
+    async with model_in_use(services, body.model, keep_alive_s) as loaded:
         if not embeds(loaded):
             raise not_embedding(body.model, loaded.task, family_name(loaded.family))
         check_dimensions(loaded, body.dimensions)

@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
+from modelhost.api.inference import keep_alive_seconds
 from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.api.openai.errors import openai_error_body
 from modelhost.api.tts_refusal import not_tts
@@ -105,6 +106,7 @@ async def create_speech(body: SpeechRequest, request: Request, services: Service
             "with the same body: it speaks the text in the background and keeps the audio",
             error="Input too long",
         )
+    keep_alive_seconds(body.keep_alive)  # a bad one is a 400 before any audio
     sentences = split_sentences(body.input)
     if not sentences:
         raise InvalidRequest("input has no text to speak (only whitespace)", error="Empty input")
@@ -126,7 +128,7 @@ async def _speech_chunks(
 ) -> AsyncIterator[bytes]:
     """The encoded audio, a chunk per sentence (the first one may be empty: nothing of the
     file is ready yet), then the encoder's last bytes. Holds the model in use throughout."""
-    async with model_in_use(services, body.model) as loaded:
+    async with model_in_use(services, body.model, keep_alive_seconds(body.keep_alive)) as loaded:
         if not loaded.is_tts:
             raise await not_tts(services, body.model, loaded.task, param="model")
         voice = resolve_voice(loaded, body.voice)

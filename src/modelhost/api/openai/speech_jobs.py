@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key, require_valid_text
-from modelhost.api.inference import loaded_model
+from modelhost.api.inference import keep_alive_seconds, loaded_model
 from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.audio.formats import FORMATS
 from modelhost.audio.sentences import split_sentences
@@ -179,7 +179,8 @@ async def create_speech_job(body: SpeechRequest, services: ServicesDep) -> Speec
     _check_request(body)
     # The /synthesize rule: the model must be loaded (or MODELHOST_LOAD_ON_DEMAND loads it);
     # its voice is checked now, so a bad one is a 400 here rather than a failed job later.
-    async with model_in_use(services, body.model) as loaded:
+    keep_alive_s = keep_alive_seconds(body.keep_alive)
+    async with model_in_use(services, body.model, keep_alive_s) as loaded:
         _check_tts(loaded)
         resolve_voice(loaded, body.voice)
     sentences = await asyncio.to_thread(split_sentences, body.input)

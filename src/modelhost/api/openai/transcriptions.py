@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from modelhost.api.deps import ServicesDep, require_api_key
-from modelhost.api.inference import on_worker
+from modelhost.api.inference import keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest, NotImplementedYet
 from modelhost.runtime.batching import Work
@@ -44,6 +44,7 @@ FIELDS = {
     "timestamp_granularities[]",
     "timestamp_granularities",
     "stream",
+    "keep_alive",  # modelhost's (Ollama's), not OpenAI's
 }
 
 # The request body, for the OpenAPI schema (the form is parsed by hand: each bad field gets a
@@ -63,6 +64,11 @@ _FORM_SCHEMA = {
                         "prompt": {"type": "string"},
                         "response_format": {"type": "string", "enum": list(FORMATS)},
                         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+                        "keep_alive": {
+                            "type": "string",
+                            "description": "how long the model stays loaded once idle, from "
+                            "now on: 5m, 30s, 1h or seconds; -1 never, 0 after this request",
+                        },
                     },
                 }
             }
@@ -123,6 +129,7 @@ class TranscriptionForm:
     response_format: str
     options: TranscribeOptions
     upload: UploadFile
+    keep_alive_s: float | None = None
 
 
 def _field(form, name: str) -> str | None:
@@ -194,7 +201,11 @@ def parse_form(form) -> TranscriptionForm:
         segments=response_format in ("verbose_json", "srt", "vtt"),
     )
     return TranscriptionForm(
-        model=model, response_format=response_format, options=options, upload=upload
+        model=model,
+        response_format=response_format,
+        options=options,
+        upload=upload,
+        keep_alive_s=keep_alive_seconds(_field(form, "keep_alive")),
     )
 
 
@@ -254,7 +265,7 @@ async def create_transcription(request: Request, services: ServicesDep) -> Respo
     finally:
         await form.close()
     await check_model(services, parsed.model, lambda m: check_task(parsed.model, m.task))
-    async with model_in_use(services, parsed.model) as loaded:
+    async with model_in_use(services, parsed.model, parsed.keep_alive_s) as loaded:
         if not is_whisper(loaded):
             raise not_whisper(parsed.model, loaded.task)
         rate = int(loaded.extra["input_sample_rate"])
