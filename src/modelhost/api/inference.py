@@ -20,7 +20,7 @@ from modelhost.api.deps import (
 )
 from modelhost.api.errors import error_responses
 from modelhost.api.tts_refusal import not_tts
-from modelhost.errors import Conflict, ModelNotFound
+from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.errors import ModelNotLoaded
