@@ -22,6 +22,7 @@ from modelhost.api.errors import error_responses
 from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
+from modelhost.runtime.device import check_requested_device
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
@@ -115,7 +116,7 @@ async def loaded_model(services: Services, name: str) -> AsyncIterator[LoadedMod
 @router.post(
     "/models/{model_name}/load",
     summary="Load an installed model onto a device",
-    responses=error_responses(400, 404, 409, 422),
+    responses=error_responses(400, 404, 409, 422, 424),
 )
 async def load_model(
     model_name: ModelNamePath, services: ServicesDep, body: LoadRequest | None = None
@@ -123,6 +124,7 @@ async def load_model(
     validate_name(model_name)
     body = body or LoadRequest()
     batching = body.batch_settings()
+    await asyncio.to_thread(check_requested_device, body.device)  # imports torch once
     manifest = await asyncio.to_thread(services.store.require, model_name)
     loaded = await asyncio.to_thread(
         services.lifecycle.load, manifest, body.device, body.pin, body.allow_pickle
