@@ -317,7 +317,9 @@ def test_torchvision_state_dict_from_the_url_source(make_server, fileserver, tmp
     assert answer["predictions"][0]["score"] == pytest.approx(float(probs[top[0]]), abs=1e-5)
 
 
-def test_state_dict_that_does_not_fit_is_installed_and_fails_the_job(make_server, fileserver, tmp_path):
+def test_state_dict_that_does_not_fit_is_installed_and_fails_the_job(
+    make_server, fileserver, tmp_path
+):
     import torch
     from safetensors.torch import save_file
 

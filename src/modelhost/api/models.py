@@ -182,12 +182,12 @@ async def model_info(model_name: ModelNamePath, services: ServicesDep) -> dict:
 
 def retry_how(force: bool, resumed_bytes: int) -> str:
     """How a retry starts, as measured before its job ran: from scratch (forced), from the
-    bytes earlier attempts left, or from byte 0 when none were kept."""
+    bytes earlier attempts left, or from byte 0 when none of them can be resumed."""
     if force:
         return "from scratch: the partial files were discarded"
     if resumed_bytes:
         return f"resuming from {resumed_bytes} bytes already fetched"
-    return "starting over: no partial bytes of it were kept"
+    return "starting over from byte 0: no partial bytes of it to resume"
 
 
 class ManageAction(str, Enum):
