@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_settings
-from fileserver import Rate
+from fileserver import DropAfter, Rate
 from hubserver import HubServer
 from tiny_models import build_whisper
 
@@ -217,6 +217,28 @@ def test_a_retry_after_a_cancel_resumes_from_the_bytes_it_names(make_server, fil
     assert fileserver.requests[-1].range_start == kept
     info = server.client.get("/models/download/big/info").json()
     assert info["total_size_bytes"] == SIZE
+
+
+def test_a_retry_with_nothing_to_resume_says_it_starts_over(make_server, fileserver):
+    payload = os.urandom(300_000)
+    fileserver.add("/s.safetensors", payload, faults=[DropAfter(100_000)])
+    server = make_server([fileserver.host_port], fetch_retries=0)
+    job = server.client.post(
+        "/models/download", json=url_body(fileserver.url("/s.safetensors"), "s")
+    ).json()["download_id"]
+    assert server.wait_for(job)["status"] == "failed"
+    removed = server.client.delete("/models/download/s").json()["partial_bytes_removed"]
+    assert removed == 100_000
+    sent_before = fileserver.bytes_sent("/s.safetensors")
+    retried = server.client.post(
+        "/models/manage", params={"action": "retry_download", "model_name": "s"}
+    ).json()
+    assert retried["message"] == (
+        "Retrying download of 's', starting over from byte 0: no partial bytes of it to resume"
+    )
+    assert retried["resumed_bytes"] == 0
+    assert server.wait_for(retried["download_id"])["status"] == "completed"
+    assert fileserver.bytes_sent("/s.safetensors") - sent_before == len(payload)
 
 
 def test_kept_partials_of_a_cancel_expire(make_server, fileserver):
