@@ -21,8 +21,12 @@ from conftest import make_settings
 from fileserver import DropAfter, Rate
 from hubserver import HubServer
 from tiny_models import build_whisper
+from toy_family import ToyAdapter, write_toy_model
 
 from modelhost.api.app import build_services
+from modelhost.runtime.families import FamilyInfo
+from modelhost.runtime.families.base import DetectContext, LoadOptions, Parts
+from modelhost.runtime.families.registry import register, unregister
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 MODELHOST = Path(sys.executable).parent / "modelhost"
@@ -150,6 +154,68 @@ def test_pull_exits_1_when_the_requested_load_fails(make_server, fileserver):
     again = run_cli(server.base_url, "load", "odd")
     assert again.returncode == 1
     assert "does not fit torchvision's resnet18" in again.stdout + again.stderr
+
+
+class UpsideDown(Exception):
+    """What no loader maps to a typed error: the lifecycle's catch-all must type it."""
+
+
+class BrokenToyAdapter(ToyAdapter):
+    """The toy family, needing sentence-transformers, then failing in an untyped way."""
+
+    name = "toy-broken"
+
+    def detect(self, ctx: DetectContext) -> FamilyInfo | None:
+        if ctx.config.get("model_type") != "toy-broken":
+            return None
+        return ctx.info(self.name, "doubling")
+
+    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
+        import sentence_transformers  # noqa: F401 - what this family needs
+
+        raise UpsideDown("the weights are upside down")
+
+
+@pytest.fixture
+def broken_family():
+    register(BrokenToyAdapter())
+    yield
+    unregister("toy-broken")
+
+
+def test_load_failures_answer_typed_4xx_never_500(
+    broken_family, make_server, tmp_path, monkeypatch
+):
+    # broken_family first: the family stays registered until the server has stopped
+    root = tmp_path / "imports"
+    path = write_toy_model(root / "broken")
+    (path / "config.json").write_text(json.dumps({"model_type": "toy-broken"}))
+    server = make_server([], import_roots=(root,), device="cpu")
+    started = server.client.post(
+        "/models/download", json={"source": "local", "model_id": str(path), "name": "b"}
+    )
+    status = server.wait_for(started.json()["download_id"], timeout=60)
+    assert status["status"] == "failed" and status["error"] == "Load failed", status
+    assert status["message"] == (
+        "Model 'b' installed, but loading failed: Loading model 'b' failed: UpsideDown: the "
+        "weights are upside down; retry with: modelhost load b"
+    )
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import now fails
+    missing = server.client.post("/models/b/load", json={})
+    assert missing.status_code == 424, missing.text
+    assert missing.json() == {
+        "success": False,
+        "message": "Loading model 'b' needs the Python module sentence_transformers, which is "
+        "not installed on this server: pip install sentence-transformers, then restart the "
+        "server",
+        "error": "Missing Python package",
+    }
+    monkeypatch.delitem(sys.modules, "sentence_transformers")
+    broken = server.client.post("/models/b/load", json={})
+    assert broken.status_code == 422, broken.text
+    assert broken.json()["error"] == "Load failed"
+    assert "Internal server error" not in broken.text
 
 
 # --------------------------------------------------------------------------- B: no CUDA
