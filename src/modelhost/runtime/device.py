@@ -47,7 +47,7 @@ def check_requested_device(setting: str | None) -> None:
     for a CUDA device (imports torch once): call it in a worker thread."""
     if setting is None:
         return
-    value = setting.strip().lower()
+    value = setting.strip().lower() or "auto"  # as resolve_device reads an empty setting
     if not _DEVICE.fullmatch(value):
         raise InvalidDevice(f"invalid device {setting!r}: use one of {DEVICE_SETTINGS}")
     if value.startswith("cuda") and not cuda_status()[0]:
