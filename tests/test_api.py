@@ -67,7 +67,11 @@ def test_download_installs_verified_model(make_server, fileserver, payload):
     again = server.client.post("/models/download", json=body(url, "tiny"))
     assert again.status_code == 200
     assert again.json()["status"] == "already_exists"
-    assert again.json()["message"] == "Model 'tiny' already exists and is ready to use"
+    # A bare weights file is installed, never loaded: the answer does not say "ready to use".
+    assert again.json()["message"] == (
+        "Model 'tiny' is already installed (not loaded: a bare weights file has no architecture "
+        'to load it into (a TorchScript file loads with "load_as": "torchscript"))'
+    )
     hits = server.client.get("/models/cache/info").json()["cache_optimization"]
     assert (hits["cache_hit_rate"], hits["download_requests"], hits["cache_hits"]) == (0.5, 2, 1)
     # Exactly one transfer happened.
@@ -139,7 +143,7 @@ def test_status_reports_live_progress(make_server, fileserver, payload):
 
 
 @pytest.mark.serial  # timing-sensitive: run alone
-def test_cancel_ends_job_within_a_second_and_discards_partial(make_server, fileserver, payload):
+def test_cancel_ends_job_within_a_second_and_keeps_partial(make_server, fileserver, payload):
     fileserver.add("/c.safetensors", payload, faults=[Rate(500_000)])
     server = make_server([fileserver.host_port])
     job_id = server.client.post(
@@ -151,8 +155,16 @@ def test_cancel_ends_job_within_a_second_and_discards_partial(make_server, files
     assert time.monotonic() - started < 1.0
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelled"
-    assert list((server.settings.home / "partial").iterdir()) == []
-    assert server.client.get("/models/cache/info").json()["total_models"] == 0
+    # The bytes fetched stay for a retry (a day), and are reported; DELETE removes them.
+    kept = server.client.get("/models/cache/info").json()
+    assert kept["total_models"] == 0 and 0 < kept["partial_bytes"] < SIZE
+    assert f"; {kept['partial_bytes']} bytes already fetched are kept for 24 hours" in (
+        cancelled.json()["message"]
+    )
+    assert server.client.delete("/models/download/c").json()["partial_bytes_removed"] == (
+        kept["partial_bytes"]
+    )
+    assert not list((server.settings.home / "partial").glob("*.part"))
     again = server.client.post(f"/models/download/{job_id}/cancel")
     assert again.status_code == 409 and "already ended" in again.json()["message"]
 

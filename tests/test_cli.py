@@ -187,7 +187,7 @@ def test_predict_and_status_match_the_api(bert, cli, server):
 def test_pull_again_says_already_exists(bert, cli):
     again = cli("pull", "huggingface:test-org/tiny-bert", "--task", "text-classification")
     assert again.returncode == 0
-    assert "Model 'tiny-bert' already exists and is ready to use" in again.stdout
+    assert "Model 'tiny-bert' already exists and is loaded on cpu" in again.stdout
 
 
 def test_pull_of_a_missing_repository_prints_the_servers_message(cli, server):

@@ -325,7 +325,9 @@ def test_torchvision_state_dict_from_the_url_source(make_server, fileserver, tmp
     assert answer["predictions"][0]["score"] == pytest.approx(float(probs[top[0]]), abs=1e-5)
 
 
-def test_state_dict_that_does_not_fit_is_stored_not_loaded(make_server, fileserver, tmp_path):
+def test_state_dict_that_does_not_fit_is_installed_and_fails_the_job(
+    make_server, fileserver, tmp_path
+):
     import torch
     from safetensors.torch import save_file
 
@@ -342,7 +344,10 @@ def test_state_dict_that_does_not_fit_is_stored_not_loaded(make_server, fileserv
         },
     ).json()
     status = server.wait_for(job["download_id"])
-    assert status["status"] == "completed"
-    assert "stored, but could not be loaded" in status["message"]
+    assert status["status"] == "failed"
+    assert status["message"].startswith("Model 'odd' installed, but loading failed: ")
+    assert status["message"].endswith("; retry with: modelhost load odd")
     assert "does not fit torchvision's resnet18" in status["message"]
+    assert status["error"] == "Unsupported model"
+    assert server.client.get("/models/download/odd/info").status_code == 200  # still installed
     assert server.client.get("/models/managed").json()["total_models"] == 0

@@ -358,9 +358,12 @@ def test_a_malicious_pickle_is_never_run(modelhost, hub, tiny_models, tmp_path, 
     else:
         assert answer.status_code == 202, answer.text
         status = server.wait_for(answer.json()["download_id"], timeout=180)
-        assert status["status"] == "completed", status
-        assert "could not be loaded" in status["message"]
+        # Installed, but the load the request asked for failed: the job fails, saying so.
+        assert status["status"] == "failed", status
+        assert "installed, but loading failed: " in status["message"]
+        assert "retry with: modelhost load evil" in status["message"]
         assert "posix.system" in status["message"]
+        assert server.client.get("/models/download/evil/info").status_code == 200
         load = server.client.post("/models/evil/load", json={"allow_pickle": True})
         assert load.status_code == 400, load.text
         assert "weights_only=True" in load.json()["message"]

@@ -426,7 +426,7 @@ def test_runtime_text_check_refuses_lone_surrogates() -> None:
         ("/models/vits/predict", {"inputs": "hi"}, 400, "is text-to-speech: use synthesize"),
         ("/models/bert/load", {"device": "tpu"}, 400, "invalid device 'tpu'"),
         ("/models/bert/load", {"device": "cuda:x"}, 400, "invalid device 'cuda:x'"),
-        ("/models/bert/load", {"device": "cuda:99"}, 400, "device 'cuda:99' is not available"),
+        ("/models/bert/load", {"device": "cuda:99"}, 400, "device 'cuda:99'"),
         ("/models/bert/load", {"device": 5}, 422, "device: Input should be a valid string"),
     ],
 )  # fmt: skip

@@ -191,6 +191,9 @@ def test_pickle_policies_allow_and_refuse(make_server, mirror, policy, extra, fr
 def test_without_torchaudio_the_download_names_the_extra(server, mirror, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchaudio", None)  # import torchaudio -> ImportError
     response = post(server, WAVERNN_BUNDLE)
-    assert response.status_code == 400
+    assert response.status_code == 424
+    assert response.json()["error"] == "Missing Python package"
+    assert "needs the Python module torchaudio" in response.json()["message"]
+    assert "pip install torchaudio (the release built for your torch" in response.json()["message"]
     assert "pip install 'modelhost[audio]'" in response.json()["message"]
     assert not mirror.requests

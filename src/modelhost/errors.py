@@ -178,6 +178,35 @@ class Cancelled(ModelhostError):
     error = "Cancelled"
 
 
+class MissingDependency(ModelhostError):
+    """A Python module the request needs is not installed on the server (424 Failed
+    Dependency): the message names the module and the exact ``pip install`` to run."""
+
+    status_code = 424
+    error = "Missing Python package"
+
+    def __init__(self, message: str, *, module: str, package: str) -> None:
+        super().__init__(message)
+        self.module = module
+        self.package = package
+
+
+class LoadFailed(ModelhostError):
+    """Loading an installed model failed for a reason no narrower error names (422): the
+    model's files or its loader library; the message says what the loader raised."""
+
+    status_code = 422
+    error = "Load failed"
+
+
+class HomeInUse(ModelhostError):
+    """Another server holds this ``MODELHOST_HOME`` (its ``server.lock``): two servers on one
+    home would run each other's jobs and race on the same partial files."""
+
+    status_code = 409
+    error = "Home in use"
+
+
 class SpeechJobNotFound(ModelhostError):
     status_code = 404
     error = "Speech job does not exist"

@@ -28,6 +28,8 @@ from modelhost.fetch import FetchEngine, RetryPolicy, UrlPolicy
 from modelhost.fetch.engine import set_thread_nice
 from modelhost.fetch.http import Authorizer
 from modelhost.fetch.policy import Target
+from modelhost.homelock import HomeLock
+from modelhost.homelock import acquire as acquire_home
 from modelhost.jobs import JobManager, JobRepository
 from modelhost.runtime.keepalive import IdleReaper, restore_later
 from modelhost.runtime.lifecycle import ModelLifecycle
@@ -217,35 +219,51 @@ def install_docs(app: FastAPI) -> None:
         )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The modelhost ASGI app. Settings default to the environment (``MODELHOST_*``)."""
+@asynccontextmanager
+async def _serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    """The services' life inside the lifespan: built and started, then stopped."""
+    services = build_services(settings)
+    app.state.services = services
+    await services.jobs.start()
+    await services.speech_jobs.start(openai_speech_jobs.job_synthesizer(services))
+    log.info("modelhost %s serving from %s", __version__, settings.home)
+    warm_up = asyncio.get_running_loop().call_later(WARM_UP_DELAY_S, warm_up_runtime, services.jobs)
+    reaper = IdleReaper(services.lifecycle)
+    reaper.start()
+    # Pinned and kept-for-ever models load again once the server answers (/health never
+    # waits for them; their loads import torch in a thread).
+    restore = asyncio.create_task(restore_later(services.lifecycle, WARM_UP_DELAY_S))
+    try:
+        yield
+    finally:
+        warm_up.cancel()
+        restore.cancel()
+        await asyncio.gather(restore, return_exceptions=True)
+        await reaper.stop()
+        await services.speech_jobs.stop()
+        await services.jobs.stop()
+        await asyncio.to_thread(services.runtime.unload_all)
+
+
+def create_app(settings: Settings | None = None, home_lock: HomeLock | None = None) -> FastAPI:
+    """The modelhost ASGI app. Settings default to the environment (``MODELHOST_*``).
+
+    The lifespan holds the home's lock (``homelock``) from startup to shutdown: ``home_lock``
+    when ``modelhost serve`` took it already, else it takes one (``HomeInUse`` fails the
+    startup while another server uses the home)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = build_services(settings)
-        app.state.services = services
-        await services.jobs.start()
-        await services.speech_jobs.start(openai_speech_jobs.job_synthesizer(services))
-        log.info("modelhost %s serving from %s", __version__, settings.home)
-        warm_up = asyncio.get_running_loop().call_later(
-            WARM_UP_DELAY_S, warm_up_runtime, services.jobs
-        )
-        reaper = IdleReaper(services.lifecycle)
-        reaper.start()
-        # Pinned and kept-for-ever models load again once the server answers (/health
-        # never waits for them; their loads import torch in a thread).
-        restore = asyncio.create_task(restore_later(services.lifecycle, WARM_UP_DELAY_S))
+        lock = home_lock
+        if lock is None or not lock.held:
+            address = f"http://{settings.host}:{settings.port}"
+            lock = await asyncio.to_thread(acquire_home, settings.home, address)
         try:
-            yield
+            async with _serving(app, settings):
+                yield
         finally:
-            warm_up.cancel()
-            restore.cancel()
-            await asyncio.gather(restore, return_exceptions=True)
-            await reaper.stop()
-            await services.speech_jobs.stop()
-            await services.jobs.stop()
-            await asyncio.to_thread(services.runtime.unload_all)
+            lock.release()  # the next server on this home may start
 
     app = FastAPI(
         title="modelhost",

@@ -7,8 +7,9 @@ from fastapi.responses import JSONResponse
 
 from modelhost.api.deps import Services, ServicesDep, parse_choice, require_api_key
 from modelhost.api.errors import error_responses
-from modelhost.jobs import JobState, JobView, SubmitResult
+from modelhost.jobs import JobState, JobView, SubmitResult, load_refusal
 from modelhost.sources import DownloadRequest
+from modelhost.store import Manifest
 from modelhost.units import MB
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["downloads"])
@@ -48,13 +49,26 @@ def status_body(view: JobView) -> dict:
     }
 
 
+def already_installed_message(manifest: Manifest, services: Services) -> str:
+    """What ``already_exists`` says: loaded (and where), or installed and not loaded, with
+    the command that loads it; never "ready to use" for a model that is not loaded."""
+    name = manifest.name
+    loaded = next((m for m in services.runtime.list() if m.name == name), None)
+    if loaded is not None and not services.lifecycle.is_closing(name):
+        return f"Model '{name}' already exists and is loaded on {loaded.device}"
+    refusal = load_refusal(manifest)
+    if refusal is not None:
+        return f"Model '{name}' is already installed ({refusal})"
+    return f"Model '{name}' is already installed (not loaded); load it with: modelhost load {name}"
+
+
 def _download_body(result: SubmitResult, request: DownloadRequest, services: Services) -> dict:
     if result.installed is not None:
         manifest = result.installed
         return {
             "success": True,
             "download_id": manifest.download_id,
-            "message": f"Model '{manifest.name}' already exists and is ready to use",
+            "message": already_installed_message(manifest, services),
             "model_name": manifest.name,
             "source": manifest.source,
             "model_id": manifest.model_id,
@@ -105,7 +119,7 @@ def _download_body(result: SubmitResult, request: DownloadRequest, services: Ser
     status_code=202,
     responses={
         200: {"description": "Already installed: nothing was transferred"},
-        **error_responses(400, 404, 409, 422, 501, 502, 507),
+        **error_responses(400, 404, 409, 422, 424, 501, 502, 507),
     },
 )
 async def download(request: DownloadRequest, services: ServicesDep) -> JSONResponse:

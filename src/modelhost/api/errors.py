@@ -42,7 +42,10 @@ ERROR_STATUSES = {
     "MODELHOST_CORS_ORIGINS, a URL outside MODELHOST_URL_ALLOW, or the upstream refused access",
     404: "No such model, download or upstream repository/file",
     409: "Conflicts with the current state (a running job, a model not loaded, a memory budget)",
-    422: "The request does not match the schema (types, lengths, patterns, unknown fields)",
+    422: "The request does not match the schema (types, lengths, patterns, unknown fields), "
+    "or (error 'Load failed') the installed model could not be loaded; the message says why",
+    424: "A Python module the request needs is not installed on the server; the message "
+    "names the pip install to run",
     501: "Part of the API but not built in this version",
     502: "The upstream host failed or could not be reached",
     503: "The server cannot take the request now",

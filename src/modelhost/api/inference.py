@@ -23,6 +23,7 @@ from modelhost.api.tts_refusal import not_tts
 from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
+from modelhost.runtime.device import check_requested_device
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
@@ -186,7 +187,7 @@ async def load_on_demand(services: Services, name: str) -> LoadedModel:
 @router.post(
     "/models/{model_name}/load",
     summary="Load an installed model onto a device",
-    responses=error_responses(400, 404, 409, 422),
+    responses=error_responses(400, 404, 409, 422, 424),
 )
 async def load_model(
     model_name: ModelNamePath, services: ServicesDep, body: LoadRequest | None = None
@@ -195,6 +196,7 @@ async def load_model(
     body = body or LoadRequest()
     batching = body.batch_settings()
     keep_alive_s = keep_alive_seconds(body.keep_alive)
+    await asyncio.to_thread(check_requested_device, body.device)  # imports torch once
     manifest = await asyncio.to_thread(services.store.require, model_name)
     loaded = await asyncio.to_thread(
         services.lifecycle.load,

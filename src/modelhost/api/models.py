@@ -180,6 +180,16 @@ async def model_info(model_name: ModelNamePath, services: ServicesDep) -> dict:
     return {"success": True, **data}
 
 
+def retry_how(force: bool, resumed_bytes: int) -> str:
+    """How a retry starts, as measured before its job ran: from scratch (forced), from the
+    bytes earlier attempts left, or from byte 0 when none of them can be resumed."""
+    if force:
+        return "from scratch: the partial files were discarded"
+    if resumed_bytes:
+        return f"resuming from {resumed_bytes} bytes already fetched"
+    return "starting over from byte 0: no partial bytes of it to resume"
+
+
 class ManageAction(str, Enum):
     optimize = "optimize"
     retry_download = "retry_download"
@@ -191,7 +201,7 @@ class ManageAction(str, Enum):
 @router.post(
     "/models/manage",
     summary="Retry a download, optimize, update, pin or unpin a model",
-    responses=error_responses(400, 404, 409, 422, 502, 507),
+    responses=error_responses(400, 404, 409, 422, 424, 502, 507),
 )
 async def manage_model(
     services: ServicesDep,
@@ -211,14 +221,15 @@ async def manage_model(
         result = await services.jobs.retry(model_name, force_redownload)
         job = result.job
         assert job is not None
-        how = "from scratch" if force_redownload else "resuming from the bytes already fetched"
         return {
             "success": True,
-            "message": f"Retrying download of '{model_name}', {how}",
+            "message": f"Retrying download of '{model_name}', "
+            + retry_how(force_redownload, result.resumed_bytes),
             "action": chosen.value,
             "model_name": model_name,
             "download_id": job.id,
             "status": job.state.value,
+            "resumed_bytes": result.resumed_bytes,
         }
     if chosen is ManageAction.update:
         result = await services.jobs.update(model_name)

@@ -847,6 +847,24 @@ class FetchEngine:
         done = done_bytes(part.with_suffix(".parts.json"))
         return length if done is None else min(done, length)
 
+    def resumable_bytes(self, spec: FileSpec) -> int:
+        """Bytes of ``spec`` the next attempt will not fetch again, as ``_attempt`` decides:
+        a part map's written bytes, or a single stream's offset when its state names the
+        same URL and a validator (without one a resume starts from 0). Blocking (stats)."""
+        part, meta = self.partial_paths(spec)
+        if self.parts_map_path(spec).exists():
+            return self._held_bytes(part)
+        try:
+            state = _PartialState(**json.loads(meta.read_text()))
+            offset = part.stat().st_size
+        except (OSError, ValueError, TypeError):
+            return 0
+        if state.url != spec.url or (state.total is not None and offset > state.total):
+            return 0
+        if (_strong_etag(state.etag) or state.last_modified) is None:
+            return 0
+        return offset
+
     def partial_bytes(self) -> int:
         """Bytes held in partial files (``*.part``) right now, measured."""
         return sum(self._held_bytes(part) for part in self.partial_dir.glob("*.part"))

@@ -45,6 +45,8 @@ from modelhost.jobs.db import JobRepository
 from modelhost.jobs.events import EventBus, EventKind, JobEvent
 from modelhost.jobs.models import Job, JobState, JobView, utcnow
 from modelhost.names import validate_name
+from modelhost.packages import require_modules
+from modelhost.runtime.device import check_requested_device
 from modelhost.sources import (
     DownloadRequest,
     HubSettings,
@@ -75,6 +77,47 @@ FINISHED_CACHE = 1000
 # How long stop() waits for cancelled jobs to record their state; a job still busy then
 # (a commit's fsync) stays "downloading" in the database and resumes on the next start.
 STOP_WAIT_S = 3.0
+# A cancelled download's partial files are kept this long for a retry (retry_download resumes
+# from them); then, unless a later download of the name took them over, they are removed.
+CANCELLED_PARTIALS_KEEP_S = 24 * 3600.0
+EXPIRY_SWEEP_S = 3600.0  # how often the kept partials of cancelled downloads are looked at
+
+
+# Sources that cannot even plan without an optional module (they read its metadata).
+SOURCE_MODULES: dict[str, tuple[str, ...]] = {
+    "torchvision": ("torchvision",),
+    "torchaudio": ("torchaudio",),
+}
+
+
+def check_modules(request: DownloadRequest) -> None:
+    """Refuse (``MissingDependency``, 424) a request whose source, or whose requested load,
+    needs an optional Python module this server lacks: known before any upstream request.
+    Blocking (searches sys.path without importing): call it in a worker thread."""
+    require_modules(SOURCE_MODULES.get(request.source, ()), f"The {request.source} source")
+    if request.load and (request.load_as or "").startswith("torchvision:"):
+        require_modules(("torchvision",), f"Loading a model as {request.load_as}")
+
+
+def load_refusal(manifest: Manifest) -> str | None:
+    """Why an installed model is not loadable at all, as a phrase ("download only: ...",
+    "not loaded: ..."); None when a load may be tried."""
+    if manifest.source == "url" and not manifest.spec.load_as:
+        return (
+            "not loaded: a bare weights file has no architecture to load it into "
+            '(a TorchScript file loads with "load_as": "torchscript")'
+        )
+    if not manifest.spec.loadable:
+        return "download only: " + "; ".join(manifest.spec.notes or ["no loader"])
+    return None
+
+
+def load_failed_message(name: str, reason: str) -> str:
+    """A job's message when the install committed but the requested load failed."""
+    return (
+        f"Model '{name}' installed, but loading failed: {reason}; "
+        f"retry with: modelhost load {name}"
+    )
 
 
 def request_key(request: DownloadRequest) -> str:
@@ -222,6 +265,9 @@ class SubmitResult:
     installed: Manifest | None
     plan: Plan | None
     shared: bool = False  # an identical request was already running
+    # Bytes of the plan's files that earlier attempts left and this job will not fetch again
+    # (measured before the job started; 0 for a forced download).
+    resumed_bytes: int = 0
 
     @property
     def already_exists(self) -> bool:
@@ -252,6 +298,8 @@ class _Active:
     # While DOWNLOADING: downloading, verifying (every byte is in, digests being checked),
     # converting, committing. Other states are their own phase.
     phase: str = "downloading"
+    # Whether a cancel keeps the partial files for a retry (a delete's cancel does not).
+    keep_partials: bool = True
 
 
 class JobManager:
@@ -275,7 +323,10 @@ class JobManager:
         pickle_policy: PicklePolicy = "convert",
         convert_limits: ConvertLimits | None = None,
         import_roots: tuple[Path, ...] = (),
+        cancelled_partials_keep_s: float = CANCELLED_PARTIALS_KEEP_S,
     ) -> None:
+        self.cancelled_partials_keep_s = cancelled_partials_keep_s
+        self._expired: set[str] = set()  # cancelled jobs whose kept partials were removed
         self.torch_hub_allow = torch_hub_allow
         self.pickle_policy = pickle_policy
         self.convert_limits = convert_limits or ConvertLimits()
@@ -313,6 +364,7 @@ class JobManager:
         self._finished: OrderedDict[str, Job] = OrderedDict()
         self._throughputs: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_HISTORY)
         self._flusher: asyncio.Task | None = None
+        self._expirer: asyncio.Task | None = None
         self._progress_publisher: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Live progress for the event streams; jobs being planned (during their POST) show
@@ -361,6 +413,7 @@ class JobManager:
             await self._save(job)
             self._enqueue(job, plan_from_dict(job.plan))
         self._flusher = asyncio.create_task(self._flush_progress_forever())
+        self._expirer = asyncio.create_task(self._expire_cancelled_partials_forever())
         self._progress_publisher = asyncio.create_task(self._publish_progress_forever())
         self._maybe_start()
 
@@ -370,7 +423,7 @@ class JobManager:
         Bounded: in-flight requests are aborted (their sockets shut), and jobs get
         ``STOP_WAIT_S`` to record their state."""
         self._stopping = True
-        for task in (self._flusher, self._progress_publisher):
+        for task in (self._flusher, self._progress_publisher, self._expirer):
             if task:
                 task.cancel()
         with self._plan_cancels_lock:
@@ -403,6 +456,9 @@ class JobManager:
         """
         source = get_source(request.source)
         validate_name(request.name)
+        # Before any upstream request: a device this server lacks would only fail the load
+        # at the end (the check imports torch once, so it runs in a thread).
+        await asyncio.to_thread(check_requested_device, request.device)
         if request.speak_with is not None:
             await asyncio.to_thread(self._check_speak_with, request)
         self.download_requests += 1
@@ -414,6 +470,9 @@ class JobManager:
             self.cache_hits += 1
             await asyncio.to_thread(self.store.touch, request.name)
             return SubmitResult(job=None, installed=installed, plan=None)
+        # Before planning (the first upstream request): a module the source or the requested
+        # load needs and this server lacks.
+        await asyncio.to_thread(check_modules, request)
         for active in self._active.values():
             if active.job.key == key:
                 return SubmitResult(job=active.job, installed=None, plan=active.plan, shared=True)
@@ -478,8 +537,15 @@ class JobManager:
         check_file_paths([spec.path for spec in plan.files])
         self._check_fits(plan)
         await self._check_disk_or_record(planning, plan)
+        # Measured before the job starts writing: what the job will resume from.
+        resumed = 0 if planning.force else await asyncio.to_thread(self.resumable_bytes, plan)
         job = await self._create_job(planning, plan)
-        return SubmitResult(job=job, installed=None, plan=plan)
+        return SubmitResult(job=job, installed=None, plan=plan, resumed_bytes=resumed)
+
+    def resumable_bytes(self, plan: Plan) -> int:
+        """Bytes of ``plan``'s files that partial files hold and a fetch will resume from
+        (``FetchEngine.resumable_bytes``). Blocking: stats files."""
+        return sum(self.engine.resumable_bytes(spec) for spec in plan.files)
 
     def _begin_planning(self, request: DownloadRequest, key: str, force: bool) -> Job:
         """The job ``request`` becomes once planned, shown meanwhile as pending/planning."""
@@ -762,7 +828,7 @@ class JobManager:
             await asyncio.to_thread(self._discard_partials, active.plan)  # their .json state
             remove_tree(self.engine.partial_dir / f"extract-{job.id}")
             evicted = await self._enforce_cache_limit(job.name)
-            load_note = await self._load_installed(active, manifest)
+            load_note, load_failure = await self._load_installed(active, manifest)
             transferred = sum(f.bytes_transferred for f in fetched)
             self.bytes_transferred += transferred
             message = "Download completed successfully"
@@ -794,6 +860,12 @@ class JobManager:
                 finished_at=utcnow(),
             )
             self._record_throughput(job)
+            if load_failure is not None:  # installed and committed; the load asked for failed
+                job = job.evolve(
+                    state=JobState.FAILED,
+                    message=load_failed_message(job.name, load_failure.message),
+                    error=load_failure.error,
+                )
         except Cancelled as exc:
             if self._stopping:
                 job = active.job.evolve(
@@ -801,10 +873,10 @@ class JobManager:
                     message="Interrupted by shutdown; resumes on the next start",
                 )
             else:
-                await asyncio.to_thread(self._discard_partials, active.plan)
                 job = active.job.evolve(
                     state=JobState.CANCELLED,
-                    message=f"Download cancelled: {exc.message}",
+                    message=f"Download cancelled: {exc.message}"
+                    + await self._after_cancel(active),
                     finished_at=utcnow(),
                 )
         except ModelhostError as exc:
@@ -839,19 +911,33 @@ class JobManager:
         self._publish_ended(job, active.progress)
         self._maybe_start()
 
-    async def _load_installed(self, active: _Active, manifest: Manifest) -> str:
-        """Load a just-installed model when the request asks (the default); returns what to
-        add to the job's message. A model that cannot be loaded stays installed."""
+    async def _after_cancel(self, active: _Active) -> str:
+        """Keep a cancelled job's partial files for a retry (or discard them, for a delete's
+        cancel); returns what the job's message adds about them."""
+        if not active.keep_partials:
+            await asyncio.to_thread(self._discard_partials, active.plan)
+            return ""
+        kept = await asyncio.to_thread(self.resumable_bytes, active.plan)
+        if not kept:
+            return ""
+        hours = self.cancelled_partials_keep_s / 3600
+        return (
+            f"; {kept} bytes already fetched are kept for {hours:g} hours: retry_download "
+            f"resumes from them, DELETE /models/download/{active.job.name} removes them"
+        )
+
+    async def _load_installed(
+        self, active: _Active, manifest: Manifest
+    ) -> tuple[str, ModelhostError | None]:
+        """Load a just-installed model when the request asks (the default). Returns what to
+        add to the job's message, and the error when the load failed (the job then fails;
+        the model stays installed)."""
         request = active.job.request
         if self.lifecycle is None or not request.get("load", True):
-            return ""
-        if manifest.source == "url" and not manifest.spec.load_as:
-            return (
-                "; not loaded: a bare weights file has no architecture to load it into "
-                '(a TorchScript file loads with "load_as": "torchscript")'
-            )
-        if not manifest.spec.loadable:
-            return "; download only: " + "; ".join(manifest.spec.notes or ["no loader"])
+            return "", None
+        refusal = load_refusal(manifest)
+        if refusal is not None:  # nothing to load: the install is the whole job
+            return f"; {refusal}", None
         active.job = active.job.evolve(state=JobState.LOADING, message="Loading")
         self._publish_active(active)
         await self._save(active.job)
@@ -863,16 +949,13 @@ class JobManager:
                 request.get("pin", False),
                 request.get("allow_pickle", False),
             )
-        except ModelhostError as exc:
+        except ModelhostError as exc:  # every load failure is typed (lifecycle.load)
             if self.lifecycle.is_closing(manifest.name):  # deleted while loading
                 raise Cancelled("the model was deleted while it was loading") from exc
-            return f"; stored, but could not be loaded: {exc.message}"
-        except Exception as exc:  # a loader bug must not lose the installed model
-            log.exception("loading %s failed", manifest.name)
-            return f"; stored, but could not be loaded: {exc!r}"
+            return "", exc
         if self.lifecycle.is_closing(manifest.name):  # a delete came once the load had ended
             raise Cancelled("the model was deleted while it was loading")
-        return f"; loaded on {loaded.device}"
+        return f"; loaded on {loaded.device}", None
 
     def _fetch_all(self, active: _Active) -> tuple[list[FetchedFile], list[CommitFile]]:
         """Fetch the plan's files in parallel (worker thread). Files whose blob the store
@@ -988,6 +1071,32 @@ class JobManager:
             log.debug("job %s ended as %s: late %s write dropped", job.id, ended.state, job.state)
             return
         await asyncio.to_thread(self.repository.save, job)
+
+    async def _expire_cancelled_partials_forever(self) -> None:
+        """Now and every ``EXPIRY_SWEEP_S``: remove kept partials that have expired."""
+        while True:
+            try:
+                await self.expire_cancelled_partials()
+            except Exception:  # the next sweep tries again
+                log.exception("could not expire the partial files of cancelled downloads")
+            await asyncio.sleep(EXPIRY_SWEEP_S)
+
+    async def expire_cancelled_partials(self) -> int:
+        """Remove the partial files of downloads cancelled more than
+        ``cancelled_partials_keep_s`` ago, unless a later download of the same name (which
+        owns them now) exists. Returns the bytes removed."""
+        cutoff = utcnow().timestamp() - self.cancelled_partials_keep_s
+        cancelled = await asyncio.to_thread(self.repository.list, [JobState.CANCELLED])
+        removed = 0
+        for job in cancelled:
+            ended = job.finished_at.timestamp() if job.finished_at else None
+            if job.id in self._expired or ended is None or ended > cutoff:
+                continue
+            latest = await asyncio.to_thread(self.repository.list, None, job.name, 1)
+            if latest and latest[0].id == job.id:
+                removed += await asyncio.to_thread(self._discard_partials_of, [job])
+            self._expired.add(job.id)
+        return removed
 
     async def _flush_progress_forever(self) -> None:
         """Persist running jobs' byte counts now and then (status survives a restart)."""
@@ -1148,8 +1257,10 @@ class JobManager:
 
     # --- changing --------------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> Job:
-        """Cancel a pending or running job; returns it in its final state."""
+    async def cancel(self, job_id: str, keep_partials: bool = True) -> Job:
+        """Cancel a pending or running job; returns it in its final state. Its partial
+        files stay for a retry (``cancelled_partials_keep_s``) unless ``keep_partials`` is
+        false."""
         active = self._active.get(job_id)
         if active is None:
             job = await asyncio.to_thread(self.repository.get, job_id)
@@ -1171,6 +1282,7 @@ class JobManager:
             self._remember_finished(job)
             self._publish_ended(job, active.progress)
             return job
+        active.keep_partials = keep_partials
         active.cancel.cancel("cancelled by request")
         await asyncio.shield(active.task)
         return active.job
@@ -1193,7 +1305,7 @@ class JobManager:
         if installed is not None and not force:
             raise Conflict(
                 f"Model '{name}' is installed and complete; use force_redownload=true "
-                "to download it again",
+                f"to download it again (to load it: modelhost load {name})",
                 error="Nothing to retry",
             )
         if not jobs:
@@ -1254,7 +1366,7 @@ class JobManager:
         cancelled = None
         for active in list(self._active.values()):
             if active.job.name == name:
-                cancelled = await self.cancel(active.job.id)
+                cancelled = await self.cancel(active.job.id, keep_partials=False)
         unloaded = None
         if self.lifecycle is not None:
             unloaded = await asyncio.to_thread(self.lifecycle.retire, name)

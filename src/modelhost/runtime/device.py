@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import TYPE_CHECKING
 
 from modelhost.runtime.errors import InvalidDevice
@@ -10,6 +12,46 @@ if TYPE_CHECKING:  # torch is imported by the functions: the server starts witho
     import torch
 
 DEVICE_SETTINGS = "auto, cpu, cuda, cuda:N, mps"
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@functools.cache
+def cuda_status() -> tuple[bool, str]:
+    """Whether this process can use CUDA, and why not when it cannot. Cached: the answer
+    holds for the process's life. The first call imports torch (seconds): call it in a
+    worker thread, never on the event loop."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True, ""
+    if torch.version.cuda is None:
+        return False, f"this torch ({torch.__version__}) is built without CUDA"
+    return False, (
+        f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) finds no usable "
+        "NVIDIA GPU or driver"
+    )
+
+
+def cuda_unavailable(setting: str) -> InvalidDevice:
+    """The refusal of a CUDA device on a machine where CUDA is not available."""
+    _, why = cuda_status()
+    return InvalidDevice(
+        f"CUDA is not available on this server: {why}; use device cpu or auto "
+        f"(device {setting!r} was asked for; available: {available()})"
+    )
+
+
+def check_requested_device(setting: str | None) -> None:
+    """Refuse (``InvalidDevice``, 400) a request's device that is malformed, or that names
+    CUDA where this process has none, before any work is done for the request. Blocking
+    for a CUDA device (imports torch once): call it in a worker thread."""
+    if setting is None:
+        return
+    value = setting.strip().lower() or "auto"  # as resolve_device reads an empty setting
+    if not _DEVICE.fullmatch(value):
+        raise InvalidDevice(f"invalid device {setting!r}: use one of {DEVICE_SETTINGS}")
+    if value.startswith("cuda") and not cuda_status()[0]:
+        raise cuda_unavailable(setting)
 
 
 def mps_available() -> bool:
@@ -30,7 +72,7 @@ def resolve_device(setting: str) -> torch.device:
 
     value = (setting or "auto").strip().lower()
     if value == "auto":
-        if torch.cuda.is_available():
+        if cuda_status()[0]:
             return torch.device("cuda", 0)
         if mps_available():
             return torch.device("mps")
@@ -46,11 +88,8 @@ def resolve_device(setting: str) -> torch.device:
         if not index_text.isdigit():
             raise InvalidDevice(f"invalid device {setting!r}: use one of {DEVICE_SETTINGS}")
         index = int(index_text)
-        if not torch.cuda.is_available():
-            raise InvalidDevice(
-                f"device {setting!r} is not available: this torch sees no CUDA GPU "
-                f"(available: {available()})"
-            )
+        if not cuda_status()[0]:
+            raise cuda_unavailable(setting)
         count = torch.cuda.device_count()
         if index >= count:
             raise InvalidDevice(
@@ -66,7 +105,7 @@ def available() -> str:
     import torch
 
     names = ["cpu"]
-    if torch.cuda.is_available():
+    if cuda_status()[0]:
         names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if mps_available():
         names.append("mps")

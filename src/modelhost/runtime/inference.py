@@ -776,9 +776,14 @@ def _transcribe(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict
         samples, sampling_rate=rate, return_tensors="pt"
     ).input_features
     features = features.to(_device(model), _float_dtype(model))
-    limit = int(getattr(model.config, "max_target_positions", 448))
+    from modelhost.runtime.families.whisper import decoder_room
+
     kwargs: dict[str, Any] = {}
-    max_new = _int_param(params, "max_new_tokens", None, 1, max(1, limit - 4))
+    room = max(1, decoder_room(model.config))
+    max_new = _int_param(params, "max_new_tokens", None, 1, room)
+    if max_new is None:  # the checkpoint's own default, capped to the decoder's room
+        own = getattr(model.generation_config, "max_new_tokens", None)
+        max_new = None if own is None else min(int(own), room)
     if max_new is not None:
         kwargs["max_new_tokens"] = max_new
     for key in ("language", "task"):

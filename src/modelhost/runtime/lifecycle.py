@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelhost.errors import ModelNotFound
+from modelhost.errors import LoadFailed, ModelhostError, ModelNotFound
+from modelhost.packages import missing_dependency, module_of
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.units import NEVER
 
@@ -48,6 +49,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOAD_WAIT_S = 600.0  # how long a delete waits for a load of the model that is under way
+
+
+def load_error(name: str, exc: Exception) -> ModelhostError:
+    """The typed error of a load that raised something untyped: a missing Python module
+    (424, naming the pip package) or ``LoadFailed`` (422, saying what the loader raised)."""
+    if isinstance(exc, ImportError):
+        module = module_of(exc)
+        if module is not None:
+            return missing_dependency(module, f"Loading model '{name}'")
+    text = " ".join(str(exc).split())[:500] or type(exc).__name__
+    return LoadFailed(f"Loading model '{name}' failed: {type(exc).__name__}: {text}")
 
 
 @dataclass
@@ -136,13 +148,7 @@ class ModelLifecycle:
                 raise ModelNotFound(f"Model '{name}' is being deleted", error="Model being deleted")
             entry.loads += 1
         try:
-            loaded = self.registry.load(
-                manifest,
-                self.store.model_path(name),
-                device,
-                pin or manifest.pinned,
-                allow_pickle,
-            )
+            loaded = self._load_typed(manifest, device, pin or manifest.pinned, allow_pickle)
             if entry.closing is not None:
                 self._unload_quietly(name)
                 raise ModelNotFound(
@@ -217,6 +223,20 @@ class ModelLifecycle:
             self.store.set_load_state(loaded.name, loaded.keep_alive_s < 0, loaded.device)
         except OSError:
             log.warning("could not record how %s is loaded", loaded.name, exc_info=True)
+
+    def _load_typed(
+        self, manifest: Manifest, device: str | None, pin: bool, allow_pickle: bool
+    ) -> LoadedModel:
+        """``registry.load``, every failure a ``ModelhostError`` (never a bare 500)."""
+        try:
+            return self.registry.load(
+                manifest, self.store.model_path(manifest.name), device, pin, allow_pickle
+            )
+        except ModelhostError:
+            raise
+        except Exception as exc:
+            log.warning("loading %s failed", manifest.name, exc_info=exc)
+            raise load_error(manifest.name, exc) from exc
 
     def unload(self, name: str) -> UnloadReport:
         """Unload ``name``: new requests are refused, those in flight finish (bounded). It

@@ -2,7 +2,9 @@
 segments with their times.
 
 Generation follows the transformers ASR pipeline (which follows OpenAI's whisper): beam
-search of 5 and at most 256 new tokens unless the model's generation config says otherwise;
+search of 5 and at most 256 new tokens unless the model's generation config says otherwise,
+never more than the decoder has room for (``max_target_positions`` less the start tokens and
+the prompt: small checkpoints have 64);
 a ``temperature`` above 0 samples instead. Segments come from Whisper's timestamp tokens
 (``return_timestamps``) when the model's vocabulary has them; a model without them (the
 tiny test model) gets one segment spanning the whole clip.
@@ -19,6 +21,7 @@ import torch
 
 from modelhost.runtime.errors import InvalidInput
 from modelhost.runtime.families import Family
+from modelhost.runtime.families.whisper import decoder_room
 from modelhost.runtime.inference import _device, _float_dtype, _using
 from modelhost.runtime.loaded import LoadedModel
 
@@ -109,17 +112,35 @@ def _generation_kwargs(
         kwargs.update(do_sample=True, temperature=options.temperature, num_beams=1)
     elif "num_beams" not in own:
         kwargs["num_beams"] = PIPELINE_DEFAULTS["num_beams"]
-    if "max_new_tokens" not in own and "max_length" not in own:
-        kwargs["max_new_tokens"] = PIPELINE_DEFAULTS["max_new_tokens"]
     if options.language is not None:
         kwargs["language"] = options.language
+    prompt_tokens = 0
     if options.prompt:
         kwargs["prompt_ids"] = processor.get_prompt_ids(options.prompt, return_tensors="pt").to(
             _device(model)
         )
+        prompt_tokens = int(kwargs["prompt_ids"].shape[-1])
+    wanted = own.get("max_new_tokens")
+    if wanted is None and "max_length" not in own:  # (generate caps max_length itself)
+        wanted = PIPELINE_DEFAULTS["max_new_tokens"]
+    if wanted is not None:
+        kwargs["max_new_tokens"] = _capped_new_tokens(model, int(wanted), prompt_tokens)
     if ts:
         kwargs["return_timestamps"] = True
     return kwargs
+
+
+def _capped_new_tokens(model: Any, wanted: int, prompt_tokens: int) -> int:
+    """``wanted`` new tokens, at most what the decoder has room for after its start tokens
+    and the prompt (generate refuses more than ``max_target_positions`` in all)."""
+    room = decoder_room(model.config, prompt_tokens)
+    if room < 1:
+        raise InvalidInput(
+            f"the prompt is {prompt_tokens} tokens; this model's decoder holds "
+            f"{model.config.max_target_positions} tokens in all: shorten the prompt",
+            param="prompt",
+        )
+    return min(wanted, room)
 
 
 def _detect_language(model: Any, processor: Any, features: torch.Tensor) -> str:

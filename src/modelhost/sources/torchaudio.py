@@ -15,6 +15,7 @@ from typing import Any
 
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.fetch import FileSpec
+from modelhost.packages import missing_dependency
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
 from modelhost.spec import ModelSpec
 
@@ -59,10 +60,13 @@ def resolve_bundle(model_id: str) -> Any:
     """The ``Tacotron2TTSBundle`` that ``model_id`` names, or a 4xx saying what exists."""
     try:
         from torchaudio import pipelines
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        raise missing_dependency(exc.name or "torchaudio", "The torchaudio source") from exc
+    except ImportError as exc:  # installed, but broken (e.g. built for another torch)
         raise InvalidRequest(
-            f"The torchaudio source needs torchaudio, which is not installed: {AUDIO_EXTRA}",
-            error="torchaudio not installed",
+            f"The torchaudio source needs torchaudio, which fails to import ({exc}): "
+            f"{AUDIO_EXTRA}",
+            error="torchaudio broken",
         ) from exc
     if not MODEL_ID.fullmatch(model_id):
         raise InvalidRequest(

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.fetch import FileSpec
+from modelhost.packages import missing_dependency
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext, decide_pickles
 from modelhost.spec import ModelSpec
 
@@ -25,10 +26,12 @@ def resolve_weights(model_id: str):  # -> torchvision WeightsEnum member
     """The weights enum member ``model_id`` names, or a 4xx saying what exists."""
     try:
         import torchvision
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        raise missing_dependency(exc.name or "torchvision", "The torchvision source") from exc
+    except ImportError as exc:  # installed, but broken (e.g. built for another torch)
         raise InvalidRequest(
-            "The torchvision source needs torchvision: pip install 'modelhost[vision]'",
-            error="torchvision not installed",
+            f"The torchvision source needs torchvision, which fails to import: {exc}",
+            error="torchvision broken",
         ) from exc
     match = MODEL_ID.fullmatch(model_id)
     if not match:

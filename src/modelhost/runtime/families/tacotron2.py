@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelhost.packages import missing_dependency
 from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
@@ -50,8 +51,8 @@ def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     try:
         from torchaudio import pipelines
     except ImportError as exc:
-        raise UnsupportedModel(
-            "torchaudio is not installed: pip install 'modelhost[audio]'"
+        raise missing_dependency(
+            "torchaudio", f"Loading {path.name} (a torchaudio bundle)"
         ) from exc
     name = str(info.model_type)
     bundle = getattr(pipelines, name, None)

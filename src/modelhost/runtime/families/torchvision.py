@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelhost.packages import missing_dependency
 from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
@@ -46,8 +47,8 @@ def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:
     try:
         import torchvision
     except ImportError as exc:
-        raise UnsupportedModel(
-            "torchvision is not installed: pip install 'modelhost[vision]'"
+        raise missing_dependency(
+            "torchvision", f"Loading {path.name} (a torchvision model)"
         ) from exc
     name = str(info.model_type)
     if name not in torchvision.models.list_models():
