@@ -329,7 +329,8 @@ def run_modelhost(setup: Setup, round_no: int) -> Run:
         with httpx.Client(base_url=base, timeout=120) as client:
             setup.hub.reset_log()
             settle(setup.settle_s)
-            body = {"source": "huggingface", "model_id": REPO, "name": MODEL_NAME}
+            # The shards are random bytes, not weights: the download is what is measured.
+            body = {"source": "huggingface", "model_id": REPO, "name": MODEL_NAME, "load": False}
             start = time.perf_counter()
             response = client.post("/models/download", json=body)
             posted = time.perf_counter() - start

@@ -167,6 +167,17 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 60) -> 
     raise AssertionError(f"the README's server block did not answer at {url}")
 
 
+def _check_announced(serve: Block, log: Path, timeout_s: float = 10) -> None:
+    """The server block prints what its ``text output`` block says, once it listens."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = output_matches(serve.expected, log.read_text())
+        if missing is None:
+            return
+        assert time.monotonic() < deadline, f"the server never printed {missing!r}"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 @pytest.mark.early
 def test_readme_runs_on_a_plain_install(plain_install: Path, hub: HubServer, tmp_path) -> None:
@@ -200,6 +211,7 @@ def test_readme_runs_on_a_plain_install(plain_install: Path, hub: HubServer, tmp
     )
     try:
         _wait_healthy(URL, server)
+        _check_announced(serve, tmp_path / "server.log")
         for block in blocks:
             if block.role != "example":
                 continue

@@ -38,7 +38,8 @@ def next_steps(url: str) -> list[str]:
     (and how clients find a server that is not at their default address)."""
     lines = [
         f"Dashboard: {url}/",
-        'Next: modelhost run mms_tts_eng "Hello there"  ·  modelhost pull huggingface:ORG/MODEL',
+        'Next: modelhost run mms_tts_eng "Hello there"   (pulls, loads and speaks a model)',
+        "      modelhost catalog, then modelhost pull NAME   (or a Hub id such as org/model)",
     ]
     if url != CLIENT_DEFAULT_URL:
         lines.append(f"Clients: export MODELHOST_URL={url}")

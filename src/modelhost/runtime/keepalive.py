@@ -63,7 +63,8 @@ class IdleReaper:
         while True:
             self._wake.clear()  # before looking: a wake-up during the look is not lost
             await self._reap()
-            with contextlib.suppress(TimeoutError):
+            # asyncio.TimeoutError: the builtin one only from Python 3.11 on.
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._delay())
 
     async def _reap(self) -> None:
