@@ -73,6 +73,9 @@ class _Name:
     current: LoadedModel | None = None  # the resident model of the last load
     device: str | None = None  # where the last load put it (an on-demand reload goes there)
     shared: Future[LoadedModel] | None = None  # the load_shared in progress
+    # A load or unload was asked since the server started: the start-up restore leaves the
+    # model as that request left it (a pinned model unloaded by hand stays unloaded).
+    asked: bool = False
 
 
 class ModelLifecycle:
@@ -144,6 +147,7 @@ class ModelLifecycle:
         name = manifest.name
         entry = self._entry(name)
         with entry.changed:
+            entry.asked = True
             if entry.closing is not None:
                 raise ModelNotFound(f"Model '{name}' is being deleted", error="Model being deleted")
             entry.loads += 1
@@ -241,6 +245,9 @@ class ModelLifecycle:
     def unload(self, name: str) -> UnloadReport:
         """Unload ``name``: new requests are refused, those in flight finish (bounded). It
         is no longer loaded again at start (unless pinned)."""
+        entry = self._entry(name)
+        with entry.changed:
+            entry.asked = True
         report = self.registry.unload(name)
         try:
             self.store.set_load_state(name, False, None)
@@ -279,6 +286,7 @@ class ModelLifecycle:
             if (
                 not wanted
                 or self.is_closing(manifest.name)
+                or self._entry(manifest.name).asked
                 or self.registry.is_loaded(manifest.name)
             ):
                 continue
