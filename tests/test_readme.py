@@ -125,7 +125,7 @@ def _run(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def plain_install(tmp_path_factory) -> Path:
+def plain_install(tmp_path_factory) -> Iterator[Path]:
     """A new venv where the Quick start's install block ran as written: its path."""
     root = tmp_path_factory.mktemp("plain-install")
     tree = _copy_tree(root / "modelhost")
@@ -134,7 +134,8 @@ def plain_install(tmp_path_factory) -> Path:
     install = next(b for b in readme_blocks() if b.runnable and b.role == "install")
     done = _run(install, tree, _user_env(venv, root))
     assert done.returncode == 0, f"{install.label(README)}\n{done.stdout[-3000:]}{done.stderr}"
-    return venv
+    yield venv
+    shutil.rmtree(root, ignore_errors=True)  # about 6 GB with torch: not left in /tmp
 
 
 @pytest.fixture(scope="module")
