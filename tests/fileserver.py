@@ -42,7 +42,8 @@ armed from the start and counts its own uses:
   ``times``. So ``[Status(503), DropAfter(10)]`` answers 503, then drops, then serves normally.
   An outcome fault with ``at=N`` applies only to GETs whose ``Range`` starts at byte N (one
   part of a multi-connection download); other GETs pass it by without using it.
-* The *modifiers* ``Corrupt``, ``IgnoreRange``, ``IgnoreIfRange`` and ``Rate`` apply together
+* The *modifiers* ``Corrupt``, ``IgnoreRange``, ``IgnoreIfRange``, ``NoValidators`` and ``Rate``
+  apply together
   to every GET that serves content (a GET answered by ``Status`` neither sees nor uses them);
   ``times=k`` means the next k such GETs, ``None`` forever.
 * ``ChangeAfterFirst`` fires on the first GET (whatever its outcome): that response is served
@@ -93,6 +94,7 @@ __all__ = [
     "FileServer",
     "IgnoreIfRange",
     "IgnoreRange",
+    "NoValidators",
     "Rate",
     "RequestRecord",
     "Stall",
@@ -166,6 +168,14 @@ class IgnoreIfRange:
 
 
 @dataclass
+class NoValidators:
+    """Send neither ``ETag`` nor ``Last-Modified`` (a server that offers nothing to resume
+    with); an ``If-Range`` then never matches, so a ranged GET gets the whole body."""
+
+    times: int | None = None
+
+
+@dataclass
 class ChangeAfterFirst:
     """After the first GET the resource becomes ``new_data`` (new ETag, later
     Last-Modified). ``etag`` overrides the new default ETag."""
@@ -183,7 +193,17 @@ class Rate:
     times: int | None = None
 
 
-Fault = Status | DropAfter | Stall | Corrupt | IgnoreRange | IgnoreIfRange | ChangeAfterFirst | Rate
+Fault = (
+    Status
+    | DropAfter
+    | Stall
+    | Corrupt
+    | IgnoreRange
+    | IgnoreIfRange
+    | NoValidators
+    | ChangeAfterFirst
+    | Rate
+)
 
 _OUTCOME = (Status, DropAfter, Stall)
 
@@ -342,6 +362,7 @@ class _Plan:
     corrupt: bool = False
     ignore_range: bool = False
     ignore_if_range: bool = False
+    no_validators: bool = False
     rate: int | None = None
     names: tuple[str, ...] = ()
 
@@ -566,6 +587,8 @@ class _Handler(BaseHTTPRequestHandler):
             "Last-Modified": version.last_modified,
             **(extra or {}),
         }
+        if plan.no_validators:
+            del headers["ETag"], headers["Last-Modified"]
         wanted = None
         if not head and not plan.ignore_range:
             wanted = _parse_range(range_header, size)
@@ -574,7 +597,7 @@ class _Handler(BaseHTTPRequestHandler):
                 wanted is not None
                 and if_range is not None
                 and not plan.ignore_if_range
-                and not _if_range_matches(if_range, version)
+                and (plan.no_validators or not _if_range_matches(if_range, version))
             ):
                 wanted = None
         if wanted == "unsatisfiable":
@@ -881,6 +904,8 @@ class FileServer:
                         plan.ignore_range = True
                     elif isinstance(f, IgnoreIfRange):
                         plan.ignore_if_range = True
+                    elif isinstance(f, NoValidators):
+                        plan.no_validators = True
                     elif isinstance(f, Rate):
                         plan.rate = f.bytes_per_s
                     else:

@@ -18,6 +18,7 @@ from fileserver import (
     FileServer,
     IgnoreIfRange,
     IgnoreRange,
+    NoValidators,
     Rate,
     Stall,
     Status,
@@ -150,6 +151,22 @@ def test_changed_etag_on_non_compliant_server_never_splices(tmp_path, fileserver
     statuses = [(r.status, r.range_start) for r in gets(fileserver, "/w")]
     # 206 with a different ETag is refused, then the file restarts from zero.
     assert statuses == [(200, None), (206, 800_000), (200, None)]
+
+
+def test_restart_without_validator_truncates_a_longer_partial(tmp_path, fileserver, payload):
+    """Nothing to resume with (no ETag, no Last-Modified): the second attempt starts from
+    byte 0, and the file upstream shrank meanwhile. The committed bytes must be the short
+    file's, without the first attempt's tail past its end."""
+    short = os.urandom(SIZE // 4)
+    fileserver.add(
+        "/w", payload, faults=[NoValidators(), DropAfter(SIZE // 2), ChangeAfterFirst(short)]
+    )
+    fetched = make_engine(tmp_path, fileserver).fetch(FileSpec(fileserver.url("/w"), "w"))
+    assert [r.status for r in gets(fileserver, "/w")] == [200, 200]
+    assert "Range" not in gets(fileserver, "/w")[1].headers  # nothing to resume with
+    assert fetched.size == len(short)
+    assert fetched.sha256 == sha(short)
+    assert fetched.local_path.read_bytes() == short
 
 
 def test_server_ignoring_range_restarts_from_zero(tmp_path, fileserver, payload):

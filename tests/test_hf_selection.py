@@ -11,7 +11,7 @@ from modelhost.errors import InvalidRequest
 from modelhost.fetch import FileSpec
 from modelhost.jobs.manager import describe_changes
 from modelhost.sources import Plan
-from modelhost.sources.huggingface import check_repo_id, select_files
+from modelhost.sources.huggingface import check_repo_id, select_files, to_convert
 from modelhost.store import Manifest, ManifestFile
 
 REPO = [
@@ -85,6 +85,21 @@ def test_patterns_override_the_defaults():
         "model.safetensors",
     ]
     assert paths(select_files(repo, ["onnx/*"], None, allow_pickle=False)) == ["onnx/model.onnx"]
+
+
+def test_pickles_selected_beside_safetensors_are_never_converted_onto_them():
+    """Converting pytorch_model.bin would write a second model.safetensors: by default the
+    pickle is left out; opted in (allow_pickle) it is kept as it is, not converted."""
+    repo = files(["config.json", "model.safetensors", "pytorch_model.bin", "vocoder/x.pt"])
+    patterns = ["*.json", "*.safetensors", "*.bin"]
+    assert paths(select_files(repo, patterns, None, allow_pickle=False)) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    kept = select_files(repo, patterns, None, allow_pickle=True)
+    assert paths(kept) == ["config.json", "model.safetensors", "pytorch_model.bin"]
+    specs = [FileSpec(f"http://h/{f.path}", f.path) for f in repo]
+    assert to_convert(specs, "convert", allow_pickle=True) == ["vocoder/x.pt"]
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b/c", "", "a/..", "/abs", "a b"])

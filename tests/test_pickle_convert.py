@@ -451,3 +451,38 @@ def test_status_shows_the_converting_phase(make_server, fileserver, monkeypatch)
     done = server.wait_for(download_id, timeout=120)
     assert done["status"] == "completed" and done["phase"] == "completed"
     assert "w.pth -> w.safetensors" in done["message"]
+
+
+def test_patterns_selecting_pickle_and_safetensors_install_the_safetensors(
+    modelhost, hub, tiny_models
+):
+    """allow_patterns that match both pytorch_model.bin and model.safetensors: converting the
+    pickle would make a second model.safetensors ("Duplicate file path" after both
+    downloads). The safetensors are the same model's weights, so the pickle is left out."""
+    bert = tiny_models["bert"]
+    files = {p.name: p.read_bytes() for p in bert.iterdir() if p.is_file()}
+    from safetensors.torch import load_file
+
+    state = load_file(str(bert / "model.safetensors"))
+    files["pytorch_model.bin"] = saved(state)
+    hub.add_repo("both-org/tiny-bert", files)
+    server = modelhost()
+    answer = server.client.post(
+        "/models/download",
+        json={
+            "source": "huggingface",
+            "model_id": "both-org/tiny-bert",
+            "name": "both",
+            "allow_patterns": ["*.json", "*.txt", "*.safetensors", "*.bin"],
+            "load": False,
+        },
+    )
+    assert answer.status_code == 202, answer.text
+    status = server.wait_for(answer.json()["download_id"], timeout=120)
+    assert status["status"] == "completed", status
+    info = server.client.get("/models/download/both/info").json()
+    paths = {f["path"] for f in info["files"]}
+    assert "model.safetensors" in paths and "pytorch_model.bin" not in paths
+    assert not info.get("conversions")
+    installed = Path(info["path"]) / "model.safetensors"
+    assert sha256(installed.read_bytes()) == sha256(files["model.safetensors"])

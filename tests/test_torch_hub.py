@@ -87,3 +87,36 @@ def test_archive_escaping_the_directory_is_refused(server, fileserver):
     assert server.client.get("/models/cache/info").json()["total_models"] == 0
     partial = server.settings.home / "partial"
     assert not any(p.name.startswith("extract-") for p in partial.iterdir())
+
+
+@pytest.mark.parametrize(
+    "entries, clash",
+    [
+        ({"hubconf.py": HUBCONF, "utils": b"a file", "utils/x.py": b"x = 1"}, "utils"),
+        ({"hubconf.py": HUBCONF, "utils/x.py": b"x = 1", "utils": b"a file"}, "utils"),
+    ],
+    ids=["file-first", "directory-first"],
+)
+def test_archive_whose_entries_collide_fails_with_a_message(server, fileserver, entries, clash):
+    """A file and a directory of one name cannot both be unpacked: the job fails naming the
+    entry, before anything is written, instead of an internal FileExistsError."""
+    fileserver.add("/acme/tinyrepo/zip/v3", archive(entries))
+    status = server.wait_for(post(server, "acme/tinyrepo:v3/tiny").json()["download_id"])
+    assert status["status"] == "failed"
+    assert "internal error" not in status["message"].lower()
+    assert f"{clash!r} is both a file and a directory" in status["message"]
+    assert server.client.get("/models/cache/info").json()["total_models"] == 0
+    partial = server.settings.home / "partial"
+    assert not any(p.name.startswith("extract-") for p in partial.iterdir())
+
+
+def test_archive_with_a_duplicate_entry_fails_with_a_message(server, fileserver):
+    """Two entries of one name: which one would be installed is ambiguous, so neither is."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zipped:
+        zipped.writestr("tinyrepo-v1/hubconf.py", HUBCONF)
+        zipped.writestr("tinyrepo-v1/hubconf.py", b"import os")
+    fileserver.add("/acme/tinyrepo/zip/v4", buffer.getvalue())
+    status = server.wait_for(post(server, "acme/tinyrepo:v4/tiny").json()["download_id"])
+    assert status["status"] == "failed"
+    assert "'hubconf.py' appears twice" in status["message"]

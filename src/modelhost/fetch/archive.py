@@ -55,7 +55,30 @@ def _member_paths(archive: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, PureP
     tops = {path.parts[0] for _, path in checked}
     if len(tops) == 1 and all(len(path.parts) > 1 for _, path in checked):
         checked = [(m, PurePosixPath(*path.parts[1:])) for m, path in checked]
+    _refuse_collisions([path for _, path in checked])
     return checked
+
+
+def _refuse_collisions(paths: list[PurePosixPath]) -> None:
+    """Refuse entries that cannot all be unpacked: one name twice (which would win is
+    ambiguous), or a file where another entry needs a directory. Checked before any write,
+    so the job fails with the entry's name rather than an ``OSError`` halfway through."""
+    files: set[PurePosixPath] = set()
+    for path in paths:
+        if path in files:
+            raise InvalidRequest(
+                f"Archive entry {str(path)!r} appears twice; nothing was installed",
+                error="Bad archive",
+            )
+        files.add(path)
+    for path in paths:
+        for parent in path.parents:
+            if parent in files:
+                raise InvalidRequest(
+                    f"Archive entry {str(parent)!r} is both a file and a directory "
+                    f"(it holds {str(path)!r}); nothing was installed",
+                    error="Bad archive",
+                )
 
 
 def extract_zip(archive_path: Path, destination: Path) -> list[ExtractedFile]:

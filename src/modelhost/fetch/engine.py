@@ -1170,8 +1170,10 @@ class FetchEngine:
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         writer: _PartWriter | None = None
         try:
-            if offset:
-                os.ftruncate(fd, offset)  # never keep bytes past what was recorded
+            # Never keep bytes past what was recorded, also from 0: a restart without a
+            # validator (or of a shorter new version) overwrites a longer earlier .part, and
+            # the size and digest come from the stream, so a stale tail would go unnoticed.
+            os.ftruncate(fd, offset)
             writer = _PartWriter(part, fd, offset)
             if writer.base:
                 self._hash_existing(fd, writer.base, hasher, cancel)

@@ -9,7 +9,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# The speed is the rate over about the last RECENT_S: a longer window averaged in a
+# multi-connection download's start (before its connections were all added) and showed a
+# third less than the link carried. Samples are kept SPEED_WINDOW_S, so a slow stream whose
+# receives are far apart still has one to measure from.
+RECENT_S = 1.0
 SPEED_WINDOW_S = 5.0
+SAMPLE_EVERY_S = 0.1
 
 # A file's status, in the order it normally goes through them. "cached": the store already
 # held its bytes, nothing was fetched.
@@ -96,7 +102,7 @@ class Progress:
                 count.done += nbytes
                 if count.status == "queued":
                     count.status, started = "downloading", True
-            if not self._samples or now - self._samples[-1][0] >= 0.1:
+            if not self._samples or now - self._samples[-1][0] >= SAMPLE_EVERY_S:
                 self._samples.append((now, self._transferred))
                 while self._samples and now - self._samples[0][0] > SPEED_WINDOW_S:
                     self._samples.popleft()
@@ -134,6 +140,23 @@ class Progress:
         with self._lock:
             return [count.status for count in self._files.values()]
 
+    def _speed(self, now: float) -> float | None:
+        """Bytes per second since the newest sample at least ``RECENT_S`` old (the oldest
+        kept when none is that old); None before 0.2 s of samples. Call under the lock."""
+        if not self._samples:
+            return None
+        start = self._samples[0]
+        for sample in reversed(self._samples):
+            if now - sample[0] >= RECENT_S:
+                start = sample
+                break
+        t0, b0 = start
+        # The window ends now, so a stall shows as falling speed rather than a frozen one.
+        elapsed = now - t0
+        if elapsed < 0.2:
+            return None
+        return (self._transferred - b0) / elapsed
+
     def snapshot(self) -> ProgressSnapshot:
         now = time.monotonic()
         with self._lock:
@@ -142,13 +165,7 @@ class Progress:
                 FileSnapshot(path, count.done, count.total, count.status)
                 for path, count in self._files.items()
             )
-            speed = None
-            if self._samples:
-                t0, b0 = self._samples[0]
-                # The window ends now, so a stall shows as falling speed rather than a frozen one.
-                elapsed = now - t0
-                if elapsed >= 0.2:
-                    speed = (self._transferred - b0) / elapsed
+            speed = self._speed(now)
         eta = None
         if speed and total is not None and total >= done:
             eta = (total - done) / speed

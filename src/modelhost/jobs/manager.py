@@ -896,6 +896,8 @@ class JobManager:
             )
         # Conversions not committed (a failure, a cancel) leave nothing behind.
         await asyncio.to_thread(remove_tree, self._convert_dir(job.id))
+        # Committed, the manifest keeps the reused blobs; otherwise nothing needs them now.
+        await asyncio.to_thread(self.store.release_blobs, job.id)
         snapshot = active.progress.snapshot()
         if job.state != JobState.COMPLETED:
             job = dataclasses.replace(job, bytes_done=snapshot.bytes_done)
@@ -965,8 +967,12 @@ class JobManager:
         by_git_sha1 = {} if active.job.force else self.store.blobs_by_git_sha1()
         for spec in active.plan.files:
             sha256 = spec.sha256 or by_git_sha1.get(spec.git_sha1 or "")
-            if sha256 and not active.job.force and self.store.has_blob(sha256):
-                size = self.store.blob_path(sha256).stat().st_size
+            # Held, not just seen: a delete or an eviction of the model that also has this
+            # blob must not take it before this job commits (released in _run).
+            size = None
+            if sha256 and not active.job.force:
+                size = self.store.hold_blob(active.job.id, sha256)
+            if sha256 and size is not None:
                 active.progress.add_existing(size, spec.path)
                 active.progress.set_status(spec.path, "cached")
                 reused.append(CommitFile(spec.path, None, size, sha256, spec.git_sha1))

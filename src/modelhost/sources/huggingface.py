@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from modelhost.catalog import entry_for_model_id, load_catalog
+from modelhost.convert import converted_name
 from modelhost.errors import (
     DigestMismatch,
     InvalidRequest,
@@ -118,6 +119,8 @@ def select_files(
             chosen = [f for f in chosen if f.path != "pytorch_model.bin.index.json"]
     if ignore_patterns:
         chosen = [f for f in chosen if not _matches(f.path, ignore_patterns)]
+    if pickle_policy == "convert" and not allow_pickle:
+        chosen = _without_pickles_beside_safetensors(chosen)
     pickled = pickled_weights(f.path for f in chosen)
     decide_pickles(
         pickled,
@@ -128,6 +131,45 @@ def select_files(
         "loaded with weights_only=True), or pick a repository with safetensors weights",
     )
     return chosen
+
+
+def _safetensors_folders(paths: Iterable[str]) -> set[PurePosixPath]:
+    """The folders (the repository's root, ``vocoder/``...) that hold safetensors weights."""
+    return {
+        PurePosixPath(p).parent
+        for p in paths
+        if fnmatch.fnmatch(PurePosixPath(p).name, SAFETENSORS_PATTERN)
+    }
+
+
+def beside_safetensors(paths: Iterable[str]) -> set[str]:
+    """The pickled files that safetensors weights of the same model make redundant: the
+    Transformers pickles (``pytorch_model*.bin`` and their index) in a folder that holds
+    safetensors weights, and any pickle whose converted name is already selected.
+
+    Converting them would write names the safetensors already have
+    (``pytorch_model.bin`` -> ``model.safetensors``): two files of one path."""
+    paths = list(paths)
+    selected = set(paths)
+    folders = _safetensors_folders(paths)
+    covered = set()
+    for path in paths:
+        pure = PurePosixPath(path)
+        transformers_pickle = fnmatch.fnmatch(pure.name, "pytorch_model*.bin") or (
+            pure.name == "pytorch_model.bin.index.json"
+        )
+        if transformers_pickle and pure.parent in folders:
+            covered.add(path)
+        elif pickled_weights([pure.name]) and converted_name(path) in selected:
+            covered.add(path)
+    return covered
+
+
+def _without_pickles_beside_safetensors(chosen: list[RepoFile]) -> list[RepoFile]:
+    """Leave out pickled weights that ``allow_patterns`` selected next to safetensors
+    weights of the same model: the safetensors are installed, the pickle is not needed."""
+    dropped = beside_safetensors(f.path for f in chosen)
+    return [f for f in chosen if f.path not in dropped]
 
 
 def select_for_request(
@@ -153,7 +195,14 @@ def pickled_weights(paths: Iterable[str]) -> list[str]:
 def to_convert(specs: list[FileSpec], policy: PicklePolicy, allow_pickle: bool) -> list[str]:
     """The planned files the converter turns into safetensors (main repo and components)."""
     # Component files carry their folder (vocoder/...): match the patterns on the name.
-    pickled = [s.path for s in specs if pickled_weights([PurePosixPath(s.path).name])]
+    # Pickles kept beside safetensors (allow_pickle) stay pickles: converted, they would
+    # collide with the safetensors' names.
+    covered = beside_safetensors(s.path for s in specs)
+    pickled = [
+        s.path
+        for s in specs
+        if pickled_weights([PurePosixPath(s.path).name]) and s.path not in covered
+    ]
     return decide_pickles(pickled, policy, allow_pickle, "") if policy == "convert" else []
 
 

@@ -100,6 +100,12 @@ class Store:
         for directory in (self.blobs_dir, self.models_dir, self.manifests_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # Blobs running jobs decided to reuse, by holder (the job's id): garbage collection
+        # and eviction leave them alone until the job lets go (``release_blobs``). In memory
+        # on purpose: a job decides its reuse again on every run (after a restart too), and
+        # takes its holds then; a hold is never needed across a restart. Issue 21 moves
+        # references into the database; holds can go there with them.
+        self._holds: dict[str, set[str]] = {}
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -110,6 +116,35 @@ class Store:
 
     def has_blob(self, sha256: str) -> bool:
         return self.blob_path(sha256).is_file()
+
+    def hold_blob(self, holder: str, sha256: str) -> int | None:
+        """Hold ``sha256`` for ``holder`` (a running job) if the store has it, and return
+        its size; None when it is not there (nothing is held then).
+
+        Checking and holding under the store's lock is what makes a reuse decision safe:
+        a delete or an eviction that runs afterwards keeps the blob until
+        ``release_blobs(holder)``, so the job's commit still finds it."""
+        blob = self.blob_path(sha256)
+        with self._lock:
+            try:
+                size = blob.stat().st_size
+            except FileNotFoundError:
+                return None
+            self._holds.setdefault(holder, set()).add(sha256)
+            return size
+
+    def release_blobs(self, holder: str) -> int:
+        """Let go of every blob ``holder`` holds (its job committed, failed or was
+        cancelled); blobs nothing references any more are removed. Returns bytes freed."""
+        with self._lock:
+            if self._holds.pop(holder, None) is None:
+                return 0
+            return self._collect_garbage()
+
+    def held_blobs(self) -> set[str]:
+        """The digests running jobs hold (``hold_blob``)."""
+        with self._lock:
+            return set().union(*self._holds.values())
 
     def model_path(self, name: str) -> Path:
         return self.models_dir / validate_name(name)
@@ -293,7 +328,8 @@ class Store:
     def evict_to_fit(self, limit_bytes: int, keep: set[str]) -> list[str]:
         """Delete least-recently-used models until under the limit. Never deletes a model in
         ``keep`` (the caller's protected set: the model just installed, loaded and loading
-        models) nor a pinned one (``Manifest.pinned``, see ``set_pinned``)."""
+        models) nor a pinned one (``Manifest.pinned``, see ``set_pinned``). Blobs a running
+        job holds (``hold_blob``) stay on disk even when their model is evicted."""
         evicted = []
         with self._lock:
             candidates = sorted(
@@ -308,10 +344,12 @@ class Store:
         return evicted
 
     def _referenced_blobs(self) -> set[str]:
-        return {f.sha256 for m in self.list() for f in m.files}
+        """Blobs that must stay: those a manifest names and those a running job holds."""
+        return {f.sha256 for m in self.list() for f in m.files} | self.held_blobs()
 
     def _collect_garbage(self) -> int:
-        """Delete blobs no manifest references; returns the bytes freed."""
+        """Delete blobs no manifest references and no running job holds; returns the bytes
+        freed."""
         referenced = self._referenced_blobs()
         freed = 0
         for blob in self.blobs_dir.iterdir():
