@@ -213,3 +213,57 @@ def test_import_roots_setting_reads_a_comma_separated_list(monkeypatch, tmp_path
     assert Settings().import_roots == (tmp_path / "a", tmp_path / "b")
     monkeypatch.delenv("MODELHOST_IMPORT_ROOTS")
     assert Settings().import_roots == ()
+
+
+def write_trainer_state(folder: Path) -> None:
+    """What ``transformers.Trainer`` saves beside the weights of a checkpoint: pickles that are
+    not state dicts of tensors (an optimizer's nested state, a scheduler's, RNG states with
+    numpy arrays, a pickled ``TrainingArguments``-like object)."""
+    import numpy as np
+    import torch
+
+    weight = torch.nn.Parameter(torch.zeros(4, 4))
+    optimizer = torch.optim.AdamW([weight], lr=1e-3)
+    weight.grad = torch.ones(4, 4)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer)
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    rng = {"python": (3, (1, 2), None), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    torch.save(rng, folder / "rng_state.pth")
+    torch.save({"output_dir": "out", "learning_rate": 1e-3}, folder / "training_args.bin")
+    (folder / "trainer_state.json").write_text('{"global_step": 1}')
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "pickled"])
+def test_trainer_checkpoint_imports_under_the_default_policy(make_server, roots, weights):
+    """A Trainer checkpoint directory imports under the default policy: only the weights go
+    to the converter; the training state (optimizer, scheduler, RNG, arguments) is left out
+    and the manifest's notes say so."""
+    folder = roots / "bert"
+    if weights == "pickled":
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()
+        torch.save(state, folder / "pytorch_model.bin")
+    write_trainer_state(folder)
+    server = make_server([], import_roots=(roots,))
+    started = post(server, str(folder))
+    assert started.status_code == 202, started.text
+    status = server.wait_for(started.json()["download_id"], timeout=120)
+    assert status["status"] == "completed", status
+    installed = server.client.get("/models/download/bert/info").json()
+    paths = {f["path"] for f in installed["files"]}
+    training = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"}
+    assert "model.safetensors" in paths and "trainer_state.json" in paths
+    assert not paths & training
+    assert [c["original_path"] for c in installed["conversions"]] == (
+        ["pytorch_model.bin"] if weights == "pickled" else []
+    )
+    notes = " ".join(installed["spec"]["notes"])
+    for name in training:
+        assert f"left out {name}: training state" in notes
+    prediction = server.client.post("/models/bert/predict", json={"inputs": "hello world"})
+    assert prediction.status_code == 200, prediction.text

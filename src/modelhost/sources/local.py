@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +31,12 @@ from modelhost.sources.url import PICKLE_SUFFIXES
 from modelhost.spec import ModelSpec
 
 ROOTS_SETTING = "MODELHOST_IMPORT_ROOTS"
+# What ``transformers.Trainer`` saves beside a checkpoint's weights: the state to resume
+# training (optimizer, scheduler, grad scaler, RNG states, pickled TrainingArguments). None of
+# it is weights, none is a state dict of tensors the converter takes, and serving needs none.
+TRAINING_STATE = re.compile(
+    r"^(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$"
+)
 MAX_FILES = 10_000
 CONFIG_LIMIT = 1024 * 1024
 
@@ -128,6 +135,13 @@ def list_files(directory: Path, root: Path, import_roots: tuple[Path, ...]) -> l
     return found
 
 
+def _without_training_state(files: list[LocalFile]) -> tuple[list[LocalFile], list[str]]:
+    """The files minus a Trainer checkpoint's training state (``TRAINING_STATE``): left out,
+    so that only weights go to the converter. Returns (kept, left-out paths)."""
+    left_out = [f.path for f in files if TRAINING_STATE.match(PurePosixPath(f.path).name)]
+    return [f for f in files if f.path not in left_out], left_out
+
+
 def _without_pickled_copies(files: list[LocalFile]) -> tuple[list[LocalFile], list[str]]:
     """The files minus pickled weights in a folder that has safetensors weights: the same
     weights again, as the huggingface source's selection treats them (converting them would
@@ -180,6 +194,7 @@ class LocalSource:
         """Check the directory against the import roots, list and hash its files."""
         directory, root = check_directory(request.model_id, context.import_roots)
         files = list_files(directory, root, context.import_roots)
+        files, training = _without_training_state(files)
         files, skipped = _without_pickled_copies(files)
         convert = _pickles_to_convert(files, context.pickle_policy, request.allow_pickle)
         specs = []
@@ -216,7 +231,10 @@ class LocalSource:
                 description=f"{directory} ({len(specs)} files)",
                 architecture=architecture,
                 directory=str(directory),
-                notes=[f"skipped {path}: the folder has safetensors weights" for path in skipped],
+                notes=[
+                    *(f"left out {path}: training state, not needed to serve" for path in training),
+                    *(f"skipped {path}: the folder has safetensors weights" for path in skipped),
+                ],
             ),
             convert=convert,
         )
