@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from modelhost.errors import InvalidRequest, SourceNotAllowed
-from modelhost.fetch import FileSpec
-from modelhost.fetch.engine import digest_file, local_url
+from modelhost.fetch import CancelToken, FileSpec
+from modelhost.fetch.engine import local_url
 from modelhost.sources.base import (
     DownloadRequest,
     PicklePolicy,
@@ -39,6 +39,8 @@ TRAINING_STATE = re.compile(
 )
 MAX_FILES = 10_000
 CONFIG_LIMIT = 1024 * 1024
+# Hashing reads this much between two looks at the cancel token (a few ms of sha256).
+HASH_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,31 @@ def _pickles_to_convert(
     )
 
 
+def unreadable(exc: PermissionError, model_id: str) -> InvalidRequest:
+    """A file or directory the server's user may not read, as a 400 naming it (the job would
+    otherwise fail later, or the request answer 500)."""
+    path = exc.filename or model_id
+    return InvalidRequest(
+        f"{path} cannot be read by the server ({exc.strerror or 'permission denied'}): give "
+        "the server's user read access to it, or import another directory",
+        error="Permission denied",
+    )
+
+
+def hash_file(path: Path, cancel: CancelToken | None) -> tuple[str, int]:
+    """sha256 and size of ``path``, read once; a cancel stops it within one chunk (a
+    multi-GB file takes seconds, and a cancelled plan must not hold its thread)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
 def _read_config(files: list[LocalFile]) -> dict:
     """The model's config.json, or {} when it has none (or it is not a JSON object)."""
     config = next((f for f in files if f.path == "config.json"), None)
@@ -191,7 +218,14 @@ class LocalSource:
     name = "local"
 
     def plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
-        """Check the directory against the import roots, list and hash its files."""
+        """Check the directory against the import roots, list and hash its files. Blocking
+        (the manager runs it in a thread); a cancel of ``context.cancel`` stops the hashing."""
+        try:
+            return self._plan(request, context)
+        except PermissionError as exc:
+            raise unreadable(exc, request.model_id) from exc
+
+    def _plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
         directory, root = check_directory(request.model_id, context.import_roots)
         files = list_files(directory, root, context.import_roots)
         files, training = _without_training_state(files)
@@ -200,8 +234,7 @@ class LocalSource:
         specs = []
         tree = hashlib.sha256()
         for item in files:
-            sha256, _ = digest_file(item.real)
-            size = item.real.stat().st_size
+            sha256, size = hash_file(item.real, context.cancel)
             tree.update(f"{item.path}\0{sha256}\n".encode())
             specs.append(
                 FileSpec(
