@@ -112,24 +112,30 @@ def _first_param(exc: RequestValidationError) -> str | None:
     return None
 
 
+def modelhost_error_response(request: Request, exc: ModelhostError) -> JSONResponse:
+    """The answer to a typed error: the handler's, and a middleware's that refuses a
+    request before any route runs (``api.security.ApiKeyGuard``)."""
+    extra = {}
+    if getattr(exc, "download_id", None):
+        # A failure recorded as a job: the documented "Download Failed" body, plus its id.
+        extra = {"status": "failed", "download_id": exc.download_id}
+    return error_response(
+        request,
+        exc.status_code,
+        exc.message,
+        exc.error,
+        param=exc.param,
+        code=openai_code(exc),
+        **extra,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; every error response of the API goes through them."""
 
     @app.exception_handler(ModelhostError)
     async def _modelhost_error(request: Request, exc: ModelhostError) -> JSONResponse:
-        extra = {}
-        if getattr(exc, "download_id", None):
-            # A failure recorded as a job: the documented "Download Failed" body, plus its id.
-            extra = {"status": "failed", "download_id": exc.download_id}
-        return error_response(
-            request,
-            exc.status_code,
-            exc.message,
-            exc.error,
-            param=exc.param,
-            code=openai_code(exc),
-            **extra,
-        )
+        return modelhost_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
