@@ -124,6 +124,7 @@ def modelhost_error_response(request: Request, exc: ModelhostError) -> JSONRespo
         exc.status_code,
         exc.message,
         exc.error,
+        headers=getattr(exc, "headers", None),  # e.g. Connection: close after a refused body
         param=exc.param,
         code=openai_code(exc),
         **extra,
