@@ -137,6 +137,15 @@ def phase_of_files(statuses: list[str]) -> str | None:
     return "verifying" if "verifying" in statuses else None
 
 
+def planning_ended_by(exc: BaseException) -> str:
+    """What a planning job that ended on ``exc`` says it ended on."""
+    if isinstance(exc, ModelhostError):
+        return exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return "Planning interrupted (the request or the server stopped)"
+    return f"Planning failed: internal error ({type(exc).__name__})"
+
+
 def new_job(request: DownloadRequest, key: str, **fields: Any) -> Job:
     """A fresh job row for ``request`` (with a new id unless ``fields`` give one)."""
     fields.setdefault("id", secrets.token_hex(6))
@@ -519,8 +528,7 @@ class JobManager:
         except BaseException as exc:
             future.set_exception(exc)
             # Whatever ended the plan, the streams that saw it planning see it end.
-            message = exc.message if isinstance(exc, ModelhostError) else "internal error"
-            self._end_planning(planning, JobState.FAILED, message)
+            self._end_planning(planning, JobState.FAILED, planning_ended_by(exc))
             raise
         finally:
             del self._planning[key]
