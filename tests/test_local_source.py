@@ -401,6 +401,8 @@ def test_cancel_of_a_job_still_planning_ends_it_at_once(make_server, roots):
     (answer,) = answers
     assert answer.status_code == 409, answer.text
     assert answer.json()["error"] == "Cancelled"
+    assert answer.json()["status"] == "cancelled"
+    assert answer.json()["download_id"] == planning["download_id"]
     status = server.client.get(f"/models/download/status/{planning['download_id']}").json()
     assert status["status"] == "cancelled"
     assert watcher.first("big", {"cancelled"})["download_id"] == planning["download_id"]

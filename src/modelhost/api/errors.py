@@ -17,7 +17,7 @@ from modelhost.api.openai.errors import (
     openai_error_body,
     unknown_route_message,
 )
-from modelhost.errors import ModelhostError
+from modelhost.errors import Cancelled, ModelhostError
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ def modelhost_error_response(request: Request, exc: ModelhostError) -> JSONRespo
     request before any route runs (``api.security.ApiKeyGuard``)."""
     extra = {}
     if getattr(exc, "download_id", None):
-        # A failure recorded as a job: the documented "Download Failed" body, plus its id.
-        extra = {"status": "failed", "download_id": exc.download_id}
+        # A failure recorded as a job: the documented "Download Failed" body, plus its id
+        # (a job cancelled while it was planning is recorded cancelled).
+        state = "cancelled" if isinstance(exc, Cancelled) else "failed"
+        extra = {"status": state, "download_id": exc.download_id}
     return error_response(
         request,
         exc.status_code,
