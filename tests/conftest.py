@@ -61,13 +61,22 @@ def make_settings(home: Path, allow: list[str], **overrides) -> Settings:
 
 
 def serve_subprocess(
-    port: int, env: dict[str, str], timeout_s: float = 30, keep_stderr: bool = True
+    port: int,
+    env: dict[str, str],
+    timeout_s: float = 30,
+    keep_stderr: bool = True,
+    wrapper: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """A real ``modelhost serve`` process on ``port`` with ``env``, once ``/health`` answers.
     ``keep_stderr`` pipes its stderr into the error raised when it does not start (leave it
-    off for a long-lived, chatty server, whose full pipe would block it)."""
+    off for a long-lived, chatty server, whose full pipe would block it). ``wrapper`` is a
+    command that execs the server (e.g. ``setpriv`` dropping capabilities)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "modelhost", "serve", "--port", str(port), "--log-level", "warning"],
+        [
+            *wrapper,
+            *(sys.executable, "-m", "modelhost", "serve", "--port", str(port)),
+            *("--log-level", "warning"),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE if keep_stderr else subprocess.DEVNULL,

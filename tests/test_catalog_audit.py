@@ -411,7 +411,7 @@ def test_download_sizes_are_measured_from_the_listings_and_kept(
     before = server.client.get("/models/available").json()["available_models"]
     assert all(body["download_size"] is None for body in before.values())  # never measured
 
-    measured = server.client.get("/models/available?measure=true")
+    measured = server.client.post("/models/available/measure")
     assert measured.status_code == 200, measured.text
     models = measured.json()["available_models"]
     for entry in ENTRIES:
@@ -437,9 +437,28 @@ def test_download_sizes_are_measured_from_the_listings_and_kept(
     assert (len(hub.requests), len(mirror.requests)) == (hub_requests, mirror_requests)
 
 
+def test_a_get_never_measures_and_a_foreign_page_cannot_post_it(
+    make_server, overrides, hub, mirror
+):
+    """Measuring asks every upstream and writes catalog-sizes.json: a GET (which a page, a
+    prefetcher or a crawler sends freely) refuses to, and the POST that does is refused to
+    pages of other origins like every state change."""
+    server = make_server([], **overrides)
+    hub_requests, mirror_requests = len(hub.requests), len(mirror.requests)
+    refused = server.client.get("/models/available?measure=true")
+    assert refused.status_code == 400, refused.text
+    assert "POST /models/available/measure" in refused.json()["message"]
+    foreign = server.client.post(
+        "/models/available/measure", headers={"Origin": "https://evil.example"}
+    )
+    assert foreign.status_code == 403, foreign.text
+    assert (len(hub.requests), len(mirror.requests)) == (hub_requests, mirror_requests)
+    assert not (server.settings.home / "catalog-sizes.json").exists()
+
+
 def test_an_unreachable_upstream_is_recorded_not_guessed(make_server, overrides, mirror):
     server = make_server([], **{**overrides, "hf_endpoint": "http://127.0.0.1:9"})
-    models = server.client.get("/models/available?measure=true").json()["available_models"]
+    models = server.client.post("/models/available/measure").json()["available_models"]
     for entry in ENTRIES:
         size = models[entry.name]["download_size"]
         if entry.source == "huggingface":

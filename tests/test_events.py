@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -282,3 +284,43 @@ def test_unknown_job_is_404_and_streams_need_the_key(modelhost):
     assert (
         server.client.get("/events", headers={"Authorization": "Bearer wrong"}).status_code == 401
     )
+
+
+def open_and_drop(port: int, path: str, behind: int = 0) -> None:
+    """Send a stream's request and go away (a reset, as a closed browser tab leaves it)
+    before any event. ``behind``: pipelined after that many large answers the client never
+    reads, so the stream's answer waits for the server's paused writes when it goes."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    requests = f"GET /openapi.json HTTP/1.1\r\n{host}\r\n" * behind
+    sock.sendall(f"{requests}GET {path} HTTP/1.1\r\n{host}\r\n".encode())
+    if behind:
+        time.sleep(0.05)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_streams_dropped_before_their_first_event_are_released(make_server, fileserver):
+    """200 streams opened and dropped before their first event (half /events, half one
+    finished job's; at once, behind unread answers, or once the headers came) leave no
+    subscription on the bus, as /metrics counts them."""
+    fileserver.add("/w.safetensors", b"x" * 1000)
+    server = make_server([fileserver.host_port])
+    url = fileserver.url("/w.safetensors")
+    job = post(server, source="url", model_id=url, name="w", load=False)
+    assert server.wait_for(job["download_id"])["status"] == "completed"
+    paths = ["/events", f"/models/download/{job['download_id']}/events"]
+    for index in range(160):
+        open_and_drop(server.port, paths[index % 2])
+    for index in range(20):
+        open_and_drop(server.port, paths[index % 2], behind=20)
+    for _ in range(20):
+        with httpx.Client(base_url=server.base_url, timeout=10) as client:
+            with client.stream("GET", "/events") as response:
+                assert response.status_code == 200  # the headers, and no event yet
+    deadline = time.monotonic() + 10
+    while stream_count(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stream_count(server) == 0

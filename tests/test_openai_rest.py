@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import threading
 import time
 from pathlib import Path
@@ -437,6 +438,52 @@ def test_transcription_upload_over_25_mb_is_413(server, client):
     assert caught.value.status_code == 413
     assert caught.value.body["param"] == "file"
     assert "at most 25000000" in caught.value.body["message"]
+
+
+def send_chunked_upload(port: int, total: int) -> tuple[int, bytes]:
+    """POST a multipart upload of ``total`` zero bytes in chunked encoding (no
+    Content-Length), 1 MB a chunk, until sent or the server closes; returns the bytes the
+    client got to send and the server's answer."""
+    boundary = "modelhostboundary"
+    head = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    chunk = b"\0" * 1_000_000
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    sent = 0
+    try:
+        for data in [head, *[chunk] * (total // len(chunk)), f"\r\n--{boundary}--\r\n".encode()]:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+            sent += len(data)
+        sock.sendall(b"0\r\n\r\n")
+    except OSError:  # the server answered and closed: the rest was never read
+        pass
+    answer = b""
+    try:
+        while part := sock.recv(65536):
+            answer += part
+    except OSError:
+        pass
+    sock.close()
+    return sent, answer
+
+
+def test_chunked_upload_over_the_limit_is_refused_before_it_is_read(server):
+    """Without Content-Length the limit holds too: the server answers 413 once the body
+    passes 25 MB, and stops reading it (the client cannot send the 200 MB it meant to)."""
+    sent, answer = send_chunked_upload(server.port, 200_000_000)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    # What passed the limit is at most what the sockets' buffers held when it answered.
+    assert sent < 60_000_000, sent
+    assert b"the file may have at most 25000000" in answer
+    assert server.client.get("/health").status_code == 200
 
 
 def test_transcription_needs_file_and_model(server, clip):

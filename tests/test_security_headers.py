@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 
 import httpx
 import pytest
@@ -189,3 +190,45 @@ def test_host_rule():
     assert rule.allows("models.lan:9000")
     assert not rule.allows("models.lan") and not rule.allows("models.lan:9001")
     assert not rule.allows("localhost.evil.example") and not rule.allows("")
+
+
+KEYED_POSTS = [
+    "/models/download",
+    "/models/bert/predict",
+    "/v1/embeddings",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+]
+
+
+@pytest.mark.parametrize("path", KEYED_POSTS)
+def test_a_malformed_body_without_the_key_is_401_not_a_json_error(make_server, path):
+    """Authentication comes first: a caller without the key learns nothing of how the body
+    is parsed (no 422 / 400 naming the JSON error)."""
+    server = make_server([], api_key="sekrit")
+    response = server.client.post(
+        path, content=b'{"model": "x", ', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 401, response.text
+    assert "MODELHOST_API_KEY" in response.text
+    assert "JSON" not in response.text and "Validation" not in response.text
+    keyed = server.client.post(
+        path,
+        content=b'{"model": "x", ',
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sekrit"},
+    )
+    assert keyed.status_code in (400, 422), keyed.text
+
+
+@pytest.mark.parametrize("path", ["/models/download", "/v1/audio/transcriptions"])
+def test_the_key_is_checked_before_the_body_is_read(make_server, path):
+    """A request without the key that announces a megabyte and sends none of it is answered
+    401 at once: nothing waits for (or reads) its body."""
+    server = make_server([], api_key="sekrit")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n".encode()
+        )
+        answer = sock.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 401"), answer

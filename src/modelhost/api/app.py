@@ -278,18 +278,21 @@ def create_app(settings: Settings | None = None, home_lock: HomeLock | None = No
     )
     app.state.settings = settings
     install_error_handlers(app)
-    install_security(app, settings.effective_allowed_hosts, settings.cors_origins)
+    routers = [
+        health.router,
+        downloads.router,
+        events.router,
+        models.router,
+        metrics.router,
+        inference.router,
+        *openai_routers(),
+        # The speech API's voices: GET /v1/audio/voices and modelhost's GET /models/{name}/voices.
+        speech_voices.router,
+        speech_voices.models_router,
+        ui.router,
+    ]
+    install_security(app, settings.effective_allowed_hosts, settings.cors_origins, routers)
     install_docs(app)
-    app.include_router(health.router)
-    app.include_router(downloads.router)
-    app.include_router(events.router)
-    app.include_router(models.router)
-    app.include_router(metrics.router)
-    app.include_router(inference.router)
-    for router in openai_routers():
+    for router in routers:
         app.include_router(router)
-    # The speech API's voices: GET /v1/audio/voices and modelhost's GET /models/{name}/voices.
-    app.include_router(speech_voices.router)
-    app.include_router(speech_voices.models_router)
-    app.include_router(ui.router)
     return app

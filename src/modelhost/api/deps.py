@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, TypeVar
@@ -45,17 +46,27 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def require_api_key(request: Request) -> None:
-    """When ``MODELHOST_API_KEY`` is set, require ``Authorization: Bearer <key>``."""
-    expected = request.app.state.settings.api_key
+    """When ``MODELHOST_API_KEY`` is set, require ``Authorization: Bearer <key>``.
+
+    The routes that depend on it are also guarded by ``api.security.ApiKeyGuard``, which
+    runs this check before FastAPI reads the body (dependencies run after it)."""
+    refusal = api_key_refusal(request.app.state.settings.api_key, request.headers)
+    if refusal is not None:
+        raise refusal
+
+
+def api_key_refusal(expected: str | None, headers: Mapping[str, str]) -> Unauthorized | None:
+    """The 401 for a request whose headers lack the key, or None (also when no key is set)."""
     if not expected:
-        return
-    header = request.headers.get("authorization", "")
+        return None
+    header = headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not _same_key(token.strip(), expected):
-        raise Unauthorized(
+        return Unauthorized(
             "This server requires an API key: send 'Authorization: Bearer <MODELHOST_API_KEY>'",
             error="Missing or wrong API key",
         )
+    return None
 
 
 # The name pattern, shown in the schema. Not enforced by FastAPI: validate_name answers a

@@ -17,7 +17,7 @@ from modelhost.api.openai.errors import (
     openai_error_body,
     unknown_route_message,
 )
-from modelhost.errors import ModelhostError
+from modelhost.errors import Cancelled, ModelhostError
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +112,33 @@ def _first_param(exc: RequestValidationError) -> str | None:
     return None
 
 
+def modelhost_error_response(request: Request, exc: ModelhostError) -> JSONResponse:
+    """The answer to a typed error: the handler's, and a middleware's that refuses a
+    request before any route runs (``api.security.ApiKeyGuard``)."""
+    extra = {}
+    if getattr(exc, "download_id", None):
+        # A failure recorded as a job: the documented "Download Failed" body, plus its id
+        # (a job cancelled while it was planning is recorded cancelled).
+        state = "cancelled" if isinstance(exc, Cancelled) else "failed"
+        extra = {"status": state, "download_id": exc.download_id}
+    return error_response(
+        request,
+        exc.status_code,
+        exc.message,
+        exc.error,
+        headers=getattr(exc, "headers", None),  # e.g. Connection: close after a refused body
+        param=exc.param,
+        code=openai_code(exc),
+        **extra,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; every error response of the API goes through them."""
 
     @app.exception_handler(ModelhostError)
     async def _modelhost_error(request: Request, exc: ModelhostError) -> JSONResponse:
-        extra = {}
-        if getattr(exc, "download_id", None):
-            # A failure recorded as a job: the documented "Download Failed" body, plus its id.
-            extra = {"status": "failed", "download_id": exc.download_id}
-        return error_response(
-            request,
-            exc.status_code,
-            exc.message,
-            exc.error,
-            param=exc.param,
-            code=openai_code(exc),
-            **extra,
-        )
+        return modelhost_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

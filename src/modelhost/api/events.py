@@ -75,23 +75,20 @@ async def _forward(subscription: Subscription, stop_at_terminal: bool) -> AsyncI
 )
 async def download_events(download_id: str, services: ServicesDep) -> EventSourceResponse:
     jobs = services.jobs
-    # Subscribe before reading the state, so no change between the two is lost.
-    subscription = jobs.events.subscribe(download_id)
-    try:
-        current = await jobs.get(download_id)
-    except BaseException:
-        subscription.close()
-        raise
+    await jobs.get(download_id)  # an unknown id is a 404, before the stream starts
 
     async def messages() -> AsyncIterator[dict]:
-        try:
+        # Subscribed inside the stream, not by the handler: a response whose client went
+        # away before its first event never starts its generator, and would hold a
+        # subscription that no ``finally`` releases. Subscribe before reading the state,
+        # so no change between the two is lost.
+        with jobs.events.subscribe(download_id) as subscription:
+            current = await jobs.get(download_id)
             yield event_message(EventKind.STATUS, current)
             if current.job.state.finished:
                 return
             async for message in _forward(subscription, stop_at_terminal=True):
                 yield message
-        finally:
-            subscription.close()
 
     return _stream(messages())
 
@@ -105,16 +102,14 @@ async def download_events(download_id: str, services: ServicesDep) -> EventSourc
 )
 async def all_events(services: ServicesDep) -> EventSourceResponse:
     jobs = services.jobs
-    subscription = jobs.events.subscribe(None)
-    opening = jobs.unfinished()
 
     async def messages() -> AsyncIterator[dict]:
-        try:
-            for view in opening:
+        # Subscribed when the stream starts (see download_events); the subscription and the
+        # opening state are taken together, with no await between them.
+        with jobs.events.subscribe(None) as subscription:
+            for view in jobs.unfinished():
                 yield event_message(EventKind.STATUS, view)
             async for message in _forward(subscription, stop_at_terminal=False):
                 yield message
-        finally:
-            subscription.close()
 
     return _stream(messages())

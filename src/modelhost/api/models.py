@@ -28,6 +28,7 @@ from modelhost.catalog import (
     save_sizes,
     speaks,
 )
+from modelhost.errors import InvalidRequest
 from modelhost.names import validate_name
 from modelhost.sources import DownloadRequest, Plan
 from modelhost.store import Manifest, describe
@@ -50,26 +51,43 @@ async def list_models(services: ServicesDep) -> dict:
 @router.get(
     "/models/available",
     summary="The catalog of downloadable models",
-    responses=error_responses(422, 502),
+    responses=error_responses(400, 422),
 )
 async def available_models(
     services: ServicesDep,
     measure: bool = Query(
         default=False,
-        description="first measure every entry's download size from the upstream file "
-        "listings (metadata requests only), and keep the result",
+        include_in_schema=False,  # refused: measuring is POST /models/available/measure
     ),
 ) -> dict:
-    home = services.settings.home
     if measure:
+        # A GET never changes state: measuring calls every upstream and writes a file.
+        raise InvalidRequest(
+            "GET /models/available does not measure: measuring asks every upstream and keeps "
+            "the result, so it is POST /models/available/measure",
+            error="Use POST to measure",
+            param="measure",
+        )
+    sizes = await asyncio.to_thread(load_sizes, services.settings.home)
+    manifests = await asyncio.to_thread(services.store.list)
+    return available_view(services.catalog, installed=manifests, sizes=sizes)
 
-        def plan(body: dict) -> Plan:
-            return services.jobs.plan_only(DownloadRequest(**body))
 
-        sizes = await asyncio.to_thread(measure_sizes, services.catalog, plan)
-        await asyncio.to_thread(save_sizes, home, sizes)
-    else:
-        sizes = await asyncio.to_thread(load_sizes, home)
+@router.post(
+    "/models/available/measure",
+    summary="Measure the catalog's download sizes, and keep them",
+    description="Plans every entry's download request (the upstreams' file listings: "
+    "metadata requests only, no weights move), sums what each install would transfer, keeps "
+    "the result in the home (catalog-sizes.json) and answers the catalog with it, as "
+    "`GET /models/available` reports it from then on.",
+    responses=error_responses(422, 502),
+)
+async def measure_available_models(services: ServicesDep) -> dict:
+    def plan(body: dict) -> Plan:
+        return services.jobs.plan_only(DownloadRequest(**body))
+
+    sizes = await asyncio.to_thread(measure_sizes, services.catalog, plan)
+    await asyncio.to_thread(save_sizes, services.settings.home, sizes)
     manifests = await asyncio.to_thread(services.store.list)
     return available_view(services.catalog, installed=manifests, sizes=sizes)
 

@@ -13,11 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute, APIRouter
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelhost.api.errors import error_body
+from modelhost.api.deps import api_key_refusal, require_api_key
+from modelhost.api.errors import error_body, modelhost_error_response
 from modelhost.api.openai.errors import is_v1, openai_error_body
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -119,11 +124,62 @@ def _forbidden(scope: Scope, message: str, error: str) -> JSONResponse:
     return JSONResponse(error_body(message, error), status_code=403)
 
 
+def keyed_routes(routers: Iterable[APIRouter]) -> list[tuple[APIRoute, bool]]:
+    """Each route of ``routers`` and whether it depends on ``require_api_key`` (its router's
+    dependencies or its own); /health and the dashboard do not."""
+    routes = []
+    for router in routers:
+        for route in router.routes:
+            if isinstance(route, APIRoute):  # what app.include_router added is walked as given
+                calls = [d.dependency for d in (*router.dependencies, *route.dependencies)]
+                routes.append((route, require_api_key in calls))
+    return routes
+
+
+class ApiKeyGuard:
+    """Pure ASGI middleware: on a route that needs the API key, checks it before anything
+    reads the body. FastAPI parses a route's body before it runs the route's dependencies,
+    so without this a caller with no key got 422 naming its JSON error, and a large upload
+    was read (or spooled) before its 401."""
+
+    def __init__(self, app: ASGIApp, routers: Iterable[APIRouter]) -> None:
+        self.app = app
+        self.routers = list(routers)
+        self._routes: list[tuple[APIRoute, bool]] | None = None
+
+    def needs_key(self, scope: Scope) -> bool:
+        """Whether the route ``scope`` reaches needs the key; a path no route serves passes
+        on (its 404 or 405 tells nothing)."""
+        if self._routes is None:  # built on the first request: every router is included
+            self._routes = keyed_routes(self.routers)
+        for route, keyed in self._routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return keyed
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            expected = scope["app"].state.settings.api_key
+            refusal = api_key_refusal(expected, Headers(scope=scope))
+            if refusal is not None and self.needs_key(scope):
+                response = modelhost_error_response(Request(scope), refusal)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install_security(
-    app: FastAPI, allowed_hosts: Iterable[str], cors_origins: Iterable[str]
+    app: FastAPI,
+    allowed_hosts: Iterable[str],
+    cors_origins: Iterable[str],
+    routers: Iterable[APIRouter],
 ) -> None:
-    """CORS headers for the allowed origins, inside the Host/Origin guard (which runs first)."""
+    """The API key check (innermost, so its 401 carries CORS headers), CORS headers for the
+    allowed origins, and outermost the Host/Origin guard (which runs first)."""
     origins = list(cors_origins)
+    # ``routers``: those the app includes; the app's own router holds the docs' routes.
+    app.add_middleware(ApiKeyGuard, routers=[app.router, *routers])
     app.add_middleware(
         CORSMiddleware,
         allow_origins=origins,

@@ -137,6 +137,15 @@ def phase_of_files(statuses: list[str]) -> str | None:
     return "verifying" if "verifying" in statuses else None
 
 
+def planning_ended_by(exc: BaseException) -> str:
+    """What a planning job that ended on ``exc`` says it ended on."""
+    if isinstance(exc, ModelhostError):
+        return exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return "Planning interrupted (the request or the server stopped)"
+    return f"Planning failed: internal error ({type(exc).__name__})"
+
+
 def new_job(request: DownloadRequest, key: str, **fields: Any) -> Job:
     """A fresh job row for ``request`` (with a new id unless ``fields`` give one)."""
     fields.setdefault("id", secrets.token_hex(6))
@@ -360,6 +369,8 @@ class JobManager:
         # metadata requests instead of waiting for a silent upstream.
         self._plan_cancels: set[CancelToken] = set()
         self._plan_cancels_lock = threading.Lock()
+        # The token of each job being planned, by job id: a cancel of the job reaches its plan.
+        self._planning_tokens: dict[str, CancelToken] = {}
         # Jobs this process finished, so status polls of them need no database round trip.
         self._finished: OrderedDict[str, Job] = OrderedDict()
         self._throughputs: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_HISTORY)
@@ -496,23 +507,34 @@ class JobManager:
         self._planning[key] = future
         self._planning_names[request.name] = key
         planning = self._begin_planning(request, key, force)
+        cancel = self._planning_tokens[planning.id] = CancelToken()
         try:
-            result = await self._plan_and_create(source, request, planning, installed, update)
+            result = await self._plan_and_create(
+                source, request, planning, installed, update, cancel
+            )
             future.set_result(result)
             return result
         except UpstreamError as exc:
             exc.download_id = await self._record_failure(planning, exc)
             future.set_exception(exc)
             raise
+        except Cancelled as exc:
+            if cancel.cancelled and not self._stopping:  # a cancel of this job, by request
+                exc.download_id = await self._record_failure(planning, exc, JobState.CANCELLED)
+            else:
+                self._end_planning(planning, JobState.FAILED, exc.message)
+            future.set_exception(exc)
+            raise
         except BaseException as exc:
             future.set_exception(exc)
-            if isinstance(exc, ModelhostError):
-                self._end_planning(planning, JobState.FAILED, exc.message)
+            # Whatever ended the plan, the streams that saw it planning see it end.
+            self._end_planning(planning, JobState.FAILED, planning_ended_by(exc))
             raise
         finally:
             del self._planning[key]
             del self._planning_names[request.name]
             self._planning_jobs.pop(planning.id, None)
+            self._planning_tokens.pop(planning.id, None)
 
     async def _plan_and_create(
         self,
@@ -521,9 +543,11 @@ class JobManager:
         planning: Job,
         installed: Manifest | None,
         update: bool,
+        cancel: CancelToken,
     ) -> SubmitResult:
         """Plan ``request``, check the plan fits, and queue its job (the planning one's id)."""
-        plan = await asyncio.to_thread(self._plan_cancellable, source, request)
+        plan = await asyncio.to_thread(self._plan_cancellable, source, request, cancel)
+        cancel.raise_if_cancelled()  # cancelled as the plan ended: no job starts
         # The manifest keeps the request's options: its identity, and what loading needs.
         options = install_options(request)
         if update and installed is not None and installed.spec.options is not None:
@@ -608,9 +632,12 @@ class JobManager:
             import_roots=self.import_roots,
         )
 
-    def _plan_cancellable(self, source: Source, request: DownloadRequest) -> Plan:
-        """``source.plan`` with a cancel token ``stop()`` can reach (worker thread)."""
-        cancel = CancelToken()
+    def _plan_cancellable(
+        self, source: Source, request: DownloadRequest, cancel: CancelToken | None = None
+    ) -> Plan:
+        """``source.plan`` with a cancel token ``stop()`` (and, given one, a cancel of the
+        job) can reach (worker thread)."""
+        cancel = cancel or CancelToken()
         with self._plan_cancels_lock:
             self._plan_cancels.add(cancel)
         try:
@@ -626,12 +653,19 @@ class JobManager:
         Blocking (metadata requests): call it in a worker thread."""
         return self._plan_cancellable(get_source(request.source), request)
 
-    async def _record_failure(self, planning: Job, exc: ModelhostError) -> str:
-        """A job that failed before its first byte, so its reason stays observable."""
+    async def _record_failure(
+        self, planning: Job, exc: ModelhostError, state: JobState = JobState.FAILED
+    ) -> str:
+        """A job that failed (or was cancelled) before its first byte, so its reason stays
+        observable."""
         now = utcnow()
+        if state == JobState.CANCELLED:
+            message = f"Download of model '{planning.name}' cancelled while planning"
+        else:
+            message = f"Failed to download model '{planning.name}': {exc.message}"
         job = planning.evolve(
-            state=JobState.FAILED,
-            message=f"Failed to download model '{planning.name}': {exc.message}",
+            state=state,
+            message=message,
             error=exc.error,
             started_at=now,
             finished_at=now,
@@ -1267,6 +1301,10 @@ class JobManager:
         """Cancel a pending or running job; returns it in its final state. Its partial
         files stay for a retry (``cancelled_partials_keep_s``) unless ``keep_partials`` is
         false."""
+        if job_id in self._planning_jobs:
+            ended = await self._cancel_planning(job_id)
+            if ended is not None:
+                return ended
         active = self._active.get(job_id)
         if active is None:
             job = await asyncio.to_thread(self.repository.get, job_id)
@@ -1292,6 +1330,24 @@ class JobManager:
         active.cancel.cancel("cancelled by request")
         await asyncio.shield(active.task)
         return active.job
+
+    async def _cancel_planning(self, job_id: str) -> Job | None:
+        """Cancel a job still being planned: its plan stops (a local source's hashing within
+        a chunk) and the job is recorded cancelled. Returns it, or None when the plan had
+        already become a queued job (which ``cancel`` then cancels as such)."""
+        planning = self._planning_jobs[job_id]
+        self._planning_tokens[job_id].cancel("cancelled by request")
+        future = self._planning.get(planning.key)
+        if future is not None:
+            await asyncio.wait([future])  # its POST raises or answers; not ours to re-raise
+        if job_id in self._active:
+            return None
+        job = self._finished.get(job_id)
+        if job is None:
+            job = await asyncio.to_thread(self.repository.get, job_id)
+        if job is None:
+            raise JobNotFound(f"Download not found: {job_id}")
+        return job
 
     async def retry(self, name: str, force: bool) -> SubmitResult:
         """Run the last failed or cancelled download of ``name`` again.

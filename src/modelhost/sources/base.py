@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.config import PicklePolicy
+from modelhost.convert import is_convertible
 from modelhost.errors import InvalidRequest
 from modelhost.fetch import CancelToken, FetchEngine, FileSpec
 from modelhost.names import NAME_PATTERN, check_path_limits, shorten
@@ -167,8 +168,6 @@ def install_options(request: DownloadRequest) -> InstallOptions:
     return InstallOptions(**options)
 
 
-# Pickled state dicts the converter takes (modelhost.convert); .pkl/.pickle are not among them.
-CONVERTIBLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PICKLE_REFUSED = (
     "this server refuses pickled weights (MODELHOST_PICKLE_POLICY=refuse), with or without "
     "allow_pickle"
@@ -196,7 +195,8 @@ def decide_pickles(
             error="Pickled weights refused",
         )
     if policy == "convert" and convertible:
-        to_convert = [p for p in pickled if p.lower().endswith(CONVERTIBLE_SUFFIXES)]
+        # Only what the converter takes (training_args.bin is a pickled object, not weights).
+        to_convert = [p for p in pickled if is_convertible(p.lower())]
         if len(to_convert) == len(pickled) or allow_pickle:
             return to_convert
     if not allow_pickle:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from modelhost.errors import InvalidRequest, SourceNotAllowed
-from modelhost.fetch import FileSpec
-from modelhost.fetch.engine import digest_file, local_url
+from modelhost.fetch import CancelToken, FileSpec
+from modelhost.fetch.engine import local_url
 from modelhost.sources.base import (
     DownloadRequest,
     PicklePolicy,
@@ -30,8 +31,16 @@ from modelhost.sources.url import PICKLE_SUFFIXES
 from modelhost.spec import ModelSpec
 
 ROOTS_SETTING = "MODELHOST_IMPORT_ROOTS"
+# What ``transformers.Trainer`` saves beside a checkpoint's weights: the state to resume
+# training (optimizer, scheduler, grad scaler, RNG states, pickled TrainingArguments). None of
+# it is weights, none is a state dict of tensors the converter takes, and serving needs none.
+TRAINING_STATE = re.compile(
+    r"^(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$"
+)
 MAX_FILES = 10_000
 CONFIG_LIMIT = 1024 * 1024
+# Hashing reads this much between two looks at the cancel token (a few ms of sha256).
+HASH_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,13 @@ def list_files(directory: Path, root: Path, import_roots: tuple[Path, ...]) -> l
     return found
 
 
+def _without_training_state(files: list[LocalFile]) -> tuple[list[LocalFile], list[str]]:
+    """The files minus a Trainer checkpoint's training state (``TRAINING_STATE``): left out,
+    so that only weights go to the converter. Returns (kept, left-out paths)."""
+    left_out = [f.path for f in files if TRAINING_STATE.match(PurePosixPath(f.path).name)]
+    return [f for f in files if f.path not in left_out], left_out
+
+
 def _without_pickled_copies(files: list[LocalFile]) -> tuple[list[LocalFile], list[str]]:
     """The files minus pickled weights in a folder that has safetensors weights: the same
     weights again, as the huggingface source's selection treats them (converting them would
@@ -161,6 +177,31 @@ def _pickles_to_convert(
     )
 
 
+def unreadable(exc: PermissionError, model_id: str) -> InvalidRequest:
+    """A file or directory the server's user may not read, as a 400 naming it (the job would
+    otherwise fail later, or the request answer 500)."""
+    path = exc.filename or model_id
+    return InvalidRequest(
+        f"{path} cannot be read by the server ({exc.strerror or 'permission denied'}): give "
+        "the server's user read access to it, or import another directory",
+        error="Permission denied",
+    )
+
+
+def hash_file(path: Path, cancel: CancelToken | None) -> tuple[str, int]:
+    """sha256 and size of ``path``, read once; a cancel stops it within one chunk (a
+    multi-GB file takes seconds, and a cancelled plan must not hold its thread)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
 def _read_config(files: list[LocalFile]) -> dict:
     """The model's config.json, or {} when it has none (or it is not a JSON object)."""
     config = next((f for f in files if f.path == "config.json"), None)
@@ -177,16 +218,23 @@ class LocalSource:
     name = "local"
 
     def plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
-        """Check the directory against the import roots, list and hash its files."""
+        """Check the directory against the import roots, list and hash its files. Blocking
+        (the manager runs it in a thread); a cancel of ``context.cancel`` stops the hashing."""
+        try:
+            return self._plan(request, context)
+        except PermissionError as exc:
+            raise unreadable(exc, request.model_id) from exc
+
+    def _plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
         directory, root = check_directory(request.model_id, context.import_roots)
         files = list_files(directory, root, context.import_roots)
+        files, training = _without_training_state(files)
         files, skipped = _without_pickled_copies(files)
         convert = _pickles_to_convert(files, context.pickle_policy, request.allow_pickle)
         specs = []
         tree = hashlib.sha256()
         for item in files:
-            sha256, _ = digest_file(item.real)
-            size = item.real.stat().st_size
+            sha256, size = hash_file(item.real, context.cancel)
             tree.update(f"{item.path}\0{sha256}\n".encode())
             specs.append(
                 FileSpec(
@@ -216,7 +264,10 @@ class LocalSource:
                 description=f"{directory} ({len(specs)} files)",
                 architecture=architecture,
                 directory=str(directory),
-                notes=[f"skipped {path}: the folder has safetensors weights" for path in skipped],
+                notes=[
+                    *(f"left out {path}: training state, not needed to serve" for path in training),
+                    *(f"skipped {path}: the folder has safetensors weights" for path in skipped),
+                ],
             ),
             convert=convert,
         )

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
+from starlette.types import Message, Receive
 
 from modelhost.api.deps import ServicesDep, require_api_key
 from modelhost.api.inference import keep_alive_seconds, on_worker
@@ -83,10 +84,13 @@ class DurationUsage(BaseModel):
 
 
 class UploadTooLarge(InvalidRequest):
-    """An upload over ``MAX_UPLOAD_BYTES`` (413, as OpenAI answers it)."""
+    """An upload over ``MAX_UPLOAD_BYTES`` (413, as OpenAI answers it). The answer closes
+    the connection: the rest of the body is never read (the server would otherwise go on
+    receiving and discarding it to reuse the connection)."""
 
     status_code = 413
     error = "File too large"
+    headers = {"Connection": "close"}
 
 
 class Transcription(BaseModel):
@@ -209,10 +213,37 @@ def parse_form(form) -> TranscriptionForm:
     )
 
 
+# The form's other fields and its multipart framing, on top of the file.
+FORM_OVERHEAD = 64 * 1024
+
+
+def limited_receive(receive: Receive, limit: int) -> Receive:
+    """``receive`` that refuses a body passing ``limit`` bytes as it arrives: a chunked
+    upload (no Content-Length) is stopped there, before more of it is spooled to disk."""
+    received = 0
+
+    async def receive_within_limit() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise UploadTooLarge(
+                    f"the upload passed {limit} bytes; the file may have at most "
+                    f"{MAX_UPLOAD_BYTES}: split or compress the audio",
+                    param="file",
+                )
+        return message
+
+    return receive_within_limit
+
+
 async def read_form(request: Request):
-    """The multipart form, refusing an upload over ``MAX_UPLOAD_BYTES`` before reading it."""
+    """The multipart form, refusing an upload over ``MAX_UPLOAD_BYTES`` before reading it
+    (by its Content-Length), or as soon as it passes the limit (a chunked one)."""
+    limit = MAX_UPLOAD_BYTES + FORM_OVERHEAD
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES + 64 * 1024:
+    if length and length.isdigit() and int(length) > limit:
         raise UploadTooLarge(
             f"the upload is {int(length)} bytes; the file may have at most {MAX_UPLOAD_BYTES}: "
             "split or compress the audio",
@@ -222,8 +253,10 @@ async def read_form(request: Request):
         raise InvalidRequest(
             "send the request as multipart/form-data (fields file and model)", param="file"
         )
+    # The parser closes (and so deletes) its spooled files when the limit stops it.
+    limited = Request(request.scope, receive=limited_receive(request.receive, limit))
     try:
-        return await request.form(max_files=1, max_fields=len(FIELDS) + 4)
+        return await limited.form(max_files=1, max_fields=len(FIELDS) + 4)
     except MultiPartException as exc:
         raise InvalidRequest(f"malformed multipart body: {exc.message}", param="file") from None
 
