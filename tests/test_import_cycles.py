@@ -58,9 +58,6 @@ ALLOWED_CYCLES: list[frozenset[str]] = [
     frozenset({"modelhost.fetch.engine", "modelhost.fetch.parts"}),
     # cli/: the commands import the app from the package, which imports them to register.
     frozenset({"modelhost.cli", "modelhost.cli.commands", "modelhost.cli.run"}),
-    # sources/: the registry and the TTS source; the Hub source and its cache reader.
-    frozenset({"modelhost.sources", "modelhost.sources.tts_auto"}),
-    frozenset({"modelhost.sources.hf_cache", "modelhost.sources.huggingface"}),
 ]
 
 
