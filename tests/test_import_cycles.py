@@ -56,8 +56,6 @@ ALLOWED_CYCLES: list[frozenset[str]] = [
     ),
     # fetch/: parts.py uses engine.py's private I/O helpers; engine.py starts the parts.
     frozenset({"modelhost.fetch.engine", "modelhost.fetch.parts"}),
-    # cli/: the commands import the app from the package, which imports them to register.
-    frozenset({"modelhost.cli", "modelhost.cli.commands", "modelhost.cli.run"}),
 ]
 
 
