@@ -54,8 +54,6 @@ ALLOWED_CYCLES: list[frozenset[str]] = [
             "modelhost.api.openai.transcriptions",
         }
     ),
-    # fetch/: parts.py uses engine.py's private I/O helpers; engine.py starts the parts.
-    frozenset({"modelhost.fetch.engine", "modelhost.fetch.parts"}),
 ]
 
 
