@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 import typer
 
-from modelhost.cli import app, client, err, handled, out, print_versions, render, serving, state
 from modelhost.cli import pull as pulling
+from modelhost.cli import render, serving
+from modelhost.cli.app import app, client, err, handled, out, print_versions, state
 from modelhost.cli.client import CliError
 
 JSON = typer.Option(False, "--json", help="Print the server's JSON")

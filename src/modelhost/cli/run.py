@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 import typer
 
-from modelhost.cli import app, client, handled, out, render, serving
 from modelhost.cli import pull as pulling
+from modelhost.cli import render, serving
+from modelhost.cli.app import app, client, handled, out
 from modelhost.cli.client import CliError
 from modelhost.cli.commands import JSON, install, write_speech
 

@@ -8,7 +8,7 @@ connection, as before. Parts are claimed lowest first by workers (each holds one
 engine's global connection slots): one at first, more while they pay (``_grow``: a
 per-connection cap rewards them, a link one connection fills does not), up to
 ``connections``. Each writes its part where it belongs in the one ``.part`` file as the single
-stream does (``_PartWriter``: O_DIRECT whole blocks, everything received written before it
+stream does (``PartWriter``: O_DIRECT whole blocks, everything received written before it
 waits for the network), and ``<key>.parts.json`` records each part's range, the bytes of it
 written (only bytes already in the file), and the validator; it is rewritten atomically every
 ``MAP_FLUSH_S`` while bytes arrive. So a restart after a SIGKILL resumes every unfinished part
@@ -47,29 +47,30 @@ from modelhost.errors import (
     TransientFetchError,
 )
 from modelhost.fetch.cancel import CancelToken
-from modelhost.fetch.engine import (
-    _CONTENT_RANGE,
+from modelhost.fetch.http import OpenResponse
+from modelhost.fetch.transfer import (
     CHUNK_SIZE,
+    CONTENT_RANGE,
     DIRECT_ALIGN,
     PROGRESS_RESETS_RETRIES,
+    FileProgress,
     FileSpec,
-    _body_reader,
-    _error_for_status,
-    _FileProgress,
-    _open_direct_read,
-    _PartWriter,
-    _ready_to_read,
-    _strong_etag,
-    _thread_nice,
+    PartWriter,
+    body_reader,
     disk_full,
+    error_for_status,
+    open_direct_read,
+    ready_to_read,
     set_thread_nice,
+    strong_etag,
+    thread_nice,
     upstream_error,
     verify,
 )
-from modelhost.fetch.http import OpenResponse
 
 if TYPE_CHECKING:
     from modelhost.fetch.engine import FetchEngine
+    from modelhost.fetch.stream import SingleStream
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class PartMap:
     @property
     def validator(self) -> str | None:
         """What ``If-Range`` sends: the strong ETag, else the Last-Modified date."""
-        return _strong_etag(self.etag) or self.last_modified
+        return strong_etag(self.etag) or self.last_modified
 
     @property
     def done(self) -> int:
@@ -294,7 +295,7 @@ class PrefixHasher:
         self._state = state
         self._memory = memory
         self._fd = os.open(path, os.O_RDONLY)
-        self._direct_fd = _open_direct_read(path)
+        self._direct_fd = open_direct_read(path)
         self.digest = hashlib.sha256()
         self.git_digest = hashlib.sha1(f"blob {git_size}\0".encode()) if git_size else None
         self._lock = threading.Condition()
@@ -304,7 +305,7 @@ class PrefixHasher:
         self._receiving: dict[int, int] = {}  # part index -> start of its worker's buffer
         self._stopped = False
         self._error: BaseException | None = None
-        self._nice = _thread_nice()
+        self._nice = thread_nice()
         self.from_memory = 0  # bytes hashed from the workers' buffers
         self.read_back = 0  # bytes read back from the file
         self._thread = threading.Thread(target=self._run, name="modelhost-sha256-parts")
@@ -509,7 +510,7 @@ class PartedDownload:
         engine: FetchEngine,
         spec: FileSpec,
         state: PartMap,
-        progress: _FileProgress,
+        progress: FileProgress,
         cancel: CancelToken,
     ) -> None:
         self.engine = engine
@@ -679,7 +680,7 @@ class PartedDownload:
                 self._live_changed.notify_all()
 
     def _start_helpers(self, helpers: list[threading.Thread], count: int) -> None:
-        nice = _thread_nice()
+        nice = thread_nice()
         for _ in range(max(0, count)):
             number = len(helpers) + 1
             helper = threading.Thread(
@@ -798,7 +799,7 @@ class PartedDownload:
                 if resolved is not None:
                     return resolved
                 continue
-            response = self.engine._open(url, headers=headers, cancel=self.stop)
+            response = self.engine.open(url, headers=headers, cancel=self.stop)
             if response.status not in EXPIRED_STATUSES or url == self.spec.url:
                 return response
             response.close()
@@ -817,7 +818,7 @@ class PartedDownload:
             with self.shared.lock:
                 if self.shared.url != stale:
                     return None
-            response = self.engine._open(self.spec.url, headers=headers, cancel=self.stop)
+            response = self.engine.open(self.spec.url, headers=headers, cancel=self.stop)
             with self.shared.lock:
                 if stale is not None:
                     self.shared.resolutions += 1
@@ -834,7 +835,7 @@ class PartedDownload:
     def _check_part_response(self, part: Part, response: OpenResponse) -> None:
         """Raise unless ``response`` is the asked range of the same version."""
         if response.status == 206:
-            match = _CONTENT_RANGE.match(response.header("Content-Range") or "")
+            match = CONTENT_RANGE.match(response.header("Content-Range") or "")
             expected = (str(part.position), str(part.end - 1), str(self.state.total))
             if match is None or match.groups() != expected:
                 raise VersionChanged(
@@ -857,10 +858,10 @@ class PartedDownload:
                 f"{response.url} answered {response.status} to a part's ranged request: the "
                 "file changed upstream; restarting it from zero"
             )
-        raise _error_for_status(response)
+        raise error_for_status(response)
 
     def _receive_part(self, fd: int, index: int, part: Part, response: OpenResponse) -> None:
-        """Write the body where it belongs, as the single stream does (``_PartWriter``: whole
+        """Write the body where it belongs, as the single stream does (``PartWriter``: whole
         blocks with O_DIRECT once enough wait, everything received before waiting for the
         network, so a kill loses only what was in flight), counting in the map only bytes
         written, and handing full buffers to the hasher; raises at a short body."""
@@ -868,13 +869,13 @@ class PartedDownload:
         hasher, throttle = self.hasher, self.progress.throttle
         remaining = part.end - part.position
         throttle.fit_socket(response.connection.sock, self.engine.connections)
-        read_some = _body_reader(response.response, remaining)
-        ready = _ready_to_read(response)
+        read_some = body_reader(response.response, remaining)
+        ready = ready_to_read(response)
         unregister = self.stop.on_cancel(response.shutdown)
         # Direct writes start at the block holding the resume offset; never in a block
         # that begins in the part before (its worker may still be writing it).
         aligned_start = part.position - part.position % DIRECT_ALIGN
-        writer = _PartWriter(self.part_path, fd, part.position, aligned_start >= part.start)
+        writer = PartWriter(self.part_path, fd, part.position, aligned_start >= part.start)
         buffer = hasher.take()
         view = memoryview(buffer)
         fill = writer.start(view)
@@ -922,7 +923,7 @@ class PartedDownload:
                 hasher.give(buffer)
 
     def _write(
-        self, writer: _PartWriter, part: Part, view: memoryview, fill: int, urgent: bool
+        self, writer: PartWriter, part: Part, view: memoryview, fill: int, urgent: bool
     ) -> None:
         """Let ``writer`` write what it will of ``view[:fill]``; the part's ``done`` grows by
         what reached the file, so that the map never records bytes still in memory."""
@@ -954,15 +955,35 @@ class PartedDownload:
             self._flush_lock.release()
 
 
+class InParts:
+    """The parts strategy (``fetch/transfer.py: Strategy``): ``fetch_in_parts`` with the
+    engine's single stream, which takes over a server's ``200`` to the first ranged request.
+    The engine passes the single stream in, so that this module never imports it."""
+
+    def __init__(self, engine: FetchEngine, single: SingleStream) -> None:
+        self.engine = engine
+        self.single = single
+
+    def run(
+        self, spec: FileSpec, progress: FileProgress, cancel: CancelToken
+    ) -> tuple[Path, int, str] | None:
+        """One attempt in parts, or None: the file goes as one stream after all."""
+        return fetch_in_parts(self.engine, spec, progress, cancel, self.single)
+
+
 def fetch_in_parts(
-    engine: FetchEngine, spec: FileSpec, progress: _FileProgress, cancel: CancelToken
+    engine: FetchEngine,
+    spec: FileSpec,
+    progress: FileProgress,
+    cancel: CancelToken,
+    single: SingleStream,
 ) -> tuple[Path, int, str] | None:
     """Fetch ``spec`` as parts: resume its saved part map, or start one by asking for part 0.
 
     A server that answers that first request with 200 (no range support) has its response
-    streamed whole, as one connection. Returns None when the server honours ranges but gives
-    no validator to ask the other parts with: the caller then fetches it as one stream.
-    The caller holds one connection slot.
+    streamed whole by ``single``, as one connection. Returns None when the server honours
+    ranges but gives no validator to ask the other parts with: the caller then fetches it as
+    one stream. The caller holds one connection slot.
     """
     part_path, meta_path = engine.partial_paths(spec)
     map_path = engine.parts_map_path(spec)
@@ -977,13 +998,13 @@ def fetch_in_parts(
     part_size = -(-part_size // DIRECT_ALIGN) * DIRECT_ALIGN  # parts own whole blocks
     layout = split(spec.size, part_size)
     headers = {"Range": f"bytes=0-{layout[0].end - 1}"}
-    response = engine._open(spec.url, headers=headers, cancel=cancel)
+    response = engine.open(spec.url, headers=headers, cancel=cancel)
     progress.throttle.fit_socket(response.connection.sock)
     handed_over = False
     try:
         if response.status == 200:
             log.info("%s ignores Range: fetching it as one stream", response.url)
-            return engine._receive(spec, response, part_path, meta_path, 0, None, progress, cancel)
+            return single.receive(spec, response, part_path, meta_path, 0, None, progress, cancel)
         state = _first_part_state(spec, response, layout)
         if state is None:
             log.info("%s gives no validator: fetching it as one stream", response.url)
@@ -1003,8 +1024,8 @@ def fetch_in_parts(
 def _first_part_state(spec: FileSpec, response: OpenResponse, layout: list[Part]) -> PartMap | None:
     """The part map a 206 for part 0 starts (None: no validator); raises for other answers."""
     if response.status != 206:
-        raise _error_for_status(response)
-    match = _CONTENT_RANGE.match(response.header("Content-Range") or "")
+        raise error_for_status(response)
+    match = CONTENT_RANGE.match(response.header("Content-Range") or "")
     total = spec.size
     if match is None or match.group(1) != "0" or match.group(2) != str(layout[0].end - 1):
         raise TransientFetchError(

@@ -6,23 +6,12 @@ import difflib
 
 from modelhost.errors import InvalidSource
 from modelhost.sources.base import VALID_SOURCES, DownloadRequest, Plan, Source, SourceContext
-from modelhost.sources.huggingface import HubSettings, HuggingFaceSource
-from modelhost.sources.local import LocalSource
-from modelhost.sources.torch_hub import TorchHubSource
-from modelhost.sources.torchaudio import TorchaudioSource
-from modelhost.sources.torchvision import TorchvisionSource
+from modelhost.sources.huggingface import HubSettings
+from modelhost.sources.registry import CONCRETE_SOURCES
 from modelhost.sources.tts_auto import TtsAutoSource
-from modelhost.sources.url import UrlSource
 
-_SOURCES: dict[str, type[Source]] = {
-    "pytorch_hub": TorchHubSource,
-    "torchvision": TorchvisionSource,
-    "huggingface": HuggingFaceSource,
-    "url": UrlSource,
-    "tts_auto": TtsAutoSource,
-    "torchaudio": TorchaudioSource,
-    "local": LocalSource,
-}
+# The concrete sources and tts_auto, which resolves to one of them.
+_SOURCES: dict[str, type[Source]] = {**CONCRETE_SOURCES, "tts_auto": TtsAutoSource}
 
 
 def get_source(name: str) -> Source:

@@ -17,10 +17,8 @@ from modelhost.errors import InvalidRequest, UpstreamError, UpstreamNotFound
 from modelhost.fetch import FileSpec
 from modelhost.fetch.engine import local_url
 from modelhost.sources.base import DownloadRequest, PicklePolicy
-
-# huggingface.py imports this module lazily, in its offline branch, so this import is no cycle.
+from modelhost.sources.hf_select import RepoSnapshot, select_for_request
 from modelhost.sources.hub_api import LfsInfo, RepoFile
-from modelhost.sources.huggingface import RepoSnapshot, select_for_request
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")

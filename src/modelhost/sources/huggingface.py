@@ -9,16 +9,13 @@ bring its vocoder along as a component of the same logical model.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from modelhost.catalog import entry_for_model_id, load_catalog
-from modelhost.convert import converted_name
 from modelhost.errors import (
     DigestMismatch,
     InvalidRequest,
@@ -30,39 +27,14 @@ from modelhost.errors import (
 from modelhost.fetch import FileSpec
 from modelhost.fetch.engine import is_local_only
 from modelhost.names import check_path_limits
-from modelhost.sources.base import (
-    DownloadRequest,
-    PicklePolicy,
-    Plan,
-    SourceContext,
-    decide_pickles,
-)
-from modelhost.sources.hub_api import HubApi, HubResponseError, RepoFile, resolve_url
+from modelhost.sources import hf_cache
+from modelhost.sources.base import DownloadRequest, PicklePolicy, Plan, SourceContext
+from modelhost.sources.hf_select import RepoSnapshot, select_for_request, to_convert
+from modelhost.sources.hf_select import select_files as select_files  # re-exported (tests)
+from modelhost.sources.hub_api import HubApi, HubResponseError, resolve_url
 from modelhost.spec import Component, ModelSpec
 
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-# Weight formats other frameworks use: skipped when safetensors weights exist (they are the
-# same weights again), unless allow_patterns asks for them.
-OTHER_FRAMEWORK_PATTERNS = (
-    "*.h5",
-    "*.msgpack",
-    "*.onnx",
-    "*.onnx_data",
-    "*.tflite",
-    "*.ot",
-    "*.gguf",
-    "*.mlmodel",
-    "*.mlpackage/*",
-    "onnx/*",
-    "openvino/*",
-    "coreml/*",
-    "*.ckpt",
-    "*.ckpt.index",
-    "*.pb",
-)
-PICKLE_WEIGHT_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle")
-SAFETENSORS_PATTERN = "*.safetensors"
 
 TTS_TASKS = {"text-to-speech", "text-to-audio"}
 TTS_ARCHITECTURES = {"speecht5", "bark", "vits"}
@@ -79,131 +51,6 @@ class HubSettings:
     token: str | None
     cache_dir: Path | None  # a huggingface_hub cache to import verified files from
     offline: bool = False  # HF_HUB_OFFLINE: plan and install from cache_dir alone
-
-
-@dataclass(frozen=True)
-class RepoSnapshot:
-    """One repository at one commit: the files selected for installation."""
-
-    repo_id: str
-    requested_revision: str
-    commit: str
-    files: list[RepoFile]
-
-
-def _matches(path: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatch(path, pattern) for pattern in patterns)
-
-
-def select_files(
-    files: list[RepoFile],
-    allow_patterns: list[str] | None,
-    ignore_patterns: list[str] | None,
-    allow_pickle: bool,
-    pickle_policy: PicklePolicy = "convert",
-) -> list[RepoFile]:
-    """The files a model needs to load: one weight format, no other frameworks' copies.
-
-    ``allow_patterns`` / ``ignore_patterns`` (fnmatch, as huggingface_hub uses them) take
-    precedence over the defaults. The pickle policy decides about pickled weights
-    (``decide_pickles``): converted, refused, or admitted with ``allow_pickle``.
-    """
-    if allow_patterns:
-        chosen = [f for f in files if _matches(f.path, allow_patterns)]
-    else:
-        has_safetensors = any(_matches(f.path, [SAFETENSORS_PATTERN]) for f in files)
-        chosen = [f for f in files if not _matches(f.path, OTHER_FRAMEWORK_PATTERNS)]
-        if has_safetensors:
-            chosen = [f for f in chosen if not _matches(f.path, PICKLE_WEIGHT_PATTERNS)]
-            # An index of pickled shards is useless without them.
-            chosen = [f for f in chosen if f.path != "pytorch_model.bin.index.json"]
-    if ignore_patterns:
-        chosen = [f for f in chosen if not _matches(f.path, ignore_patterns)]
-    if pickle_policy == "convert" and not allow_pickle:
-        chosen = _without_pickles_beside_safetensors(chosen)
-    pickled = pickled_weights(f.path for f in chosen)
-    decide_pickles(
-        pickled,
-        pickle_policy,
-        allow_pickle,
-        f"This repository offers only pickled weights ({', '.join(pickled[:3])}), which can "
-        'run code when loaded. Set "allow_pickle": true to install them (they will be '
-        "loaded with weights_only=True), or pick a repository with safetensors weights",
-    )
-    return chosen
-
-
-def _safetensors_folders(paths: Iterable[str]) -> set[PurePosixPath]:
-    """The folders (the repository's root, ``vocoder/``...) that hold safetensors weights."""
-    return {
-        PurePosixPath(p).parent
-        for p in paths
-        if fnmatch.fnmatch(PurePosixPath(p).name, SAFETENSORS_PATTERN)
-    }
-
-
-def beside_safetensors(paths: Iterable[str]) -> set[str]:
-    """The pickled files that safetensors weights of the same model make redundant: the
-    Transformers pickles (``pytorch_model*.bin`` and their index) in a folder that holds
-    safetensors weights, and any pickle whose converted name is already selected.
-
-    Converting them would write names the safetensors already have
-    (``pytorch_model.bin`` -> ``model.safetensors``): two files of one path."""
-    paths = list(paths)
-    selected = set(paths)
-    folders = _safetensors_folders(paths)
-    covered = set()
-    for path in paths:
-        pure = PurePosixPath(path)
-        transformers_pickle = fnmatch.fnmatch(pure.name, "pytorch_model*.bin") or (
-            pure.name == "pytorch_model.bin.index.json"
-        )
-        if transformers_pickle and pure.parent in folders:
-            covered.add(path)
-        elif pickled_weights([pure.name]) and converted_name(path) in selected:
-            covered.add(path)
-    return covered
-
-
-def _without_pickles_beside_safetensors(chosen: list[RepoFile]) -> list[RepoFile]:
-    """Leave out pickled weights that ``allow_patterns`` selected next to safetensors
-    weights of the same model: the safetensors are installed, the pickle is not needed."""
-    dropped = beside_safetensors(f.path for f in chosen)
-    return [f for f in chosen if f.path not in dropped]
-
-
-def select_for_request(
-    files: list[RepoFile],
-    request: DownloadRequest | None,
-    allow_pickle: bool,
-    pickle_policy: PicklePolicy,
-) -> list[RepoFile]:
-    """``select_files`` with the request's patterns and opt-in; without a request (a
-    component such as the vocoder) the default selection with ``allow_pickle``."""
-    if request is None:
-        return select_files(files, None, None, allow_pickle, pickle_policy)
-    return select_files(
-        files, request.allow_patterns, request.ignore_patterns, request.allow_pickle, pickle_policy
-    )
-
-
-def pickled_weights(paths: Iterable[str]) -> list[str]:
-    """The paths that are pickled weights (what the pickle policy decides about)."""
-    return [p for p in paths if _matches(p, PICKLE_WEIGHT_PATTERNS)]
-
-
-def to_convert(specs: list[FileSpec], policy: PicklePolicy, allow_pickle: bool) -> list[str]:
-    """The planned files the converter turns into safetensors (main repo and components)."""
-    # Component files carry their folder (vocoder/...): match the patterns on the name.
-    # Pickles kept beside safetensors (allow_pickle) stay pickles: converted, they would
-    # collide with the safetensors' names.
-    covered = beside_safetensors(s.path for s in specs)
-    pickled = [
-        s.path
-        for s in specs
-        if pickled_weights([PurePosixPath(s.path).name]) and s.path not in covered
-    ]
-    return decide_pickles(pickled, policy, allow_pickle, "") if policy == "convert" else []
 
 
 def _hub_error(exc: HubResponseError, repo_id: str, revision: str, endpoint: str) -> ModelhostError:
@@ -376,8 +223,6 @@ class HuggingFaceSource:
         Without a ``request`` (a component such as the vocoder) the default selection
         applies, with ``allow_pickle`` as the request that brought it along says."""
         if api is None:  # offline
-            from modelhost.sources import hf_cache
-
             return hf_cache.snapshot(
                 hub.cache_dir, repo_id, revision, request, allow_pickle, pickle_policy
             )
@@ -394,8 +239,6 @@ class HuggingFaceSource:
     @staticmethod
     def _specs(hub: HubSettings, snapshot: RepoSnapshot, prefix: str) -> list[FileSpec]:
         if hub.offline:
-            from modelhost.sources import hf_cache
-
             return hf_cache.specs(hub.cache_dir, snapshot, prefix)
         specs = []
         for entry in snapshot.files:

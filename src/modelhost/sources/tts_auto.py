@@ -13,6 +13,7 @@ from dataclasses import replace
 from modelhost.catalog import CatalogEntry, is_tts_task, load_catalog
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.sources.registry import concrete_source
 
 
 def _key(text: str) -> str:
@@ -103,8 +104,6 @@ class TtsAutoSource:
 
     def plan(self, request: DownloadRequest, context: SourceContext) -> Plan:
         """Resolve the name, apply the flags, and let the entry's own source plan it."""
-        from modelhost.sources import get_source
-
         entry = resolve(request.model_id)
         notes = []
         if request.enable_large_model:
@@ -127,7 +126,7 @@ class TtsAutoSource:
             # Download-only files are stored, never unpickled: converting them buys nothing
             # (they are often not plain state dicts), so their pickles keep needing opt-in.
             context = replace(context, pickle_policy="allow")
-        plan = get_source(entry.source).plan(concrete, context)
+        plan = concrete_source(entry.source).plan(concrete, context)
         return replace(
             plan,
             spec=plan.spec.model_copy(
