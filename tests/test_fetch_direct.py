@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from fileserver import DropAfter, FileServer, Stall
 
-from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
-from modelhost.fetch import engine as engine_module
-from modelhost.fetch.engine import DIRECT_ALIGN, DIRECT_MIN_WRITE, _PartWriter
+from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy, transfer
+from modelhost.fetch.transfer import DIRECT_ALIGN, DIRECT_MIN_WRITE, PartWriter
 
 PAGE = mmap.PAGESIZE
 
@@ -56,8 +55,8 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def direct_writer(part: Path, fd: int, offset: int) -> _PartWriter:
-    writer = _PartWriter(part, fd, offset)
+def direct_writer(part: Path, fd: int, offset: int) -> PartWriter:
+    writer = PartWriter(part, fd, offset)
     if writer.direct_fd is None:
         writer.close()
         pytest.skip("no O_DIRECT on this platform or file system")
@@ -128,7 +127,7 @@ def test_fetched_file_skipped_the_page_cache_and_resumed_exactly(tmp_path):
     assert fetched.sha256 == sha(payload)
     assert starts == [None, cut]
     assert sent == len(payload)  # nothing fetched twice
-    if engine_module._open_direct(fetched.local_path) is None:
+    if transfer.open_direct(fetched.local_path) is None:
         pytest.skip("no O_DIRECT on this file system")
     # The resume read the first attempt's bytes back to hash them; after them only the pages
     # written buffered (around the resume point, the file's last block) are cached.
@@ -139,7 +138,7 @@ def test_fetched_file_skipped_the_page_cache_and_resumed_exactly(tmp_path):
 
 
 def test_without_o_direct_every_receive_is_written_buffered(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "_open_direct", lambda path: None)
+    monkeypatch.setattr(transfer, "open_direct", lambda path: None)
     payload = os.urandom(5 * 1024 * 1024 + 17)
     with FileServer() as server:
         server.add("/w", payload, faults=[DropAfter(1_000_000)])

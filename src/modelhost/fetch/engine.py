@@ -48,27 +48,18 @@ from modelhost.fetch.transfer import (
     PROGRESS_RESETS_RETRIES,
     FileProgress,
     FileSpec,
-    PartWriter,
     Strategy,
     content_length,
     disk_full,
     error_for_status,
-    open_direct,
     range_total,
     strong_etag,
     upstream_error,
     verify,
 )
 
-# Re-exported for those who import them from here: tests/test_fetch_direct.py (DIRECT_*, and
-# PartWriter and open_direct under their old private names), the jobs layer and api/app.py
-# (set_thread_nice).
-from modelhost.fetch.transfer import DIRECT_ALIGN as DIRECT_ALIGN
-from modelhost.fetch.transfer import DIRECT_MIN_WRITE as DIRECT_MIN_WRITE
+# Re-exported for the jobs layer and api/app.py, which import it from here.
 from modelhost.fetch.transfer import set_thread_nice as set_thread_nice
-
-_PartWriter = PartWriter
-_open_direct = open_direct
 
 log = logging.getLogger(__name__)
 
