@@ -98,8 +98,11 @@ class LoadRequest(BaseModel):
     def batch_settings(self) -> BatchSettings:
         """The requested batching, defaults for what is not given (400 when out of range)."""
         default = BatchSettings()
+        size = self.max_batch_size
+        if isinstance(size, float) and size.is_integer():
+            size = int(size)  # JSON's 87.0 is the integer 87 (as JSON Schema's "integer" says)
         return BatchSettings(
-            default.max_batch_size if self.max_batch_size is None else self.max_batch_size,
+            default.max_batch_size if size is None else size,
             default.max_batch_delay_ms
             if self.max_batch_delay_ms is None
             else self.max_batch_delay_ms,

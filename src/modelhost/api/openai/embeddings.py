@@ -56,10 +56,10 @@ class EmbeddingsRequest(BaseModel):
         "not accepted: their ids are another tokenizer's)",
         json_schema_extra={
             "anyOf": [
-                {"type": "string", "minLength": 1},
+                {"type": "string", "pattern": r"\S"},  # not blank (parse_input)
                 {
                     "type": "array",
-                    "items": {"type": "string", "minLength": 1},
+                    "items": {"type": "string", "pattern": r"\S"},
                     "minItems": 1,
                     "maxItems": MAX_INPUTS,
                 },

@@ -61,7 +61,7 @@ _FORM_SCHEMA = {
                     "required": ["file", "model"],
                     "additionalProperties": False,  # others: a 400 naming the field
                     "properties": {
-                        "file": {"type": "string", "format": "binary"},
+                        "file": {"type": "string", "format": "binary", "minLength": 1},
                         "model": {"type": "string", **NAME_SCHEMA},
                         "language": {"type": "string", "description": "ISO-639-1, e.g. en"},
                         "prompt": {"type": "string"},
