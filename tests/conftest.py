@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +12,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import httpx
 import pytest
@@ -20,6 +25,42 @@ from fileserver import FileServer  # noqa: E402
 
 from modelhost.api.app import create_app  # noqa: E402
 from modelhost.config import Settings  # noqa: E402
+
+# ------------------------------------------------------------------ tools the tests need
+# A test that needs a tool (nginx, aria2c, chromium, torchaudio...) skips on a developer's
+# machine that lacks it, and FAILS under CI (``CI`` set, as .ci/run and CI services set it):
+# CI installs every tool, so a missing one there is a broken run, never a silent skip. Only
+# the CUDA tests may skip in CI (their reason says "needs a CUDA GPU"); pytest's -ra
+# (pyproject's addopts) prints every skip and its reason at the end of the run.
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (``CI`` set to anything but empty, 0 or false)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def missing(reason: str, module_level: bool = False) -> NoReturn:
+    """Skip (locally) or fail (under CI) a test whose tool is missing, saying which."""
+    if in_ci():
+        pytest.fail(f"CI must provide it: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def need_tool(tool: str, why: str, module_level: bool = False) -> str:
+    """The executable ``tool`` (a name looked up on PATH, or a path); ``missing`` if none."""
+    found = shutil.which(tool)
+    if found is None:
+        missing(f"{tool} not installed: {why}", module_level)
+    return found
+
+
+def need_module(name: str, why: str, module_level: bool = True) -> ModuleType:
+    """``import name``; ``missing`` when it cannot be imported (pytest.importorskip's CI-aware
+    twin)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(f"{name} cannot be imported ({exc}): {why}", module_level)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

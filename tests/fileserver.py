@@ -659,9 +659,16 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Stopped
 
     def _write(self, record: RequestRecord, data: bytes | memoryview) -> None:
-        """Send all of ``data``, counting it in ``record`` before each send (see module doc)."""
+        """Send all of ``data``, counting it in ``record`` before each send (see module doc);
+        with a ``link``, each slice waits for its turn on the server's one uplink."""
         owner = self.server.owner
         view = memoryview(data)
+        if owner.link is not None and len(view) > _LINK_SLICE:
+            for offset in range(0, len(view), _LINK_SLICE):
+                self._write(record, view[offset : offset + _LINK_SLICE])
+            return
+        if owner.link is not None:
+            self._sleep(owner.link.wait_for(len(view)))
         while view:
             owner._add_sent(record, len(view))
             try:
@@ -673,19 +680,48 @@ class _Handler(BaseHTTPRequestHandler):
             view = view[n:]
 
 
+_LINK_SLICE = 16 * 1024  # the uplink's unit: small, so connections interleave finely
+
+
+class Link:
+    """One uplink every connection of the server shares, at ``bytes_per_s`` in all: slices
+    are sent one after another at its pace, so one connection gets all of it and two get
+    half each (a saturated server, as a CDN's per-client cap or a full uplink is). No burst:
+    the capacity is the same however many connections share it."""
+
+    def __init__(self, bytes_per_s: int) -> None:
+        if bytes_per_s <= 0:
+            raise ValueError("a link's rate must be positive")
+        self.bytes_per_s = bytes_per_s
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()
+
+    def wait_for(self, nbytes: int) -> float:
+        """Book ``nbytes`` on the link; seconds to wait until they may be sent."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._free_at)
+            self._free_at = start + nbytes / self.bytes_per_s
+            return start - now
+
+
 class FileServer:
     """Context manager; serves on 127.0.0.1 on a free port in a daemon thread.
 
-    ``rate_bytes_per_s`` throttles every response body (a path's ``Rate`` fault overrides it).
+    ``rate_bytes_per_s`` throttles every response body (a path's ``Rate`` fault overrides it);
+    ``link_bytes_per_s`` is the server's total rate, shared by every connection (``Link``).
     Resources can be added before or after ``start()``.
     """
 
     _handler_class: type[BaseHTTPRequestHandler] = _Handler  # subclasses may route differently
 
-    def __init__(self, rate_bytes_per_s: int | None = None) -> None:
+    def __init__(
+        self, rate_bytes_per_s: int | None = None, link_bytes_per_s: int | None = None
+    ) -> None:
         if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
             raise ValueError("rate_bytes_per_s must be positive")
         self.rate_bytes_per_s = rate_bytes_per_s
+        self.link = None if link_bytes_per_s is None else Link(link_bytes_per_s)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._log_records: list[RequestRecord] = []

@@ -482,6 +482,7 @@ def test_graceful_restart_resumes_interrupted_job(make_server, fileserver, paylo
     assert info["files"][0]["sha256"] == sha(payload)
 
 
+@pytest.mark.serial  # asserts a latency bound: run alone, not in the parallel pass
 def test_event_loop_stays_responsive_during_transfers(make_server, fileserver):
     big = os.urandom(32 * 1024 * 1024)
     fileserver.add("/b1.safetensors", big)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import need_tool
 
 # Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
 pytestmark = pytest.mark.serial
@@ -52,8 +51,7 @@ def run_bench(workdir: Path, *extra: str) -> dict:
 
 @pytest.fixture(autouse=True)
 def _needs_nginx() -> None:
-    if not os.access(NGINX, os.X_OK):
-        pytest.skip("nginx not installed: apt-get install nginx-light")
+    need_tool(NGINX, "apt-get install nginx-light")
 
 
 def test_one_round_json_is_consistent(tmp_path: Path) -> None:
@@ -146,8 +144,7 @@ FIRST_SEND_BYTES = 8_000_000
 
 
 def test_capped_mode_compares_with_aria2c_and_curl_under_the_cap(tmp_path: Path) -> None:
-    if shutil.which("aria2c") is None:
-        pytest.skip("aria2c not installed: apt-get install aria2")
+    need_tool("aria2c", "apt-get install aria2")
     summary = run_bench(tmp_path, "--rounds", "1", "--cap-mbps", "40")
 
     assert summary["tools"] == ["curl", "aria2c", "modelhost"]

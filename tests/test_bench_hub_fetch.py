@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import need_tool
 
 # Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
 pytestmark = pytest.mark.serial
@@ -35,8 +35,7 @@ RUN_KEYS = {"round", "tool", "seconds", "mib_per_s", "wall_seconds", "post_secon
 
 
 def test_one_round_json_is_consistent(tmp_path: Path) -> None:
-    if not os.access(NGINX, os.X_OK):
-        pytest.skip("nginx not installed: apt-get install nginx-light")
+    need_tool(NGINX, "apt-get install nginx-light")
     args = ["--size-mb", "32", "--files", "6", "--rounds", "1", "--json"]
     args += ["--settle-s", "0", "--workdir", str(tmp_path)]
     result = subprocess.run(

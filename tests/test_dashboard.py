@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
+from conftest import need_module, need_tool
 from hubserver import HubServer
 from tiny_models import publish_all
 
@@ -29,9 +29,8 @@ ARGS = [
 MB = 1_000_000
 BIG = {"weights.bin": os.urandom(15 * MB)}
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-if not Path(CHROMIUM).exists():
-    pytest.skip("needs Debian's chromium: apt-get install chromium", allow_module_level=True)
+sync_api = need_module("playwright.sync_api", "pip install playwright")
+need_tool(CHROMIUM, "needs Debian's chromium: apt-get install chromium", module_level=True)
 
 
 @pytest.fixture(scope="module")

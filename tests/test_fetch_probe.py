@@ -129,26 +129,20 @@ def test_connections_paying_less_than_the_first_ones_are_still_added(
     assert (download.peak_workers, download.allowed) == (4, 4)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("MODELHOST_LOAD_SENSITIVE"),
-    reason="by hand, on a quiet machine: MODELHOST_LOAD_SENSITIVE=1 pytest -k uncapped",
-)
-def test_an_uncapped_loopback_server_gets_one_or_two_connections(tmp_path, recorded):
-    """No cap anywhere: on loopback one connection is as fast as the machine, and probing
-    stays at one or two of the eight connections it may use.
+def test_a_server_whose_capacity_one_connection_fills_gets_one_connection(tmp_path, recorded):
+    """The server's own capacity is the limit (a loopback server with one 4 MB/s uplink that
+    every connection shares: as fast with one connection as with two). The probe measures the
+    same rate with two connections as with one, so it stays at one of the eight it may use.
 
-    Load-sensitive, hence slow (run it on a quiet machine): with another process spinning on
-    a core, more threads of this process (server and engine share it) win more CPU from the
-    scheduler, so extra connections do pay there and the probe rightly goes to 8 (seen with
-    one busy-loop process on the 2-core VM). The filled-link test above is the deterministic
-    one."""
-    data = os.urandom(96 * MIB)
-    with FileServer() as server:
+    The deterministic form of the uncapped-loopback check (which hung on the machine's load:
+    with a busy core, more threads won more CPU and extra connections paid): the capacity
+    here is set by the server's pacing, far below what one connection moves on loopback, so
+    the decision does not depend on the load (fails if the probe grows on equal rates)."""
+    data = os.urandom(16 * MIB)
+    with FileServer(link_bytes_per_s=4_000_000) as server:
         server.add("/w", data)
-        engine = make_engine(tmp_path, server, connections=8, window=0.1)
+        engine = make_engine(tmp_path, server, connections=8, window=0.3)
         fetched = engine.fetch(FileSpec(server.url("/w"), "w.bin", len(data), sha(data)))
     assert fetched.sha256 == sha(data)
     (download,) = recorded
-    assert download.peak_workers <= 2
-    assert download.allowed <= 2
+    assert (download.peak_workers, download.allowed) == (2, 1)

@@ -231,7 +231,7 @@ def test_device_cuda_is_refused_before_any_hub_request(make_server, tmp_path):
         for device in ("cuda", "cuda:1"):
             body = {"source": "huggingface", "model_id": "org/tiny", "name": "t", "device": device}
             refused = server.client.post("/models/download", json=body)
-            assert refused.status_code == 400, refused.text
+            assert refused.status_code == 409, refused.text  # a well-formed device it lacks
             message = refused.json()["message"]
             assert message.startswith("CUDA is not available on this server: ")
             assert f"; use device cpu or auto (device '{device}' was asked for; " in message
@@ -243,7 +243,7 @@ def test_device_cuda_is_refused_before_any_hub_request(make_server, tmp_path):
         assert server.client.get("/models/downloads").json()["total"] == 0
 
         load = server.client.post("/models/t/load", json={"device": "cuda"})
-        assert load.status_code == 400
+        assert load.status_code == 409
         assert load.json()["message"].startswith("CUDA is not available on this server: ")
 
 

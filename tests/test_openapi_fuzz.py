@@ -1,33 +1,32 @@
-"""schemathesis over the schema a real server serves: no 5xx, every answer as documented.
+"""schemathesis over the schema a real server serves, with every check (`--checks all`).
 
 The server runs on loopback with a loopback Hub and no other host allowed (public defaults
-dropped), so no generated request leaves this machine. Each operation
-gets ``max_examples`` generated cases; the checks are the conformance ones (status listed,
-body matching its schema, declared content type) and schemathesis' not_a_server_error: no
-5xx at all, since every upstream here answers (see ``served``).
+dropped), so no generated request leaves this machine. schemathesis' own runner (``st run``)
+drives it, as a user would run it: the examples, coverage and fuzzing phases, each operation
+with a bounded number of generated cases, and all of its checks: no 5xx, every status,
+content type, header and body as documented, schema-valid data accepted and invalid data
+refused, ``405`` with an ``Allow`` header for undeclared methods, and ``Allow`` (on
+``OPTIONS``) listing exactly the declared methods. The seed is fixed so a CI failure
+reproduces (``MODELHOST_FUZZ_SEED`` draws others); ``MODELHOST_FUZZ_LONG=1`` runs 1,000+
+cases by hand.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 from conftest import RunningServer, make_settings
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis import checks as st_checks  # noqa: E402
 
-CHECKS = [
-    st_checks.not_a_server_error,
-    st_checks.status_code_conformance,
-    st_checks.content_type_conformance,
-    st_checks.response_schema_conformance,
-]
+CI_EXAMPLES = 5  # per operation and phase: about as long as the suite's fuzz took before
+LONG_EXAMPLES = 60
+PHASES = "examples,coverage,fuzzing"  # stateful needs links the schema does not declare
 
 
 @pytest.fixture(scope="module")
@@ -48,70 +47,63 @@ def served(tmp_path_factory) -> Iterator[RunningServer]:
             device="cpu",
         )
         server = RunningServer(settings_).start()
+        server.report_dir = home  # schemathesis' report folder goes here, not in the checkout
         yield server
         server.stop()
 
 
-def fuzz_operation(operation, base_url: str, per_operation: int, mode) -> int:
-    """Run up to ``per_operation`` generated cases against one operation; returns how many.
-    ``mode``: valid data (positive) or data the schema forbids (negative, must be a 4xx)."""
-    ran = 0
-
-    @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(
-        max_examples=per_operation,
-        deadline=None,
-        database=None,
-        phases=[Phase.explicit, Phase.generate],  # no shrinking: report the first failure
-        suppress_health_check=list(HealthCheck),
+def run_schemathesis(server: RunningServer, examples: int, seed: str) -> tuple[int, str]:
+    """``st run --checks all`` against the served schema; its exit status and output."""
+    command = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{server.base_url}/openapi.json",
+        "--checks",
+        "all",
+        "--phases",
+        PHASES,
+        "--max-examples",
+        str(examples),
+        "--seed",
+        seed,
+        "--workers",
+        "1",
+        "--no-shrink",
+        "--request-timeout",
+        "30",
+    ]
+    env = {**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": ""}
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=600, cwd=server.report_dir
     )
-    def fuzz(case) -> None:
-        nonlocal ran
-        ran += 1
-        case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=30)
-
-    fuzz()
-    return ran
+    return done.returncode, done.stdout + done.stderr
 
 
-def run_fuzz(server: RunningServer, per_operation: int) -> dict[str, int]:
-    """Fuzz every operation of the served schema, with valid and with invalid data; the cases
-    run per operation and mode. Every one is fuzzed even when an earlier one fails, so one
-    run shows every failure."""
-    schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
-    counts: dict[str, int] = {}
-    failures: list[str] = []
-    operations = [result.ok() for result in schema.get_all_operations()]
-    for operation, mode in itertools.product(operations, list(GenerationMode)):
-        label = f"{operation.label} [{mode.value}]"
-        try:
-            counts[label] = fuzz_operation(operation, server.base_url, per_operation, mode)
-        except Unsatisfiable:
-            # Nothing of this operation can be made invalid (no parameters, no body, or only
-            # a free-form string path parameter): no negative case exists.
-            assert mode is GenerationMode.NEGATIVE, label
-        except BaseException as exc:  # a schemathesis FailureGroup: collect it, go on
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            failures.append(f"{label}: {exc}")
-    assert not failures, "\n\n".join(failures)
-    return counts
+def generated(output: str) -> int:
+    """How many cases the run generated (its summary's ``N generated``)."""
+    found = re.search(r"(\d+) generated", output)
+    assert found, output[-3000:]
+    return int(found.group(1))
 
 
-def report(counts: dict[str, int]) -> int:
-    total = sum(counts.values())
-    for label, count in sorted(counts.items()):
-        print(f"{count:5d}  {label}")
-    print(f"schemathesis: {total} cases over {len(counts)} operation x mode pairs")
-    return total
+def fuzz(server: RunningServer, examples: int) -> int:
+    """Run every phase with every check; fails with schemathesis' report on any failure."""
+    seed = os.environ.get("MODELHOST_FUZZ_SEED", "19")
+    status, output = run_schemathesis(server, examples, seed)
+    assert status == 0, output[-20000:]
+    cases = generated(output)
+    print(f"schemathesis --checks all: {cases} cases, seed {seed}, no failure")
+    return cases
 
 
-def test_schema_fuzz_finds_no_server_error_or_undocumented_answer(served):
-    counts = run_fuzz(served, per_operation=20)
-    positive = [label for label in counts if label.endswith("[positive]")]
-    assert len(positive) >= 17  # every operation of the schema was exercised
-    assert len(counts) > len(positive)  # and invalid data was sent where it can be
-    assert report(counts) >= 300
+def test_schema_fuzz_with_every_check_finds_no_failure(served):
+    """Fails before this change: positive data rejected (names without their pattern,
+    keep_alive, seed past what a JSON double holds, /models/manage's required model_name
+    validated as 'Ellipsis...', cross-field rules of /models/download), 405s whose Allow
+    header listed one route's methods of several."""
+    assert fuzz(served, CI_EXAMPLES) >= 500
 
 
 @pytest.mark.skipif(
@@ -119,14 +111,14 @@ def test_schema_fuzz_finds_no_server_error_or_undocumented_answer(served):
     reason="by hand: MODELHOST_FUZZ_LONG=1 pytest tests/test_openapi_fuzz.py -k long -s",
 )
 def test_schema_fuzz_long(served):
-    assert report(run_fuzz(served, per_operation=60)) >= 1000
+    assert fuzz(served, LONG_EXAMPLES) >= 1000
 
 
 def test_schema_documents_the_error_body_everywhere(tmp_path):
     """Every error status of every operation carries ErrorBody (FastAPI's own
     HTTPValidationError is gone), and names carry their pattern."""
     from modelhost.api.app import create_app
-    from modelhost.names import NAME_PATTERN
+    from modelhost.names import NAME_SCHEMA_PATTERN
 
     schema = create_app(make_settings(tmp_path, [])).openapi()
     components = schema["components"]["schemas"]
@@ -148,7 +140,60 @@ def test_schema_documents_the_error_body_everywhere(tmp_path):
             for code, response in errors.items():
                 assert response["content"]["application/json"]["schema"] == expected, (where, code)
             for parameter in operation.get("parameters", []):
-                if parameter["name"] == "model_name":
-                    assert parameter["schema"]["pattern"] == NAME_PATTERN.pattern, where
+                if parameter["name"] in ("model_name", "model"):
+                    assert parameter["schema"]["pattern"] == NAME_SCHEMA_PATTERN, where
+                    assert parameter["required"] is True, where
     name = components["DownloadRequest"]["properties"]["name"]
-    assert name["pattern"] == NAME_PATTERN.pattern
+    assert name["pattern"] == NAME_SCHEMA_PATTERN
+
+
+def test_schema_states_what_the_server_enforces(tmp_path):
+    """Fails before: names in /v1 bodies and queries had no pattern, /models/manage's
+    model_name was optional (its default was Ellipsis), seeds went negative and past what a
+    JSON double holds, keep_alive and the batch settings had no type."""
+    from modelhost.api.app import create_app
+    from modelhost.errors import InvalidName
+    from modelhost.names import NAME_PATTERN, NAME_SCHEMA_PATTERN, validate_name
+
+    schema = create_app(make_settings(tmp_path, [])).openapi()
+    components = schema["components"]["schemas"]
+    manage = schema["paths"]["/models/manage"]["post"]["parameters"]
+    assert {p["name"]: p["required"] for p in manage if p["name"] in ("action", "model_name")} == {
+        "action": True,
+        "model_name": True,
+    }
+    for model, field in (("SynthesizeRequest", "model_name"), ("SpeechRequest", "model"),
+                         ("EmbeddingsRequest", "model")):  # fmt: skip
+        assert components[model]["properties"][field]["pattern"] == NAME_SCHEMA_PATTERN, model
+    for model in ("SynthesizeRequest", "SpeechRequest"):
+        seed = components[model]["properties"]["seed"]["anyOf"][0]
+        assert (seed["minimum"], seed["maximum"]) == (0, 2**53 - 1), model
+    load = components["LoadRequest"]["properties"]
+    assert load["max_batch_delay_ms"]["anyOf"][0] == {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1000,
+    }
+    assert load["keep_alive"]["anyOf"][0] == {"type": "number"}
+    # The schema's name pattern is validate_name's rule exactly ('..' included).
+    for name in ("a", "a.b", "a..b", "-a", "a" * 128, "a" * 129, "a/b"):
+        try:
+            valid = validate_name(name) == name
+        except InvalidName:
+            valid = False
+        assert bool(re.fullmatch(NAME_SCHEMA_PATTERN, name)) is valid, name
+    assert NAME_PATTERN.pattern != NAME_SCHEMA_PATTERN  # pydantic's engine has no lookahead
+
+
+def test_405_and_options_list_every_method_of_the_path(served):
+    """Fails before: Starlette's 405 named only the first matching route's methods (FastAPI
+    makes one route per method), so a path with GET and POST answered Allow: GET, HEAD."""
+    import httpx
+
+    for path, methods in (("/v1/audio/speech/jobs", {"GET", "POST"}),
+                          ("/v1/audio/speech/jobs/x", {"GET", "DELETE"})):  # fmt: skip
+        for method in ("OPTIONS", "PUT", "PATCH"):
+            answer = httpx.request(method, served.base_url + path)
+            assert answer.status_code == 405, (method, path)
+            allowed = {m.strip() for m in answer.headers["allow"].split(",")} - {"HEAD"}
+            assert allowed == methods, (method, path, answer.headers["allow"])

@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
+import threading
+import time
 import wave
 from io import BytesIO
 from pathlib import Path
@@ -220,11 +223,9 @@ for name, attempt in [
         results[name] = str(exc)
 print(results)
 """
-    env = {**os.environ, "HF_TOKEN": "hf_secret", "HTTPS_PROXY": "http://proxy:1"}
     done = subprocess.run(
         [sys.executable, "-I", "-c", probe],
         cwd=tmp_path,
-        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -232,10 +233,121 @@ print(results)
     results = eval(done.stdout)  # noqa: S307 - our own probe's dict literal
     assert all(v.startswith("the conversion worker may not") for v in results.values()), results
     assert not (tmp_path / "written").exists()
-    # The environment the parent gives the worker names no token and no proxy.
-    from modelhost.convert import _environment
 
-    assert set(_environment(str(tmp_path))) == {"PATH", "LANG", "HOME", "TMPDIR", "OMP_NUM_THREADS"}
+
+# /proc/<pid>/limits rows for the limits the worker is asked to set on itself.
+PROC_LIMITS = {
+    "address_space": "Max address space",
+    "cpu_seconds": "Max cpu time",
+    "file_size": "Max file size",
+    "open_files": "Max open files",
+    "core": "Max core file size",
+}
+SECRETS = {
+    "HF_TOKEN": "hf_secret19",
+    "HUGGING_FACE_HUB_TOKEN": "hf_secret19b",
+    "MODELHOST_API_KEY": "key19",
+    "AWS_SECRET_ACCESS_KEY": "aws19",
+    "HTTPS_PROXY": "http://proxy19:1",
+    "http_proxy": "http://proxy19:2",
+}
+
+
+def worker_children() -> list[int]:
+    """The conversion workers this test process started (children running worker.py)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and str(WORKER).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def proc_limits(pid: int) -> dict[str, list[int | None]]:
+    """The soft and hard limits of process ``pid`` as the kernel reports them."""
+    rows = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        for name, label in PROC_LIMITS.items():
+            if line.startswith(label):
+                soft, hard = line[len(label) :].split()[:2]
+                rows[name] = [None if v == "unlimited" else int(v) for v in (soft, hard)]
+    return rows
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc: Linux")
+def test_a_real_worker_has_no_secrets_no_sockets_and_the_limits_asked_for(tmp_path, monkeypatch):
+    """The worker the converter really starts, inspected from outside while it runs: its
+    environment (/proc/PID/environ) holds none of the parent's tokens, keys or proxies, it
+    holds no socket, and the kernel reports the limits it was asked to set (/proc/PID/limits).
+    It is held inside torch.load on a FIFO until inspected (the FIFO's writer end opens only
+    once the worker reads it). Fails before: the test compared the implementation's own list
+    of environment keys, never a running worker."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    fifo = tmp_path / "held.bin"
+    os.mkfifo(fifo)
+    limits = ConvertLimits(timeout_s=120, address_space=6 * 1024**3).for_inputs(1000, 600)
+    answer: dict = {}
+
+    def convert() -> None:
+        answer.update(run_worker([(fifo, tmp_path / "out.safetensors")], limits, 120))
+
+    thread = threading.Thread(target=convert)
+    thread.start()
+    writer = None
+    deadline = time.monotonic() + 90
+    try:
+        while writer is None:  # ENXIO until the worker opens the FIFO to read it
+            assert time.monotonic() < deadline, "the worker never read its input"
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        (pid,) = worker_children()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode()
+        for name, value in SECRETS.items():
+            assert value not in environ and f"{name}=" not in environ, name
+        keys = {item.split("=", 1)[0] for item in environ.split("\0") if item}
+        assert not {k for k in keys if re.search("TOKEN|KEY|SECRET|PROXY|PASS", k, re.I)}, keys
+        sockets = [
+            fd.name
+            for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if os.readlink(fd).startswith("socket:")
+        ]
+        assert sockets == [], sockets
+        assert proc_limits(pid) == {name: [value, value] for name, value in limits.items()}
+    finally:
+        if writer is not None:
+            os.close(writer)
+        feed_until_done(fifo, thread)
+    assert answer["refused"]["kind"] == "unpickling"  # it read what we sent, and refused it
+
+
+def feed_until_done(fifo: Path, worker: threading.Thread) -> None:
+    """Give every open of ``fifo`` by the worker (torch.load may open it more than once) a
+    few bytes that are not a pickle, until the worker is done."""
+    deadline = time.monotonic() + 120
+    while worker.is_alive() and time.monotonic() < deadline:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no reader now
+            worker.join(0.05)
+            continue
+        try:
+            os.write(writer, b"not a pickle")
+        except BrokenPipeError:
+            pass
+        finally:
+            os.close(writer)
+        worker.join(0.05)
+    assert not worker.is_alive()
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -417,7 +417,7 @@ def test_runtime_text_check_refuses_lone_surrogates() -> None:
         ("/synthesize", {"model_name": "vits", "text": "hi", "max_new_tokens": 10**9}, 422,
          "max_new_tokens: Input should be less than or equal to 2048"),
         ("/synthesize", {"model_name": "vits", "text": "hi", "seed": 10**30}, 422,
-         "seed: Input should be less than or equal to 18446744073709551615"),
+         "seed: Input should be less than or equal to 9007199254740991"),
         ("/synthesize", {"model_name": "vits", "text": "hi", "speaker": [1.5]}, 400,
          "this VITS model has a single speaker: omit speaker"),
         ("/synthesize", {"model_name": "vits", "text": 7}, 422, "text: Input should be a "
@@ -426,7 +426,7 @@ def test_runtime_text_check_refuses_lone_surrogates() -> None:
         ("/models/vits/predict", {"inputs": "hi"}, 400, "is text-to-speech: use synthesize"),
         ("/models/bert/load", {"device": "tpu"}, 400, "invalid device 'tpu'"),
         ("/models/bert/load", {"device": "cuda:x"}, 400, "invalid device 'cuda:x'"),
-        ("/models/bert/load", {"device": "cuda:99"}, 400, "device 'cuda:99'"),
+        ("/models/bert/load", {"device": "cuda:99"}, 409, "device 'cuda:99'"),
         ("/models/bert/load", {"device": 5}, 422, "device: Input should be a valid string"),
     ],
 )  # fmt: skip

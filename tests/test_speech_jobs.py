@@ -305,6 +305,7 @@ def test_voices_resolve_like_the_speech_endpoint(server):
         assert np.array_equal(samples, synthesize_frames(server, SENTENCES[2], 5))
 
 
+@pytest.mark.serial  # asserts a latency bound: run alone, not in the parallel pass
 def test_short_requests_interleave_with_a_running_job(server):
     job = submit(server, input=LONG_TEXT, response_format="pcm", seed=9)
     wait_progress(server, job["id"], 1)

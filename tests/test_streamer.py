@@ -390,10 +390,32 @@ def test_streaming_is_for_cuda_only_and_switchable(monkeypatch):
 
 
 @pytest.mark.parametrize("setting", [True, False])
-def test_the_setting_reaches_the_servers_loader(make_server, setting):
-    server = make_server([], gpu_stream=setting)
-    runtime = server.server.config.app.state.services.runtime
-    assert runtime._loader.keywords == {"gpu_stream": setting}
+def test_the_setting_reaches_the_servers_loads(
+    make_server, models, tmp_path, monkeypatch, setting
+):
+    """MODELHOST_GPU_STREAM decides, at each load the server runs, whether the weights stream
+    (what the loader asks stream_enabled with): observed on a real load through the API, not
+    read from the registry's private loader (fails if the setting is dropped on the way)."""
+    from modelhost.runtime import loaders
+
+    asked: list[bool] = []
+    real = loaders.stream_enabled
+
+    def recording(device, enabled: bool) -> bool:
+        asked.append(enabled)
+        return real(device, enabled)
+
+    monkeypatch.setattr(loaders, "stream_enabled", recording)
+    roots = tmp_path / "imports"
+    shutil.copytree(models["bert"], roots / "bert")
+    server = make_server([], import_roots=(roots,), gpu_stream=setting, device="cpu")
+    started = server.client.post(
+        "/models/download",
+        json={"source": "local", "model_id": str(roots / "bert"), "name": "bert", "load": False},
+    )
+    assert server.wait_for(started.json()["download_id"], timeout=120)["status"] == "completed"
+    assert server.client.post("/models/bert/load", json={}).status_code == 200
+    assert asked == [setting]
 
 
 # --------------------------------------------------------------------------- CUDA

@@ -17,13 +17,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import need_module
 from fileserver import Status
 
 from modelhost.runtime.wav import parse_wav
 
-torchaudio = pytest.importorskip(
-    "torchaudio", reason="torchaudio is not installed (pip install 'modelhost[audio]')"
-)
+torchaudio = need_module("torchaudio", "pip install 'modelhost[audio]'")
 from tiny_models import (  # noqa: E402
     TACOTRON2_PARAMS,
     WAVERNN_PARAMS,

@@ -91,14 +91,32 @@ def test_large_variant_is_chosen_or_reported_ignored(server):
     assert "enable_large_model ignored" in same.json()["message"]
 
 
-def test_experimental_opt_ins_come_from_the_entry_and_it_installs_download_only(server):
-    answer = post(server, "vall-e-x", "vallex")  # as the catalog's download_request installs it
+@pytest.mark.parametrize(
+    "source, model_id", [("tts_auto", "vall-e-x"), ("huggingface", "Plachta/VALL-E-X")]
+)
+def test_an_experimental_entry_is_refused_without_the_opt_in_whichever_source_names_it(
+    server, source, model_id
+):
+    """tts_auto fills in what the entry needs to speak, never the user's opt-ins: without
+    ``experimental`` the catalog's gate refuses, saying why, as it does for the concrete
+    source; with it but no ``allow_pickle``, the pickle gate refuses (fails before: tts_auto
+    took both opt-ins from the entry, and huggingface had no experimental gate)."""
+    body = {"source": source, "model_id": model_id, "name": "vallex"}
+    refused = server.client.post("/models/download", json={**body, "allow_pickle": True})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"] == "Experimental model"
+    assert '"experimental": true' in refused.json()["message"]
+    assert server.client.get("/models/download/vallex/info").status_code == 404
+    if source == "tts_auto":  # a download-only entry's pickles are never converted
+        no_pickle = server.client.post("/models/download", json={**body, "experimental": True})
+        assert no_pickle.status_code == 400 and "allow_pickle" in no_pickle.json()["message"]
+
+
+def test_experimental_entry_installs_download_only_with_the_users_opt_ins(server):
+    answer = post(server, "vall-e-x", "vallex", experimental=True, allow_pickle=True)
     assert answer.status_code == 202, answer.text
     notes = answer.json()["download_info"]["notes"]
-    assert notes[:2] == [
-        "experimental: taken from the catalog entry vall_e_x (the catalog marks it experimental)",
-        "allow_pickle: taken from the catalog entry vall_e_x (its published weights are pickles)",
-    ]
+    assert not any("taken from the catalog entry" in note for note in notes)
     assert answer.json()["download_info"]["loadable"] is False
     status = server.wait_for(answer.json()["download_id"])
     assert status["status"] == "completed"

@@ -7,6 +7,17 @@ import re
 from modelhost.errors import InvalidName, InvalidRequest
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The whole rule as one pattern (the lookahead refuses '..'), for the OpenAPI schema: it
+# promises exactly what validate_name accepts. (pydantic's regex engine has no lookahead, so
+# fields that pydantic checks keep NAME_PATTERN and show this one.)
+NAME_SCHEMA_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# A name's JSON Schema keywords, for every field and parameter that holds a model name.
+NAME_SCHEMA = {"pattern": NAME_SCHEMA_PATTERN}
+
+# A request's ``device``: its syntax (runtime/device.py checks it; whether this machine has the
+# device is the server's to say, with a 409), and the same as JSON Schema for the OpenAPI schema.
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
+DEVICE_SCHEMA = {"anyOf": [{"type": "string", "pattern": DEVICE_PATTERN}, {"type": "null"}]}
 
 
 def validate_name(name: str) -> str:

@@ -11,6 +11,17 @@ GB = 1_000_000_000
 NEVER = -1.0
 DURATION_HELP = "keep_alive must be a duration such as 5m, 30s or -1"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# What parse_duration accepts, as JSON Schema (the OpenAPI schema of every ``keep_alive``): a
+# number, or a string of plain seconds or of number+unit groups. The server checks it itself
+# (a 400 naming the syntax), so the schema only has to promise no more than it accepts.
+DURATION_TEXT_PATTERN = r"^-?([0-9]+(\.[0-9]+)?|([0-9]+(\.[0-9]+)?(ms|h|m|s))+)$"
+DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number"},
+        {"type": "string", "pattern": DURATION_TEXT_PATTERN},
+        {"type": "null"},
+    ]
+}
 
 
 def parse_duration(value: object) -> float:

@@ -14,7 +14,7 @@ from modelhost.catalog import Catalog, ModelsConfig
 from modelhost.config import Settings
 from modelhost.errors import InvalidRequest, Unauthorized
 from modelhost.jobs import JobManager
-from modelhost.names import NAME_PATTERN
+from modelhost.names import NAME_SCHEMA
 from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
 from modelhost.speechjobs import SpeechJobRunner
@@ -71,7 +71,6 @@ def api_key_refusal(expected: str | None, headers: Mapping[str, str]) -> Unautho
 
 # The name pattern, shown in the schema. Not enforced by FastAPI: validate_name answers a
 # bad name with a 400 that says what a name may hold (and also refuses '..').
-NAME_SCHEMA = {"pattern": NAME_PATTERN.pattern}
 NAME_DOC = "a model name: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 ModelNamePath = Annotated[str, Path(description=NAME_DOC, json_schema_extra=NAME_SCHEMA)]
 ModelNameQuery = Annotated[str, Query(description=NAME_DOC, json_schema_extra=NAME_SCHEMA)]

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from modelhost.api.openai.errors import (
     is_openai_path,
@@ -133,6 +134,27 @@ def modelhost_error_response(request: Request, exc: ModelhostError) -> JSONRespo
     )
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (RFC 9110's ``Allow``).
+
+    Starlette's 405 names only the methods of the first route whose path matched, while
+    FastAPI makes one route per method set: ``GET`` and ``POST`` of one path are two routes,
+    and the header must list both. Each method is asked of the app's routes as a request
+    would be routed (``matches``), so included routers and path converters count."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in routes
+        )
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; every error response of the API goes through them."""
 
@@ -154,12 +176,15 @@ def install_error_handlers(app: FastAPI) -> None:
         message, code = str(exc.detail), None
         if is_openai_path(request) and exc.status_code in (404, 405):
             message, code = unknown_route_message(request, exc.status_code)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(
             request,
             exc.status_code,
             message,
             f"HTTP {exc.status_code}",
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
             code=code,
         )
 

@@ -20,14 +20,15 @@ from modelhost.api.deps import (
 )
 from modelhost.api.errors import error_responses
 from modelhost.api.tts_refusal import not_tts
+from modelhost.audio.speech import SEED_LIMIT
 from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
-from modelhost.names import validate_name
+from modelhost.names import DEVICE_SCHEMA, NAME_SCHEMA, validate_name
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.device import check_requested_device
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.runtime.families import check_loadable
 from modelhost.runtime.loaded import LoadedModel
-from modelhost.units import DURATION_HELP, parse_duration
+from modelhost.units import DURATION_HELP, DURATION_SCHEMA, parse_duration
 
 if TYPE_CHECKING:  # annotations only: numpy is imported by the first synthesis
     from modelhost.runtime.wav import Audio
@@ -50,6 +51,7 @@ def keep_alive_field() -> Any:
         "as 5m, 30s, 1h or seconds; -1 keeps it loaded (and loads it again at start), 0 "
         "unloads it after this request (default: MODELHOST_KEEP_ALIVE)",
         examples=["5m", -1],
+        json_schema_extra=DURATION_SCHEMA,
     )
 
 
@@ -69,7 +71,9 @@ def keep_alive_seconds(value: Any) -> float | None:
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    device: str | None = Field(default=None, description="auto, cpu, cuda, cuda:N or mps")
+    device: str | None = Field(
+        default=None, description="auto, cpu, cuda, cuda:N or mps", json_schema_extra=DEVICE_SCHEMA
+    )
     pin: bool = Field(default=False, description="never evict this model")
     keep_alive: Any = keep_alive_field()
     allow_pickle: bool = Field(default=False, description="allow pickled weights (weights_only)")
@@ -78,18 +82,27 @@ class LoadRequest(BaseModel):
         default=None,
         description="coalesce up to this many concurrent inputs into one forward, 1 to 256 "
         "(default 32; 1 turns batching off)",
+        json_schema_extra={
+            "anyOf": [{"type": "integer", "minimum": 1, "maximum": 256}, {"type": "null"}]
+        },
     )
     max_batch_delay_ms: Any = Field(
         default=None,
         description="how long a busy model waits for more requests to fill a batch, 0 to 1000 "
         "ms (default 5); an idle model runs a lone request at once",
+        json_schema_extra={
+            "anyOf": [{"type": "number", "minimum": 0, "maximum": 1000}, {"type": "null"}]
+        },
     )
 
     def batch_settings(self) -> BatchSettings:
         """The requested batching, defaults for what is not given (400 when out of range)."""
         default = BatchSettings()
+        size = self.max_batch_size
+        if isinstance(size, float) and size.is_integer():
+            size = int(size)  # JSON's 87.0 is the integer 87 (as JSON Schema's "integer" says)
         return BatchSettings(
-            default.max_batch_size if self.max_batch_size is None else self.max_batch_size,
+            default.max_batch_size if size is None else size,
             default.max_batch_delay_ms
             if self.max_batch_delay_ms is None
             else self.max_batch_delay_ms,
@@ -99,7 +112,7 @@ class LoadRequest(BaseModel):
 class SynthesizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model_name: str
+    model_name: str = Field(json_schema_extra=NAME_SCHEMA)
     text: str = Field(min_length=1, max_length=5000)
     speaker: Any = Field(
         default=None,
@@ -114,8 +127,8 @@ class SynthesizeRequest(BaseModel):
         description="Bark: semantic tokens (audio length); a speak_with pipeline: the text "
         "model's new tokens",
     )
-    # The range torch.manual_seed takes; beyond it torch raises instead of seeding.
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    # Within the range torch.manual_seed takes (see SEED_LIMIT): beyond it torch raises.
+    seed: int | None = Field(default=None, ge=0, le=SEED_LIMIT)
     keep_alive: Any = keep_alive_field()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import shutil
 from enum import Enum
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
@@ -223,13 +224,17 @@ class ManageAction(str, Enum):
 )
 async def manage_model(
     services: ServicesDep,
-    action: str = Query(
-        ...,
-        description="optimize, retry_download, update, pin (never evicted from memory nor "
-        "from the cache, kept across restarts) or unpin",
-        json_schema_extra={"enum": [a.value for a in ManageAction]},
-    ),
-    model_name: ModelNameQuery = ...,
+    # Both required: no default (an ``= ...`` default on an Annotated parameter is the value
+    # Ellipsis, which the schema showed as optional and validate_name then saw as a name).
+    action: Annotated[
+        str,
+        Query(
+            description="optimize, retry_download, update, pin (never evicted from memory nor "
+            "from the cache, kept across restarts) or unpin",
+            json_schema_extra={"enum": [a.value for a in ManageAction]},
+        ),
+    ],
+    model_name: ModelNameQuery,
     force_redownload: bool = Query(default=False),
     compile: bool = Query(default=False, description="optimize: also try torch.compile (CUDA)"),
 ) -> dict:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelhost.errors import InvalidRequest
+from modelhost.names import NAME_SCHEMA
+from modelhost.units import DURATION_SCHEMA
 
 if TYPE_CHECKING:  # annotations only: no torch or numpy on import
     import numpy as np
@@ -51,6 +53,11 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # One atempo instance takes factors in [0.5, 2.0] (FFmpeg's limits; wider ones are chained).
 _ATEMPO_MIN, _ATEMPO_MAX = 0.5, 2.0
 _SEED_MAX = 2**64 - 1
+# The largest seed a request may send: 2^53 - 1, the largest integer every JSON reader holds
+# exactly (most clients and schema tools read numbers as doubles). Past it, neighbouring
+# integers read as one double: with "maximum: 2^64 - 1" in the schema, tools sent seeds over it
+# (2^64 - 1 reads as 2^64) that they held valid and the server refused.
+SEED_LIMIT = 2**53 - 1
 T = TypeVar("T")
 
 ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
@@ -72,7 +79,11 @@ class SpeechRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(min_length=1, description="an installed text-to-speech model's name")
+    model: str = Field(
+        min_length=1,
+        description="an installed text-to-speech model's name",
+        json_schema_extra=NAME_SCHEMA,
+    )
     input: str = Field(min_length=1, description="the text to speak")
     voice: str | VoiceId | None = Field(
         default=None,
@@ -85,13 +96,15 @@ class SpeechRequest(BaseModel):
         default=None, description="accepted; no model served here can follow them (ignored)"
     )
     stream_format: StreamFormat = "audio"
-    # The range torch.manual_seed takes; sentence i is spoken with sentence_seed(seed, i).
-    seed: int | None = Field(default=None, ge=-(2**63), le=_SEED_MAX)
+    # Within the range torch.manual_seed takes (see SEED_LIMIT); sentence i is spoken with
+    # sentence_seed(seed, i).
+    seed: int | None = Field(default=None, ge=0, le=SEED_LIMIT)
     # modelhost's (Ollama's), not OpenAI's; checked by the API (a 400 naming the syntax).
     keep_alive: Any = Field(
         default=None,
         description="how long the model stays loaded once idle, from now on: 5m, 30s, 1h or "
         "seconds; -1 never unloads it, 0 right after this request",
+        json_schema_extra=DURATION_SCHEMA,
     )
 
     @property

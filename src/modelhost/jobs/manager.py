@@ -56,6 +56,7 @@ from modelhost.sources import (
     get_source,
 )
 from modelhost.sources.base import FileChanges, check_file_paths, install_options
+from modelhost.sources.gates import check_catalog_gates
 from modelhost.spec import InstallOptions, ModelSpec, describe_differences
 from modelhost.store import CommitFile, Manifest, Store
 from modelhost.units import GB, MB
@@ -643,6 +644,7 @@ class JobManager:
         try:
             if self._stopping:
                 raise Cancelled("server shutting down")
+            check_catalog_gates(request)
             return source.plan(request, self._source_context(cancel))
         finally:
             with self._plan_cancels_lock:

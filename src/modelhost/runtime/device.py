@@ -6,13 +6,14 @@ import functools
 import re
 from typing import TYPE_CHECKING
 
-from modelhost.runtime.errors import InvalidDevice
+from modelhost.names import DEVICE_PATTERN
+from modelhost.runtime.errors import DeviceUnavailable, InvalidDevice
 
 if TYPE_CHECKING:  # torch is imported by the functions: the server starts without it
     import torch
 
 DEVICE_SETTINGS = "auto, cpu, cuda, cuda:N, mps"
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE = re.compile(DEVICE_PATTERN)
 
 
 @functools.cache
@@ -32,19 +33,20 @@ def cuda_status() -> tuple[bool, str]:
     )
 
 
-def cuda_unavailable(setting: str) -> InvalidDevice:
-    """The refusal of a CUDA device on a machine where CUDA is not available."""
+def cuda_unavailable(setting: str) -> DeviceUnavailable:
+    """The refusal of a CUDA device on a machine where CUDA is not available (409)."""
     _, why = cuda_status()
-    return InvalidDevice(
+    return DeviceUnavailable(
         f"CUDA is not available on this server: {why}; use device cpu or auto "
         f"(device {setting!r} was asked for; available: {available()})"
     )
 
 
 def check_requested_device(setting: str | None) -> None:
-    """Refuse (``InvalidDevice``, 400) a request's device that is malformed, or that names
-    CUDA where this process has none, before any work is done for the request. Blocking
-    for a CUDA device (imports torch once): call it in a worker thread."""
+    """Refuse a request's device that is malformed (``InvalidDevice``, 400), or that names
+    CUDA where this process has none (``DeviceUnavailable``, 409), before any work is done
+    for the request. Blocking for a CUDA device (imports torch once): call it in a worker
+    thread."""
     if setting is None:
         return
     value = setting.strip().lower() or "auto"  # as resolve_device reads an empty setting
@@ -81,7 +83,9 @@ def resolve_device(setting: str) -> torch.device:
         return torch.device("cpu")
     if value == "mps":
         if not mps_available():
-            raise InvalidDevice(f"device 'mps' is not available here; available: {available()}")
+            raise DeviceUnavailable(
+                f"device 'mps' is not available here; available: {available()}"
+            )
         return torch.device("mps")
     if value == "cuda" or value.startswith("cuda:"):
         index_text = value.partition(":")[2] or "0"
@@ -92,7 +96,7 @@ def resolve_device(setting: str) -> torch.device:
             raise cuda_unavailable(setting)
         count = torch.cuda.device_count()
         if index >= count:
-            raise InvalidDevice(
+            raise DeviceUnavailable(
                 f"device {setting!r} is not available: {count} CUDA GPU(s) visible "
                 f"(cuda:0 to cuda:{count - 1})"
             )

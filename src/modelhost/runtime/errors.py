@@ -35,9 +35,17 @@ class InvalidInput(InvalidRequest, ValueError):
 
 
 class InvalidDevice(InvalidRequest, ValueError):
-    """A device setting that is malformed or names a device this machine lacks (400)."""
+    """A device setting that is malformed (400)."""
 
     error = "Device not available"
+
+
+class DeviceUnavailable(InvalidDevice):
+    """A well-formed device this machine lacks (CUDA, MPS, a GPU index past the last): 409,
+    a conflict with the server's state, not a malformed request (the schema, which shows the
+    device syntax, cannot know what this machine has)."""
+
+    status_code = 409
 
 
 class ModelNotLoaded(Conflict):

@@ -12,7 +12,7 @@ from modelhost.config import PicklePolicy
 from modelhost.convert import is_convertible
 from modelhost.errors import InvalidRequest
 from modelhost.fetch import CancelToken, FetchEngine, FileSpec
-from modelhost.names import NAME_PATTERN, check_path_limits, shorten
+from modelhost.names import DEVICE_SCHEMA, NAME_PATTERN, NAME_SCHEMA, check_path_limits, shorten
 from modelhost.spec import InstallOptions, ModelSpec
 
 # The documented order, plus torchaudio (its Tacotron2 entry names that source) and local
@@ -28,10 +28,54 @@ VALID_SOURCES = (
 )
 
 
+# What each source's model_id looks like (each source checks its own with these rules; the
+# patterns here restate them for the schema: tests/test_openapi_fuzz.py holds the two to one).
+# url and local refuse with 403 (the allow-list, the import roots), which a schema need not
+# foretell; schemathesis cannot generate from more if/then branches than these.
+MODEL_ID_PATTERNS = {
+    "huggingface": r"^(?!.*\.\.)([A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?"
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
+    "torchvision": r"^[a-z][a-z0-9_]{0,63}(:[A-Za-z0-9_]{1,64})?$",
+    "torchaudio": r"^[A-Z][A-Z0-9_]{0,63}$",
+    "pytorch_hub": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}/[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+    r":[A-Za-z0-9][A-Za-z0-9._-]{0,99}/[A-Za-z_][A-Za-z0-9_]{0,99}$",
+}
+
+
+def _model_id_rule(source: str, pattern: str) -> dict:
+    """JSON Schema: when ``source`` is ``source``, ``model_id`` matches ``pattern``."""
+    return {
+        "if": {"properties": {"source": {"const": source}}, "required": ["source"]},
+        "then": {"properties": {"model_id": {"pattern": pattern}}},
+    }
+
+
+# The rules between fields that the server checks (each source's model_id, and
+# ``JobManager._check_speak_with``), shown in the schema so that what it calls valid is what the
+# server takes.
+_CROSS_FIELD_RULES = {
+    "allOf": [
+        *(_model_id_rule(source, pattern) for source, pattern in MODEL_ID_PATTERNS.items()),
+        {  # speak_with goes with auto_convert_tts, on a huggingface text model
+            "if": {"properties": {"speak_with": {"type": "string"}}, "required": ["speak_with"]},
+            "then": {
+                "properties": {
+                    "auto_convert_tts": {"const": True},
+                    "source": {"const": "huggingface"},
+                },
+                "required": ["auto_convert_tts", "source"],
+            },
+        }
+    ]
+}
+
+
 class DownloadRequest(BaseModel):
     """The body of ``POST /models/download`` (the model-management fields plus install options)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", protected_namespaces=(), json_schema_extra=_CROSS_FIELD_RULES
+    )
 
     # The choices are shown in the schema, not enforced here: get_source answers an unknown
     # source with the API's 400 message.
@@ -42,13 +86,14 @@ class DownloadRequest(BaseModel):
     name: str = Field(
         description="the model's name here: 1-128 letters, digits, '.', '_' or '-', starting "
         "with a letter or digit (checked by the server, which answers 400 otherwise)",
-        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+        json_schema_extra=NAME_SCHEMA,
     )
     task: str = "text-generation"
     auto_convert_tts: bool = False
     speak_with: str | None = Field(
         default=None,
         pattern=NAME_PATTERN.pattern,
+        json_schema_extra=NAME_SCHEMA,
         description="with auto_convert_tts on a text model: an installed text-to-speech model "
         "that speaks the text this model generates (a pipeline: the text model makes no audio)",
     )
@@ -71,7 +116,11 @@ class DownloadRequest(BaseModel):
     load: bool = Field(
         default=True, description="load the model once installed (download and load in one request)"
     )
-    device: str | None = Field(default=None, description="device to load on (default: setting)")
+    device: str | None = Field(
+        default=None,
+        description="device to load on (default: setting)",
+        json_schema_extra=DEVICE_SCHEMA,
+    )
     pin: bool = Field(default=False, description="keep the model loaded (never evicted)")
     load_as: str | None = Field(
         default=None,

@@ -13,6 +13,7 @@ from dataclasses import replace
 from modelhost.catalog import CatalogEntry, is_tts_task, load_catalog
 from modelhost.errors import InvalidRequest, ModelNotFound
 from modelhost.sources.base import DownloadRequest, Plan, SourceContext
+from modelhost.sources.gates import require_opt_ins
 from modelhost.sources.registry import concrete_source
 
 
@@ -73,30 +74,19 @@ def speaker_embeddings(entry: CatalogEntry, plan: Plan) -> str | None:
     return None  # the model speaks with its own voice(s)
 
 
-def entry_fields(entry: CatalogEntry, request: DownloadRequest, notes: list[str]) -> dict:
-    """The fields of the entry's own ``download_request`` that the concrete request takes.
-
-    Naming a catalog entry asks for it as the catalog means it: its source, id, task and
-    vocoder, and the opt-ins the entry needs (``experimental``, ``allow_pickle`` for
-    published pickles), each taken from the entry is noted. (An opt-in cannot be refused
-    by sending false: a retried job's stored request has every field set.)
-    """
+def entry_fields(entry: CatalogEntry) -> dict:
+    """The fields of the entry's own ``download_request`` that the concrete request takes:
+    what the entry needs to speak (source, id, task, vocoder). Never its opt-ins
+    (``experimental``, ``allow_pickle``): those stay the user's to give, so the catalog's
+    gates hold through ``tts_auto`` as they do when the concrete source is named."""
     wanted = entry.download_request()
-    fields = {
+    return {
         "source": wanted["source"],
         "model_id": wanted["model_id"],
         "task": wanted["task"],
         "include_vocoder": wanted.get("include_vocoder", False),
         "vocoder_model": wanted.get("vocoder_model"),
     }
-    for flag, why in (
-        ("experimental", "the catalog marks it experimental"),
-        ("allow_pickle", "its published weights are pickles"),
-    ):
-        if wanted.get(flag) and not getattr(request, flag):
-            fields[flag] = True
-            notes.append(f"{flag}: taken from the catalog entry {entry.name} ({why})")
-    return fields
 
 
 class TtsAutoSource:
@@ -115,7 +105,8 @@ class TtsAutoSource:
                 entry = large
             else:
                 notes.append(f"enable_large_model ignored: {entry.name} has no larger variant")
-        concrete = request.model_copy(update=entry_fields(entry, request, notes))
+        concrete = request.model_copy(update=entry_fields(entry))
+        require_opt_ins(concrete, entry)
         loadable = not entry.requires_custom_code
         if not loadable:
             notes.append(

@@ -48,7 +48,8 @@ def new_job_id() -> str:
 
 def new_seed() -> int:
     """A random seed for a request without one (recorded: a resume reuses it)."""
-    return int.from_bytes(os.urandom(8), "little") >> 1
+    # 53 bits: a seed the job shows can be sent back in a request (the API's SEED_LIMIT).
+    return int.from_bytes(os.urandom(8), "little") >> 11
 
 
 class SpeechJobRunner:

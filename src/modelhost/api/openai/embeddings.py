@@ -21,6 +21,7 @@ from modelhost.api.deps import ServicesDep, require_api_key, require_valid_text
 from modelhost.api.inference import keep_alive_field, keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest
+from modelhost.names import NAME_SCHEMA
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import canonical_task, family_name
@@ -46,13 +47,28 @@ class EmbeddingsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(description="an installed feature-extraction model's name")
+    model: str = Field(
+        description="an installed feature-extraction model's name", json_schema_extra=NAME_SCHEMA
+    )
     # Checked by parse_input, not pydantic, so the 400 says what OpenAI's clients can send.
     input: Any = Field(
         description=f"a string or a list of up to {MAX_INPUTS} strings (token arrays are "
-        "not accepted: their ids are another tokenizer's)"
+        "not accepted: their ids are another tokenizer's)",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string", "pattern": r"\S"},  # not blank (parse_input)
+                {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": r"\S"},
+                    "minItems": 1,
+                    "maxItems": MAX_INPUTS,
+                },
+            ]
+        },
     )
-    encoding_format: str = Field(default="float", description="float or base64")
+    encoding_format: str = Field(
+        default="float", description="float or base64", json_schema_extra={"enum": list(FORMATS)}
+    )
     dimensions: Any = Field(
         default=None, description="accepted when it equals the model's own dimension"
     )

@@ -10,7 +10,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from modelhost.api.deps import ServicesDep, require_api_key
+from modelhost.api.deps import ModelNamePath, ServicesDep, require_api_key
 from modelhost.api.openai.common import installed, openai_error_responses
 from modelhost.store import Manifest
 
@@ -55,5 +55,5 @@ async def list_models(services: ServicesDep) -> ModelList:
     response_model=ModelObject,
     responses=openai_error_responses(400, 404),
 )
-async def retrieve_model(model: str, services: ServicesDep) -> ModelObject:
+async def retrieve_model(model: ModelNamePath, services: ServicesDep) -> ModelObject:
     return model_object(await installed(services, model))

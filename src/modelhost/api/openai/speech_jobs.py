@@ -29,6 +29,7 @@ from modelhost.audio.formats import FORMATS
 from modelhost.audio.sentences import split_sentences
 from modelhost.audio.speech import (
     SpeechRequest,
+    StreamFormat,
     apply_speed,
     resolve_voice,
     sentence_seed,
@@ -144,6 +145,22 @@ def runner_of(services: Services) -> SpeechJobRunner:
     return services.speech_jobs
 
 
+class SpeechJobRequest(SpeechRequest):
+    """``/v1/audio/speech``'s body as a job takes it. The schema shows the job's own rules
+    (no ``sse``, its longer input); ``_check_request`` enforces them with a 400 naming each."""
+
+    input: str = Field(
+        min_length=1,
+        description=f"the text to speak, up to {MAX_JOB_INPUT_CHARS:,} characters",
+        json_schema_extra={"maxLength": MAX_JOB_INPUT_CHARS},
+    )
+    stream_format: StreamFormat = Field(
+        default="audio",
+        description="audio only: a job's audio is fetched whole from its content URL",
+        json_schema_extra={"enum": ["audio"]},
+    )
+
+
 def _check_request(body: SpeechRequest) -> None:
     if len(body.input) > MAX_JOB_INPUT_CHARS:
         raise InvalidRequest(
@@ -174,7 +191,7 @@ def _check_tts(loaded: LoadedModel) -> None:
     summary="Speak a text of any length as a job (progress, resume after restart, cancel)",
     responses=openai_error_responses(400, 404, 409),
 )
-async def create_speech_job(body: SpeechRequest, services: ServicesDep) -> SpeechJobObject:
+async def create_speech_job(body: SpeechJobRequest, services: ServicesDep) -> SpeechJobObject:
     runner = runner_of(services)
     _check_request(body)
     # The /synthesize rule: the model must be loaded (or MODELHOST_LOAD_ON_DEMAND loads it);

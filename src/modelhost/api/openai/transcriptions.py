@@ -25,7 +25,9 @@ from modelhost.api.deps import ServicesDep, require_api_key
 from modelhost.api.inference import keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest, NotImplementedYet
+from modelhost.names import NAME_SCHEMA
 from modelhost.runtime.batching import Work
+from modelhost.units import DURATION_TEXT_PATTERN
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch
     from modelhost.runtime.transcription import Segment, TranscribeOptions, Transcript
@@ -58,15 +60,17 @@ _FORM_SCHEMA = {
                 "schema": {
                     "type": "object",
                     "required": ["file", "model"],
+                    "additionalProperties": False,  # others: a 400 naming the field
                     "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "model": {"type": "string"},
+                        "file": {"type": "string", "format": "binary", "minLength": 1},
+                        "model": {"type": "string", **NAME_SCHEMA},
                         "language": {"type": "string", "description": "ISO-639-1, e.g. en"},
                         "prompt": {"type": "string"},
                         "response_format": {"type": "string", "enum": list(FORMATS)},
                         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
                         "keep_alive": {
                             "type": "string",
+                            "pattern": DURATION_TEXT_PATTERN,
                             "description": "how long the model stays loaded once idle, from "
                             "now on: 5m, 30s, 1h or seconds; -1 never, 0 after this request",
                         },

@@ -17,6 +17,7 @@ from modelhost.api.errors import error_responses
 from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.audio.speech import builtin_voices, model_voices
 from modelhost.errors import InvalidRequest
+from modelhost.names import NAME_SCHEMA
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
 models_router = APIRouter(dependencies=[Depends(require_api_key)], tags=["inference"])
@@ -54,7 +55,12 @@ async def _voices(services: ServicesDep, name: str) -> VoicesResponse:
 )
 async def list_voices(
     services: ServicesDep,
-    model: Annotated[str, Query(min_length=1, description="an installed TTS model's name")],
+    model: Annotated[
+        str,
+        Query(
+            min_length=1, description="an installed TTS model's name", json_schema_extra=NAME_SCHEMA
+        ),
+    ],
 ) -> VoicesResponse:
     return await _voices(services, model)
 
