@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Seconds a loaded model stays loaded after its last request ended ("5m", "30s", "1h" or
     # seconds; -1: never unloaded; 0: unloaded right after each request). Pinned models stay.
     keep_alive: float = 300.0
+    # Seconds an unload or delete waits for the requests in flight (running or queued on the
+    # model's worker) before it frees the model; those still queued then answer 409 / 404.
+    unload_drain_s: float = Field(default=30.0, ge=0)
     # Speech jobs (/v1/audio/speech/jobs) running at once, over all models (one per model).
     speech_jobs_max_running: int = Field(default=2, ge=1, le=16)
     # CUDA loads stream safetensors weights onto the GPU (parallel reads into pinned buffers,

@@ -114,6 +114,7 @@ def build_services(settings: Settings) -> Services:
         cpu_memory_bytes=(
             int(settings.cpu_memory_limit_gb * GB) if settings.cpu_memory_limit_gb else None
         ),
+        drain_timeout_s=settings.unload_drain_s,
     )
     lifecycle = ModelLifecycle(
         runtime, store, settings.cache_limit_bytes, keep_alive_s=settings.keep_alive

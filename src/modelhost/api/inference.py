@@ -20,7 +20,7 @@ from modelhost.api.deps import (
 )
 from modelhost.api.errors import error_responses
 from modelhost.api.tts_refusal import not_tts
-from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
+from modelhost.errors import Conflict, InvalidRequest, ModelhostError, ModelNotFound
 from modelhost.names import validate_name
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.device import check_requested_device
@@ -153,7 +153,26 @@ async def loaded_model(
         loaded = await _hold(services, name, stack, operation)
         if keep_alive_s is not None:
             await asyncio.to_thread(services.lifecycle.set_keep_alive, loaded, keep_alive_s)
-        yield loaded
+        try:
+            yield loaded
+        except ModelNotLoaded:  # released while the request was queued on its worker
+            raise await _unloaded_or_deleted(services, name) from None
+
+
+async def _unloaded_or_deleted(services: Services, name: str) -> ModelhostError:
+    """What a request whose model was released under it answers: 404 when a delete took
+    it (running, or done: no manifest any more), else the 409 of an unload."""
+    deleting = services.lifecycle.is_closing(name)
+    if deleting or await asyncio.to_thread(services.store.get, name) is None:
+        return ModelNotFound(
+            f"Model '{name}' was deleted while this request waited for it",
+            error="Model being deleted",
+        )
+    return ModelNotLoaded(
+        f"Model '{name}' was unloaded while this request waited for it; send it again "
+        f"(it loads on demand when MODELHOST_LOAD_ON_DEMAND is on) or load it with "
+        f"POST /models/{name}/load"
+    )
 
 
 async def _hold(

@@ -54,6 +54,16 @@ def _using(loaded: LoadedModel) -> Iterator[nn.Module]:
             yield model
 
 
+def _processor(loaded: LoadedModel) -> Any:
+    """The model's processor, for pre-processing that runs before the model's lock is taken
+    (VITS tokenizes outside it): ``ModelNotLoaded`` (409) once an unload or delete released
+    it while the request was queued, not a ``TypeError`` (500) on ``None``."""
+    processor = loaded.processor
+    if processor is None:
+        raise ModelNotLoaded(f"Model {loaded.name!r} was unloaded; load it again")
+    return processor
+
+
 def _device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
@@ -279,7 +289,8 @@ def vits_batch(loaded: LoadedModel, calls: Sequence[VitsCall]) -> list[Audio | E
     """Speak every call's text in one VITS forward (one speaker for the batch): padded and
     masked, each item's noise from its own seed, each waveform cut to its own length; each
     result equals the item spoken alone. An item with no known characters fails alone."""
-    encoded = [loaded.processor(c.text, return_tensors="pt")["input_ids"][0] for c in calls]
+    processor = _processor(loaded)
+    encoded = [processor(c.text, return_tensors="pt")["input_ids"][0] for c in calls]
     results: list[Audio | Exception] = [
         InvalidInput("the text has no characters this model's tokenizer knows") for _ in calls
     ]
