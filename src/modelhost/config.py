@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # Seconds an unload or delete waits for the requests in flight (running or queued on the
     # model's worker) before it frees the model; those still queued then answer 409 / 404.
     unload_drain_s: float = Field(default=30.0, ge=0)
+    # Import torch and transformers in a background thread a second after start (false: the
+    # first load imports them). Tests turn it off to see a request's own imports.
+    warm_up: bool = True
     # Speech jobs (/v1/audio/speech/jobs) running at once, over all models (one per model).
     speech_jobs_max_running: int = Field(default=2, ge=1, le=16)
     # CUDA loads stream safetensors weights onto the GPU (parallel reads into pinned buffers,

@@ -163,6 +163,7 @@ WARM_UP_NICE = 19  # the lowest CPU priority: it yields to requests and to trans
 # Seconds after startup before the warm-up begins: importing torch holds the GIL, which
 # would otherwise slow the server's first answers (measured: about 0.1 s on /health's).
 WARM_UP_DELAY_S = 1.0
+NEVER_S = 10.0**9  # MODELHOST_WARM_UP=false: the timer is cancelled at shutdown, never due
 
 
 def warm_up_runtime(jobs: JobManager) -> threading.Thread | None:
@@ -228,7 +229,9 @@ async def _serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     await services.jobs.start()
     await services.speech_jobs.start(openai_speech_jobs.job_synthesizer(services))
     log.info("modelhost %s serving from %s", __version__, settings.home)
-    warm_up = asyncio.get_running_loop().call_later(WARM_UP_DELAY_S, warm_up_runtime, services.jobs)
+    warm_up = asyncio.get_running_loop().call_later(
+        WARM_UP_DELAY_S if settings.warm_up else NEVER_S, warm_up_runtime, services.jobs
+    )
     reaper = IdleReaper(services.lifecycle)
     reaper.start()
     # Pinned and kept-for-ever models load again once the server answers (/health never

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -22,6 +23,7 @@ from modelhost.api.errors import error_responses
 from modelhost.api.tts_refusal import not_tts
 from modelhost.errors import Conflict, InvalidRequest, ModelhostError, ModelNotFound
 from modelhost.names import validate_name
+from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.device import check_requested_device
 from modelhost.runtime.errors import ModelNotLoaded
@@ -125,6 +127,12 @@ class PredictRequest(BaseModel):
     inputs: Any
     parameters: dict[str, Any] | None = None
     keep_alive: Any = keep_alive_field()
+
+
+async def runtime_inference() -> ModuleType:
+    """``modelhost.runtime.inference`` (torch, transformers, numpy), imported in a thread on
+    the first request: on the loop it froze /health and SSE for seconds."""
+    return await import_off_loop("modelhost.runtime.inference")
 
 
 def not_loaded(name: str) -> ModelNotLoaded:
@@ -261,7 +269,7 @@ async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict
     },
 )
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
-    from modelhost.runtime.inference import synthesize_work
+    synthesize_work = (await runtime_inference()).synthesize_work
 
     keep_alive_s = keep_alive_seconds(body.keep_alive)
     async with loaded_model(services, body.model_name, keep_alive_s) as loaded:
@@ -282,7 +290,7 @@ async def _speak_generated_text(
     services: Services, loaded: LoadedModel, body: SynthesizeRequest
 ) -> tuple[dict[str, str], Audio]:
     """A text model installed with ``speak_with``: its generated text, spoken by that model."""
-    from modelhost.runtime.inference import speak_generated
+    speak_generated = (await runtime_inference()).speak_generated
 
     manifest = await asyncio.to_thread(services.store.get, body.model_name)
     speak_with = manifest.spec.speak_with if manifest else None
@@ -326,7 +334,7 @@ async def _speak_generated_text(
     responses=error_responses(400, 404, 409, 422),
 )
 async def predict(model_name: ModelNamePath, body: PredictRequest, services: ServicesDep) -> dict:
-    from modelhost.runtime.inference import predict_work
+    predict_work = (await runtime_inference()).predict_work
 
     keep_alive_s = keep_alive_seconds(body.keep_alive)
     async with loaded_model(services, model_name, keep_alive_s) as loaded:

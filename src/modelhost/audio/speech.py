@@ -212,9 +212,11 @@ async def synthesize_sentence(
     interleave between a long text's sentences. Hold the model (``lifecycle.acquire``) around
     it. Cancelling the await drops the sentence if it has not started, and waits for it to
     end if it has."""
+    from modelhost.offloop import import_off_loop
     from modelhost.runtime.batching import worker_for
-    from modelhost.runtime.inference import synthesize_work
 
+    # torch behind it: imported in a thread the first time, never on the event loop.
+    synthesize_work = (await import_off_loop("modelhost.runtime.inference")).synthesize_work
     work, batch_fn = synthesize_work(
         loaded, text, speaker, max_new_tokens=max_new_tokens, seed=seed
     )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from modelhost.audio.formats import FORMATS
 from modelhost.errors import Conflict, InvalidRequest, ModelhostError, SpeechJobNotFound
+from modelhost.offloop import import_off_loop
 from modelhost.speechjobs.db import SpeechJobRepository
 from modelhost.speechjobs.files import SentenceFiles
 from modelhost.speechjobs.models import SpeechJob, SpeechJobState, SpeechParams, utcnow
@@ -316,9 +317,9 @@ class SpeechJobRunner:
         rate = job.sample_rate or await asyncio.to_thread(self.files.sample_rate, job.id)
         assert rate is not None
         samples = await asyncio.to_thread(self.files.read_all, job.id, job.sentences_total)
-        from modelhost.audio.encode import encode_audio  # numpy and PyAV: not at start
-
-        data = await asyncio.to_thread(encode_audio, samples, rate, fmt)
+        # numpy and PyAV: not at start, and imported in a thread, never on the loop.
+        encode = await import_off_loop("modelhost.audio.encode")
+        data = await asyncio.to_thread(encode.encode_audio, samples, rate, fmt)
         await asyncio.to_thread(self.files.write_audio, job.id, fmt, data)
         seconds = len(samples) / rate
         done = job.evolve(

@@ -21,6 +21,7 @@ from modelhost.api.deps import ServicesDep, require_api_key, require_valid_text
 from modelhost.api.inference import keep_alive_field, keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest
+from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import canonical_task, family_name
@@ -166,8 +167,9 @@ def check_dimensions(loaded: LoadedModel, requested: Any) -> None:
     responses=openai_error_responses(400, 404, 409, 503),
 )
 async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> Response:
-    from modelhost.runtime.embeddings import embeddings_batch, embeds
-
+    # torch and transformers behind it: imported in a thread, never on the loop.
+    runtime = await import_off_loop("modelhost.runtime.embeddings")
+    embeddings_batch, embeds = runtime.embeddings_batch, runtime.embeds
     texts = parse_input(body.input)
     fmt = check_format(body.encoding_format)
     keep_alive_s = keep_alive_seconds(body.keep_alive)

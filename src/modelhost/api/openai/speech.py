@@ -38,6 +38,7 @@ from modelhost.audio.speech import (
     synthesize_sentence,
 )
 from modelhost.errors import InvalidRequest, ModelhostError
+from modelhost.offloop import import_off_loop
 
 if TYPE_CHECKING:  # the encoder (numpy, PyAV) is imported by the first request
     from modelhost.audio.encode import StreamEncoder
@@ -133,10 +134,9 @@ async def _speech_chunks(
             raise await not_tts(services, body.model, loaded.task, param="model")
         voice = resolve_voice(loaded, body.voice)
         assert loaded.sample_rate is not None  # every speaking family records it
-        # Off the loop: the first one imports PyAV and every one opens a muxer.
-        from modelhost.audio.encode import StreamEncoder
-
-        encoder = await run_audio(StreamEncoder, body.response_format, loaded.sample_rate)
+        # Off the loop: the module imports numpy (in a thread), and every encoder opens a muxer.
+        stream_encoder = (await import_off_loop("modelhost.audio.encode")).StreamEncoder
+        encoder = await run_audio(stream_encoder, body.response_format, loaded.sample_rate)
         for index, sentence in enumerate(sentences):
             if index and await request.is_disconnected():
                 log.info("speech for %s: client gone after %d sentences", body.model, index)

@@ -24,6 +24,7 @@ from modelhost.api.deps import ServicesDep, require_api_key
 from modelhost.api.inference import keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
 from modelhost.errors import InvalidRequest, NotImplementedYet
+from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import Work
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch
@@ -178,7 +179,9 @@ def _check_unsupported(form) -> None:
 
 
 def parse_form(form) -> TranscriptionForm:
-    """The checked fields of the multipart form (400 naming the first bad one)."""
+    """The checked fields of the multipart form (400 naming the first bad one). Call it
+    once ``modelhost.runtime.transcription`` is imported (``import_off_loop``): its first
+    import (torch) must not run on the event loop."""
     from modelhost.runtime.transcription import TranscribeOptions
 
     _check_unsupported(form)
@@ -255,9 +258,10 @@ async def read_upload(upload: UploadFile) -> bytes:
     },
 )
 async def create_transcription(request: Request, services: ServicesDep) -> Response:
-    from modelhost.runtime.decode import decode_audio
-    from modelhost.runtime.transcription import is_whisper, transcribe
-
+    # torch, numpy and PyAV behind these: imported in a thread, never on the loop.
+    transcription = await import_off_loop("modelhost.runtime.transcription")
+    decode_audio = (await import_off_loop("modelhost.runtime.decode")).decode_audio
+    is_whisper, transcribe = transcription.is_whisper, transcription.transcribe
     form = await read_form(request)
     try:
         parsed = parse_form(form)
