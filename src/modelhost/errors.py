@@ -35,6 +35,15 @@ class InvalidRequest(ModelhostError):
     error = "Invalid request"
 
 
+class InputTooLong(InvalidRequest):
+    """An input longer than one request may carry (``MODELHOST_MAX_INPUT_CHARS``) or than
+    the model takes in one forward (413): the message names the limit and where long texts
+    go instead. Refused before anything runs: one request must not take the server's memory."""
+
+    status_code = 413
+    error = "Input too long"
+
+
 class InvalidName(InvalidRequest):
     error = "Invalid model name"
 

@@ -115,6 +115,7 @@ def build_services(settings: Settings) -> Services:
             int(settings.cpu_memory_limit_gb * GB) if settings.cpu_memory_limit_gb else None
         ),
         drain_timeout_s=settings.unload_drain_s,
+        max_text_chars=settings.max_input_chars,
     )
     lifecycle = ModelLifecycle(
         runtime, store, settings.cache_limit_bytes, keep_alive_s=settings.keep_alive

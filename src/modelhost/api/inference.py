@@ -21,7 +21,13 @@ from modelhost.api.deps import (
 )
 from modelhost.api.errors import error_responses
 from modelhost.api.tts_refusal import not_tts
-from modelhost.errors import Conflict, InvalidRequest, ModelhostError, ModelNotFound
+from modelhost.errors import (
+    Conflict,
+    InputTooLong,
+    InvalidRequest,
+    ModelhostError,
+    ModelNotFound,
+)
 from modelhost.names import validate_name
 from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
@@ -102,7 +108,9 @@ class SynthesizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_name: str
-    text: str = Field(min_length=1, max_length=5000)
+    # Its upper bound is MODELHOST_MAX_INPUT_CHARS, checked by the route (413 saying where
+    # long texts go), not here (pydantic would answer 422).
+    text: str = Field(min_length=1)
     speaker: Any = Field(
         default=None,
         description="SpeechT5: speaker embedding (list of floats); Bark: voice preset; "
@@ -133,6 +141,20 @@ async def runtime_inference() -> ModuleType:
     """``modelhost.runtime.inference`` (torch, transformers, numpy), imported in a thread on
     the first request: on the loop it froze /health and SSE for seconds."""
     return await import_off_loop("modelhost.runtime.inference")
+
+
+def check_text_length(text: str, limit: int) -> None:
+    """Refuse (413), before any model is touched, a ``/synthesize`` text longer than
+    MODELHOST_MAX_INPUT_CHARS: one forward over it could take the server's memory (a
+    5,000-character VITS request grew it past 24 GB). Long texts are spoken sentence by
+    sentence by /v1/audio/speech, or in the background by a speech job."""
+    if len(text) > limit:
+        raise InputTooLong(
+            f"text is {len(text):,} characters; /synthesize speaks at most {limit:,} in one "
+            "request (MODELHOST_MAX_INPUT_CHARS). For longer texts use POST /v1/audio/speech, "
+            "which speaks them sentence by sentence, or POST /v1/audio/speech/jobs",
+            param="text",
+        )
 
 
 def not_loaded(name: str) -> ModelNotLoaded:
@@ -265,12 +287,13 @@ async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict
                 "application/json": {"schema": {"type": "object"}},
             },
         },
-        **error_responses(400, 404, 409, 422),
+        **error_responses(400, 404, 409, 413, 422),
     },
 )
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
     synthesize_work = (await runtime_inference()).synthesize_work
 
+    check_text_length(body.text, services.settings.max_input_chars)
     keep_alive_s = keep_alive_seconds(body.keep_alive)
     async with loaded_model(services, body.model_name, keep_alive_s) as loaded:
         pipeline: dict[str, str] = {}
@@ -331,7 +354,7 @@ async def _speak_generated_text(
 @router.post(
     "/models/{model_name}/predict",
     summary="Run a loaded model on inputs",
-    responses=error_responses(400, 404, 409, 422),
+    responses=error_responses(400, 404, 409, 413, 422),
 )
 async def predict(model_name: ModelNamePath, body: PredictRequest, services: ServicesDep) -> dict:
     predict_work = (await runtime_inference()).predict_work

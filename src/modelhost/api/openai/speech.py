@@ -27,7 +27,7 @@ from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.api.openai.errors import openai_error_body
 from modelhost.api.tts_refusal import not_tts
 from modelhost.audio.formats import FORMATS
-from modelhost.audio.sentences import split_sentences
+from modelhost.audio.sentences import sentence_limit, split_sentences
 from modelhost.audio.speech import (
     MAX_INPUT_CHARS,
     SpeechRequest,
@@ -95,7 +95,7 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
                 SSE_MEDIA_TYPE: {"schema": {"type": "string"}},
             },
         },
-        **openai_error_responses(400, 404, 409),
+        **openai_error_responses(400, 404, 409, 413),
     },
 )
 async def create_speech(body: SpeechRequest, request: Request, services: ServicesDep) -> Response:
@@ -108,7 +108,7 @@ async def create_speech(body: SpeechRequest, request: Request, services: Service
             error="Input too long",
         )
     keep_alive_seconds(body.keep_alive)  # a bad one is a 400 before any audio
-    sentences = split_sentences(body.input)
+    sentences = split_sentences(body.input, sentence_limit(services.settings.max_input_chars))
     if not sentences:
         raise InvalidRequest("input has no text to speak (only whitespace)", error="Empty input")
     fmt = FORMATS[body.response_format]
