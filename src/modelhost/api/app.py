@@ -164,6 +164,7 @@ WARM_UP_NICE = 19  # the lowest CPU priority: it yields to requests and to trans
 # Seconds after startup before the warm-up begins: importing torch holds the GIL, which
 # would otherwise slow the server's first answers (measured: about 0.1 s on /health's).
 WARM_UP_DELAY_S = 1.0
+UNLOAD_AT_EXIT_S = 2.0  # shutdown's wait for models to unload (see unload_at_exit)
 NEVER_S = 10.0**9  # MODELHOST_WARM_UP=false: the timer is cancelled at shutdown, never due
 
 
@@ -247,7 +248,19 @@ async def _serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await reaper.stop()
         await services.speech_jobs.stop()
         await services.jobs.stop()
-        await asyncio.to_thread(services.runtime.unload_all)
+        await unload_at_exit(services.runtime)
+
+
+async def unload_at_exit(runtime: ModelRegistry) -> None:
+    """Unload every model, waiting at most ``UNLOAD_AT_EXIT_S``: an unload waits for the
+    inference running on its model, which a long synthesis makes minutes, and the process
+    must end within seconds of SIGTERM. A daemon thread, so an unfinished one never holds
+    the interpreter's exit; the memory goes with the process anyway."""
+    thread = threading.Thread(target=runtime.unload_all, name="modelhost-unload", daemon=True)
+    thread.start()
+    await asyncio.to_thread(thread.join, UNLOAD_AT_EXIT_S)
+    if thread.is_alive():
+        log.warning("models still busy at shutdown: left to end with the process")
 
 
 def create_app(settings: Settings | None = None, home_lock: HomeLock | None = None) -> FastAPI:

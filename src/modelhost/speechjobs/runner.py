@@ -37,6 +37,7 @@ Synthesize = Callable[[SpeechJob, int, bool], Awaitable["Audio"]]
 QUEUE_FULL_RETRY_S = 0.2  # a full worker queue (503) is waited out, not failed
 DELETE_WAIT_S = 30.0  # how long a delete waits for the running sentence to end
 MAX_LIST = 500
+STOP_WAIT_S = 2.0  # how long a shutdown waits for running jobs to stop
 
 
 class JobStopped(Exception):
@@ -96,13 +97,18 @@ class SpeechJobRunner:
                 self.files.drop_sentences(job_id)
 
     async def stop(self) -> None:
-        """Stop running jobs where they are (their rows stay running: the next start resumes)."""
+        """Stop running jobs where they are (their rows stay running: the next start resumes
+        at the first sentence without a file). Bounded by ``STOP_WAIT_S``: a job whose
+        sentence is still running on the model's worker is left to end with the process."""
         self._synthesize = None
         self._queued.clear()
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            if late:
+                log.warning("%d speech job(s) mid-sentence at shutdown; they resume", len(late))
 
     @property
     def running_count(self) -> int:
