@@ -10,7 +10,7 @@ and the tiny BERT (tests/tiny_models.py), imported with the local source.
 from __future__ import annotations
 
 import pytest
-from tiny_models import build_bert, build_vits
+from tiny_models import build_bark, build_bert, build_vits
 
 WORDS = "hello there my friend how are you today "
 
@@ -55,7 +55,7 @@ def small_limit_server(make_server, roots):
 
 
 def assert_too_long(response, *phrases: str) -> None:
-    assert response.status_code == 413, response.text
+    assert response.status_code == 413, (response.status_code, response.text[:300])
     message = response.json().get("message") or response.json()["error"]["message"]
     for phrase in phrases:
         assert phrase in message, message
@@ -98,3 +98,21 @@ def test_every_text_path_takes_the_setting(small_limit_server) -> None:
     assert embed.json()["error"]["param"] == "input"
     speak = client.post("/synthesize", json={"model_name": "absent", "text": long})
     assert_too_long(speak, "at most 50")  # refused before the model is even looked up
+    wav = b"RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x80>\x00\x00\x00}"
+    wav += b"\x00\x00\x02\x00\x10\x00data\x00\x00\x00\x00"
+    heard = client.post(
+        "/v1/audio/transcriptions",
+        data={"model": "absent", "prompt": long},
+        files={"file": ("a.wav", wav, "audio/wav")},
+    )
+    assert_too_long(heard, "prompt", "at most 50")
+    assert heard.json()["error"]["param"] == "prompt"
+
+
+def test_bark_refuses_what_its_processor_would_cut(make_server, roots) -> None:
+    # BarkProcessor cuts at 256 tokens without a word: the speech would stop mid-text.
+    build_bark(roots / "bark")
+    server = make_server([], import_roots=(roots,), device="cpu")
+    install(server, roots, "bark")
+    answer = server.client.post("/synthesize", json={"model_name": "bark", "text": text_of(2000)})
+    assert_too_long(answer, "Bark speaks at most 256", "/v1/audio/speech")
