@@ -164,7 +164,7 @@ WARM_UP_NICE = 19  # the lowest CPU priority: it yields to requests and to trans
 # Seconds after startup before the warm-up begins: importing torch holds the GIL, which
 # would otherwise slow the server's first answers (measured: about 0.1 s on /health's).
 WARM_UP_DELAY_S = 1.0
-UNLOAD_AT_EXIT_S = 2.0  # shutdown's wait for models to unload (see unload_at_exit)
+UNLOAD_AT_EXIT_S = 1.0  # shutdown's wait for models to unload (see unload_at_exit)
 NEVER_S = 10.0**9  # MODELHOST_WARM_UP=false: the timer is cancelled at shutdown, never due
 
 

@@ -37,7 +37,7 @@ Synthesize = Callable[[SpeechJob, int, bool], Awaitable["Audio"]]
 QUEUE_FULL_RETRY_S = 0.2  # a full worker queue (503) is waited out, not failed
 DELETE_WAIT_S = 30.0  # how long a delete waits for the running sentence to end
 MAX_LIST = 500
-STOP_WAIT_S = 2.0  # how long a shutdown waits for running jobs to stop
+STOP_WAIT_S = 1.5  # how long a shutdown waits for running speech jobs to stop
 
 
 class JobStopped(Exception):
