@@ -45,6 +45,10 @@ def served(tmp_path_factory) -> Iterator[RunningServer]:
             hf_hub_cache=home / "no-hub-cache",
             fetch_retries=0,
             device="cpu",
+            # No background import of torch: its numpy import raced hypothesis reading
+            # numpy.ndarray in this process ("partially initialized module 'numpy'", one
+            # run in two). Requests import the runtime while the fuzzer waits for them.
+            warm_up=False,
         )
         server = RunningServer(settings_).start()
         server.report_dir = home  # schemathesis' report folder goes here, not in the checkout

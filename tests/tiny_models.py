@@ -312,9 +312,10 @@ def build_hifigan(directory: Path) -> Path:
     return directory
 
 
-def build_bark(directory: Path) -> Path:
+def build_bark(directory: Path, layers: int = 1) -> Path:
     """BarkModel with the real vocabulary sizes (hidden 8, 1 layer, 2 heads, tiny Encodec)
     + BarkProcessor (a BERT tokenizer) + one voice preset under ``speaker_embeddings/``.
+    ``layers`` per sub-model: more make each sentence slower (a long synthesis to stop).
 
     ``BarkGenerationConfig`` does not survive ``save_pretrained``: its JSON is written here.
     """
@@ -328,7 +329,7 @@ def build_bark(directory: Path) -> Path:
     )
 
     directory = _prepare(directory)
-    small = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "block_size": 1024}
+    small = {"hidden_size": 8, "num_layers": layers, "num_heads": 2, "block_size": 1024}
     config = BarkConfig(
         semantic_config={"input_vocab_size": 129_600, "output_vocab_size": 10_048, **small},
         coarse_acoustics_config={

@@ -87,6 +87,18 @@ class Settings(BaseSettings):
     # Seconds a loaded model stays loaded after its last request ended ("5m", "30s", "1h" or
     # seconds; -1: never unloaded; 0: unloaded right after each request). Pinned models stay.
     keep_alive: float = 300.0
+    # Seconds an unload or delete waits for the requests in flight (running or queued on the
+    # model's worker) before it frees the model; those still queued then answer 409 / 404.
+    unload_drain_s: float = Field(default=30.0, ge=0)
+    # The longest text one inference request may carry, in characters: /synthesize, each
+    # sentence of /v1/audio/speech, predict's text inputs, /v1/embeddings' inputs. One
+    # request's text must not take the server's memory (a 5,000-character VITS request grew
+    # it past 24 GB); longer texts go through /v1/audio/speech (sentence by sentence) or a
+    # speech job. The model's own positions (max_position_embeddings) apply on top of it.
+    max_input_chars: int = Field(default=4096, ge=1, le=1_000_000)
+    # Import torch and transformers in a background thread a second after start (false: the
+    # first load imports them). Tests turn it off to see a request's own imports.
+    warm_up: bool = True
     # Speech jobs (/v1/audio/speech/jobs) running at once, over all models (one per model).
     speech_jobs_max_running: int = Field(default=2, ge=1, le=16)
     # CUDA loads stream safetensors weights onto the GPU (parallel reads into pinned buffers,

@@ -35,6 +35,16 @@ class InvalidRequest(ModelhostError):
     error = "Invalid request"
 
 
+class InputTooLong(InvalidRequest, ValueError):
+    """An input longer than one request may carry (``MODELHOST_MAX_INPUT_CHARS``) or than
+    the model takes in one forward (413): the message names the limit and where long texts
+    go instead. Refused before anything runs: one request must not take the server's memory.
+    A ``ValueError`` too, as the runtime's ``InvalidInput``: a bad input to Python callers."""
+
+    status_code = 413
+    error = "Input too long"
+
+
 class InvalidName(InvalidRequest):
     error = "Invalid model name"
 

@@ -114,6 +114,8 @@ def build_services(settings: Settings) -> Services:
         cpu_memory_bytes=(
             int(settings.cpu_memory_limit_gb * GB) if settings.cpu_memory_limit_gb else None
         ),
+        drain_timeout_s=settings.unload_drain_s,
+        max_text_chars=settings.max_input_chars,
     )
     lifecycle = ModelLifecycle(
         runtime, store, settings.cache_limit_bytes, keep_alive_s=settings.keep_alive
@@ -162,6 +164,8 @@ WARM_UP_NICE = 19  # the lowest CPU priority: it yields to requests and to trans
 # Seconds after startup before the warm-up begins: importing torch holds the GIL, which
 # would otherwise slow the server's first answers (measured: about 0.1 s on /health's).
 WARM_UP_DELAY_S = 1.0
+UNLOAD_AT_EXIT_S = 1.0  # shutdown's wait for models to unload (see unload_at_exit)
+NEVER_S = 10.0**9  # MODELHOST_WARM_UP=false: the timer is cancelled at shutdown, never due
 
 
 def warm_up_runtime(jobs: JobManager) -> threading.Thread | None:
@@ -227,7 +231,9 @@ async def _serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     await services.jobs.start()
     await services.speech_jobs.start(openai_speech_jobs.job_synthesizer(services))
     log.info("modelhost %s serving from %s", __version__, settings.home)
-    warm_up = asyncio.get_running_loop().call_later(WARM_UP_DELAY_S, warm_up_runtime, services.jobs)
+    warm_up = asyncio.get_running_loop().call_later(
+        WARM_UP_DELAY_S if settings.warm_up else NEVER_S, warm_up_runtime, services.jobs
+    )
     reaper = IdleReaper(services.lifecycle)
     reaper.start()
     # Pinned and kept-for-ever models load again once the server answers (/health never
@@ -242,7 +248,19 @@ async def _serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await reaper.stop()
         await services.speech_jobs.stop()
         await services.jobs.stop()
-        await asyncio.to_thread(services.runtime.unload_all)
+        await unload_at_exit(services.runtime)
+
+
+async def unload_at_exit(runtime: ModelRegistry) -> None:
+    """Unload every model, waiting at most ``UNLOAD_AT_EXIT_S``: an unload waits for the
+    inference running on its model, which a long synthesis makes minutes, and the process
+    must end within seconds of SIGTERM. A daemon thread, so an unfinished one never holds
+    the interpreter's exit; the memory goes with the process anyway."""
+    thread = threading.Thread(target=runtime.unload_all, name="modelhost-unload", daemon=True)
+    thread.start()
+    await asyncio.to_thread(thread.join, UNLOAD_AT_EXIT_S)
+    if thread.is_alive():
+        log.warning("models still busy at shutdown: left to end with the process")
 
 
 def create_app(settings: Settings | None = None, home_lock: HomeLock | None = None) -> FastAPI:

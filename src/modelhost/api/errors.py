@@ -43,6 +43,8 @@ ERROR_STATUSES = {
     "MODELHOST_CORS_ORIGINS, a URL outside MODELHOST_URL_ALLOW, or the upstream refused access",
     404: "No such model, download or upstream repository/file",
     409: "Conflicts with the current state (a running job, a model not loaded, a memory budget)",
+    413: "Input too long: a text past MODELHOST_MAX_INPUT_CHARS or past what the model takes "
+    "in one request, or an upload past its limit; the message names the limit",
     422: "The request does not match the schema (types, lengths, patterns, unknown fields), "
     "or (error 'Load failed') the installed model could not be loaded; the message says why",
     424: "A Python module the request needs is not installed on the server; the message "

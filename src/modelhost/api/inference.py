@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -21,8 +22,15 @@ from modelhost.api.deps import (
 from modelhost.api.errors import error_responses
 from modelhost.api.tts_refusal import not_tts
 from modelhost.audio.speech import SEED_LIMIT
-from modelhost.errors import Conflict, InvalidRequest, ModelNotFound
+from modelhost.errors import (
+    Conflict,
+    InputTooLong,
+    InvalidRequest,
+    ModelhostError,
+    ModelNotFound,
+)
 from modelhost.names import DEVICE_SCHEMA, NAME_SCHEMA, validate_name
+from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.device import check_requested_device
 from modelhost.runtime.errors import ModelNotLoaded
@@ -113,7 +121,9 @@ class SynthesizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_name: str = Field(json_schema_extra=NAME_SCHEMA)
-    text: str = Field(min_length=1, max_length=5000)
+    # Its upper bound is MODELHOST_MAX_INPUT_CHARS, checked by the route (413 saying where
+    # long texts go), not here (pydantic would answer 422).
+    text: str = Field(min_length=1)
     speaker: Any = Field(
         default=None,
         description="SpeechT5: speaker embedding (list of floats); Bark: voice preset; "
@@ -138,6 +148,26 @@ class PredictRequest(BaseModel):
     inputs: Any
     parameters: dict[str, Any] | None = None
     keep_alive: Any = keep_alive_field()
+
+
+async def runtime_inference() -> ModuleType:
+    """``modelhost.runtime.inference`` (torch, transformers, numpy), imported in a thread on
+    the first request: on the loop it froze /health and SSE for seconds."""
+    return await import_off_loop("modelhost.runtime.inference")
+
+
+def check_text_length(text: str, limit: int) -> None:
+    """Refuse (413), before any model is touched, a ``/synthesize`` text longer than
+    MODELHOST_MAX_INPUT_CHARS: one forward over it could take the server's memory (a
+    5,000-character VITS request grew it past 24 GB). Long texts are spoken sentence by
+    sentence by /v1/audio/speech, or in the background by a speech job."""
+    if len(text) > limit:
+        raise InputTooLong(
+            f"text is {len(text):,} characters; /synthesize speaks at most {limit:,} in one "
+            "request (MODELHOST_MAX_INPUT_CHARS). For longer texts use POST /v1/audio/speech, "
+            "which speaks them sentence by sentence, or POST /v1/audio/speech/jobs",
+            param="text",
+        )
 
 
 def not_loaded(name: str) -> ModelNotLoaded:
@@ -166,7 +196,26 @@ async def loaded_model(
         loaded = await _hold(services, name, stack, operation)
         if keep_alive_s is not None:
             await asyncio.to_thread(services.lifecycle.set_keep_alive, loaded, keep_alive_s)
-        yield loaded
+        try:
+            yield loaded
+        except ModelNotLoaded:  # released while the request was queued on its worker
+            raise await _unloaded_or_deleted(services, name) from None
+
+
+async def _unloaded_or_deleted(services: Services, name: str) -> ModelhostError:
+    """What a request whose model was released under it answers: 404 when a delete took
+    it (running, or done: no manifest any more), else the 409 of an unload."""
+    deleting = services.lifecycle.is_closing(name)
+    if deleting or await asyncio.to_thread(services.store.get, name) is None:
+        return ModelNotFound(
+            f"Model '{name}' was deleted while this request waited for it",
+            error="Model being deleted",
+        )
+    return ModelNotLoaded(
+        f"Model '{name}' was unloaded while this request waited for it; send it again "
+        f"(it loads on demand when MODELHOST_LOAD_ON_DEMAND is on) or load it with "
+        f"POST /models/{name}/load"
+    )
 
 
 async def _hold(
@@ -251,12 +300,13 @@ async def unload_model(model_name: ModelNamePath, services: ServicesDep) -> dict
                 "application/json": {"schema": {"type": "object"}},
             },
         },
-        **error_responses(400, 404, 409, 422),
+        **error_responses(400, 404, 409, 413, 422),
     },
 )
 async def synthesize(body: SynthesizeRequest, request: Request, services: ServicesDep) -> Response:
-    from modelhost.runtime.inference import synthesize_work
+    synthesize_work = (await runtime_inference()).synthesize_work
 
+    check_text_length(body.text, services.settings.max_input_chars)
     keep_alive_s = keep_alive_seconds(body.keep_alive)
     async with loaded_model(services, body.model_name, keep_alive_s) as loaded:
         pipeline: dict[str, str] = {}
@@ -276,7 +326,7 @@ async def _speak_generated_text(
     services: Services, loaded: LoadedModel, body: SynthesizeRequest
 ) -> tuple[dict[str, str], Audio]:
     """A text model installed with ``speak_with``: its generated text, spoken by that model."""
-    from modelhost.runtime.inference import speak_generated
+    speak_generated = (await runtime_inference()).speak_generated
 
     manifest = await asyncio.to_thread(services.store.get, body.model_name)
     speak_with = manifest.spec.speak_with if manifest else None
@@ -317,10 +367,10 @@ async def _speak_generated_text(
 @router.post(
     "/models/{model_name}/predict",
     summary="Run a loaded model on inputs",
-    responses=error_responses(400, 404, 409, 422),
+    responses=error_responses(400, 404, 409, 413, 422),
 )
 async def predict(model_name: ModelNamePath, body: PredictRequest, services: ServicesDep) -> dict:
-    from modelhost.runtime.inference import predict_work
+    predict_work = (await runtime_inference()).predict_work
 
     keep_alive_s = keep_alive_seconds(body.keep_alive)
     async with loaded_model(services, model_name, keep_alive_s) as loaded:

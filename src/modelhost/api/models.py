@@ -31,6 +31,7 @@ from modelhost.catalog import (
 )
 from modelhost.errors import InvalidRequest
 from modelhost.names import validate_name
+from modelhost.offloop import import_off_loop
 from modelhost.sources import DownloadRequest, Plan
 from modelhost.store import Manifest, describe
 from modelhost.units import MB
@@ -303,8 +304,8 @@ async def _pin(services: Services, model_name: str, pinned: bool) -> dict:
 async def _optimize(services: Services, model_name: str, compile: bool) -> dict:
     """Optimize as an operation holding the model in use: a delete or unload that comes
     meanwhile waits for it; ``/models/managed`` shows ``operation: "optimizing"``."""
-    from modelhost.runtime.optimize import optimize
-
+    # torch behind it: imported in a thread, never on the loop.
+    optimize = (await import_off_loop("modelhost.runtime.optimize")).optimize
     await asyncio.to_thread(services.store.require, model_name)
     # Loaded on demand like any request that runs the model (409 when that is off).
     async with loaded_model(services, model_name, operation="optimizing") as loaded:

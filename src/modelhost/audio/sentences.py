@@ -14,6 +14,12 @@ _BOUNDARY = re.compile(r"(?:(?<=[.!?…。！？])|(?<=[.!?…。！？][\"'”�
 MAX_SENTENCE_CHARS = 400
 
 
+def sentence_limit(max_input_chars: int) -> int:
+    """The longest sentence spoken in one forward: ``MAX_SENTENCE_CHARS``, or less when
+    MODELHOST_MAX_INPUT_CHARS (the most one request's text may be) is smaller."""
+    return min(MAX_SENTENCE_CHARS, max_input_chars)
+
+
 def split_sentences(text: str, max_chars: int = MAX_SENTENCE_CHARS) -> list[str]:
     """The sentences of ``text``, stripped, none empty, each at most ``max_chars`` long."""
     pieces = [p.strip() for p in _BOUNDARY.split(text)]

@@ -211,6 +211,10 @@ def _notify(model: str, index: int) -> None:
         listener(model, index)
 
 
+# How long a cancelled request still holds its model for the sentence running on the worker.
+FINISH_WAIT_S = 2.0
+
+
 async def synthesize_sentence(
     loaded: LoadedModel,
     text: str,
@@ -225,9 +229,11 @@ async def synthesize_sentence(
     interleave between a long text's sentences. Hold the model (``lifecycle.acquire``) around
     it. Cancelling the await drops the sentence if it has not started, and waits for it to
     end if it has."""
+    from modelhost.offloop import import_off_loop
     from modelhost.runtime.batching import worker_for
-    from modelhost.runtime.inference import synthesize_work
 
+    # torch behind it: imported in a thread the first time, never on the event loop.
+    synthesize_work = (await import_off_loop("modelhost.runtime.inference")).synthesize_work
     work, batch_fn = synthesize_work(
         loaded, text, speaker, max_new_tokens=max_new_tokens, seed=seed
     )
@@ -242,13 +248,17 @@ async def synthesize_sentence(
 
 async def _finish_running(future: Future) -> None:
     """After a cancel: a sentence already running on the worker cannot be stopped, so wait
-    (shielded from the cancel) until it ends, and the caller's hold on the model lasts until
-    the model is no longer in use. A queued one was dropped by the cancel."""
+    (shielded from the cancel, at most ``FINISH_WAIT_S``) until it ends, and the caller's
+    hold on the model lasts while the model is in use. Bounded, so that a long sentence
+    (Bark: minutes on a CPU) cannot hold a shutdown: past the bound an unload still cannot
+    free the model under the sentence (``release`` waits for the model's lock). A queued
+    sentence was dropped by the cancel."""
     if future.done():
         return
     import anyio
 
-    with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+    with anyio.CancelScope(shield=True) as scope, contextlib.suppress(BaseException):
+        scope.deadline = anyio.current_time() + FINISH_WAIT_S
         await asyncio.wrap_future(future)
 
 

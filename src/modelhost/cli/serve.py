@@ -14,8 +14,11 @@ if TYPE_CHECKING:
 
 console = Console(stderr=True)
 # On SIGTERM, requests still running after this long are cancelled; then the job manager
-# aborts plans and transfers (leaving them resumable), so the process ends within seconds.
-GRACEFUL_SHUTDOWN_S = 5
+# aborts plans and transfers (leaving them resumable) and speech jobs stop where they are,
+# each step bounded, so the process ends within 10 s whatever runs (tests/test_shutdown.py):
+# at worst 3 s here, then speech jobs 1.5 s, downloads 3 s (jobs.manager.STOP_WAIT_S) and
+# the unload at exit 1 s (api.app.UNLOAD_AT_EXIT_S), one after the other.
+GRACEFUL_SHUTDOWN_S = 3
 # The client commands' default server (cli/client.py: DEFAULT_URL), restated: the hint
 # names MODELHOST_URL only when the clients would not find this server by default.
 CLIENT_DEFAULT_URL = "http://127.0.0.1:8000"

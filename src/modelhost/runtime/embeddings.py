@@ -76,7 +76,7 @@ def embeddings_batch(loaded: LoadedModel, texts: list[str]) -> BatchPlan:
     """The batch plan of one request's ``texts`` (at most ``inference.MAX_BATCH``): every
     caller's texts in one forward, each caller's rows and token counts back."""
     normalize = normalizes(loaded)
-    texts, single = _texts(texts)
+    texts, single = _texts(texts, loaded.max_text_chars)
 
     def run(calls: Sequence[TextsCall]) -> list[EmbeddingRows]:
         flat = [t for c in calls for t in c.texts]

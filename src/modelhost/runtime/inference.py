@@ -22,20 +22,29 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from modelhost.errors import InputTooLong
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import InvalidInput, ModelNotLoaded
 from modelhost.runtime.families import Family
 from modelhost.runtime.families.base import BatchPlan
 from modelhost.runtime.families.registry import adapter_for
 from modelhost.runtime.images import decode_image, pixel_values
-from modelhost.runtime.loaded import LoadedModel
+from modelhost.runtime.loaded import DEFAULT_MAX_TEXT_CHARS, LoadedModel
 from modelhost.runtime.memory import weights_bytes
 from modelhost.runtime.sentence_layout import SentenceLayout
 from modelhost.runtime.speaker import parse_speaker_embedding
 from modelhost.runtime.wav import Audio, decode_base64, parse_wav, resample
 
-MAX_TEXT_CHARS = 20_000
 MAX_BATCH = 64
+# VITS's alignment path is a (tokens x frames) matrix and frames grow with tokens: memory
+# grows with the square of the text. Measured on the tiny VITS: 1,000 tokens +0.3 GB, 2,000
+# +1 GB; 5,000 characters (10,001 tokens with the blanks) took the server past 24 GB.
+VITS_MAX_TOKENS = 2048
+BARK_MAX_TOKENS = 256  # BarkProcessor's max_length: it truncates beyond it
+LONG_TEXTS = (
+    "Use POST /v1/audio/speech, which speaks a long text sentence by sentence, "
+    "or POST /v1/audio/speech/jobs"
+)
 MAX_NEW_TOKENS = 1024
 DEFAULT_NEW_TOKENS = 32
 MAX_AUDIO_SECONDS = 30.0  # Whisper's window; long-form transcription is not offered yet
@@ -52,6 +61,16 @@ def _using(loaded: LoadedModel) -> Iterator[nn.Module]:
         loaded.touch()
         with torch.inference_mode():
             yield model
+
+
+def _processor(loaded: LoadedModel) -> Any:
+    """The model's processor, for pre-processing that runs before the model's lock is taken
+    (VITS tokenizes outside it): ``ModelNotLoaded`` (409) once an unload or delete released
+    it while the request was queued, not a ``TypeError`` (500) on ``None``."""
+    processor = loaded.processor
+    if processor is None:
+        raise ModelNotLoaded(f"Model {loaded.name!r} was unloaded; load it again")
+    return processor
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -72,7 +91,9 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _text(value: Any, what: str = "text") -> str:
+def _text(value: Any, what: str = "text", limit: int = DEFAULT_MAX_TEXT_CHARS) -> str:
+    """``value`` as a text input of at most ``limit`` characters (the model's
+    ``max_text_chars``): 400 for what is not text, 413 for a longer one."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(f"{what} must be a non-empty string")
     try:
@@ -81,19 +102,24 @@ def _text(value: Any, what: str = "text") -> str:
         raise InvalidInput(
             f"{what} is not valid Unicode text: a lone surrogate at character {exc.start}"
         ) from None
-    if len(value) > MAX_TEXT_CHARS:
-        raise InvalidInput(f"{what} is {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
+    if len(value) > limit:
+        raise InputTooLong(
+            f"{what} is {len(value):,} characters; one request takes at most {limit:,} "
+            "(MODELHOST_MAX_INPUT_CHARS). Send shorter texts; to speak a long text use "
+            "POST /v1/audio/speech (spoken sentence by sentence) or POST /v1/audio/speech/jobs",
+            param=what.split("[")[0],
+        )
     return value
 
 
-def _texts(value: Any) -> tuple[list[str], bool]:
+def _texts(value: Any, limit: int) -> tuple[list[str], bool]:
     """A string or a list of strings, and whether a single string was given."""
     if isinstance(value, str):
-        return [_text(value, "inputs")], True
+        return [_text(value, "inputs", limit)], True
     if isinstance(value, list) and value:
         if len(value) > MAX_BATCH:
             raise InvalidInput(f"at most {MAX_BATCH} inputs per request, got {len(value)}")
-        return [_text(v, f"inputs[{i}]") for i, v in enumerate(value)], False
+        return [_text(v, f"inputs[{i}]", limit) for i, v in enumerate(value)], False
     raise InvalidInput("inputs must be a non-empty string or a non-empty list of strings")
 
 
@@ -142,7 +168,7 @@ def synthesize(
         raise InvalidInput(
             f"Model {loaded.name!r} is a {loaded.task} model, not text-to-speech: use predict"
         )
-    text = _text(text)
+    text = _text(text, "text", loaded.max_text_chars)
     if max_new_tokens is not None:
         _int_param({"max_new_tokens": max_new_tokens}, "max_new_tokens", None, 1, 4096)
     return adapter_for(loaded.family).synthesize(loaded, text, speaker, max_new_tokens, seed)
@@ -188,7 +214,11 @@ def _speecht5(loaded: LoadedModel, model: nn.Module, text: str, speaker: Any) ->
     ids = loaded.processor(text=text, return_tensors="pt")["input_ids"]
     limit = int(loaded.extra["max_text_positions"])
     if ids.shape[1] > limit:
-        raise InvalidInput(f"text is {ids.shape[1]} tokens; this model takes at most {limit}")
+        raise InputTooLong(
+            f"text is {ids.shape[1]} tokens; this model takes at most {limit} (its "
+            f"max_text_positions). {LONG_TEXTS}",
+            param="text",
+        )
     device, dtype = _device(model), _float_dtype(model)
     speaker_tensor = torch.from_numpy(np.asarray(embedding))[None].to(device, dtype)
     return model.generate_speech(
@@ -203,11 +233,25 @@ def _bark(
     if speaker is not None and (not isinstance(speaker, str) or speaker not in presets):
         offered = ", ".join(presets) if presets else "none (this model ships no presets)"
         raise InvalidInput(f"speaker must be one of this Bark model's voice presets: {offered}")
+    _check_bark_length(loaded, text)
     inputs = loaded.processor(text, voice_preset=speaker)
     device = _device(model)
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items() if v is not None}
     kwargs = {"semantic_max_new_tokens": max_new_tokens} if max_new_tokens else {}
     return model.generate(**batch, **kwargs)
+
+
+def _check_bark_length(loaded: LoadedModel, text: str) -> None:
+    """Refuse a text longer than Bark's processor takes: it cuts the tokens at its
+    ``max_length`` (256) without a word, and the speech would end mid-text."""
+    tokenizer = loaded.processor.tokenizer
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokens > BARK_MAX_TOKENS:
+        raise InputTooLong(
+            f"text is {tokens} tokens; Bark speaks at most {BARK_MAX_TOKENS} in one request "
+            f"(its processor would cut the rest). {LONG_TEXTS}",
+            param="text",
+        )
 
 
 @dataclass(frozen=True)
@@ -230,7 +274,7 @@ def _vits_call(loaded: LoadedModel, text: str, speaker: Any, seed: int | None) -
             raise InvalidInput(f"speaker must be a speaker id from 0 to {speakers - 1}")
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little") >> 1
-    return VitsCall(_text(text), speaker, int(seed) % 2**64)
+    return VitsCall(_text(text, "text", loaded.max_text_chars), speaker, int(seed) % 2**64)
 
 
 class _PerItemNoise(TorchFunctionMode):
@@ -278,16 +322,58 @@ def _nonzero_length(frames: torch.Tensor) -> int:
 def vits_batch(loaded: LoadedModel, calls: Sequence[VitsCall]) -> list[Audio | Exception]:
     """Speak every call's text in one VITS forward (one speaker for the batch): padded and
     masked, each item's noise from its own seed, each waveform cut to its own length; each
-    result equals the item spoken alone. An item with no known characters fails alone."""
-    encoded = [loaded.processor(c.text, return_tensors="pt")["input_ids"][0] for c in calls]
-    results: list[Audio | Exception] = [
-        InvalidInput("the text has no characters this model's tokenizer knows") for _ in calls
-    ]
-    live = [i for i, ids in enumerate(encoded) if ids.numel() > 0]
+    result equals the item spoken alone. An item with no known characters, or too long for
+    one forward (``VITS_MAX_TOKENS``), fails alone, before anything runs; long batches are
+    cut so that their memory stays within one longest item's (``_vits_chunks``)."""
+    processor = _processor(loaded)
+    encoded = [processor(c.text, return_tensors="pt")["input_ids"][0] for c in calls]
+    results: list[Any] = [_vits_refusal(int(ids.numel())) for ids in encoded]
+    live = [i for i, ids in enumerate(encoded) if results[i] is None]
     if not live:
         if len(calls) == 1:
             raise results[0]  # type: ignore[misc]
         return results
+    for part in _vits_chunks(live, [int(ids.numel()) for ids in encoded]):
+        for i, audio in zip(part, _vits_run(loaded, calls, encoded, part), strict=True):
+            results[i] = audio
+    return results
+
+
+def _vits_refusal(tokens: int) -> Exception | None:
+    """Why VITS cannot speak a text of ``tokens`` ids in one forward, None when it can."""
+    if tokens == 0:
+        return InvalidInput("the text has no characters this model's tokenizer knows")
+    if tokens > VITS_MAX_TOKENS:
+        return InputTooLong(
+            f"the text is {tokens:,} tokens; VITS speaks at most {VITS_MAX_TOKENS:,} (about "
+            f"{VITS_MAX_TOKENS // 2:,} characters) in one request: its alignment grows with the "
+            f"square of the length. {LONG_TEXTS}",
+            param="text",
+        )
+    return None
+
+
+def _vits_chunks(live: list[int], lengths: list[int]) -> list[list[int]]:
+    """``live`` cut into consecutive batches whose padded cost (items x longest^2) stays
+    within one longest-allowed item's: a batch of long texts must not take the memory that
+    a single one is refused for. Batched items equal items spoken alone, so cutting changes
+    no result."""
+    budget = VITS_MAX_TOKENS**2
+    chunks: list[list[int]] = []
+    for i in live:
+        if chunks:
+            longest = max(lengths[j] for j in [*chunks[-1], i])
+            if (len(chunks[-1]) + 1) * longest**2 <= budget:
+                chunks[-1].append(i)
+                continue
+        chunks.append([i])
+    return chunks
+
+
+def _vits_run(
+    loaded: LoadedModel, calls: Sequence[VitsCall], encoded: list[torch.Tensor], live: list[int]
+) -> list[Audio]:
+    """One padded, masked VITS forward over the ``live`` items of ``calls``."""
     lengths = [int(encoded[i].numel()) for i in live]
     ids = torch.zeros((len(live), max(lengths)), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -297,9 +383,7 @@ def vits_batch(loaded: LoadedModel, calls: Sequence[VitsCall]) -> list[Audio | E
     generators = [torch.Generator().manual_seed(calls[i].seed) for i in live]
     with _using(loaded) as model:
         waves = _vits_forward(loaded, model, ids, mask, calls[0].speaker, generators, lengths)
-    for row, i in enumerate(live):
-        results[i] = _audio(loaded, waves[row])
-    return results
+    return [_audio(loaded, wave) for wave in waves]
 
 
 class _KeepSpectrogram(nn.Module):
@@ -460,7 +544,7 @@ def _ranked(probs: torch.Tensor, labels: dict[int, str], top_k: int | None) -> l
 
 
 def _classify_text(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-    texts, single = _texts(inputs)
+    texts, single = _texts(inputs, loaded.max_text_chars)
     results = _classify_rows(loaded, model, texts, _top_k(loaded, params))
     return {"predictions": results[0] if single else results}
 
@@ -534,7 +618,7 @@ def _normalize_param(params: Mapping[str, Any]) -> bool:
 
 
 def _embed(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-    texts, _single = _texts(inputs)
+    texts, _single = _texts(inputs, loaded.max_text_chars)
     matrix = _embedding_matrix(loaded, model, texts, _normalize_param(params))
     return {"embeddings": matrix.tolist(), "dimension": int(matrix.shape[1])}
 
@@ -610,7 +694,7 @@ def predict_work(
 def classification_batch(loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
     """Text classification's batch plan: one forward over every caller's texts."""
     top_k = _top_k(loaded, params)
-    texts, single = _texts(inputs)
+    texts, single = _texts(inputs, loaded.max_text_chars)
 
     def classify(calls: Sequence[TextsCall]) -> list[Any]:
         with _using(loaded) as model:
@@ -624,7 +708,7 @@ def classification_batch(loaded: LoadedModel, inputs: Any, params: dict) -> Batc
 def embedding_batch(loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
     """Embeddings' batch plan: one forward, mean pooling masked to each text's tokens."""
     normalize = _normalize_param(params)
-    texts, single = _texts(inputs)
+    texts, single = _texts(inputs, loaded.max_text_chars)
 
     def embed(calls: Sequence[TextsCall]) -> list[Any]:
         with _using(loaded) as model:
@@ -707,7 +791,7 @@ def _generation_kwargs(params: dict) -> dict[str, Any]:
 
 
 def _generate(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-    text = _text(inputs, "inputs")
+    text = _text(inputs, "inputs", loaded.max_text_chars)
     kwargs = _generation_kwargs(params)
     tokenizer = loaded.processor
     limit = _max_length(tokenizer, model.config)

@@ -13,6 +13,9 @@ from modelhost.runtime.batching import BatchSettings, BatchStats, queued
 from modelhost.runtime.families import Family, family_name
 from modelhost.units import MB, NEVER
 
+# MODELHOST_MAX_INPUT_CHARS's default (config.py): what a model loaded outside a server takes.
+DEFAULT_MAX_TEXT_CHARS = 4096
+
 if TYPE_CHECKING:  # annotations only: the server starts without torch
     from torch import nn
 
@@ -52,6 +55,9 @@ class LoadedModel:
     optimized: bool = False
     optimization: dict[str, Any] | None = None
     pinned: bool = False
+    # The longest text input one request may give it (MODELHOST_MAX_INPUT_CHARS; the
+    # registry sets it at load): text inputs beyond it are refused before they run.
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     extra: dict[str, Any] = field(default_factory=dict)
     loaded_at: datetime = field(default_factory=_now)
     last_used: datetime = field(default_factory=_now)

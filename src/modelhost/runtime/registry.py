@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from modelhost.errors import Conflict
 from modelhost.runtime.device import device_str, resolve_device
 from modelhost.runtime.errors import MemoryBudgetExceeded, ModelNotLoaded
-from modelhost.runtime.loaded import MB, LoadedModel
+from modelhost.runtime.loaded import DEFAULT_MAX_TEXT_CHARS, MB, LoadedModel
 from modelhost.runtime.memory import (
     device_total_bytes,
     physical_memory_bytes,
@@ -114,6 +114,7 @@ class ModelRegistry:
         loader: Loader | None = None,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         gpu_stream: bool = True,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1 (or None for no limit)")
@@ -127,6 +128,7 @@ class ModelRegistry:
         self._loader: Loader = loader or partial(load_on_first_use, gpu_stream=gpu_stream)
         self._models: dict[str, LoadedModel] = {}
         self.drain_timeout_s = drain_timeout_s
+        self.max_text_chars = max_text_chars  # MODELHOST_MAX_INPUT_CHARS, given to each model
         self._lock = threading.RLock()  # guards the dicts below and the budget; held briefly
         self._loading: dict[str, _Reservation] = {}  # loads in progress
         self._name_locks: dict[str, threading.Lock] = {}  # one load / unload per model
@@ -204,6 +206,7 @@ class ModelRegistry:
                 with self._device_lock(target):
                     loaded = self._loader(manifest, Path(path), target, allow_pickle)
                 loaded.pinned = pin
+                loaded.max_text_chars = self.max_text_chars
                 loaded.touch()
                 with self._lock:
                     self._models[loaded.name] = loaded

@@ -78,8 +78,8 @@ def transcribe(loaded: LoadedModel, samples: np.ndarray, options: TranscribeOpti
     """Transcribe mono float32 ``samples`` at the model's input rate (at most 30 s).
     Blocking: call it on the model's worker."""
     rate = int(loaded.extra["input_sample_rate"])
-    processor = loaded.processor
     with _using(loaded) as model:
+        processor = loaded.processor  # read under the lock: an unload may have released it
         features = processor.feature_extractor(
             samples, sampling_rate=rate, return_tensors="pt", return_attention_mask=True
         )

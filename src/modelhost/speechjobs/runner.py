@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from modelhost.audio.formats import FORMATS
 from modelhost.errors import Conflict, InvalidRequest, ModelhostError, SpeechJobNotFound
+from modelhost.offloop import import_off_loop
 from modelhost.speechjobs.db import SpeechJobRepository
 from modelhost.speechjobs.files import SentenceFiles
 from modelhost.speechjobs.models import SpeechJob, SpeechJobState, SpeechParams, utcnow
@@ -36,6 +37,7 @@ Synthesize = Callable[[SpeechJob, int, bool], Awaitable["Audio"]]
 QUEUE_FULL_RETRY_S = 0.2  # a full worker queue (503) is waited out, not failed
 DELETE_WAIT_S = 30.0  # how long a delete waits for the running sentence to end
 MAX_LIST = 500
+STOP_WAIT_S = 1.5  # how long a shutdown waits for running speech jobs to stop
 
 
 class JobStopped(Exception):
@@ -96,13 +98,18 @@ class SpeechJobRunner:
                 self.files.drop_sentences(job_id)
 
     async def stop(self) -> None:
-        """Stop running jobs where they are (their rows stay running: the next start resumes)."""
+        """Stop running jobs where they are (their rows stay running: the next start resumes
+        at the first sentence without a file). Bounded by ``STOP_WAIT_S``: a job whose
+        sentence is still running on the model's worker is left to end with the process."""
         self._synthesize = None
         self._queued.clear()
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            if late:
+                log.warning("%d speech job(s) mid-sentence at shutdown; they resume", len(late))
 
     @property
     def running_count(self) -> int:
@@ -317,9 +324,9 @@ class SpeechJobRunner:
         rate = job.sample_rate or await asyncio.to_thread(self.files.sample_rate, job.id)
         assert rate is not None
         samples = await asyncio.to_thread(self.files.read_all, job.id, job.sentences_total)
-        from modelhost.audio.encode import encode_audio  # numpy and PyAV: not at start
-
-        data = await asyncio.to_thread(encode_audio, samples, rate, fmt)
+        # numpy and PyAV: not at start, and imported in a thread, never on the loop.
+        encode = await import_off_loop("modelhost.audio.encode")
+        data = await asyncio.to_thread(encode.encode_audio, samples, rate, fmt)
         await asyncio.to_thread(self.files.write_audio, job.id, fmt, data)
         seconds = len(samples) / rate
         done = job.evolve(

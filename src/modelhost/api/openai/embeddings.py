@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from modelhost.api.deps import ServicesDep, require_api_key, require_valid_text
 from modelhost.api.inference import keep_alive_field, keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
-from modelhost.errors import InvalidRequest
+from modelhost.errors import InputTooLong, InvalidRequest
 from modelhost.names import NAME_SCHEMA
+from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families import canonical_task, family_name
@@ -94,10 +95,10 @@ class EmbeddingsResponse(BaseModel):
     usage: EmbeddingsUsage
 
 
-def parse_input(value: Any) -> list[str]:
-    """The texts of ``input``: a non-empty string, or a list of 1 to ``MAX_INPUTS`` of them
-    (400 naming the offending item otherwise)."""
-    from modelhost.runtime.inference import MAX_TEXT_CHARS
+def parse_input(value: Any, max_chars: int) -> list[str]:
+    """The texts of ``input``: a non-empty string, or a list of 1 to ``MAX_INPUTS`` of them,
+    each at most ``max_chars`` long (MODELHOST_MAX_INPUT_CHARS: 413 beyond it; 400 naming
+    the offending item for anything else)."""
 
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts:
@@ -119,9 +120,10 @@ def parse_input(value: Any) -> list[str]:
         where = "input" if isinstance(value, str) else f"input[{i}]"
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequest(f"{where} must be a non-empty string", param="input")
-        if len(text) > MAX_TEXT_CHARS:
-            raise InvalidRequest(
-                f"{where} is {len(text)} characters; the limit is {MAX_TEXT_CHARS}",
+        if len(text) > max_chars:
+            raise InputTooLong(
+                f"{where} is {len(text):,} characters; one text may have at most "
+                f"{max_chars:,} (MODELHOST_MAX_INPUT_CHARS): split it into several inputs",
                 param="input",
             )
     return texts
@@ -179,12 +181,13 @@ def check_dimensions(loaded: LoadedModel, requested: Any) -> None:
     "/embeddings",
     summary="OpenAI: embeddings of texts (batched with concurrent requests)",
     response_model=EmbeddingsResponse,
-    responses=openai_error_responses(400, 404, 409, 503),
+    responses=openai_error_responses(400, 404, 409, 413, 503),
 )
 async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> Response:
-    from modelhost.runtime.embeddings import embeddings_batch, embeds
-
-    texts = parse_input(body.input)
+    # torch and transformers behind it: imported in a thread, never on the loop.
+    runtime = await import_off_loop("modelhost.runtime.embeddings")
+    embeddings_batch, embeds = runtime.embeddings_batch, runtime.embeds
+    texts = parse_input(body.input, services.settings.max_input_chars)
     fmt = check_format(body.encoding_format)
     keep_alive_s = keep_alive_seconds(body.keep_alive)
     await check_model(services, body.model, lambda m: check_task(body.model, m.task))

@@ -27,7 +27,7 @@ from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.api.openai.errors import openai_error_body
 from modelhost.api.tts_refusal import not_tts
 from modelhost.audio.formats import FORMATS
-from modelhost.audio.sentences import split_sentences
+from modelhost.audio.sentences import sentence_limit, split_sentences
 from modelhost.audio.speech import (
     MAX_INPUT_CHARS,
     SpeechRequest,
@@ -38,6 +38,7 @@ from modelhost.audio.speech import (
     synthesize_sentence,
 )
 from modelhost.errors import InvalidRequest, ModelhostError
+from modelhost.offloop import import_off_loop
 
 if TYPE_CHECKING:  # the encoder (numpy, PyAV) is imported by the first request
     from modelhost.audio.encode import StreamEncoder
@@ -94,7 +95,7 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
                 SSE_MEDIA_TYPE: {"schema": {"type": "string"}},
             },
         },
-        **openai_error_responses(400, 404, 409),
+        **openai_error_responses(400, 404, 409, 413),
     },
 )
 async def create_speech(body: SpeechRequest, request: Request, services: ServicesDep) -> Response:
@@ -107,7 +108,7 @@ async def create_speech(body: SpeechRequest, request: Request, services: Service
             error="Input too long",
         )
     keep_alive_seconds(body.keep_alive)  # a bad one is a 400 before any audio
-    sentences = split_sentences(body.input)
+    sentences = split_sentences(body.input, sentence_limit(services.settings.max_input_chars))
     if not sentences:
         raise InvalidRequest("input has no text to speak (only whitespace)", error="Empty input")
     fmt = FORMATS[body.response_format]
@@ -133,10 +134,9 @@ async def _speech_chunks(
             raise await not_tts(services, body.model, loaded.task, param="model")
         voice = resolve_voice(loaded, body.voice)
         assert loaded.sample_rate is not None  # every speaking family records it
-        # Off the loop: the first one imports PyAV and every one opens a muxer.
-        from modelhost.audio.encode import StreamEncoder
-
-        encoder = await run_audio(StreamEncoder, body.response_format, loaded.sample_rate)
+        # Off the loop: the module imports numpy (in a thread), and every encoder opens a muxer.
+        stream_encoder = (await import_off_loop("modelhost.audio.encode")).StreamEncoder
+        encoder = await run_audio(stream_encoder, body.response_format, loaded.sample_rate)
         for index, sentence in enumerate(sentences):
             if index and await request.is_disconnected():
                 log.info("speech for %s: client gone after %d sentences", body.model, index)

@@ -26,7 +26,7 @@ from modelhost.api.deps import Services, ServicesDep, require_api_key, require_v
 from modelhost.api.inference import keep_alive_seconds, loaded_model
 from modelhost.api.openai.common import model_in_use, openai_error_responses
 from modelhost.audio.formats import FORMATS
-from modelhost.audio.sentences import split_sentences
+from modelhost.audio.sentences import sentence_limit, split_sentences
 from modelhost.audio.speech import (
     SpeechRequest,
     StreamFormat,
@@ -200,7 +200,8 @@ async def create_speech_job(body: SpeechJobRequest, services: ServicesDep) -> Sp
     async with model_in_use(services, body.model, keep_alive_s) as loaded:
         _check_tts(loaded)
         resolve_voice(loaded, body.voice)
-    sentences = await asyncio.to_thread(split_sentences, body.input)
+    limit = sentence_limit(services.settings.max_input_chars)
+    sentences = await asyncio.to_thread(split_sentences, body.input, limit)
     params = SpeechParams(
         voice=body.voice_name,
         response_format=body.response_format,

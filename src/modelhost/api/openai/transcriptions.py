@@ -24,8 +24,9 @@ from starlette.types import Message, Receive
 from modelhost.api.deps import ServicesDep, require_api_key
 from modelhost.api.inference import keep_alive_seconds, on_worker
 from modelhost.api.openai.common import check_model, model_in_use, openai_error_responses
-from modelhost.errors import InvalidRequest, NotImplementedYet
+from modelhost.errors import InputTooLong, InvalidRequest, NotImplementedYet
 from modelhost.names import NAME_SCHEMA
+from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import Work
 from modelhost.units import DURATION_TEXT_PATTERN
 
@@ -186,7 +187,9 @@ def _check_unsupported(form) -> None:
 
 
 def parse_form(form) -> TranscriptionForm:
-    """The checked fields of the multipart form (400 naming the first bad one)."""
+    """The checked fields of the multipart form (400 naming the first bad one). Call it
+    once ``modelhost.runtime.transcription`` is imported (``import_off_loop``): its first
+    import (torch) must not run on the event loop."""
     from modelhost.runtime.transcription import TranscribeOptions
 
     _check_unsupported(form)
@@ -288,16 +291,18 @@ async def read_upload(upload: UploadFile) -> bytes:
             "duration, segments); text, srt, vtt: text/plain",
             "content": {"text/plain": {"schema": {"type": "string"}}},
         },
-        **openai_error_responses(400, 404, 409, 501, 503),
+        **openai_error_responses(400, 404, 409, 413, 501, 503),
     },
 )
 async def create_transcription(request: Request, services: ServicesDep) -> Response:
-    from modelhost.runtime.decode import decode_audio
-    from modelhost.runtime.transcription import is_whisper, transcribe
-
+    # torch, numpy and PyAV behind these: imported in a thread, never on the loop.
+    transcription = await import_off_loop("modelhost.runtime.transcription")
+    decode_audio = (await import_off_loop("modelhost.runtime.decode")).decode_audio
+    is_whisper, transcribe = transcription.is_whisper, transcription.transcribe
     form = await read_form(request)
     try:
         parsed = parse_form(form)
+        check_prompt(parsed.options.prompt, services.settings.max_input_chars)
         data = await read_upload(parsed.upload)
     finally:
         await form.close()
@@ -314,6 +319,18 @@ async def create_transcription(request: Request, services: ServicesDep) -> Respo
         options = parsed.options
         transcript = await on_worker(loaded, Work(lambda: transcribe(loaded, samples, options)))
     return render(transcript, parsed.response_format, options)
+
+
+def check_prompt(prompt: str | None, limit: int) -> None:
+    """Refuse (413) a ``prompt`` longer than MODELHOST_MAX_INPUT_CHARS before the upload is
+    read: the model's own bound (its decoder's positions) is checked on its worker, after
+    the prompt is tokenized, which must not be a text of any size."""
+    if prompt is not None and len(prompt) > limit:
+        raise InputTooLong(
+            f"prompt is {len(prompt):,} characters; at most {limit:,} "
+            "(MODELHOST_MAX_INPUT_CHARS), and Whisper's decoder holds a few hundred tokens",
+            param="prompt",
+        )
 
 
 def check_task(name: str, task: str | None) -> None:
