@@ -294,10 +294,23 @@ class EventWatcher:
 
         with httpx.Client(base_url=self.base_url, timeout=None) as client:
             with client.stream("GET", "/events") as response:
+                self.response = response
                 self.opened.set()
-                for message in sse.messages(response.iter_lines()):
-                    if message.event == "status":
-                        self.statuses.append(message.data)
+                try:
+                    for message in sse.messages(response.iter_lines()):
+                        if message.event == "status":
+                            self.statuses.append(message.data)
+                except (httpx.HTTPError, RuntimeError):
+                    pass  # closed by close(): the stream ends with the test
+
+    def close(self) -> None:
+        """End the stream: an open /events would hold the test server's shutdown (30 s).
+        Shutting the socket down wakes the reading thread, which then closes the stream."""
+        import socket as socket_module
+
+        stream = self.response.extensions["network_stream"]
+        stream.get_extra_info("socket").shutdown(socket_module.SHUT_RDWR)
+        self.thread.join(timeout=10)
 
     def first(self, name: str, statuses: set[str], phase: str | None = None, limit_s=10.0):
         """The first status message of ``name``'s job in one of ``statuses``."""
@@ -407,3 +420,4 @@ def test_cancel_of_a_job_still_planning_ends_it_at_once(make_server, roots):
     assert status["status"] == "cancelled"
     assert watcher.first("big", {"cancelled"})["download_id"] == planning["download_id"]
     assert server.client.get("/models/cache/info").json()["total_models"] == 0
+    watcher.close()

@@ -227,12 +227,15 @@ def test_cancelling_a_completed_job_is_a_conflict(server):
 
 
 def test_list_and_delete(server):
+    # Three jobs of its own: the module's server may have run no other job on this worker.
     first = submit(server, input="A first job.", seed=1)
     second = submit(server, input="A second job.", seed=1)
-    wait_job(server, second["id"])
+    third = submit(server, input="A third job.", seed=1)
+    wait_job(server, third["id"])
+    wait_job(server, first["id"])
     listing = server.client.get("/v1/audio/speech/jobs", params={"limit": 2}).json()
     assert listing["object"] == "list" and listing["has_more"] is True
-    assert [j["id"] for j in listing["data"]] == [second["id"], first["id"]]  # newest first
+    assert [j["id"] for j in listing["data"]] == [third["id"], second["id"]]  # newest first
 
     directory = server.settings.home / "speech" / first["id"]
     assert (directory / "audio.mp3").is_file()
