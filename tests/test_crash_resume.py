@@ -18,8 +18,10 @@ from fileserver import FileServer, Rate, Stall
 
 from modelhost.fetch import FetchEngine, FileSpec, RetryPolicy, UrlPolicy
 
-# Timing-sensitive: run alone, after the parallel pass (see pyproject's markers).
-pytestmark = pytest.mark.serial
+# These tests assert bytes, not times. One kill loses what was in flight (the socket buffers:
+# up to ~10 MB when a loaded machine starves the receiver), well within 10% of 300 MB, so
+# the single-kill tests run in the parallel pass; twenty kills under 5% hold only on a quiet
+# machine (measured 1.185x beside the parallel pass): that one runs in the serial pass.
 
 SIZE = 300 * 1024 * 1024
 RATE = 60 * 1024 * 1024  # bytes/s: slow enough to kill the server mid-file
@@ -204,6 +206,7 @@ def wait_until_finished(base: str, job_id: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_twenty_sigkills_refetch_under_five_percent(tmp_path):
     source = tmp_path / "big.safetensors"
     expected = make_file(source)

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from fileserver import Corrupt, DropAfter, FileServer, Status
 from hubserver import HubServer, lfs_pointer
-from tiny_models import BUILDERS, build_all, minilm_dir
+from tiny_models import BUILDERS, build_all
 
 TOKEN = "hf_test_token"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -180,15 +180,9 @@ def assert_close(actual: Any, expected: Any, where: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every tiny model built once (build times are printed), plus the real MiniLM."""
-    dirs, times = build_all(tmp_path_factory.mktemp("tiny-models"))
-    print("tiny model build seconds:", {k: round(v, 3) for k, v in times.items()})
-    try:
-        dirs["minilm"] = minilm_dir()
-    except ImportError:
-        pass
-    return dirs
+def tiny(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """Every tiny model (the run's shared build), plus the real MiniLM."""
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import LOADERS, _byte_level_vocab, build_all, minilm_dir
+from tiny_models import LOADERS, _byte_level_vocab, minilm_dir
 
 from modelhost.runtime import optimize as optimize_module
 from modelhost.runtime import probes
@@ -124,10 +124,12 @@ def _speecht5_bundle(root: Path, dirs: dict[str, Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Manifest, Path]]:
+def models(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
+) -> dict[str, tuple[Manifest, Path]]:
     """Every family as an installed model: name -> (manifest, directory)."""
     root = tmp_path_factory.mktemp("runtime-models")
-    dirs, _ = build_all(root / "tiny")
+    dirs = dict(tiny_models)
     dirs["gpt2"] = _build_gpt2(root / "gpt2")
     dirs["vit"] = _build_vit(root / "vit")
     dirs["speecht5_bundle"] = _speecht5_bundle(root, dirs)
