@@ -34,7 +34,7 @@ from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
 from modelhost.runtime.device import check_requested_device
 from modelhost.runtime.errors import ModelNotLoaded
-from modelhost.runtime.families import check_loadable
+from modelhost.runtime.families.vocabulary import check_loadable
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.units import DURATION_HELP, DURATION_SCHEMA, parse_duration
 

@@ -25,9 +25,9 @@ from torch.overrides import TorchFunctionMode
 from modelhost.errors import InputTooLong
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import InvalidInput, ModelNotLoaded
-from modelhost.runtime.families import Family
 from modelhost.runtime.families.base import BatchPlan
 from modelhost.runtime.families.registry import adapter_for
+from modelhost.runtime.families.vocabulary import Family
 from modelhost.runtime.images import decode_image, pixel_values
 from modelhost.runtime.loaded import DEFAULT_MAX_TEXT_CHARS, LoadedModel
 from modelhost.runtime.memory import weights_bytes

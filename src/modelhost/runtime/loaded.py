@@ -1,4 +1,9 @@
-"""A model resident in memory, with what was measured about it."""
+"""A model resident in memory, with what was measured about it.
+
+``LoadedModel`` is data: its objects, the facts about its family that ``loaders.load``
+resolved when it loaded it (``family``, ``task``, ``is_tts``), measured memory, and the
+bookkeeping of its use. It looks nothing up in the family registry.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from modelhost.runtime.batching import BatchSettings, BatchStats, queued
-from modelhost.runtime.families import Family, family_name
+from modelhost.runtime.families.vocabulary import Family, family_name
 from modelhost.units import MB, NEVER
 
 # MODELHOST_MAX_INPUT_CHARS's default (config.py): what a model loaded outside a server takes.
@@ -43,6 +48,9 @@ class LoadedModel:
     task: str
     device: str
     model: nn.Module | None
+    # Whether its family synthesizes speech (its adapter has ``synthesize``), resolved by
+    # the loader from the adapter at load time.
+    is_tts: bool = False
     processor: Any = None
     vocoder: nn.Module | None = None
     sample_rate: int | None = None
@@ -78,17 +86,6 @@ class LoadedModel:
     # How concurrent requests are coalesced (runtime.batching), and what its worker ran.
     batching: BatchSettings = field(default_factory=BatchSettings)
     batch_stats: BatchStats = field(default_factory=BatchStats, repr=False)
-
-    @property
-    def is_tts(self) -> bool:
-        """Whether the model's family synthesizes speech (its adapter has ``synthesize``)."""
-        from modelhost.runtime.errors import UnsupportedModel
-        from modelhost.runtime.families.registry import adapter_for
-
-        try:
-            return adapter_for(self.family).synthesize is not None
-        except UnsupportedModel:  # its family was unregistered since: it serves nothing
-            return False
 
     @property
     def loaded(self) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from modelhost.runtime.errors import InvalidInput
-from modelhost.runtime.families import Family
+from modelhost.runtime.families.vocabulary import Family
 from modelhost.runtime.families.whisper import decoder_room
 from modelhost.runtime.inference import _device, _float_dtype, _using
 from modelhost.runtime.loaded import LoadedModel

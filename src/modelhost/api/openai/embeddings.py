@@ -25,7 +25,7 @@ from modelhost.names import NAME_SCHEMA
 from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
-from modelhost.runtime.families import canonical_task, family_name
+from modelhost.runtime.families.vocabulary import canonical_task, family_name
 from modelhost.runtime.loaded import LoadedModel
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch

@@ -37,7 +37,7 @@ from modelhost.audio.speech import (
 )
 from modelhost.errors import InvalidRequest, NotImplementedYet
 from modelhost.names import validate_name
-from modelhost.runtime.families import check_loadable
+from modelhost.runtime.families.vocabulary import check_loadable
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.speechjobs import SpeechJob, SpeechJobRunner, SpeechParams, Synthesize
 from modelhost.speechjobs.runner import new_seed

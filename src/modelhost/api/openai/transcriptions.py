@@ -336,7 +336,7 @@ def check_prompt(prompt: str | None, limit: int) -> None:
 def check_task(name: str, task: str | None) -> None:
     """Refuse, before loading anything, a model installed with another task."""
     from modelhost.runtime.errors import UnsupportedModel
-    from modelhost.runtime.families import canonical_task
+    from modelhost.runtime.families.vocabulary import canonical_task
 
     try:
         canonical = canonical_task(task)

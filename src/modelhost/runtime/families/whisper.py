@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
     DetectContext,
@@ -13,6 +12,7 @@ from modelhost.runtime.families.base import (
     Parts,
     SmokeRequest,
 )
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     from torch import nn
