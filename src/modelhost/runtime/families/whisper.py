@@ -21,20 +21,6 @@ if TYPE_CHECKING:  # annotations only: no torch on import
     from modelhost.runtime.probes import Probe
 
 
-# Tokens Whisper's generate puts before the first new one, at most: <|startoftranscript|>,
-# the language, the task and <|notimestamps|> (fewer for English-only models or timestamps:
-# counting four never asks for more than the decoder has room for).
-FORCED_TOKENS = 4
-
-
-def decoder_room(config: Any, prompt_tokens: int = 0) -> int:
-    """How many new tokens the decoder has room for: the config's ``max_target_positions``
-    (448 for OpenAI's checkpoints; smaller ones exist) minus the forced start tokens and a
-    ``prompt_tokens``-long prompt. Below 1 when the prompt leaves no room."""
-    limit = int(getattr(config, "max_target_positions", None) or 448)
-    return limit - FORCED_TOKENS - prompt_tokens
-
-
 class WhisperAdapter(Adapter):
     """``WhisperForConditionalGeneration`` with its processor."""
 
