@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.batching import BatchSettings, BatchStats, queued
+from modelhost.runtime.batching import BatchSettings, BatchStats
 from modelhost.runtime.families.vocabulary import Family, family_name
 from modelhost.units import MB, NEVER
 
@@ -185,8 +185,10 @@ class LoadedModel:
             "reserved_mb": round(self.reserved_bytes / MB, 3),
         }
 
-    def describe(self) -> dict[str, Any]:
-        """The model's row for ``GET /models/managed`` (documented fields, then the rest)."""
+    def describe(self, queued: int = 0) -> dict[str, Any]:
+        """The model's row for ``GET /models/managed`` (documented fields, then the rest).
+        ``queued``: the requests waiting on its worker, which the lifecycle's ``workers``
+        count (``ModelLifecycle.describe`` passes it)."""
         return {
             "name": self.name,
             "loaded": self.loaded,
@@ -209,7 +211,7 @@ class LoadedModel:
             "operation": self.operation,
             **self.keep_alive_view(),
             **self.batching.describe(),
-            **self.batch_stats.describe(queued(self)),
+            **self.batch_stats.describe(queued),
         }
 
     def release(self) -> None:

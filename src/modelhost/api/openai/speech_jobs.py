@@ -300,7 +300,12 @@ def job_synthesizer(services: Services) -> Synthesize:
             voice = resolve_voice(loaded, job.params.voice)
             seed = sentence_seed(job.params.seed, index)
             audio = await synthesize_sentence(
-                loaded, job.sentences[index], voice.speaker, seed, index=index
+                loaded,
+                job.sentences[index],
+                voice.speaker,
+                seed,
+                worker=services.lifecycle.worker(loaded),
+                index=index,
             )
         if job.params.speed == 1.0:
             return audio

@@ -317,7 +317,8 @@ async def create_transcription(request: Request, services: ServicesDep) -> Respo
             exc.param = "file"
             raise
         options = parsed.options
-        transcript = await on_worker(loaded, Work(lambda: transcribe(loaded, samples, options)))
+        work = Work(lambda: transcribe(loaded, samples, options))
+        transcript = await on_worker(services, loaded, work)
     return render(transcript, parsed.response_format, options)
 
 
