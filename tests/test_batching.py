@@ -10,12 +10,13 @@ import pytest
 import torch
 from tiny_models import build_bert, build_vits, minilm_dir
 
-from modelhost.runtime.batching import BatchSettings, worker_for
+from modelhost.runtime.batching import BatchSettings, Workers
 from modelhost.runtime.inference import VitsCall, predict, predict_work, vits_batch
 from modelhost.runtime.loaders import load
 from modelhost.store.manifest import Manifest
 
 CPU = torch.device("cpu")
+WORKERS = Workers()  # what a server's lifecycle holds (ModelLifecycle.workers)
 
 
 def _load(name: str, task: str, path: Path):
@@ -56,7 +57,7 @@ def _concurrently(loaded, inputs: list, params=None) -> list:
     with loaded.lock:  # the worker's first forward waits here: the rest queue behind it
         for item in inputs:
             work, fn = predict_work(loaded, item, params)
-            futures.append(worker_for(loaded).submit(work, fn))
+            futures.append(WORKERS.worker_for(loaded).submit(work, fn))
     return [f.result(timeout=60) for f in futures]
 
 

@@ -227,8 +227,15 @@ def test_registered_speaking_family_synthesizes_with_the_requests_seed():
     try:
         layer = torch.nn.Linear(1, 1, bias=False)
         layer.weight.data.fill_(3.0)
+        # Built by hand, so what loaders.load resolves from the adapter is given here.
         loaded = LoadedModel(
-            name="n", family="toy-noise", task="noise", device="cpu", model=layer, sample_rate=8
+            name="n",
+            family="toy-noise",
+            task="noise",
+            is_tts=True,
+            device="cpu",
+            model=layer,
+            sample_rate=8,
         )
         assert loaded.is_tts and loaded.describe()["family"] == "toy-noise"
         first = inference.synthesize(loaded, "hello", seed=7)

@@ -17,9 +17,9 @@ from modelhost import __version__
 from modelhost.api import downloads, events, health, inference, metrics, models, ui
 from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
-from modelhost.api.openai import routers as openai_routers
 from modelhost.api.openai import speech_jobs as openai_speech_jobs
 from modelhost.api.openai import voices as speech_voices
+from modelhost.api.openai.routes import routers as openai_routers
 from modelhost.api.security import install_security
 from modelhost.catalog import load_catalog, load_models_config
 from modelhost.config import Settings
@@ -295,7 +295,8 @@ def create_app(settings: Settings | None = None, home_lock: HomeLock | None = No
         openapi_url=None,
     )
     app.state.settings = settings
-    install_error_handlers(app)
+    v1_routers = openai_routers()
+    install_error_handlers(app, v1_routers)
     routers = [
         health.router,
         downloads.router,
@@ -303,7 +304,7 @@ def create_app(settings: Settings | None = None, home_lock: HomeLock | None = No
         models.router,
         metrics.router,
         inference.router,
-        *openai_routers(),
+        *v1_routers,
         # The speech API's voices: GET /v1/audio/voices and modelhost's GET /models/{name}/voices.
         speech_voices.router,
         speech_voices.models_router,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -157,8 +158,9 @@ def allowed_methods(request: Request) -> list[str]:
     ]
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers; every error response of the API goes through them."""
+def install_error_handlers(app: FastAPI, v1_routers: Sequence[APIRouter] = ()) -> None:
+    """Register the handlers; every error response of the API goes through them.
+    ``v1_routers``: the OpenAI-compatible routers, which a 404 or 405 under /v1 lists."""
 
     @app.exception_handler(ModelhostError)
     async def _modelhost_error(request: Request, exc: ModelhostError) -> JSONResponse:
@@ -177,7 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message, code = str(exc.detail), None
         if is_openai_path(request) and exc.status_code in (404, 405):
-            message, code = unknown_route_message(request, exc.status_code)
+            message, code = unknown_route_message(request, exc.status_code, v1_routers)
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))

@@ -31,10 +31,10 @@ from modelhost.errors import (
 )
 from modelhost.names import DEVICE_SCHEMA, NAME_SCHEMA, validate_name
 from modelhost.offloop import import_off_loop
-from modelhost.runtime.batching import BatchFn, BatchSettings, Work, worker_for
+from modelhost.runtime.batching import BatchFn, BatchSettings, Work
 from modelhost.runtime.device import check_requested_device
 from modelhost.runtime.errors import ModelNotLoaded
-from modelhost.runtime.families import check_loadable
+from modelhost.runtime.families.vocabulary import check_loadable
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.units import DURATION_HELP, DURATION_SCHEMA, parse_duration
 
@@ -273,7 +273,7 @@ async def load_model(
     return {
         "success": True,
         "message": f"Model '{model_name}' loaded on {loaded.device}",
-        **loaded.describe(),
+        **services.lifecycle.describe(loaded),
     }
 
 
@@ -314,7 +314,7 @@ async def synthesize(body: SynthesizeRequest, request: Request, services: Servic
             work, batch_fn = synthesize_work(
                 loaded, body.text, body.speaker, max_new_tokens=body.max_new_tokens, seed=body.seed
             )
-            audio = await on_worker(loaded, work, batch_fn)
+            audio = await on_worker(services, loaded, work, batch_fn)
         else:
             pipeline, audio = await _speak_generated_text(services, loaded, body)
     if "application/json" in request.headers.get("accept", ""):
@@ -342,6 +342,7 @@ async def _speak_generated_text(
         async with loaded_model(services, speak_with) as tts:
             # On the text model's worker (it then speaks on the TTS model, holding its lock).
             generated, audio = await on_worker(
+                services,
                 loaded,
                 Work(
                     lambda: speak_generated(
@@ -375,11 +376,15 @@ async def predict(model_name: ModelNamePath, body: PredictRequest, services: Ser
     keep_alive_s = keep_alive_seconds(body.keep_alive)
     async with loaded_model(services, model_name, keep_alive_s) as loaded:
         work, batch_fn = predict_work(loaded, body.inputs, body.parameters)
-        result = await on_worker(loaded, work, batch_fn)
+        result = await on_worker(services, loaded, work, batch_fn)
     return {"model_name": model_name, "task": loaded.task, **result}
 
 
-async def on_worker(loaded: LoadedModel, work: Work, batch_fn: BatchFn | None = None) -> Any:
-    """Run ``work`` on ``loaded``'s own inference worker (never asyncio's default pool, which
-    the control plane needs); a full queue raises ``QueueFull`` (503)."""
-    return await asyncio.wrap_future(worker_for(loaded).submit(work, batch_fn))
+async def on_worker(
+    services: Services, loaded: LoadedModel, work: Work, batch_fn: BatchFn | None = None
+) -> Any:
+    """Run ``work`` on ``loaded``'s own inference worker, which the lifecycle keeps (never
+    asyncio's default pool, which the control plane needs); a full queue raises
+    ``QueueFull`` (503)."""
+    worker = services.lifecycle.worker(loaded)
+    return await asyncio.wrap_future(worker.submit(work, batch_fn))

@@ -102,7 +102,11 @@ async def measure_available_models(services: ServicesDep) -> dict:
 async def managed_models(services: ServicesDep) -> dict:
     closing = services.lifecycle.is_closing
     # A model being deleted is already gone for clients, though its memory is freed last.
-    rows = [model.describe() for model in services.runtime.list() if not closing(model.name)]
+    rows = [
+        services.lifecycle.describe(model)
+        for model in services.runtime.list()
+        if not closing(model.name)
+    ]
     tts = [row for row in rows if row["is_tts"]]
     return {
         "total_models": len(rows),

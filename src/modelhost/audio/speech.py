@@ -27,6 +27,7 @@ from modelhost.units import DURATION_SCHEMA
 if TYPE_CHECKING:  # annotations only: no torch or numpy on import
     import numpy as np
 
+    from modelhost.runtime.batching import ModelWorker
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.wav import Audio
 
@@ -221,23 +222,24 @@ async def synthesize_sentence(
     speaker: Any,
     seed: int | None,
     *,
+    worker: ModelWorker,
     index: int = 0,
     max_new_tokens: int | None = None,
 ) -> Audio:
-    """Speak ``text`` (one sentence) on ``loaded``'s own inference worker, batched with
-    other requests where its family batches: one worker call per sentence, so other requests
-    interleave between a long text's sentences. Hold the model (``lifecycle.acquire``) around
-    it. Cancelling the await drops the sentence if it has not started, and waits for it to
-    end if it has."""
+    """Speak ``text`` (one sentence) on ``loaded``'s own inference worker (``worker``, which
+    the lifecycle keeps: ``ModelLifecycle.worker(loaded)``), batched with other requests
+    where its family batches: one worker call per sentence, so other requests interleave
+    between a long text's sentences. Hold the model (``lifecycle.acquire``) around it.
+    Cancelling the await drops the sentence if it has not started, and waits for it to end
+    if it has."""
     from modelhost.offloop import import_off_loop
-    from modelhost.runtime.batching import worker_for
 
     # torch behind it: imported in a thread the first time, never on the event loop.
     synthesize_work = (await import_off_loop("modelhost.runtime.inference")).synthesize_work
     work, batch_fn = synthesize_work(
         loaded, text, speaker, max_new_tokens=max_new_tokens, seed=seed
     )
-    future = worker_for(loaded).submit(work, batch_fn)
+    future = worker.submit(work, batch_fn)
     future.add_done_callback(lambda f: _spoken(f, loaded.name, index))
     try:
         return await asyncio.wrap_future(future)

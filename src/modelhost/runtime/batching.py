@@ -2,7 +2,8 @@
 
 Inference never runs on asyncio's default thread pool, which the control plane (status,
 lists, cache info, database writes) needs free. Every loaded model gets one worker thread
-(``LoadedModel.lock`` serialises a model anyway, so more threads per model would only wait).
+(``LoadedModel.lock`` serialises a model anyway, so more threads per model would only wait);
+``Workers`` keeps them, and the lifecycle owns that (``ModelLifecycle.workers``).
 Requests queue on it, at most ``MAX_QUEUED`` of them; one more is refused with
 ``QueueFull`` (503) instead of waiting without bound.
 
@@ -257,21 +258,28 @@ class ModelWorker:
         work.future.set_result(result)
 
 
-_workers: weakref.WeakKeyDictionary[LoadedModel, ModelWorker] = weakref.WeakKeyDictionary()
-_workers_lock = threading.Lock()
+class Workers:
+    """The inference workers of one server's loaded models: one per ``LoadedModel`` object
+    (a reload makes a new object, so it gets a new worker). The lifecycle owns the server's
+    (``ModelLifecycle.workers``). Entries go with their model objects (weak keys); a
+    worker's thread ends by itself once its model is unloaded or idle."""
 
+    def __init__(self) -> None:
+        self._workers: weakref.WeakKeyDictionary[LoadedModel, ModelWorker] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
 
-def worker_for(loaded: LoadedModel) -> ModelWorker:
-    """The worker of ``loaded`` (one per loaded model object; a reload gets a new one)."""
-    with _workers_lock:
-        worker = _workers.get(loaded)
-        if worker is None:
-            worker = _workers[loaded] = ModelWorker(loaded)
-        return worker
+    def worker_for(self, loaded: LoadedModel) -> ModelWorker:
+        """The worker of ``loaded``, made on its first request."""
+        with self._lock:
+            worker = self._workers.get(loaded)
+            if worker is None:
+                worker = self._workers[loaded] = ModelWorker(loaded)
+            return worker
 
-
-def queued(loaded: LoadedModel) -> int:
-    """How many requests wait on ``loaded``'s worker (0 when it has none)."""
-    with _workers_lock:
-        worker = _workers.get(loaded)
-    return worker.queued if worker is not None else 0
+    def queued(self, loaded: LoadedModel) -> int:
+        """How many requests wait on ``loaded``'s worker (0 when it has none)."""
+        with self._lock:
+            worker = self._workers.get(loaded)
+        return worker.queued if worker is not None else 0

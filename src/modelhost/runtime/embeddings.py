@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from modelhost.runtime.families import Family
 from modelhost.runtime.families.base import BatchPlan
+from modelhost.runtime.families.vocabulary import Family
 from modelhost.runtime.inference import (
     TextsCall,
     _embedding_matrix,

@@ -65,3 +65,10 @@ class MalformedWeights(InvalidRequest):
     """A weights or config file of the model is damaged or not what it claims (400)."""
 
     error = "Malformed model file"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (its type's name when it has none): what an
+    error message quotes of a library's exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

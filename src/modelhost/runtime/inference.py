@@ -25,15 +25,16 @@ from torch.overrides import TorchFunctionMode
 from modelhost.errors import InputTooLong
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import InvalidInput, ModelNotLoaded
-from modelhost.runtime.families import Family
 from modelhost.runtime.families.base import BatchPlan
 from modelhost.runtime.families.registry import adapter_for
+from modelhost.runtime.families.vocabulary import Family
 from modelhost.runtime.images import decode_image, pixel_values
 from modelhost.runtime.loaded import DEFAULT_MAX_TEXT_CHARS, LoadedModel
 from modelhost.runtime.memory import weights_bytes
 from modelhost.runtime.sentence_layout import SentenceLayout
 from modelhost.runtime.speaker import parse_speaker_embedding
 from modelhost.runtime.wav import Audio, decode_base64, parse_wav, resample
+from modelhost.runtime.whisper_decoder import decoder_room
 
 MAX_BATCH = 64
 # VITS's alignment path is a (tokens x frames) matrix and frames grow with tokens: memory
@@ -860,8 +861,6 @@ def _transcribe(loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict
         samples, sampling_rate=rate, return_tensors="pt"
     ).input_features
     features = features.to(_device(model), _float_dtype(model))
-    from modelhost.runtime.families.whisper import decoder_room
-
     kwargs: dict[str, Any] = {}
     room = max(1, decoder_room(model.config))
     max_new = _int_param(params, "max_new_tokens", None, 1, room)

@@ -19,10 +19,12 @@ optimize and delete.
   those kept for ever (-1) stay. A model loaded with keep-alive -1 is recorded in its
   manifest (``keep_loaded``, with ``load_device``), so it is loaded again at start
   (``restore``), as pinned models are;
-- ``load_shared`` lets concurrent first requests share one load (on-demand loading).
+- ``load_shared`` lets concurrent first requests share one load (on-demand loading);
+- ``workers`` holds each loaded model's inference worker (``runtime.batching``): requests
+  run on ``worker(loaded)``, and ``describe`` adds its queue to the model's row.
 
-Everything here blocks except ``acquire``/``close``/``reopen``, which only take a short lock
-(safe on the event loop). Importing this module does not import torch.
+Everything here blocks except ``acquire``/``close``/``reopen``/``worker``/``describe``, which
+only take a short lock (safe on the event loop). Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modelhost.errors import LoadFailed, ModelhostError, ModelNotFound
 from modelhost.packages import missing_dependency, module_of
+from modelhost.runtime.batching import ModelWorker, Workers
 from modelhost.runtime.errors import ModelNotLoaded
 from modelhost.units import NEVER
 
@@ -100,6 +103,7 @@ class ModelLifecycle:
         self.on_idle: Callable[[LoadedModel], None] | None = None
         self._lock = threading.Lock()  # guards _names; held briefly
         self._names: dict[str, _Name] = {}
+        self.workers = Workers()  # each loaded model's inference worker
 
     def _entry(self, name: str) -> _Name:
         with self._lock:
@@ -128,6 +132,15 @@ class ModelLifecycle:
             model.leave(operation)
             if self.on_idle is not None and model.inflight == 0:
                 self.on_idle(model)
+
+    def worker(self, loaded: LoadedModel) -> ModelWorker:
+        """The inference worker ``loaded``'s requests run on (made on the first); submit
+        to it inside ``acquire``, so in-flight counting covers the time queued."""
+        return self.workers.worker_for(loaded)
+
+    def describe(self, loaded: LoadedModel) -> dict[str, Any]:
+        """``loaded``'s row for ``GET /models/managed``, with its worker's queue."""
+        return loaded.describe(queued=self.workers.queued(loaded))
 
     # ------------------------------------------------------------------ load / unload
 

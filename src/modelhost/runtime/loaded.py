@@ -1,4 +1,9 @@
-"""A model resident in memory, with what was measured about it."""
+"""A model resident in memory, with what was measured about it.
+
+``LoadedModel`` is data: its objects, the facts about its family that ``loaders.load``
+resolved when it loaded it (``family``, ``task``, ``is_tts``), measured memory, and the
+bookkeeping of its use. It looks nothing up in the family registry.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.batching import BatchSettings, BatchStats, queued
-from modelhost.runtime.families import Family, family_name
+from modelhost.runtime.batching import BatchSettings, BatchStats
+from modelhost.runtime.families.vocabulary import Family, family_name
 from modelhost.units import MB, NEVER
 
 # MODELHOST_MAX_INPUT_CHARS's default (config.py): what a model loaded outside a server takes.
@@ -43,6 +48,9 @@ class LoadedModel:
     task: str
     device: str
     model: nn.Module | None
+    # Whether its family synthesizes speech (its adapter has ``synthesize``), resolved by
+    # the loader from the adapter at load time.
+    is_tts: bool = False
     processor: Any = None
     vocoder: nn.Module | None = None
     sample_rate: int | None = None
@@ -78,17 +86,6 @@ class LoadedModel:
     # How concurrent requests are coalesced (runtime.batching), and what its worker ran.
     batching: BatchSettings = field(default_factory=BatchSettings)
     batch_stats: BatchStats = field(default_factory=BatchStats, repr=False)
-
-    @property
-    def is_tts(self) -> bool:
-        """Whether the model's family synthesizes speech (its adapter has ``synthesize``)."""
-        from modelhost.runtime.errors import UnsupportedModel
-        from modelhost.runtime.families.registry import adapter_for
-
-        try:
-            return adapter_for(self.family).synthesize is not None
-        except UnsupportedModel:  # its family was unregistered since: it serves nothing
-            return False
 
     @property
     def loaded(self) -> bool:
@@ -188,8 +185,10 @@ class LoadedModel:
             "reserved_mb": round(self.reserved_bytes / MB, 3),
         }
 
-    def describe(self) -> dict[str, Any]:
-        """The model's row for ``GET /models/managed`` (documented fields, then the rest)."""
+    def describe(self, queued: int = 0) -> dict[str, Any]:
+        """The model's row for ``GET /models/managed`` (documented fields, then the rest).
+        ``queued``: the requests waiting on its worker, which the lifecycle's ``workers``
+        count (``ModelLifecycle.describe`` passes it)."""
         return {
             "name": self.name,
             "loaded": self.loaded,
@@ -212,7 +211,7 @@ class LoadedModel:
             "operation": self.operation,
             **self.keep_alive_view(),
             **self.batching.describe(),
-            **self.batch_stats.describe(queued(self)),
+            **self.batch_stats.describe(queued),
         }
 
     def release(self) -> None:

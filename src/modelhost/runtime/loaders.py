@@ -14,7 +14,6 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -22,14 +21,15 @@ from huggingface_hub.errors import StrictDataclassError
 from modelhost.errors import ModelhostError
 from modelhost.runtime.device import device_str
 from modelhost.runtime.errors import (
-    MalformedWeights,
     MemoryBudgetExceeded,
     PickleRefused,
     UnsupportedModel,
+    first_line,
 )
-from modelhost.runtime.families import FamilyInfo, detect_family
 from modelhost.runtime.families.base import LoadOptions, Parts
+from modelhost.runtime.families.detect import detect_family
 from modelhost.runtime.families.registry import adapter_for
+from modelhost.runtime.families.vocabulary import FamilyInfo
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.runtime.memory import (
     count_parameters,
@@ -43,16 +43,6 @@ from modelhost.store.manifest import Manifest
 log = logging.getLogger(__name__)
 
 
-def _hf_kwargs(device: torch.device, safetensors: bool) -> dict[str, Any]:
-    return {
-        "local_files_only": True,
-        # Pickles were allowed (check_pickle): each folder then takes safetensors where it
-        # has them and its .bin otherwise (a bundle may mix the two).
-        "use_safetensors": True if safetensors else None,
-        "dtype": "auto" if device.type == "cuda" else torch.float32,
-    }
-
-
 def _weights_only_refusal(exc: BaseException) -> str | None:
     """What torch's restricted unpickler refused, when ``exc`` (or its cause) is that."""
     while exc is not None:
@@ -62,12 +52,6 @@ def _weights_only_refusal(exc: BaseException) -> str | None:
             return f"it tries to use {found.group(1)}" if found else " ".join(text.split())[:300]
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-# More layers than any real model has: building that many modules, even on the meta
-# device, would take the server's time and memory before the budget could refuse it.
-MAX_CONFIG_LAYERS = 10_000
-_LAYER_KEYS = ("layers", "n_layer", "num_blocks")
 
 
 @dataclass(frozen=True)
@@ -108,69 +92,6 @@ def preflight(
     return Preflight(info, safetensors, weights, nbytes, parameters)
 
 
-def _config_error(path: Path, what: object) -> MalformedWeights:
-    return MalformedWeights(
-        f"{path.name}/config.json is not a valid model config: {what}. Reinstall the model, "
-        "or fix its config.json"
-    )
-
-
-def _check_layer_counts(values: Any, path: Path) -> None:
-    """Refuse a config (or nested sub-config) declaring an absurd number of layers."""
-    if isinstance(values, dict):
-        for key, value in values.items():
-            if (
-                isinstance(value, int)
-                and any(k in str(key) for k in _LAYER_KEYS)
-                and value > MAX_CONFIG_LAYERS
-            ):
-                raise _config_error(path, f"{key} is {value}, over {MAX_CONFIG_LAYERS}")
-            _check_layer_counts(value, path)
-
-
-def config_size(path: Path, device_type: str, class_name: str) -> tuple[int, int]:
-    """Parameters and loaded bytes of the architecture ``path``/config.json declares: the
-    model class built on the meta device (no memory), its parameters priced as the loaders
-    load them (float32 off CUDA, the config's dtype on CUDA)."""
-    import transformers
-
-    cls = getattr(transformers, class_name)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # parsing only, no model code runs: any failure is the file's
-        raise _config_error(path, _first_line(exc)) from None
-    _check_layer_counts(config.to_dict(), path)
-    try:
-        with torch.device("meta"):
-            build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
-            model = build(config)
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError,
-            OverflowError, AssertionError) as exc:  # fmt: skip
-        raise _config_error(path, f"{cls.__name__} cannot be built from it ({exc})") from None
-    except Exception as exc:  # the architecture's code; not sizing it is safe, loading checks
-        log.warning("could not size %s from its config on meta: %r", path, exc)
-        return 0, 0
-    stored = getattr(config, "dtype", None)  # transformers maps a saved torch_dtype here
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    float_size = (
-        torch.empty((), dtype=stored).element_size()
-        if (device_type == "cuda" and isinstance(stored, torch.dtype))
-        else 4
-    )
-    parameters = nbytes = 0
-    for tensor in model.parameters():  # shared (tied) parameters are yielded once
-        parameters += tensor.numel()
-        size = float_size if tensor.is_floating_point() else tensor.element_size()
-        nbytes += tensor.numel() * size
-    return parameters, nbytes
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _build(
     info: FamilyInfo, path: Path, device: torch.device, safetensors: bool, stream: bool = False
 ) -> Parts:
@@ -203,13 +124,13 @@ def _load_error(exc: Exception, path: Path, device: torch.device) -> Exception:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return MemoryBudgetExceeded(
             f"Loading {path.name} ran out of memory on {device_str(device)} "
-            f"({_first_line(exc)}): unload other models or lower the memory budget"
+            f"({first_line(exc)}): unload other models or lower the memory budget"
         )
     if isinstance(exc, (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError,
                         IndexError, EOFError, StrictDataclassError)):  # fmt: skip
         log.warning("loading %s failed", path, exc_info=exc)
         return UnsupportedModel(
-            f"Model files in {path.name} could not be loaded: {_first_line(exc)}"
+            f"Model files in {path.name} could not be loaded: {first_line(exc)}"
         )
     return exc
 
@@ -249,6 +170,9 @@ def load(
         name=manifest.name,
         family=info.family,
         task=info.task,
+        # A fact about the family, asked of its adapter once, here: the loaded model is
+        # then plain data that never looks its family up again.
+        is_tts=adapter_for(info.family).synthesize is not None,
         device=device_str(device),
         model=parts.model,
         processor=parts.processor,

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from modelhost.runtime.errors import InvalidInput
-from modelhost.runtime.families import Family
-from modelhost.runtime.families.whisper import decoder_room
+from modelhost.runtime.families.vocabulary import Family
 from modelhost.runtime.inference import _device, _float_dtype, _using
 from modelhost.runtime.loaded import LoadedModel
+from modelhost.runtime.whisper_decoder import decoder_room
 
 TIMESTAMP_TOKENS = 1501  # <|0.00|> ... <|30.00|>, every 20 ms
 PIPELINE_DEFAULTS = {"num_beams": 5, "max_new_tokens": 256}

@@ -25,7 +25,7 @@ from modelhost.names import NAME_SCHEMA
 from modelhost.offloop import import_off_loop
 from modelhost.runtime.batching import Work
 from modelhost.runtime.errors import UnsupportedModel
-from modelhost.runtime.families import canonical_task, family_name
+from modelhost.runtime.families.vocabulary import canonical_task, family_name
 from modelhost.runtime.loaded import LoadedModel
 
 if TYPE_CHECKING:  # annotations only: the server starts without torch
@@ -199,7 +199,7 @@ async def create_embeddings(body: EmbeddingsRequest, services: ServicesDep) -> R
         for start in range(0, len(texts), CHUNK):
             plan = embeddings_batch(loaded, texts[start : start + CHUNK])
             work = Work(plan.run_one, plan.group, plan.items, plan.payload)
-            chunks.append(on_worker(loaded, work, plan.run))
+            chunks.append(on_worker(services, loaded, work, plan.run))
         rows = await asyncio.gather(*chunks)
     if len(texts) <= INLINE_TEXTS:  # microseconds: not worth a thread hop
         content = response_json(body.model, rows, fmt)

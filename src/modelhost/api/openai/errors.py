@@ -6,12 +6,17 @@ OpenAI's names; ``code`` is OpenAI's where it has one (``model_not_found``,
 ``invalid_api_key``, ``unknown_url``), else a short slug of modelhost's own ``error`` title;
 ``param`` names the request field at fault (``ModelhostError.param``, or the field a
 validation error is about).
+
+It imports nothing of ``modelhost.api``: ``api/errors.py`` (the one error handler) and the
+/v1 route modules both use it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.routing import Route
 
@@ -76,13 +81,14 @@ def openai_code(exc: ModelhostError) -> str | None:
     return None
 
 
-def unknown_route_message(request: Request, status: int) -> tuple[str, str]:
+def unknown_route_message(
+    request: Request, status: int, routers: Sequence[APIRouter]
+) -> tuple[str, str]:
     """The message and code of a 404 (no such route) or 405 (wrong method) under /v1, naming
-    the routes there are (read from the /v1 routers, so the list is never stale)."""
+    the routes there are (read from ``routers``, the /v1 routers the app includes, so the
+    list is never stale)."""
     method, path = request.method, request.url.path
-    from modelhost.api.openai import routers
-
-    routes = [r for router in routers() for r in router.routes if isinstance(r, Route)]
+    routes = [r for router in routers for r in router.routes if isinstance(r, Route)]
     if status == 405:
         allowed = sorted({m for r in routes if r.path_regex.match(path) for m in r.methods or ()})
         return (

@@ -142,7 +142,12 @@ async def _speech_chunks(
                 log.info("speech for %s: client gone after %d sentences", body.model, index)
                 return
             audio = await synthesize_sentence(
-                loaded, sentence, voice.speaker, sentence_seed(body.seed, index), index=index
+                loaded,
+                sentence,
+                voice.speaker,
+                sentence_seed(body.seed, index),
+                worker=services.lifecycle.worker(loaded),
+                index=index,
             )
             yield await run_audio(
                 _encode_sentence, encoder, audio.samples, audio.sample_rate, body.speed

@@ -37,7 +37,7 @@ from modelhost.audio.speech import (
 )
 from modelhost.errors import InvalidRequest, NotImplementedYet
 from modelhost.names import validate_name
-from modelhost.runtime.families import check_loadable
+from modelhost.runtime.families.vocabulary import check_loadable
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.speechjobs import SpeechJob, SpeechJobRunner, SpeechParams, Synthesize
 from modelhost.speechjobs.runner import new_seed
@@ -300,7 +300,12 @@ def job_synthesizer(services: Services) -> Synthesize:
             voice = resolve_voice(loaded, job.params.voice)
             seed = sentence_seed(job.params.seed, index)
             audio = await synthesize_sentence(
-                loaded, job.sentences[index], voice.speaker, seed, index=index
+                loaded,
+                job.sentences[index],
+                voice.speaker,
+                seed,
+                worker=services.lifecycle.worker(loaded),
+                index=index,
             )
         if job.params.speed == 1.0:
             return audio

@@ -317,7 +317,8 @@ async def create_transcription(request: Request, services: ServicesDep) -> Respo
             exc.param = "file"
             raise
         options = parsed.options
-        transcript = await on_worker(loaded, Work(lambda: transcribe(loaded, samples, options)))
+        work = Work(lambda: transcribe(loaded, samples, options))
+        transcript = await on_worker(services, loaded, work)
     return render(transcript, parsed.response_format, options)
 
 
@@ -336,7 +337,7 @@ def check_prompt(prompt: str | None, limit: int) -> None:
 def check_task(name: str, task: str | None) -> None:
     """Refuse, before loading anything, a model installed with another task."""
     from modelhost.runtime.errors import UnsupportedModel
-    from modelhost.runtime.families import canonical_task
+    from modelhost.runtime.families.vocabulary import canonical_task
 
     try:
         canonical = canonical_task(task)

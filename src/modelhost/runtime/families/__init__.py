@@ -2,217 +2,47 @@
 
 Each family is one module of this package implementing ``base.FamilyAdapter`` (detect,
 estimate memory, load, predict and/or synthesize, the probe ``optimize`` measures, batching);
-``registry`` lists them, one line each, imported on first use. This module keeps the shared
-vocabulary: the built-in ``Family`` names, ``FamilyInfo``, task aliases and ``detect_family``.
+``registry`` lists them, one line each, imported on first use. ``vocabulary`` holds the
+shared names (``Family``, ``FamilyInfo``, task aliases) and ``detect`` holds
+``detect_family``.
 
-The name of a model is never consulted. ``config.json``'s ``model_type`` and
-``architectures`` (what ``save_pretrained`` recorded) and the task the model was installed
-for are the only evidence; when they do not point at a supported family the error says
-what is supported.
+This module only re-exports those names for code outside modelhost (a family of one's own
+imports ``FamilyInfo`` from here, see docs/families.md). No module of this package imports
+it, and modelhost's own modules import from the submodules. Python runs it before any
+submodule: it imports ``vocabulary`` and ``detect`` (with ``base`` and ``registry``), none of
+which imports torch or an adapter.
 """
 
 from __future__ import annotations
 
-import enum
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from modelhost.runtime.errors import UnsupportedModel
-from modelhost.store.manifest import Manifest
-
-
-class Family(str, enum.Enum):
-    """The built-in families (each value is its adapter's ``name``). A registered family
-    needs no member: ``FamilyInfo.family`` is then its adapter's name."""
-
-    TEXT_CLASSIFICATION = "text-classification"
-    FEATURE_EXTRACTION = "feature-extraction"
-    TEXT_GENERATION = "text-generation"
-    TEXT2TEXT = "text2text-generation"
-    WHISPER = "whisper"
-    IMAGE_CLASSIFICATION = "image-classification"
-    SPEECHT5 = "speecht5"
-    BARK = "bark"
-    VITS = "vits"
-    TORCHSCRIPT = "torchscript"  # a TorchScript archive from the url source: tensors in, out
-    TORCHVISION = "torchvision"  # a torchvision architecture and a state dict for it
-    TORCH_HUB = "torch_hub"  # an allow-listed PyTorch Hub repository's entrypoint
-    TACOTRON2 = "tacotron2"  # a torchaudio Tacotron2 bundle (+ WaveRNN or Griffin-Lim)
-
-    @property
-    def is_tts(self) -> bool:
-        return self in TTS_FAMILIES
-
-
-TTS_FAMILIES = frozenset({Family.SPEECHT5, Family.BARK, Family.VITS, Family.TACOTRON2})
-
-# Task names as installed (the Hub's pipeline tags and common aliases) -> canonical task.
-TASK_ALIASES = {
-    "text-to-speech": "text-to-speech",
-    "text-to-audio": "text-to-speech",
-    "tts": "text-to-speech",
-    "text-classification": "text-classification",
-    "sentiment-analysis": "text-classification",
-    "feature-extraction": "feature-extraction",
-    "sentence-similarity": "feature-extraction",
-    "embeddings": "feature-extraction",
-    "text-generation": "text-generation",
-    "text2text-generation": "text2text-generation",
-    "summarization": "text2text-generation",
-    "translation": "text2text-generation",
-    "automatic-speech-recognition": "automatic-speech-recognition",
-    "speech-to-text": "automatic-speech-recognition",
-    "asr": "automatic-speech-recognition",
-    "image-classification": "image-classification",
-}
-
-SUPPORTED = (
-    "text-to-speech with SpeechT5 (+ HiFiGAN vocoder component), Bark or VITS/MMS-TTS; "
-    "text-classification (a *ForSequenceClassification checkpoint); feature-extraction "
-    "(sentence-transformers layout or any encoder, mean-pooled); text-generation (a causal "
-    "LM, or an encoder-decoder model); text2text-generation (encoder-decoder); "
-    "automatic-speech-recognition with Whisper; image-classification "
-    "(a *ForImageClassification checkpoint); from the url source, a TorchScript archive "
-    "(load_as torchscript) or a state dict for a torchvision architecture "
-    "(load_as torchvision:<name>); from the torchaudio source, a Tacotron2 text-to-speech "
-    "bundle"
+from modelhost.runtime.families.detect import detect_family
+from modelhost.runtime.families.vocabulary import (
+    SUPPORTED,
+    TASK_ALIASES,
+    TTS_FAMILIES,
+    Family,
+    FamilyInfo,
+    canonical_task,
+    check_loadable,
+    family_name,
+    has_suffix,
+    read_config,
+    task_from_architectures,
+    vocoder_path,
 )
 
-
-@dataclass(frozen=True)
-class FamilyInfo:
-    """What ``detect_family`` found: the family, the task it serves, and the evidence."""
-
-    family: Family | str  # a built-in ``Family``, or the name of a registered adapter
-    task: str
-    model_type: str | None
-    architectures: tuple[str, ...]
-    config: dict[str, Any] = field(repr=False)
-    sentence_transformers: bool = False  # feature-extraction: modules.json present
-    vocoder_path: Path | None = None  # SpeechT5: the vocoder component's directory
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """``config.json`` of the model directory, or ``{}`` when there is none. Raises
-    ``UnsupportedModel`` naming config.json when it is not a JSON object or its
-    ``model_type`` / ``architectures`` have the wrong types."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        return {}
-    try:
-        data = json.loads(config_path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UnsupportedModel(
-            f"config.json of {Path(path).name} is not valid JSON: {exc}"
-        ) from exc
-    if not isinstance(data, dict):
-        raise UnsupportedModel(f"config.json of {Path(path).name} is not a JSON object")
-    model_type = data.get("model_type")
-    if model_type is not None and not isinstance(model_type, str):
-        raise UnsupportedModel(f"config.json of {Path(path).name}: model_type must be a string")
-    architectures = data.get("architectures")
-    if architectures is not None and (
-        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
-    ):
-        raise UnsupportedModel(
-            f"config.json of {Path(path).name}: architectures must be a list of class names"
-        )
-    return data
-
-
-def canonical_task(task: str | None) -> str | None:
-    """The canonical name of an installed task; ``None`` when none was recorded."""
-    if not task:
-        return None
-    key = task.strip().lower()
-    if key not in TASK_ALIASES:
-        raise UnsupportedModel(
-            f"Task {task!r} has no loader. Supported: {SUPPORTED}",
-        )
-    return TASK_ALIASES[key]
-
-
-def has_suffix(architectures: tuple[str, ...], *suffixes: str) -> bool:
-    return any(a.endswith(suffixes) for a in architectures)
-
-
-def vocoder_path(manifest: Manifest, path: Path) -> Path | None:
-    """The vocoder component's directory, from the manifest's ``components``."""
-    for component in manifest.spec.components:
-        if component.role == "vocoder":
-            rel = component.path or "vocoder"
-            candidate = (Path(path) / rel).resolve()
-            root = Path(path).resolve()
-            if root not in candidate.parents:
-                raise UnsupportedModel(f"vocoder component path {rel!r} leaves the model")
-            return Path(path) / rel
-    return None
-
-
-def check_loadable(manifest: Manifest) -> None:
-    """Raise ``UnsupportedModel`` for a model installed download-only (its plan said so)."""
-    if not manifest.spec.loadable:
-        why = "; ".join(manifest.spec.notes or ["modelhost has no loader for it"])
-        raise UnsupportedModel(f"Model {manifest.name!r} is stored download-only: {why}")
-
-
-def family_name(family: Family | str) -> str:
-    """The adapter name of a family: a built-in ``Family``'s value, or the string itself."""
-    return family.value if isinstance(family, Family) else str(family)
-
-
-def detect_family(manifest: Manifest, path: Path) -> FamilyInfo:
-    """The loader family for an installed model, from its task and ``config.json``: the
-    first registered adapter (``families.registry``) whose ``detect`` claims it.
-
-    Raises ``UnsupportedModel`` naming what was found and what is supported.
-    """
-    from modelhost.runtime.families.base import DetectContext
-    from modelhost.runtime.families.registry import adapters
-
-    check_loadable(manifest)
-    ctx = DetectContext(manifest, Path(path))
-    for adapter in adapters():
-        info = adapter.detect(ctx)
-        if info is not None:
-            return info
-    raise _no_family(ctx)
-
-
-def _no_family(ctx: Any) -> UnsupportedModel:
-    """Why no adapter claimed the model, in the order the evidence is read."""
-    if not ctx.config:
-        return UnsupportedModel(
-            f"Model {ctx.manifest.name!r} has no config.json: only Transformers-layout models "
-            "(from_pretrained directories) and TorchScript files (url source with "
-            f'load_as "torchscript") can be loaded. Supported: {SUPPORTED}'
-        )
-    task = ctx.task
-    if task == "text-to-speech":
-        return ctx.unsupported("text-to-speech needs a SpeechT5, Bark or VITS model")
-    if task == "automatic-speech-recognition":
-        return ctx.unsupported("speech recognition is supported with Whisper models only")
-    if ctx.resolved_task is None:
-        return ctx.unsupported("no task was recorded and the architectures do not name one")
-    return ctx.unsupported(f"no loader for task {ctx.resolved_task}")
-
-
-def task_from_architectures(
-    architectures: tuple[str, ...], encoder_decoder: bool, st_layout: bool
-) -> str | None:
-    """A task for a model installed without one, read from its recorded head."""
-    if st_layout:
-        return "feature-extraction"
-    if has_suffix(architectures, "ForSequenceClassification"):
-        return "text-classification"
-    if has_suffix(architectures, "ForImageClassification"):
-        return "image-classification"
-    if encoder_decoder and has_suffix(architectures, "ForConditionalGeneration"):
-        return "text2text-generation"
-    if has_suffix(architectures, "ForCausalLM", "LMHeadModel"):
-        return "text-generation"
-    if architectures and all(a.endswith("Model") for a in architectures):
-        return "feature-extraction"
-    return None
+__all__ = [
+    "SUPPORTED",
+    "TASK_ALIASES",
+    "TTS_FAMILIES",
+    "Family",
+    "FamilyInfo",
+    "canonical_task",
+    "check_loadable",
+    "detect_family",
+    "family_name",
+    "has_suffix",
+    "read_config",
+    "task_from_architectures",
+    "vocoder_path",
+]

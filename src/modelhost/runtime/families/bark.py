@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
     DetectContext,
     LoadOptions,
     Parts,
 )
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     from modelhost.runtime.loaded import LoadedModel

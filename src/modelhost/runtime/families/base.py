@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from modelhost.runtime.errors import UnsupportedModel
-from modelhost.runtime.families import (
+from modelhost.runtime.families.vocabulary import (
     SUPPORTED,
     Family,
     FamilyInfo,
@@ -83,9 +83,15 @@ class LoadOptions:
 
     def hf_kwargs(self) -> dict[str, Any]:
         """``from_pretrained`` keyword arguments (local files only, dtype, safetensors)."""
-        from modelhost.runtime.loaders import _hf_kwargs
+        import torch  # here, not at the top: adapters are imported before any load
 
-        return _hf_kwargs(self.device, self.safetensors)
+        return {
+            "local_files_only": True,
+            # Pickles were allowed (check_pickle): each folder then takes safetensors where
+            # it has them and its .bin otherwise (a bundle may mix the two).
+            "use_safetensors": True if self.safetensors else None,
+            "dtype": "auto" if self.device.type == "cuda" else torch.float32,
+        }
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,7 @@ class Adapter:
     def config_size(self, info: FamilyInfo, path: Path, device_type: str) -> tuple[int, int]:
         if self.sized_as is None:
             return 0, 0
-        from modelhost.runtime.loaders import config_size
+        from modelhost.runtime.sizing import config_size  # imports torch: not at the top
 
         return config_size(path, device_type, self.sized_as)
 

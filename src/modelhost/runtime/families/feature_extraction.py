@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
     BatchPlan,
@@ -14,6 +13,7 @@ from modelhost.runtime.families.base import (
     LoadOptions,
     Parts,
 )
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo
 from modelhost.runtime.sentence_layout import SentenceLayout, read_layout
 
 if TYPE_CHECKING:  # annotations only: no torch on import

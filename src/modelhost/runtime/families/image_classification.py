@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo, has_suffix
 from modelhost.runtime.families.base import (
     Adapter,
     DetectContext,
@@ -14,6 +13,7 @@ from modelhost.runtime.families.base import (
     Parts,
     SmokeRequest,
 )
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo, has_suffix
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     from torch import nn

@@ -18,6 +18,7 @@ import threading
 
 from modelhost.runtime.errors import UnsupportedModel
 from modelhost.runtime.families.base import FamilyAdapter
+from modelhost.runtime.families.vocabulary import family_name
 
 _PACKAGE = "modelhost.runtime.families"
 # Order matters: the load_as families first (a url/torchaudio/torch_hub install says what
@@ -93,8 +94,6 @@ def adapters() -> list[FamilyAdapter]:
 
 def adapter_for(family: object) -> FamilyAdapter:
     """The adapter of a family (a ``Family`` member or an adapter's name)."""
-    from modelhost.runtime.families import family_name
-
     name = family_name(family)  # type: ignore[arg-type]
     for adapter in adapters():
         if adapter.name == name:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo, vocoder_path
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo, vocoder_path
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     import torch
@@ -39,7 +39,7 @@ class SpeechT5Adapter(Adapter):
         return ctx.info(Family.SPEECHT5, "text-to-speech", vocoder_path=vocoder)
 
     def config_size(self, info: FamilyInfo, path: Path, device_type: str) -> tuple[int, int]:
-        from modelhost.runtime.loaders import config_size
+        from modelhost.runtime.sizing import config_size
 
         parameters, nbytes = super().config_size(info, path, device_type)
         if info.vocoder_path is None:

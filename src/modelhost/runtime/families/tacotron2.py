@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from modelhost.packages import missing_dependency
 from modelhost.runtime.errors import UnsupportedModel
-from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     from modelhost.runtime.loaded import LoadedModel

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo, has_suffix
-from modelhost.runtime.families.base import (
-    Adapter,
-    DetectContext,
-    LoadOptions,
-    Parts,
-    SmokeRequest,
-)
-
-GENERATION_TASKS = ("text-generation", "text2text-generation")
-
+from modelhost.runtime.families.base import DetectContext
+from modelhost.runtime.families.generation import GENERATION_TASKS, GenerationAdapter
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo, has_suffix
 
 if TYPE_CHECKING:  # annotations only: no torch on import
+    import torch
     from torch import nn
 
-    from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.probes import Probe
 
 
-class Text2TextAdapter(Adapter):
+class Text2TextAdapter(GenerationAdapter):
     """An encoder-decoder ``*ForConditionalGeneration`` checkpoint."""
 
     name = Family.TEXT2TEXT.value
@@ -39,51 +30,18 @@ class Text2TextAdapter(Adapter):
             raise ctx.unsupported("the encoder-decoder checkpoint has no language-model head")
         return ctx.info(Family.TEXT2TEXT, "text2text-generation")
 
-    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options)
+    def sentence_probe(
+        self, model: nn.Module, device: torch.device, encoded: dict[str, Any]
+    ) -> Probe:
+        """Decoder next-token probabilities, teacher-forced."""
+        import torch
 
-    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _generate
+        from modelhost.runtime.probes import PROBABILITY_TOLERANCE, Probe, probabilities
 
-        return _generate(loaded, model, inputs, params)
-
-    def probe(self, loaded: LoadedModel) -> Probe:
-        return _probe(loaded)
-
-    def smoke(self, loaded: LoadedModel) -> SmokeRequest:
-        return SmokeRequest(
-            "predict", {"inputs": "hello world", "parameters": {"max_new_tokens": 2}}
+        start = torch.tensor([[model.config.decoder_start_token_id]], device=device)
+        decoder = torch.cat([start, encoded["input_ids"][:, :8]], dim=1)
+        return Probe(
+            lambda m, v: probabilities(m(**encoded, decoder_input_ids=decoder).logits),
+            "decoder next-token probabilities (teacher-forced)",
+            PROBABILITY_TOLERANCE,
         )
-
-
-def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from modelhost.runtime.pretrained import load_pretrained
-
-    model = load_pretrained(AutoModelForSeq2SeqLM, path, options)
-    return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
-
-
-def _probe(loaded: LoadedModel) -> Probe:
-    """Decoder next-token probabilities, teacher-forced."""
-    import torch
-
-    from modelhost.runtime.probes import (
-        PROBABILITY_TOLERANCE,
-        SAMPLE_TEXTS,
-        Probe,
-        on_device,
-        probabilities,
-        probe_parts,
-    )
-
-    model, device, proc = probe_parts(loaded)
-    enc = on_device(dict(proc(SAMPLE_TEXTS[0], return_tensors="pt")), device)
-    start = model.config.decoder_start_token_id
-    decoder = torch.cat([torch.tensor([[start]], device=device), enc["input_ids"][:, :8]], dim=1)
-    return Probe(
-        lambda m, v: probabilities(m(**enc, decoder_input_ids=decoder).logits),
-        "decoder next-token probabilities (teacher-forced)",
-        PROBABILITY_TOLERANCE,
-    )

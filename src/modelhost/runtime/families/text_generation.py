@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo, has_suffix
-from modelhost.runtime.families.base import (
-    Adapter,
-    DetectContext,
-    LoadOptions,
-    Parts,
-    SmokeRequest,
-)
-from modelhost.runtime.families.text2text import GENERATION_TASKS
+from modelhost.runtime.families.base import DetectContext
+from modelhost.runtime.families.generation import GENERATION_TASKS, GenerationAdapter
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo, has_suffix
 
 if TYPE_CHECKING:  # annotations only: no torch on import
+    import torch
     from torch import nn
 
-    from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.probes import Probe
 
 
-class TextGenerationAdapter(Adapter):
+class TextGenerationAdapter(GenerationAdapter):
     """A ``*ForCausalLM`` / ``*LMHeadModel`` checkpoint."""
 
     name = Family.TEXT_GENERATION.value
@@ -38,47 +31,14 @@ class TextGenerationAdapter(Adapter):
             raise ctx.unsupported("the checkpoint has no causal language-model head")
         return ctx.info(Family.TEXT_GENERATION, "text-generation")
 
-    def load(self, info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-        return _load_parts(info, path, options)
+    def sentence_probe(
+        self, model: nn.Module, device: torch.device, encoded: dict[str, Any]
+    ) -> Probe:
+        """Next-token probabilities over a sentence."""
+        from modelhost.runtime.probes import PROBABILITY_TOLERANCE, Probe, probabilities
 
-    def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _generate
-
-        return _generate(loaded, model, inputs, params)
-
-    def probe(self, loaded: LoadedModel) -> Probe:
-        return _probe(loaded)
-
-    def smoke(self, loaded: LoadedModel) -> SmokeRequest:
-        return SmokeRequest(
-            "predict", {"inputs": "hello world", "parameters": {"max_new_tokens": 2}}
+        return Probe(
+            lambda m, v: probabilities(m(**encoded).logits),
+            "next-token probabilities over a sentence",
+            PROBABILITY_TOLERANCE,
         )
-
-
-def _load_parts(info: FamilyInfo, path: Path, options: LoadOptions) -> Parts:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from modelhost.runtime.pretrained import load_pretrained
-
-    model = load_pretrained(AutoModelForCausalLM, path, options)
-    return Parts(model, AutoTokenizer.from_pretrained(path, local_files_only=True))
-
-
-def _probe(loaded: LoadedModel) -> Probe:
-    """Next-token probabilities over a sentence."""
-    from modelhost.runtime.probes import (
-        PROBABILITY_TOLERANCE,
-        SAMPLE_TEXTS,
-        Probe,
-        on_device,
-        probabilities,
-        probe_parts,
-    )
-
-    _, device, proc = probe_parts(loaded)
-    enc = on_device(dict(proc(SAMPLE_TEXTS[0], return_tensors="pt")), device)
-    return Probe(
-        lambda m, v: probabilities(m(**enc).logits),
-        "next-token probabilities over a sentence",
-        PROBABILITY_TOLERANCE,
-    )

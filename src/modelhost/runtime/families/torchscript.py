@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelhost.runtime.errors import UnsupportedModel
-from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import Adapter, DetectContext, LoadOptions, Parts
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo
 from modelhost.store.manifest import Manifest
 
 if TYPE_CHECKING:  # annotations only: no torch on import

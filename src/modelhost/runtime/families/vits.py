@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelhost.runtime.errors import UnsupportedModel
-from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
     BatchPlan,
@@ -15,6 +14,7 @@ from modelhost.runtime.families.base import (
     LoadOptions,
     Parts,
 )
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     import torch

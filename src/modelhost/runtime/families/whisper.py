@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelhost.runtime.families import Family, FamilyInfo
 from modelhost.runtime.families.base import (
     Adapter,
     DetectContext,
@@ -13,26 +12,13 @@ from modelhost.runtime.families.base import (
     Parts,
     SmokeRequest,
 )
+from modelhost.runtime.families.vocabulary import Family, FamilyInfo
 
 if TYPE_CHECKING:  # annotations only: no torch on import
     from torch import nn
 
     from modelhost.runtime.loaded import LoadedModel
     from modelhost.runtime.probes import Probe
-
-
-# Tokens Whisper's generate puts before the first new one, at most: <|startoftranscript|>,
-# the language, the task and <|notimestamps|> (fewer for English-only models or timestamps:
-# counting four never asks for more than the decoder has room for).
-FORCED_TOKENS = 4
-
-
-def decoder_room(config: Any, prompt_tokens: int = 0) -> int:
-    """How many new tokens the decoder has room for: the config's ``max_target_positions``
-    (448 for OpenAI's checkpoints; smaller ones exist) minus the forced start tokens and a
-    ``prompt_tokens``-long prompt. Below 1 when the prompt leaves no room."""
-    limit = int(getattr(config, "max_target_positions", None) or 448)
-    return limit - FORCED_TOKENS - prompt_tokens
 
 
 class WhisperAdapter(Adapter):
