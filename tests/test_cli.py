@@ -224,6 +224,11 @@ def test_say_writes_a_wav(cli, server, tmp_path):
     assert out.read_bytes() == direct.content
     with wave.open(io.BytesIO(direct.content)) as reader:
         assert reader.getframerate() == rate
+    # An output path that cannot be written: one line naming it, exit 1, no traceback.
+    nowhere = tmp_path / "no-such-dir" / "hello.wav"
+    failed = cli("say", "hello there", "-m", "mms", "-o", str(nowhere))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert failed.stderr.strip() == f"cannot write {nowhere}: No such file or directory"
 
     unload = cli("unload", "mms")
     assert unload.returncode == 0 and unload.stdout.strip() == "Model 'mms' unloaded"

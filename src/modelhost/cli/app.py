@@ -76,6 +76,9 @@ def handled(command: F) -> F:
         except CliError as exc:
             err.print(exc.message)
             raise typer.Exit(exc.code) from None
+        except OSError as exc:  # a local file a command could not use: name it, no traceback
+            err.print(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

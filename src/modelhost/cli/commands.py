@@ -252,7 +252,10 @@ def write_speech(
     """Speak ``text`` with ``model`` into the WAV file ``output``; print what was written
     (path, duration, model) unless ``quiet``, and return those facts."""
     data = serving.synthesize(client(), model, text, **options)
-    output.write_bytes(data)
+    try:
+        output.write_bytes(data)
+    except OSError as exc:
+        raise CliError(f"cannot write {output}: {exc.strerror}") from None
     facts = {"model_name": model, "output": str(output), "bytes": len(data)}
     facts.update(serving.wav_facts(data))
     if quiet:
