@@ -9,6 +9,10 @@ from pydantic import BaseModel, Field, model_validator
 
 from modelhost.spec import ModelSpec
 
+# ``<name>.<32 hex digits>``: one path component, never "." or "..", so a manifest cannot
+# make the store touch a directory outside ``versions/``.
+VERSION_DIR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.[0-9a-f]{32}$"
+
 
 class ManifestFile(BaseModel):
     path: str
@@ -48,6 +52,10 @@ class Manifest(BaseModel):
     download_id: str | None = None
     spec: ModelSpec = Field(default_factory=ModelSpec)
     conversions: list[Conversion] = Field(default_factory=list)
+    # The directory under the store's ``versions/`` that holds this version's links (the
+    # store's to set, at commit). None for a model committed before versioned directories:
+    # its links are in ``models/<name>/`` itself.
+    version_dir: str | None = Field(default=None, pattern=VERSION_DIR_PATTERN)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,19 +1,41 @@
-"""The on-disk cache: content-addressed blobs, a directory of links per model, a manifest each.
+"""The on-disk cache: content-addressed blobs, a directory of links per model version, a
+manifest per model.
 
 Layout under the store root::
 
-    blobs/sha256/<hex>           every file once, named by its digest, read-only
-    models/<name>/<rel path>     symlinks into blobs: a directory from_pretrained can open
-    manifests/<name>.json        written last: a model exists exactly when its manifest does
+    blobs/sha256/<hex>                every file once, named by its digest, read-only
+    versions/<name>.<id>/<rel path>   symlinks into blobs: one directory per committed version
+    models/<name> -> ../versions/<name>.<id>   the directory from_pretrained opens
+    manifests/<name>.json             the model: its files, and the version directory it uses
 
-A commit writes the model directory under a temporary name, renames it into place, then
-writes the manifest (temp file, fsync, rename). A crash at any point leaves either the old
-state or the new one visible; ``recover()`` sweeps what a crash left behind.
+The manifest is the one switch: a model exists, in the version its manifest names
+(``Manifest.version_dir``), exactly when its manifest does. A commit
+
+1. moves the verified files into ``blobs/`` (each fsynced, then ``blobs/`` fsynced);
+2. writes the new version's directory under a name no other version has, fsyncs each of its
+   directories and ``versions/``, and makes a temporary link to it in ``models/``;
+3. writes the manifest naming that directory (temp file, fsync, rename, fsync of
+   ``manifests/``): the switch;
+4. renames the temporary link over ``models/<name>`` (fsync of ``models/``);
+5. removes the previous version's directory and the blobs no manifest references any more.
+
+Nothing before step 3 touches what the previous version uses, and step 3 comes after
+everything the new version needs is durable; a delete removes the manifest first. So a crash
+at any instant leaves exactly one whole version with its manifest (or none), and
+``recover()`` at start finishes the rest: it points ``models/<name>`` at the version its
+manifest names and sweeps whatever no manifest names (other version directories, temporary
+links and files, unreferenced blobs). ``tests/test_store_crash.py`` SIGKILLs commits and
+deletes after each of their disk steps and checks exactly this.
+
+Stores written before version directories still open: a manifest without ``version_dir``
+has its links in a real directory ``models/<name>/``, which its next commit moves aside
+after the switch (step 4).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -28,6 +50,9 @@ from modelhost.names import check_path_limits, validate_name
 from modelhost.store.manifest import Manifest, ManifestFile
 
 TMP_PREFIX = ".tmp-"
+VERSIONS = "versions"
+
+log = logging.getLogger(__name__)
 
 
 def _utcnow() -> datetime:
@@ -40,6 +65,31 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    """Make a file's bytes durable (a no-op cost when its writer already did)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(top: Path) -> None:
+    """Make a new directory tree's entries durable: each directory, deepest first, then the
+    directory that holds ``top``."""
+    for directory, _, _ in os.walk(top, topdown=False):
+        _fsync_dir(Path(directory))
+    _fsync_dir(top.parent)
+
+
+def _remove(path: Path) -> None:
+    """Remove a link, a file or a directory tree; nothing there is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -96,8 +146,9 @@ class Store:
         self.root = Path(root)
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.models_dir = self.root / "models"
+        self.versions_dir = self.root / VERSIONS
         self.manifests_dir = self.root / "manifests"
-        for directory in (self.blobs_dir, self.models_dir, self.manifests_dir):
+        for directory in (self.blobs_dir, self.models_dir, self.versions_dir, self.manifests_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         # Blobs running jobs decided to reuse, by holder (the job's id): garbage collection
@@ -188,7 +239,9 @@ class Store:
     # --- writing ---------------------------------------------------------------------------
 
     def commit(self, manifest: Manifest, files: Iterable[CommitFile]) -> Manifest:
-        """Install a model atomically: blobs first, then its directory, then its manifest.
+        """Install a model atomically: blobs, then a new version directory, then the
+        manifest naming it (the switch), then the ``models/<name>`` link (see the module's
+        docstring for why this order).
 
         Files given with a ``local_path`` are moved into the blob store (the caller has
         verified them). Replaces an installed model of the same name as one step.
@@ -203,77 +256,164 @@ class Store:
             seen.add(rel)
             entries.append((rel, item))
         name = validate_name(manifest.name)
-        staging = self.models_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
         with self._lock:
             try:
-                return self._commit_locked(manifest, entries, name, staging)
+                return self._commit_locked(manifest, entries, name)
             except OSError as exc:
-                shutil.rmtree(staging, ignore_errors=True)
                 if exc.errno in DISK_FULL_ERRNOS:
                     raise _disk_full(exc) from exc
                 raise
 
     def _commit_locked(
-        self,
-        manifest: Manifest,
-        entries: list[tuple[PurePosixPath, CommitFile]],
-        name: str,
-        staging: Path,
+        self, manifest: Manifest, entries: list[tuple[PurePosixPath, CommitFile]], name: str
     ) -> Manifest:
-        """``commit``'s steps, under the lock. On an error nothing new is visible: the
-        previous model directory, if any, is put back before the error goes up."""
-        for _, item in entries:
-            self._adopt_blob(item)
-        staging.mkdir()
-        for rel, item in entries:
-            link = staging / rel
-            link.parent.mkdir(parents=True, exist_ok=True)
-            blob = self.blob_path(item.sha256)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-        final = self.models_dir / name
-        old = None
-        if final.exists():
-            old = self.models_dir / f"{TMP_PREFIX}old-{name}.{uuid.uuid4().hex}"
-            os.replace(final, old)
-        os.replace(staging, final)
+        """``commit``'s steps, under the lock. An error before the switch removes what the
+        commit wrote and leaves the previous version as it was."""
+        previous = self._installed_version(name)
+        version = f"{name}.{uuid.uuid4().hex}"
+        tree = self.versions_dir / version
+        link = None
+        try:
+            self._adopt_blobs(item for _, item in entries)
+            self._write_version(tree, entries)
+            link = self._new_link(name, version)
+        except BaseException:
+            self._discard(tree, link)
+            raise
+        manifest = self._stamped(manifest, entries, version)
+        try:
+            _write_atomic(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
+        except BaseException:
+            if self._installed_version(name) != version:
+                self._discard(tree, link)  # the switch did not happen
+                raise
+            # Renamed in, but the fsync after it failed: the new version is the model, yet a
+            # power loss could still bring the previous one back, so its directory stays
+            # (``recover`` keeps whichever the surviving manifest names).
+            self._finish(name, link, previous, tidy=False)
+            raise
+        self._finish(name, link, previous, tidy=True)
+        return manifest
+
+    def _stamped(
+        self, manifest: Manifest, entries: list[tuple[PurePosixPath, CommitFile]], version: str
+    ) -> Manifest:
+        """The manifest to write: its files, its version directory, its dates."""
         now = _utcnow()
-        manifest = manifest.model_copy(
+        files = [
+            ManifestFile(path=str(rel), size=item.size, sha256=item.sha256, git_sha1=item.git_sha1)
+            for rel, item in entries
+        ]
+        return manifest.model_copy(
             update={
-                "files": [
-                    ManifestFile(
-                        path=str(rel), size=item.size, sha256=item.sha256, git_sha1=item.git_sha1
-                    )
-                    for rel, item in entries
-                ],
+                "files": files,
+                "version_dir": version,
                 "downloaded_at": manifest.downloaded_at or now,
                 "last_used": now,
             }
         )
-        try:
-            _fsync_dir(self.models_dir)
-            _write_atomic(self._manifest_path(name), manifest.model_dump_json(indent=2).encode())
-        except BaseException:
-            # The manifest still describes the previous state: make the directory match it.
-            os.replace(final, staging)
-            if old is not None:
-                os.replace(old, final)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            self._collect_garbage()
-        return manifest
 
-    def _adopt_blob(self, item: CommitFile) -> None:
+    def _adopt_blobs(self, items: Iterable[CommitFile]) -> None:
+        """Move each new file into ``blobs/``, its bytes durable before it gets there."""
+        moved = False
+        for item in items:
+            moved = self._adopt_blob(item) or moved
+        if moved:
+            _fsync_dir(self.blobs_dir)
+
+    def _adopt_blob(self, item: CommitFile) -> bool:
+        """Move one file into ``blobs/``; False when the store already has it."""
         blob = self.blob_path(item.sha256)
         if blob.is_file():
             if item.local_path is not None:
                 item.local_path.unlink(missing_ok=True)
-            return
+            return False
         if item.local_path is None:
             raise InvalidRequest(f"Blob {item.sha256} for {item.path} is not in the store")
+        # Not every producer fsyncs (conversions, unpacked archives): a manifest must never
+        # name a blob whose bytes a power loss could take back.
+        _fsync_file(item.local_path)
         os.chmod(item.local_path, 0o444)
         os.replace(item.local_path, blob)
-        _fsync_dir(self.blobs_dir)
+        return True
+
+    def _write_version(self, tree: Path, entries: list[tuple[PurePosixPath, CommitFile]]) -> None:
+        """Write a version's directory of links into blobs, durably."""
+        tree.mkdir()
+        for rel, item in entries:
+            link = tree / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(self.blob_path(item.sha256), link.parent))
+        _fsync_tree(tree)
+
+    def _version_path(self, version: str) -> Path:
+        return self.versions_dir / version
+
+    def _new_link(self, name: str, version: str) -> Path:
+        """A temporary link in ``models/`` to ``version``'s directory, made before the switch
+        so that the step after it is a rename only (nothing left to allocate)."""
+        link = self.models_dir / f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
+        link.symlink_to(os.path.relpath(self._version_path(version), self.models_dir))
+        return link
+
+    def _swap_link(self, link: Path, name: str) -> Path | None:
+        """Rename the temporary ``link`` over ``models/<name>``. A real directory there (a
+        model committed before version directories) cannot be renamed over: it is moved
+        aside first, and returned for the caller to remove."""
+        final = self.models_dir / name
+        aside = None
+        if final.is_dir() and not final.is_symlink():
+            aside = self.models_dir / f"{TMP_PREFIX}old-{name}.{uuid.uuid4().hex}"
+            os.replace(final, aside)
+        os.replace(link, final)
+        _fsync_dir(self.models_dir)
+        return aside
+
+    def _finish(self, name: str, link: Path, previous: str | None, tidy: bool) -> None:
+        """After the switch: point ``models/<name>`` at the new version, then (``tidy``)
+        remove the previous version's directory (``previous``) and the blobs nothing
+        references any more.
+
+        The new version is already the model, so a failure here is logged, not raised:
+        ``recover`` finishes at the next start. While the link is not swapped, the previous
+        directory stays, so that ``models/<name>`` still holds one whole version."""
+        final = self.models_dir / name
+        if not tidy and final.is_dir() and not final.is_symlink():
+            # A directory of the previous layout is the previous version itself: it moves
+            # aside only once the switch is durable (else ``recover`` does it).
+            return
+        try:
+            aside = self._swap_link(link, name)
+        except OSError as exc:
+            log.warning("Installed %s; its link is repointed at the next start: %s", name, exc)
+            return
+        if not tidy:
+            return
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        if previous is not None:
+            shutil.rmtree(self._version_path(previous), ignore_errors=True)
+        try:
+            self._collect_garbage()
+        except OSError as exc:
+            log.warning("Installed %s; unused blobs are removed at the next start: %s", name, exc)
+
+    def _discard(self, tree: Path, link: Path | None) -> None:
+        """Remove what a commit wrote before its switch (the blobs stay for ``recover``'s
+        or the next commit's garbage collection, as another model may need them)."""
+        shutil.rmtree(tree, ignore_errors=True)
+        if link is not None:
+            link.unlink(missing_ok=True)
+
+    def _installed_version(self, name: str) -> str | None:
+        """The version directory the manifest on disk names; None when there is none, when
+        the model predates version directories, or when the manifest is unreadable (its
+        directory, if any, is then left to ``recover``)."""
+        try:
+            manifest = self.get(name)
+        except (ValueError, OSError):
+            return None
+        return manifest.version_dir if manifest is not None else None
 
     def touch(self, name: str) -> None:
         """Record a use of ``name`` (for least-recently-used eviction)."""
@@ -320,9 +460,12 @@ class Store:
         """
         with self._lock:
             manifest = self.require(name)
-            self._manifest_path(name).unlink()  # invisible from here on
+            self._manifest_path(name).unlink()  # the switch: gone from here on
             _fsync_dir(self.manifests_dir)
-            shutil.rmtree(self.models_dir / manifest.name, ignore_errors=True)
+            # A link, or a real directory for a model of the previous layout.
+            _remove(self.models_dir / manifest.name)
+            if manifest.version_dir:
+                shutil.rmtree(self._version_path(manifest.version_dir), ignore_errors=True)
             return manifest, self._collect_garbage()
 
     def evict_to_fit(self, limit_bytes: int, keep: set[str]) -> list[str]:
@@ -359,19 +502,47 @@ class Store:
         return freed
 
     def recover(self) -> None:
-        """Sweep what an interrupted commit or delete left: staging dirs, stray temp files,
-        model directories without a manifest, blobs no manifest references."""
+        """Finish or undo what an interrupted commit or delete left, keeping exactly what the
+        manifests name: each ``models/<name>`` is pointed at the version its manifest names;
+        then staging links and directories, model entries without a manifest, temp files,
+        version directories no manifest names and unreferenced blobs are swept."""
         with self._lock:
-            installed = {m.name for m in self.list()}
+            installed = self.list()
+            linked = all([self._sync_link(m) for m in installed if m.version_dir])
+            names = {m.name for m in installed}
             for entry in self.models_dir.iterdir():
-                if entry.name.startswith(TMP_PREFIX) or entry.name not in installed:
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry, ignore_errors=True)
-                    else:
-                        entry.unlink(missing_ok=True)
+                if entry.name.startswith(TMP_PREFIX) or entry.name not in names:
+                    _remove(entry)
             for entry in self.manifests_dir.glob(f"{TMP_PREFIX}*"):
                 entry.unlink(missing_ok=True)
+            if not linked:
+                # A link still on a previous version keeps that version's files until a
+                # start where the link can be swapped (a full disk, say).
+                return
+            versions = {m.version_dir for m in installed}
+            for entry in self.versions_dir.iterdir():
+                if entry.name not in versions:
+                    _remove(entry)
             self._collect_garbage()
+
+    def _sync_link(self, manifest: Manifest) -> bool:
+        """Point ``models/<name>`` at the version its manifest names unless it already does
+        (a crash after a commit's switch left it on the previous version, or missing); a
+        directory it moves aside is swept with the other temporary entries. False (logged)
+        when that fails."""
+        name, version = manifest.name, str(manifest.version_dir)
+        target = os.path.relpath(self._version_path(version), self.models_dir)
+        try:
+            if os.readlink(self.models_dir / name) == target:
+                return True
+        except OSError:
+            pass  # missing, or a real directory of the previous layout
+        try:
+            self._swap_link(self._new_link(name, version), name)
+        except OSError as exc:
+            log.warning("Cannot point models/%s at its installed version: %s", name, exc)
+            return False
+        return True
 
     def verify(self, name: str) -> list[str]:
         """Re-hash a model's blobs; returns the paths whose bytes no longer match."""
@@ -395,6 +566,6 @@ class Store:
 
 def describe(manifest: Manifest, store: Store) -> dict:
     """The manifest as the API shows it, with the model's local path."""
-    data = json.loads(manifest.model_dump_json())
+    data = json.loads(manifest.model_dump_json(exclude={"version_dir"}))  # the store's own
     data["path"] = str(store.model_path(manifest.name))
     return data
