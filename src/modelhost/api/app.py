@@ -117,9 +117,7 @@ def build_services(settings: Settings) -> Services:
         drain_timeout_s=settings.unload_drain_s,
         max_text_chars=settings.max_input_chars,
     )
-    lifecycle = ModelLifecycle(
-        runtime, store, settings.cache_limit_bytes, keep_alive_s=settings.keep_alive
-    )
+    lifecycle = ModelLifecycle(runtime, store, keep_alive_s=settings.keep_alive)
     jobs = JobManager(
         store,
         engine,

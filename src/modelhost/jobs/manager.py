@@ -346,7 +346,7 @@ class JobManager:
         if lifecycle is None and registry is not None:
             from modelhost.runtime.lifecycle import ModelLifecycle
 
-            lifecycle = ModelLifecycle(registry, store, cache_limit_bytes)
+            lifecycle = ModelLifecycle(registry, store)
         # Loads after install, disk eviction and deletes go through the model's lifecycle.
         self.lifecycle = lifecycle
         self.registry = lifecycle.registry if lifecycle is not None else None

@@ -585,11 +585,6 @@ def _encode(
     return _to(enc, _device(model))
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of the token vectors where ``mask`` is 1 (the sentence-transformers pooling)."""
-    return pool(hidden, mask, ("mean",))
-
-
 def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: Sequence[str]) -> torch.Tensor:
     """Token vectors pooled into one vector per row by each of ``modes`` (``cls``, ``max``,
     ``mean``, ``mean_sqrt_len``), concatenated in that order as sentence-transformers does."""

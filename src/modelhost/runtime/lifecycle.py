@@ -1,18 +1,21 @@
-"""One owner for each model's life: load, requests in flight, unload, pin, disk eviction,
-optimize and delete.
+"""One owner for each model's life: load, requests in flight, unload, pin, what disk
+eviction must keep, optimize and delete.
 
 ``ModelLifecycle`` sits over the ``ModelRegistry`` (memory) and the ``Store`` (disk):
 
 - every inference call goes through ``acquire(name)``, which counts it in flight and
   refuses new requests to a model being unloaded (409) or deleted (404);
-- ``unload`` and ``begin_delete`` refuse new requests first, wait for a load of the model in
-  progress, then (bounded by the registry's ``drain_timeout_s``) for the requests in flight;
+- ``unload``, and a delete (``close``, then ``retire``, and ``reopen`` when it ends:
+  ``JobManager.remove_model`` drives it), refuse new requests first, wait for a load of
+  the model in progress, then (bounded by the registry's ``drain_timeout_s``) for the
+  requests in flight;
 - ``optimize`` runs as an operation holding the model in use (``operation: "optimizing"``
   in ``/models/managed``), so a delete waits for it to finish;
 - ``pin`` means one thing for memory and disk: never evicted, by the memory budget while
   loaded nor by ``MODELHOST_CACHE_LIMIT_GB`` from the cache. It is kept in the manifest
   (``Manifest.pinned``), so it survives restarts and applies again when the model loads;
-- disk eviction never removes the files of a loaded, loading or pinned model;
+- disk eviction (``JobManager`` calls ``Store.evict_to_fit`` after each commit) never
+  removes the files of a loaded or loading model (``protected``) nor of a pinned one;
 - keep-alive: a model idle (no request in flight) for longer than its keep-alive
   (``MODELHOST_KEEP_ALIVE``, or a request's ``keep_alive``) is unloaded by
   ``unload_expired``, which the idle reaper (``runtime.keepalive``) calls; pinned models and
@@ -35,7 +38,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelhost.errors import LoadFailed, ModelhostError, ModelNotFound
@@ -88,13 +90,11 @@ class ModelLifecycle:
         self,
         registry: ModelRegistry,
         store: Store,
-        cache_limit_bytes: int | None = None,
         load_wait_s: float = LOAD_WAIT_S,
         keep_alive_s: float = NEVER,
     ) -> None:
         self.registry = registry
         self.store = store
-        self.cache_limit_bytes = cache_limit_bytes
         self.load_wait_s = load_wait_s
         # A loaded model's keep-alive unless a request sets its own (MODELHOST_KEEP_ALIVE).
         self.keep_alive_s = keep_alive_s
@@ -359,15 +359,6 @@ class ModelLifecycle:
             entry.changed.wait_for(lambda: entry.loads == 0, timeout=self.load_wait_s)
         return self._unload_quietly(name)
 
-    @contextmanager
-    def deleting(self, name: str) -> Iterator[None]:
-        """``close`` for the block's duration, then ``reopen``."""
-        self.close(name)
-        try:
-            yield
-        finally:
-            self.reopen(name)
-
     # ------------------------------------------------------------------ disk
 
     def protected(self) -> set[str]:
@@ -375,14 +366,3 @@ class ModelLifecycle:
         with self._lock:
             loading = {name for name, entry in self._names.items() if entry.loads}
         return loading | {model.name for model in self.registry.list()}
-
-    def evict_disk(self, keep: str) -> list[str]:
-        """Delete least-recently-used models until the cache is under its limit, never
-        ``keep``, a loaded or loading model, or a pinned one. Returns the names removed."""
-        if self.cache_limit_bytes is None:
-            return []
-        return self.store.evict_to_fit(self.cache_limit_bytes, {keep} | self.protected())
-
-    def model_path(self, name: str) -> Path:
-        """Where the installed model's files are."""
-        return self.store.model_path(name)

@@ -168,11 +168,6 @@ class LoadedModel:
         with self._idle:
             self.retired = True
 
-    def unretire(self) -> None:
-        """Take requests again (an unload that gave up waiting)."""
-        with self._idle:
-            self.retired = False
-
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the requests in flight to finish; True when none is."""
         with self._idle:
