@@ -34,7 +34,7 @@ from modelhost.runtime.errors import (
 from modelhost.runtime.families import Family, detect_family
 from modelhost.runtime.inference import predict, synthesize
 from modelhost.runtime.loaders import load
-from modelhost.runtime.optimize import optimize
+from modelhost.runtime.optimize import optimize, smoke_inputs
 from modelhost.runtime.registry import ModelRegistry
 from modelhost.runtime.speaker import default_speaker_embedding, parse_speaker_embedding
 from modelhost.runtime.wav import parse_wav, to_wav_bytes
@@ -827,7 +827,7 @@ def test_cuda_optimize_half_precision_applies_or_restores(models, monkeypatch) -
         if other.is_tts:
             assert synthesize(other, "hello world", max_new_tokens=8).duration_s > 0
         else:
-            kind, kwargs = probes.smoke_inputs(other)
+            kind, kwargs = smoke_inputs(other)
             assert predict(other, **kwargs)
         registry.unload(name)
 

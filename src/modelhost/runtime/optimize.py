@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from modelhost.runtime.errors import ModelNotLoaded
+from modelhost.runtime.families.registry import adapter_for
 from modelhost.runtime.loaded import MB, LoadedModel
 from modelhost.runtime.memory import (
     count_parameters,
@@ -37,7 +38,7 @@ from modelhost.runtime.memory import (
     release_cached,
     weights_bytes,
 )
-from modelhost.runtime.probes import Probe, probe_for, smoke_inputs
+from modelhost.runtime.probes import Probe
 
 MIN_SPEEDUP = 1.03  # below a 3% gain a "speed-up" is within run-to-run noise
 TARGET_SECONDS = 1.5  # measuring time per model and step, spread over the runs
@@ -126,6 +127,18 @@ def _diff(probe: Probe, reference: torch.Tensor, candidate: torch.Tensor) -> flo
     if probe.relative:
         diff /= max(reference.abs().max().item(), 1e-12)
     return float(diff)
+
+
+def probe_for(loaded: LoadedModel) -> Probe:
+    """The probe of ``loaded``'s family (its adapter's ``probe``), its inputs prepared once."""
+    return adapter_for(loaded.family).probe(loaded)
+
+
+def smoke_inputs(loaded: LoadedModel) -> tuple[str, dict]:
+    """A small real request for the family (its adapter's ``smoke``):
+    ``("synthesize"|"predict", kwargs)``."""
+    request = adapter_for(loaded.family).smoke(loaded)
+    return request.kind, request.kwargs
 
 
 def _serves(loaded: LoadedModel, model: nn.Module, vocoder: nn.Module | None) -> str | None:

@@ -1,6 +1,8 @@
-"""Representative inputs for ``optimize``'s latency and agreement checks: the ``Probe`` type,
-the shared sample inputs and helpers, and ``probe_for`` / ``smoke_inputs``, which ask the
-model's family adapter (each family builds its own probe in its module).
+"""Representative inputs for ``optimize``'s latency and agreement checks: the ``Probe`` type
+and the shared sample inputs and helpers each family builds its probe from (in its adapter's
+module). Asking a model's adapter for its probe is ``optimize``'s (``probe_for``): the
+adapters import this module, so it must not look them up (an import cycle through the
+family registry).
 
 A probe runs one deterministic forward pass of the family's model (and vocoder) and returns
 what it compares, as float32 on the CPU: class probabilities, unit-norm embeddings,
@@ -72,13 +74,6 @@ def tone(rate: int, seconds: float = 2.0) -> np.ndarray:
     return signal.astype(np.float32)
 
 
-def probe_for(loaded: LoadedModel) -> Probe:
-    """The probe of ``loaded``'s family (its adapter's ``probe``), its inputs prepared once."""
-    from modelhost.runtime.families.registry import adapter_for
-
-    return adapter_for(loaded.family).probe(loaded)
-
-
 def probe_parts(loaded: LoadedModel) -> tuple[nn.Module, torch.device, Any]:
     """A loaded model's module, its device and its processor, for building a probe."""
     model = loaded.model
@@ -90,12 +85,3 @@ def sentence_batch(proc: Any, device: torch.device) -> dict:
     """``SAMPLE_TEXTS`` tokenised by ``proc`` (padded, truncated) on ``device``."""
     batch = proc(SAMPLE_TEXTS, padding=True, truncation=True, return_tensors="pt")
     return on_device(dict(batch), device)
-
-
-def smoke_inputs(loaded: LoadedModel) -> tuple[str, dict]:
-    """A small real request for the family (its adapter's ``smoke``):
-    ``("synthesize"|"predict", kwargs)``."""
-    from modelhost.runtime.families.registry import adapter_for
-
-    request = adapter_for(loaded.family).smoke(loaded)
-    return request.kind, request.kwargs
