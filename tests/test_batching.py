@@ -11,7 +11,8 @@ import torch
 from tiny_models import build_bert, build_vits, minilm_dir
 
 from modelhost.runtime.batching import BatchSettings, Workers
-from modelhost.runtime.inference import VitsCall, predict, predict_work, vits_batch
+from modelhost.runtime.compute.vits import VitsCall, vits_batch
+from modelhost.runtime.inference import predict, predict_work
 from modelhost.runtime.loaders import load
 from modelhost.store.manifest import Manifest
 

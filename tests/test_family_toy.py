@@ -208,7 +208,7 @@ class NoiseAdapter(ToyAdapter):
     def synthesize(self, loaded, text, speaker, max_new_tokens, seed):
         import torch
 
-        from modelhost.runtime.inference import speak_one
+        from modelhost.runtime.compute.speech import speak_one
 
         def run(model):
             return model(torch.randn(len(text), 1)).squeeze(-1)

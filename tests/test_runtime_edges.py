@@ -386,11 +386,11 @@ def test_lone_surrogates_are_a_400(serving, path, raw, where) -> None:
 
 
 def test_runtime_text_check_refuses_lone_surrogates() -> None:
+    from modelhost.runtime.compute.inputs import check_text
     from modelhost.runtime.errors import InvalidInput
-    from modelhost.runtime.inference import _text
 
     with pytest.raises(InvalidInput, match="text is not valid Unicode text: a lone surrogate"):
-        _text("ab\ud800")
+        check_text("ab\ud800")
 
 
 # --------------------------------------------------------------------------- sweep

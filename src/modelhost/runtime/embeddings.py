@@ -1,7 +1,8 @@
 """Embeddings with the tokens they cost: the batch plan of OpenAI's ``/v1/embeddings``.
 
-The same forward as ``predict`` on a feature-extraction model (``inference.embedding_batch``:
-one padded, masked forward over every queued caller's texts on the model's worker), and
+The same forward as ``predict`` on a feature-extraction model
+(``compute.embedding.embedding_matrix``: one padded, masked forward over every queued
+caller's texts on the model's worker), and
 each text's token count from the model's own tokenizer, truncated as the model truncates,
 so ``usage.prompt_tokens`` is what was embedded. It is its own batch group: its callers'
 results carry token counts, which ``predict``'s do not.
@@ -15,15 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from modelhost.runtime.compute.embedding import embedding_matrix, encode_for_embedding
+from modelhost.runtime.compute.inputs import check_texts
+from modelhost.runtime.compute.model import using
+from modelhost.runtime.compute.text_batch import TextsCall
 from modelhost.runtime.families.base import BatchPlan
 from modelhost.runtime.families.vocabulary import Family
-from modelhost.runtime.inference import (
-    TextsCall,
-    _embedding_matrix,
-    _texts,
-    _using,
-    encode_for_embedding,
-)
 from modelhost.runtime.loaded import LoadedModel
 
 
@@ -73,15 +71,15 @@ def token_counts(loaded: LoadedModel, model: torch.nn.Module, texts: list[str]) 
 
 
 def embeddings_batch(loaded: LoadedModel, texts: list[str]) -> BatchPlan:
-    """The batch plan of one request's ``texts`` (at most ``inference.MAX_BATCH``): every
+    """The batch plan of one request's ``texts`` (at most ``compute.inputs.MAX_BATCH``): every
     caller's texts in one forward, each caller's rows and token counts back."""
     normalize = normalizes(loaded)
-    texts, single = _texts(texts, loaded.max_text_chars)
+    texts, single = check_texts(texts, loaded.max_text_chars)
 
     def run(calls: Sequence[TextsCall]) -> list[EmbeddingRows]:
         flat = [t for c in calls for t in c.texts]
-        with _using(loaded) as model:
-            matrix = _embedding_matrix(loaded, model, flat, normalize)
+        with using(loaded) as model:
+            matrix = embedding_matrix(loaded, model, flat, normalize)
             tokens = token_counts(loaded, model, flat)
         vectors = matrix.numpy().astype(np.float32, copy=False)
         out, start = [], 0

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelhost.runtime.compute.model import device_of, float_dtype, using
 from modelhost.runtime.errors import InvalidInput
 from modelhost.runtime.families.vocabulary import Family
-from modelhost.runtime.inference import _device, _float_dtype, _using
 from modelhost.runtime.loaded import LoadedModel
 from modelhost.runtime.whisper_decoder import decoder_room
 
@@ -78,12 +78,12 @@ def transcribe(loaded: LoadedModel, samples: np.ndarray, options: TranscribeOpti
     """Transcribe mono float32 ``samples`` at the model's input rate (at most 30 s).
     Blocking: call it on the model's worker."""
     rate = int(loaded.extra["input_sample_rate"])
-    with _using(loaded) as model:
+    with using(loaded) as model:
         processor = loaded.processor  # read under the lock: an unload may have released it
         features = processor.feature_extractor(
             samples, sampling_rate=rate, return_tensors="pt", return_attention_mask=True
         )
-        device, dtype = _device(model), _float_dtype(model)
+        device, dtype = device_of(model), float_dtype(model)
         inputs = {
             "input_features": features.input_features.to(device, dtype),
             "attention_mask": features.attention_mask.to(device),
@@ -117,7 +117,7 @@ def _generation_kwargs(
     prompt_tokens = 0
     if options.prompt:
         kwargs["prompt_ids"] = processor.get_prompt_ids(options.prompt, return_tensors="pt").to(
-            _device(model)
+            device_of(model)
         )
         prompt_tokens = int(kwargs["prompt_ids"].shape[-1])
     wanted = own.get("max_new_tokens")

@@ -38,7 +38,7 @@ router = APIRouter(
 )
 
 MAX_INPUTS = 2048  # OpenAI's limit on the texts of one request
-CHUNK = 64  # texts per queued work item (runtime.inference.MAX_BATCH)
+CHUNK = 64  # texts per queued work item (runtime.compute.inputs.MAX_BATCH)
 FORMATS = ("float", "base64")
 INLINE_TEXTS = 8  # a response of at most this many vectors is built on the event loop
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # annotations only: the server starts without torch
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
 
 MAX_UPLOAD_BYTES = 25 * 1000 * 1000  # OpenAI's limit on the file
-MAX_SECONDS = 30.0  # one Whisper window: runtime.inference.MAX_AUDIO_SECONDS
+MAX_SECONDS = 30.0  # one Whisper window: runtime.compute.transcribe.MAX_AUDIO_SECONDS
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 FIELDS = {
     "file",

@@ -43,9 +43,13 @@ class BarkAdapter(Adapter):
         max_new_tokens: int | None,
         seed: int | None,
     ) -> Audio:
-        from modelhost.runtime.inference import _bark, speak_one
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.speech import speak_one
+        from modelhost.runtime.compute.waveforms import bark_waveform
 
-        return speak_one(loaded, lambda m: _bark(loaded, m, text, speaker, max_new_tokens), seed)
+        return speak_one(
+            loaded, lambda m: bark_waveform(loaded, m, text, speaker, max_new_tokens), seed
+        )
 
     def voices(self, loaded: LoadedModel) -> list[str]:
         """Voice "default" (no preset: Bark's unprompted voice) and the shipped presets."""

@@ -162,7 +162,7 @@ class DetectContext:
 
 PredictFn = Callable[["LoadedModel", "nn.Module", Any, dict], dict]
 # (loaded, text, speaker, max_new_tokens, seed) -> Audio; the adapter takes the model's lock
-# (``inference.speak_one`` for one waveform at a time).
+# (``runtime.compute.speech.speak_one`` for one waveform at a time).
 SynthesizeFn = Callable[["LoadedModel", str, Any, "int | None", "int | None"], "Audio"]
 
 

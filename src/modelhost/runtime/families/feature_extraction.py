@@ -43,12 +43,14 @@ class FeatureExtractionAdapter(Adapter):
         return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _embed
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.embedding import embed
 
-        return _embed(loaded, model, inputs, params)
+        return embed(loaded, model, inputs, params)
 
     def predict_batch(self, loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
-        from modelhost.runtime.inference import embedding_batch
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.embedding import embedding_batch
 
         return embedding_batch(loaded, inputs, params)
 
@@ -118,7 +120,7 @@ def _probe(loaded: LoadedModel) -> Probe:
     layout: SentenceLayout = loaded.extra.get("layout") or SentenceLayout()
 
     def run_pooled(m: nn.Module, v: nn.Module | None) -> torch.Tensor:
-        from modelhost.runtime.inference import pool
+        from modelhost.runtime.compute.embedding import pool
 
         pooled = pool(m(**enc).last_hidden_state.float(), enc["attention_mask"], layout.pooling)
         return torch.nn.functional.normalize(pooled, dim=-1).cpu()

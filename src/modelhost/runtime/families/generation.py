@@ -2,10 +2,10 @@
 ``text_generation`` (a causal LM).
 
 Both load a Transformers language model (the ``AutoModelFor...`` class their ``sized_as``
-names) with its tokenizer, answer ``predict`` with ``inference._generate``, send the same
-smoke request and probe on the same tokenised sentence. Each family's module keeps what
-differs: ``detect`` and the forward pass its probe measures (``sentence_probe``). Like
-every adapter module, this one imports no torch or Transformers at import time.
+names) with its tokenizer, answer ``predict`` with ``runtime.compute.generation.generate``,
+send the same smoke request and probe on the same tokenised sentence. Each family's module
+keeps what differs: ``detect`` and the forward pass its probe measures (``sentence_probe``).
+Like every adapter module, this one imports no torch or Transformers at import time.
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ class GenerationAdapter(Adapter):
         return Parts(model, tokenizer)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _generate
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.generation import generate
 
-        return _generate(loaded, model, inputs, params)
+        return generate(loaded, model, inputs, params)
 
     def smoke(self, loaded: LoadedModel) -> SmokeRequest:
         # Two new tokens show the candidate generates, at little cost on any device.

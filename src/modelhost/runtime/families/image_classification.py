@@ -42,9 +42,10 @@ class ImageClassificationAdapter(Adapter):
         return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _classify_image
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.image_classification import classify_image
 
-        return _classify_image(loaded, model, inputs, params)
+        return classify_image(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)

@@ -58,9 +58,11 @@ class SpeechT5Adapter(Adapter):
         max_new_tokens: int | None,
         seed: int | None,
     ) -> Audio:
-        from modelhost.runtime.inference import _speecht5, speak_one
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.speech import speak_one
+        from modelhost.runtime.compute.waveforms import speecht5_waveform
 
-        return speak_one(loaded, lambda m: _speecht5(loaded, m, text, speaker), seed)
+        return speak_one(loaded, lambda m: speecht5_waveform(loaded, m, text, speaker), seed)
 
     def voices(self, loaded: LoadedModel) -> list[str]:
         """Voice "default" (the packaged embedding, ``runtime.speaker``) and the x-vectors the

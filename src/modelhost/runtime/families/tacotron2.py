@@ -37,9 +37,11 @@ class Tacotron2Adapter(Adapter):
         max_new_tokens: int | None,
         seed: int | None,
     ) -> Audio:
-        from modelhost.runtime.inference import _tacotron2, speak_one
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.speech import speak_one
+        from modelhost.runtime.compute.waveforms import tacotron2_waveform
 
-        return speak_one(loaded, lambda m: _tacotron2(loaded, m, text, speaker), seed)
+        return speak_one(loaded, lambda m: tacotron2_waveform(loaded, m, text, speaker), seed)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:

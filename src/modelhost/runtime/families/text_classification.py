@@ -43,12 +43,14 @@ class TextClassificationAdapter(Adapter):
         return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _classify_text
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.text_classification import classify_text
 
-        return _classify_text(loaded, model, inputs, params)
+        return classify_text(loaded, model, inputs, params)
 
     def predict_batch(self, loaded: LoadedModel, inputs: Any, params: dict) -> BatchPlan:
-        from modelhost.runtime.inference import classification_batch
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.text_classification import classification_batch
 
         return classification_batch(loaded, inputs, params)
 

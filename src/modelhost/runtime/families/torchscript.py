@@ -36,9 +36,10 @@ class TorchScriptAdapter(Adapter):
         return _load_parts(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _run_tensors
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.tensors import run_tensors
 
-        return _run_tensors(loaded, model, inputs, params)
+        return run_tensors(loaded, model, inputs, params)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:

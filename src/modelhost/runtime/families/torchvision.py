@@ -32,9 +32,10 @@ class TorchvisionAdapter(Adapter):
         return _load_parts(info, path, {})
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _classify_torchvision
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.image_classification import classify_torchvision
 
-        return _classify_torchvision(loaded, model, inputs, params)
+        return classify_torchvision(loaded, model, inputs, params)
 
 
 def _load_parts(info: FamilyInfo, path: Path, kwargs: dict[str, Any]) -> Parts:

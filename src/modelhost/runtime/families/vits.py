@@ -50,10 +50,11 @@ class VitsAdapter(Adapter):
         max_new_tokens: int | None,
         seed: int | None,
     ) -> Audio:
-        from modelhost.runtime.inference import _vits_call, vits_batch
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.vits import vits_batch, vits_call
 
         # One item through the batch path: its noise from its own seeded generator.
-        audio = vits_batch(loaded, [_vits_call(loaded, text, speaker, seed)])[0]
+        audio = vits_batch(loaded, [vits_call(loaded, text, speaker, seed)])[0]
         if isinstance(audio, Exception):
             raise audio
         return audio
@@ -61,7 +62,8 @@ class VitsAdapter(Adapter):
     def synthesize_batch(
         self, loaded: LoadedModel, text: str, speaker: Any, seed: int | None
     ) -> BatchPlan:
-        from modelhost.runtime.inference import vits_batch_plan
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.vits import vits_batch_plan
 
         return vits_batch_plan(loaded, text, speaker, seed)
 

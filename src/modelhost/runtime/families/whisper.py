@@ -39,9 +39,10 @@ class WhisperAdapter(Adapter):
         return _load_parts(info, path, options)
 
     def predict(self, loaded: LoadedModel, model: nn.Module, inputs: Any, params: dict) -> dict:
-        from modelhost.runtime.inference import _transcribe
+        # runtime.compute imports torch: here, not at the module's top
+        from modelhost.runtime.compute.transcribe import transcribe
 
-        return _transcribe(loaded, model, inputs, params)
+        return transcribe(loaded, model, inputs, params)
 
     def probe(self, loaded: LoadedModel) -> Probe:
         return _probe(loaded)
