@@ -8,6 +8,17 @@ import system, not from a reader), except those under `if TYPE_CHECKING:`, which
 Importing `a.b.c` also runs `a/__init__.py` and `a/b/__init__.py`, but those are not counted
 as edges: otherwise every submodule would be "in a cycle" with its package's `__init__`.
 
+Imports by name count too: a string literal anywhere in a module that is exactly a modelhost
+module's dotted name (`import_off_loop("modelhost.runtime.inference")`, the warm-up's list),
+or such a name and an attribute (`"modelhost.runtime.families.vits:VitsAdapter"`, the family
+registry's entries), is an edge to that module: `importlib` runs it as surely as an `import`
+statement would. A literal naming one of the module's own packages is not (`catalog.py`'s
+`__package__` fallback, a resource anchor): a package is imported before its submodules run.
+An f-string counts when every part it joins is text or a module-level string constant of
+the same module (`f"{_PACKAGE}.vits:VitsAdapter"`). Names only known at run time (a
+function's argument, `MODELHOST_FAMILIES`) cannot be read from the source; a test below
+checks that every built-in family of the registry is an edge.
+
 The strongly connected components (Tarjan) of more than one module are the cycles. The
 allow-list below is empty: any cycle fails the test, which prints what it found. (It would
 hold a tolerated cycle exactly, so that one growing or changing would fail too.)
@@ -16,6 +27,7 @@ hold a tolerated cycle exactly, so that one growing or changing would fail too.)
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -71,9 +83,59 @@ def resolve_from(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+# `modelhost.a.b` or `modelhost.a.b:Name` (`Name` may be dotted), the whole literal.
+STRING_IMPORT = re.compile(rf"({PACKAGE}(?:\.\w+)+)(?::\w+(?:\.\w+)*)?")
+
+
+def string_constants(tree: ast.AST) -> dict[str, str]:
+    """The module-level `NAME = "text"` assignments (what an f-string may join)."""
+    found: dict[str, str] = {}
+    for node in getattr(tree, "body", []):
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
+            if isinstance(value.value, str):
+                found[target.id] = value.value
+    return found
+
+
+def string_value(node: ast.AST, constants: dict[str, str]) -> str | None:
+    """The text of a string literal, or of an f-string joining text and `constants` only;
+    None for anything else (a name only known at run time)."""
+    if isinstance(node, ast.Constant):
+        return node.value if isinstance(node.value, str) else None
+    if not isinstance(node, ast.JoinedStr):
+        return None
+    parts = []
+    for part in node.values:
+        if isinstance(part, ast.FormattedValue):
+            plain = part.conversion == -1 and part.format_spec is None
+            if not (plain and isinstance(part.value, ast.Name) and part.value.id in constants):
+                return None
+            parts.append(constants[part.value.id])
+        else:
+            parts.append(string_value(part, constants) or "")
+    return "".join(parts)
+
+
+def string_imports(module: str, tree: ast.AST, modules: set[str]) -> set[str]:
+    """The modelhost modules that `module` names in a string, to import by name (see the
+    module docstring): its own packages left out."""
+    ancestors = {module.rsplit(".", n)[0] for n in range(1, module.count(".") + 1)}
+    constants = string_constants(tree)
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        text = string_value(node, constants)
+        match = STRING_IMPORT.fullmatch(text) if text is not None else None
+        if match and match[1] in modules and match[1] not in ancestors:
+            found.add(match[1])
+    return found
+
+
 def edges_of(module: str, is_package: bool, tree: ast.AST, modules: set[str]) -> set[str]:
-    """The modelhost modules that `module` imports (self-imports dropped)."""
-    targets: set[str] = set()
+    """The modelhost modules that `module` imports, by statement or by name (self-imports
+    dropped)."""
+    targets = string_imports(module, tree, modules)
     for node in runtime_imports(tree):
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
@@ -162,6 +224,42 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking() -> None
     )
     modules = {"p", "p.a", "p.b", "p.c", "p.d"}
     assert edges_of("p.a", False, ast.parse(source), modules) == {"p.b", "p.d"}
+
+
+def test_the_graph_sees_imports_by_name() -> None:
+    """A `module:Name` or module-name literal is an edge, and so is an f-string of the
+    module's own constants; prose, an f-string of a run-time name, a module that does not
+    exist and the module's own package are not."""
+    source = (
+        'ADAPTER = "modelhost.x.b:Thing"\n'
+        'WARM = ("modelhost.c",)\n'
+        'ANCHOR = "modelhost.x"\n'
+        '_PACKAGE = "modelhost"\n'
+        'BUILT = f"{_PACKAGE}.f:Thing"\n'
+        "def f(name):\n"
+        '    import_off_loop("modelhost.d")\n'
+        '    import_off_loop(f"modelhost.{name}")\n'
+        '    return "see modelhost.e for why", "modelhost.nope:Thing"\n'
+    )
+    modules = {
+        "modelhost.x",
+        "modelhost.x.a",
+        "modelhost.x.b",
+        "modelhost.c",
+        "modelhost.d",
+        "modelhost.e",
+        "modelhost.f",
+    }
+    found = edges_of("modelhost.x.a", False, ast.parse(source), modules)
+    assert found == {"modelhost.x.b", "modelhost.c", "modelhost.d", "modelhost.f"}
+
+
+def test_every_builtin_family_is_an_edge_of_the_registry() -> None:
+    """The graph reads the registry's entries (they are not names only known at run time)."""
+    from modelhost.runtime.families.registry import BUILTIN
+
+    edges = import_graph()["modelhost.runtime.families.registry"]
+    assert {entry.partition(":")[0] for entry in BUILTIN} <= edges
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
