@@ -3,9 +3,9 @@ plans, one concern per module, called by the family adapters (``runtime/families
 
 This is the layer under the dispatch: a module here imports neither the family registry
 nor ``runtime/inference.py`` (which looks a model's adapter up and calls into the adapter,
-which calls into here), so no import loop runs through the adapters. They import torch at
-the top, so the adapters import them inside the methods that run a model: an adapter's
-module must import without torch (the server detects families without it).
+which calls into here), so no import loop runs through the adapters. Most of them import
+torch at the top, so the adapters import them inside the methods that run a model: an
+adapter's module must import without torch (the server detects families without it).
 
 - ``model``: holding a loaded model for a forward (its lock, device, dtype);
 - ``inputs``: a request's texts and integer parameters, checked;
