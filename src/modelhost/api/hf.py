@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import parse_qs, urlencode
 
 import anyio
@@ -69,9 +69,23 @@ def _mode(services: Services) -> str:
     return mode
 
 
-async def _installed(services: Services) -> dict[str, list[RepoRevision]]:
-    assert services.mirror_index is not None
-    return await asyncio.to_thread(services.mirror_index.installed)
+async def _answer(
+    services: Services,
+    readings: list[tuple[str, str]],
+    mode: str,
+    answer: Callable[[int, RepoRevision], Any],
+) -> Any:
+    """``answer(number, revision)`` for the installed revision the readings find, computed in
+    a thread: reading manifests blocks, and a large repository's tree (its git ids) costs
+    milliseconds the event loop must not spend."""
+    index = services.mirror_index
+    assert index is not None
+
+    def run() -> Any:
+        number, revision = lookup(index.installed(), readings, mode)
+        return answer(number, revision)
+
+    return await asyncio.to_thread(run)
 
 
 def _next_page(request: Request, cursor: str) -> str:
@@ -91,18 +105,21 @@ async def repo_api(request: Request, services: ServicesDep) -> Response:
     if not targets:
         raise not_mirrored(parts)
     readings = [(t.repo_id, t.revision or DEFAULT_REVISION) for t in targets]
-    number, revision = lookup(await _installed(services), readings, mode)
-    target = targets[number]
-    if target.kind == "info":
-        return JSONResponse(protocol.model_info(revision, flag(request.query_params.get("blobs"))))
-    entries = protocol.tree(revision, target.path, flag(request.query_params.get("recursive")))
-    items, cursor = protocol.page(
-        entries, request.query_params.get("cursor"), protocol.TREE_PAGE_SIZE
-    )
-    headers = {"X-Repo-Commit": revision.commit}
+    query = request.query_params
+
+    def answer(number: int, revision: RepoRevision) -> tuple[object, str, str | None]:
+        target = targets[number]
+        if target.kind == "info":
+            return protocol.model_info(revision, flag(query.get("blobs"))), revision.commit, None
+        entries = protocol.tree(revision, target.path, flag(query.get("recursive")))
+        items, cursor = protocol.page(entries, query.get("cursor"), protocol.TREE_PAGE_SIZE)
+        return items, revision.commit, cursor
+
+    body, commit, cursor = await _answer(services, readings, mode, answer)
+    headers = {"X-Repo-Commit": commit}
     if cursor is not None:
         headers["Link"] = f'<{_next_page(request, cursor)}>; rel="next"'
-    return JSONResponse(items, headers=headers)
+    return JSONResponse(body, headers=headers)
 
 
 @router.post("/api/models/{rest:path}")
@@ -116,10 +133,10 @@ async def paths_info(request: Request, services: ServicesDep) -> Response:
         raise not_mirrored(parts)
     paths = _paths(request.headers.get("content-type", ""), await _body(request))
     readings = [(t.repo_id, t.revision or DEFAULT_REVISION) for t in targets]
-    _, revision = lookup(await _installed(services), readings, mode)
-    return JSONResponse(
-        protocol.paths_info(revision, paths), headers={"X-Repo-Commit": revision.commit}
+    body, commit = await _answer(
+        services, readings, mode, lambda _, r: (protocol.paths_info(r, paths), r.commit)
     )
+    return JSONResponse(body, headers={"X-Repo-Commit": commit})
 
 
 async def _body(request: Request) -> bytes:
@@ -163,8 +180,9 @@ async def resolve(request: Request, services: ServicesDep) -> Response:
     if not targets:
         raise not_mirrored(parts)
     readings = [(t.repo_id, t.revision) for t in targets]
-    number, revision = lookup(await _installed(services), readings, mode)
-    found = file_for(revision, targets[number].path)
+    revision, found = await _answer(
+        services, readings, mode, lambda n, r: (r, file_for(r, targets[n].path))
+    )
     span = byte_range(
         request.headers.get("range"), request.headers.get("if-range"), found.etag, found.size
     )

@@ -208,7 +208,7 @@ class MirrorFile:
     def pointer(self) -> bytes | None:
         return lfs_pointer(self.sha256, self.size) if self.lfs else None
 
-    @property
+    @cached_property
     def oid(self) -> str:
         """The git blob id in a tree listing: of the LFS pointer text for LFS files."""
         return git_id("blob", self.pointer) if self.pointer is not None else str(self.git_sha1)
