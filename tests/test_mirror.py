@@ -658,3 +658,46 @@ def test_main_means_the_install_that_asked_for_it_else_the_newest():
     assert protocol.pick_revision("r", [new_tag], "main") is new_tag
     with pytest.raises(protocol.RevisionNotFound):
         protocol.pick_revision("r", [old_main], "v3")
+
+
+def test_a_manifest_holds_its_repository_and_its_components_and_one_commit_is_one_tree():
+    from datetime import datetime
+
+    from modelhost.spec import Component, InstallOptions, ModelSpec
+    from modelhost.store.manifest import Conversion, Manifest, ManifestFile
+
+    def file(path: str, lfs: bool = False) -> ManifestFile:
+        return ManifestFile(
+            path=path, size=1, sha256=sha256(path.encode()), git_sha1=None if lfs else "1" * 40
+        )
+
+    tts = Manifest(
+        name="tts", source="huggingface", model_id="org/tts", revision="a" * 40,
+        files=[
+            file("config.json"), file("vocoder/config.json"),
+            file("vocoder/model.safetensors", lfs=True),
+        ],
+        spec=ModelSpec(
+            options=InstallOptions(source="huggingface", model_id="org/tts", revision="v1"),
+            components=[
+                Component(role="vocoder", repo_id="org/voc", revision="b" * 40, path="vocoder")
+            ],
+        ),
+        conversions=[Conversion(
+            original_path="vocoder/pytorch_model.bin", original_size=1, original_sha256="0" * 64,
+            converted_path="vocoder/model.safetensors", converted_sha256="0" * 64,
+        )],
+        downloaded_at=datetime(2026, 1, 1),  # naive, as an old manifest may be
+    )  # fmt: skip
+    same_commit = tts.model_copy(update={"name": "tts2", "files": [file("extra.txt")]})
+    other_source = tts.model_copy(update={"name": "u", "source": "url"})
+    repos = protocol.by_repo([tts, same_commit, other_source])
+    assert set(repos) == {"org/tts", "org/voc"}
+    (main,) = repos["org/tts"]
+    assert set(main.files) == {"config.json", "extra.txt"}  # the two installs, one tree
+    assert protocol.pick_revision("org/tts", repos["org/tts"], "v1") is main  # recorded option
+    (vocoder,) = repos["org/voc"]
+    assert (vocoder.commit, set(vocoder.files)) == ("b" * 40, {"config.json", "model.safetensors"})
+    assert vocoder.files["model.safetensors"].lfs and not vocoder.files["config.json"].lfs
+    with pytest.raises(protocol.EntryNotFound, match="served as model.safetensors"):
+        protocol.file_for(vocoder, "pytorch_model.bin")

@@ -28,7 +28,7 @@ import mimetypes
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from typing import Literal
 from urllib.parse import unquote
@@ -271,6 +271,9 @@ def revisions_of(manifest: Manifest) -> list[RepoRevision]:
         if c.revision
     ]
     folders = [prefix for _, _, prefix, _ in parts if prefix]
+    when = manifest.downloaded_at
+    if when is not None and when.tzinfo is None:  # comparable with the others (UTC)
+        when = when.replace(tzinfo=timezone.utc)
     out = []
     for repo_id, commit, prefix, requested in parts:
 
@@ -289,11 +292,7 @@ def revisions_of(manifest: Manifest) -> list[RepoRevision]:
             for c in manifest.conversions
             if mine(c.original_path)
         }
-        out.append(
-            RepoRevision(
-                repo_id, commit, files, frozenset({requested}), converted, manifest.downloaded_at
-            )
-        )
+        out.append(RepoRevision(repo_id, commit, files, frozenset({requested}), converted, when))
     return out
 
 
