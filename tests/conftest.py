@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fileserver import FileServer  # noqa: E402
 
 from modelhost.api.app import create_app  # noqa: E402
+from modelhost.api.zerocopy import ZeroCopyH11Protocol  # noqa: E402
 from modelhost.config import Settings  # noqa: E402
 
 # ------------------------------------------------------------------ tools the tests need
@@ -171,7 +172,7 @@ def serve_subprocess(
 class RunningServer:
     """modelhost served by uvicorn on a free loopback port, in a thread of this process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, http: type | str = ZeroCopyH11Protocol) -> None:
         self.settings = settings
         # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when
         # their proto says TCP (Python 3.11). Without it every answer on a kept-alive
@@ -181,7 +182,9 @@ class RunningServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        # ``http``: by default the protocol `modelhost serve` runs (h11 with zero-copy file
+        # sending); "h11" is uvicorn's own.
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on", http=http)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

@@ -32,6 +32,10 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # refuse: no pickle is ever downloaded; allow: pickles are stored as they are, with the
 # request's allow_pickle, and loaded with torch.load(weights_only=True) in the server.
 PicklePolicy = Literal["convert", "refuse", "allow"]
+# The Hugging Face mirror under /hf: off (every /hf route answers 404 saying so); cache
+# (installed huggingface models are served; the default); pull (pull-through of what is not
+# installed: not built yet, such requests answer 501).
+MirrorMode = Literal["off", "cache", "pull"]
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -130,6 +134,9 @@ class Settings(BaseSettings):
     hf_hub_offline: bool = Field(
         default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "hf_hub_offline")
     )
+
+    # The Hugging Face Hub read protocol under /hf, serving installed huggingface models.
+    mirror: MirrorMode = "cache"
 
     # The ``local`` source imports directories under these roots only (none: the source is off).
     import_roots: Annotated[tuple[Path, ...], NoDecode] = ()

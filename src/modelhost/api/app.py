@@ -14,7 +14,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from modelhost import __version__
-from modelhost.api import downloads, events, health, inference, metrics, models, ui
+from modelhost.api import downloads, events, health, hf, inference, metrics, models, ui
 from modelhost.api.deps import Services, require_api_key
 from modelhost.api.errors import install_error_handlers
 from modelhost.api.openai import speech_jobs as openai_speech_jobs
@@ -31,6 +31,7 @@ from modelhost.fetch.policy import Target
 from modelhost.homelock import HomeLock
 from modelhost.homelock import acquire as acquire_home
 from modelhost.jobs import JobManager, JobRepository
+from modelhost.mirror.index import MirrorIndex
 from modelhost.runtime.keepalive import IdleReaper, restore_later
 from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
@@ -152,6 +153,7 @@ def build_services(settings: Settings) -> Services:
             SentenceFiles(home / "speech"),
             max_running=settings.speech_jobs_max_running,
         ),
+        mirror_index=MirrorIndex(store),
     )
 
 
@@ -306,9 +308,13 @@ def create_app(settings: Settings | None = None, home_lock: HomeLock | None = No
         # The speech API's voices: GET /v1/audio/voices and modelhost's GET /models/{name}/voices.
         speech_voices.router,
         speech_voices.models_router,
+        # The Hugging Face mirror (/hf), in the Hub's protocol.
+        hf.router,
         ui.router,
     ]
     install_security(app, settings.effective_allowed_hosts, settings.cors_origins, routers)
+    # Outermost: the mirror counts its requests, the guards' refusals included.
+    app.add_middleware(hf.MirrorCounter)
     install_docs(app)
     for router in routers:
         app.include_router(router)

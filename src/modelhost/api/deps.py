@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Annotated, TypeVar
 
@@ -14,6 +14,8 @@ from modelhost.catalog import Catalog, ModelsConfig
 from modelhost.config import Settings
 from modelhost.errors import InvalidRequest, Unauthorized
 from modelhost.jobs import JobManager
+from modelhost.mirror.index import MirrorIndex
+from modelhost.mirror.stats import MirrorStats
 from modelhost.names import NAME_SCHEMA
 from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
@@ -36,6 +38,9 @@ class Services:
     lifecycle: ModelLifecycle
     # Long-form speech jobs (/v1/audio/speech/jobs), in the jobs' database.
     speech_jobs: SpeechJobRunner | None = None
+    # The Hugging Face mirror (/hf): the installed repositories, and what it served.
+    mirror_index: MirrorIndex | None = None
+    mirror_stats: MirrorStats = field(default_factory=MirrorStats)
 
 
 def get_services(request: Request) -> Services:

@@ -20,6 +20,7 @@ from modelhost.api.openai.errors import (
     unknown_route_message,
 )
 from modelhost.errors import Cancelled, ModelhostError
+from modelhost.mirror.protocol import hub_error, is_mirror_path
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,17 @@ def error_response(
     headers: dict[str, str] | None = None,
     param: str | None = None,
     code: str | None = None,
+    hub_code: str | None = None,
     **extra: object,
 ) -> JSONResponse:
-    """An error answer in the shape the route's clients read: modelhost's error body, or
-    OpenAI's ``{"error": {...}}`` on the OpenAI-compatible ``/v1`` routes. The first four
-    are positional-only, so ``extra`` may hold a body field named ``status`` (a failed
+    """An error answer in the shape the route's clients read: modelhost's error body,
+    OpenAI's ``{"error": {...}}`` on the OpenAI-compatible ``/v1`` routes, or the Hub's
+    (``{"error": ...}``, ``X-Error-Code`` = ``hub_code``) on the mirror's ``/hf``. The first
+    four are positional-only, so ``extra`` may hold a body field named ``status`` (a failed
     download's ``"status": "failed"``)."""
+    if is_mirror_path(request.url.path):
+        body, hub_headers = hub_error(status, message, hub_code, headers or {})
+        return JSONResponse(body, status_code=status, headers=hub_headers)
     if is_openai_path(request):
         body = openai_error_body(status, message, error, param=param, code=code)
     else:
@@ -133,6 +139,7 @@ def modelhost_error_response(request: Request, exc: ModelhostError) -> JSONRespo
         headers=getattr(exc, "headers", None),  # e.g. Connection: close after a refused body
         param=exc.param,
         code=openai_code(exc),
+        hub_code=getattr(exc, "hub_code", None),  # the mirror's errors (mirror/protocol.py)
         **extra,
     )
 

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from modelhost.api.deps import Services, ServicesDep, require_api_key
 from modelhost.api.errors import error_responses
+from modelhost.mirror.stats import MirrorStats
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["health"])
 
@@ -55,6 +56,32 @@ class _ServicesCollector:
         yield GaugeMetricFamily(
             "modelhost_models_installed", "Installed models", value=self.installed
         )
+        yield from _mirror_metrics(self.services.mirror_stats)
+
+
+def _mirror_metrics(stats: MirrorStats) -> Iterator[Metric]:
+    """The Hugging Face mirror's counters (/hf; ``MirrorStats`` says what each counts)."""
+    requests = CounterMetricFamily(
+        "modelhost_mirror_requests",
+        "Requests under /hf since start, by route kind and status",
+        labels=["kind", "status"],
+    )
+    for (kind, status), count in sorted(stats.requests.items()):
+        requests.add_metric([kind, str(status)], count)
+    yield requests
+    yield CounterMetricFamily(
+        "modelhost_mirror_bytes_served",
+        "File bytes the mirror's resolve answers sent since start",
+        value=stats.bytes_served,
+    )
+    yield CounterMetricFamily(
+        "modelhost_mirror_hits", "Mirror requests answered from the cache", value=stats.hits
+    )
+    yield CounterMetricFamily(
+        "modelhost_mirror_misses",
+        "Mirror requests for a repository, revision or file not installed",
+        value=stats.misses,
+    )
 
 
 @router.get(

@@ -188,6 +188,15 @@ async def cache_info(services: ServicesDep) -> dict:
             "auto_cleanup": limit is not None,
             "cache_limit_mb": None if limit is None else round(limit / MB, 3),
         },
+        # The Hugging Face mirror under /hf (MODELHOST_MIRROR): what it served since start.
+        "mirror": {
+            "mode": services.settings.mirror,
+            "requests": services.mirror_stats.total_requests,
+            "bytes_served": services.mirror_stats.bytes_served,
+            "hits": services.mirror_stats.hits,
+            "misses": services.mirror_stats.misses,
+            "hit_rate": services.mirror_stats.hit_rate(),
+        },
     }
 
 

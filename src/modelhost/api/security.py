@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from modelhost.api.deps import api_key_refusal, require_api_key
 from modelhost.api.errors import error_body, modelhost_error_response
 from modelhost.api.openai.errors import is_v1, openai_error_body
+from modelhost.mirror.protocol import hub_error, is_mirror_path
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -118,7 +119,11 @@ class HostOriginGuard:
 
 
 def _forbidden(scope: Scope, message: str, error: str) -> JSONResponse:
-    # In the shape the route's clients read: OpenAI's on /v1, modelhost's elsewhere.
+    # In the shape the route's clients read: OpenAI's on /v1, the Hub's on the mirror's /hf,
+    # modelhost's elsewhere.
+    if is_mirror_path(scope.get("path", "")):
+        body, headers = hub_error(403, message)
+        return JSONResponse(body, status_code=403, headers=headers)
     if is_v1(scope.get("path", "")):
         return JSONResponse(openai_error_body(403, message, error), status_code=403)
     return JSONResponse(error_body(message, error), status_code=403)

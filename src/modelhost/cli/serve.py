@@ -91,6 +91,7 @@ def _run(settings: Settings, lock: HomeLock, url: str, log_level: str) -> None:
     import uvicorn
 
     from modelhost.api.app import create_app
+    from modelhost.api.zerocopy import ZeroCopyH11Protocol
 
     class AnnouncingServer(uvicorn.Server):
         """uvicorn's server, printing the next steps once it listens (not before)."""
@@ -113,6 +114,8 @@ def _run(settings: Settings, lock: HomeLock, url: str, log_level: str) -> None:
         port=settings.port,
         log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # uvicorn's h11 protocol plus zero-copy file sending (the mirror's files: sendfile).
+        http=ZeroCopyH11Protocol,
     )
     server = AnnouncingServer(config)
     server.run()
