@@ -61,6 +61,8 @@ Connections
 -----------
 ``open_connections()`` is how many client connections the server holds open right now (idle
 keep-alive ones included): a client that closed its sockets sees it fall to zero.
+``most_bodies_at_once()`` is the most GET bodies it has sent at the same time: a
+multi-connection download's concurrent connections, counted exactly (no sampling).
 
 Request log
 -----------
@@ -613,7 +615,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Content-Length"] = str(end - start)
         self._begin(record, code, headers)
         if not head:
-            self._body(record, plan, start, end)
+            owner = self.server.owner
+            owner._body_started(+1)
+            try:
+                self._body(record, plan, start, end)
+            finally:
+                owner._body_started(-1)
 
     def _body(self, record: RequestRecord, plan: _Plan, start: int, end: int) -> None:
         """Write ``[start, end)`` of the plan's version, applying faults and throttling."""
@@ -728,6 +735,8 @@ class FileServer:
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_idle = threading.Condition(self._lock)
+        self._bodies = 0  # GET bodies being sent right now
+        self._most_bodies = 0
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -851,6 +860,13 @@ class FileServer:
         with self._lock:
             return len(self._conns)
 
+    def most_bodies_at_once(self) -> int:
+        """The most GET response bodies this server was sending at the same time (a
+        download's concurrent connections, counted where they arrive; idle connections and
+        HEADs are not counted)."""
+        with self._lock:
+            return self._most_bodies
+
     def set_faults(self, path: str, faults: list[Fault]) -> None:
         """Replace the faults of ``path`` with fresh ones (use counts start over). Only
         ``Status`` acts on a redirect."""
@@ -961,6 +977,11 @@ class FileServer:
     def _log(self, record: RequestRecord) -> None:
         with self._lock:
             self._log_records.append(record)
+
+    def _body_started(self, change: int) -> None:
+        with self._lock:
+            self._bodies += change
+            self._most_bodies = max(self._most_bodies, self._bodies)
 
     def _add_sent(self, record: RequestRecord, n: int) -> None:
         with self._lock:

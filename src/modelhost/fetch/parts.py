@@ -96,21 +96,37 @@ MIN_AUTO_PART = 8 * 1024 * 1024
 MAX_AUTO_PART = 64 * 1024 * 1024
 PART_ALIGN = 64 * 1024
 # Connections are added while they pay: after PROBE_WINDOW_S (engine.probe_window_s) of one
-# connection's rate, a second one is tried; once added connections have paid, the count
-# grows by PROBE_GROWTH at a time (up to engine.connections), as long as the added ones each
-# carry at least PROBE_SHARE (later PROBE_SHARE_LATER) of what one carried before. A
-# per-connection cap rewards every one; on a fast link one connection already fills the
-# machine, and more only cost CPU.
+# connection's rate, a second one is tried; then more, in the steps of ``probe_ramp`` (1, 2,
+# 8, 16, 32, ... up to engine.connections, MODELHOST_FETCH_CONNECTIONS). A step is kept when
+# the connections it added each carry at least ``probe_share`` of what each connection carried
+# before it (PROBE_SHARE for the second connection, then PROBE_SHARE_LATER, then
+# PROBE_SHARE_DOUBLING); otherwise the added ones finish their part and stop. The probe tries
+# a further step only after one whose added connections each carried at least
+# PROBE_SHARE_MORE: while gains are about linear, the per-connection caps are what limits;
+# once they fall off, the machine (or the link) is, and more connections cost CPU. A
+# per-connection cap rewards every connection; on a fast link one connection already fills
+# the machine, and a second is refused.
 PROBE_SHARE = 0.5
 # Once a second connection has paid that (a per-connection cap is evident), later steps need
-# less: 8 -> 16 capped connections on 2 cores add 25-45% (CPU-bound), worth having.
+# less: past 8 capped connections on 2 cores the CPU limits, and 16 still add 10-50% to 8
+# (measured 2026-12-07 over 50 MB/s connections, under a load average of 2-7).
 PROBE_SHARE_LATER = 0.25
+PROBE_SHARE_DOUBLING = 0.1
+# Measured on the same machine: 8 -> 16 carried 0.14-0.5 of a connection's share each, so
+# 32 were not tried; when they were, they were as fast as 16 or slower (CPU-bound), in every
+# run, and the trial cost 0.3-0.5 s of a 1 GiB download.
+PROBE_SHARE_MORE = 0.5
 # A new connection's first send arrives at once (a capped server waits only after it): the
 # rate is measured this share of a window after the added connections' first bytes, so that
 # bursts do not make the connections before look faster than they are (measured: 8 capped
 # at 400 MB/s read 451 right after starting).
 PROBE_SETTLE = 0.25
-PROBE_GROWTH = 4  # a ramp of 1, 2, 8, 16: few windows at less than the caps allow
+# The ramp: one connection, then two, then PROBE_GROWTH times as many up to PROBE_FAST_UNTIL
+# (1, 2, 8: few windows at less than the caps allow), then doubling (16, 32, ...): past 8
+# capped connections the machine's CPU, not the caps, may be what limits, and a step of 8 to
+# 32 whose gain a CPU limit halves would be refused where 8 to 16 pays.
+PROBE_GROWTH = 4
+PROBE_FAST_UNTIL = 8
 PROBE_START_WINDOWS = 4  # windows to wait for added connections' first bytes
 EXPIRED_STATUSES = (403, 410)
 MAX_RESOLVES_PER_REQUEST = 3
@@ -202,6 +218,40 @@ def auto_part_size(total: int, connections: int) -> int:
     largest = max(MIN_AUTO_PART, min(MAX_AUTO_PART, AHEAD_MEMORY // connections))
     size = max(MIN_AUTO_PART, min(largest, size))
     return -(-size // PART_ALIGN) * PART_ALIGN
+
+
+def probe_step(count: int) -> int:
+    """How many connections the probe adds to ``count`` running ones (see PROBE_GROWTH)."""
+    if count <= 1:
+        return 1
+    if count < PROBE_FAST_UNTIL:
+        return min(count * (PROBE_GROWTH - 1), PROBE_FAST_UNTIL - count)
+    return count
+
+
+def probe_share(count: int) -> float:
+    """What each connection added to ``count`` running ones must carry, as a share of what
+    each of those carried, for the step to be kept (see PROBE_SHARE)."""
+    if count <= 1:
+        return PROBE_SHARE
+    return PROBE_SHARE_LATER if count < PROBE_FAST_UNTIL else PROBE_SHARE_DOUBLING
+
+
+def _carried(before: float, after: float, count: int, step: int) -> float:
+    """What each of ``step`` connections added to ``count`` carried (the rate going from
+    ``before`` to ``after``), as a share of what each of the ``count`` carried before."""
+    if before <= 0:
+        return float("inf") if after > 0 else 0.0
+    return (after - before) * count / (step * before)
+
+
+def probe_ramp(connections: int) -> list[int]:
+    """The connection counts the probe tries in turn, up to ``connections`` (each kept only
+    while the added ones pay): 1, 2, 8, 16, 32 for 32."""
+    counts = [1]
+    while counts[-1] < connections:
+        counts.append(min(connections, counts[-1] + probe_step(counts[-1])))
+    return counts
 
 
 def split(total: int, part_size: int) -> list[Part]:
@@ -617,7 +667,8 @@ class PartedDownload:
 
     def _grow(self, helpers: list[threading.Thread]) -> None:
         """Start the other workers (into ``helpers``): all at once without probing, else
-        adding more while the added ones pay (see PROBE_SHARE)."""
+        adding more in the steps of ``probe_ramp`` while the added ones pay (see
+        PROBE_SHARE, PROBE_SHARE_MORE)."""
         target = min(self.engine.connections, len(self.state.parts))
         window = self.engine.probe_window_s
         if window is None:
@@ -630,17 +681,21 @@ class PartedDownload:
         if rate is not None:
             log.debug("%s: 1 connection: %.2f MB/s", self.spec.path, rate / 1e6)
         while count < target and rate is not None and self.more_work.is_set():
-            step = min(1 if count == 1 else count * (PROBE_GROWTH - 1), target - count)
+            step = min(probe_step(count), target - count)
             self._start_helpers(helpers, step)
             if not self._wait_live(count + step, window * PROBE_START_WINDOWS):
+                log.debug(
+                    "%s: %d connections did not all start (no slot or no part left): "
+                    "staying at %d", self.spec.path, count + step, count,
+                )
                 self.allowed = count  # no slot or no work for them: do without
                 return
             now = self._measure(window)
             if now is None:
                 return
             log.debug("%s: %d connections: %.2f MB/s", self.spec.path, count + step, now / 1e6)
-            share = PROBE_SHARE if count == 1 else PROBE_SHARE_LATER
-            if now - rate < share * step * rate / count:
+            carried = _carried(rate, now, count, step)
+            if carried < probe_share(count):
                 log.info(
                     "%s: %d connections gave %.1f MB/s, %d gave %.1f: staying at %d",
                     self.spec.path, count, rate / 1e6, count + step, now / 1e6, count,
@@ -648,6 +703,13 @@ class PartedDownload:
                 self.allowed = count  # the added workers finish their part, then stop
                 return
             count, rate = count + step, now
+            if carried < PROBE_SHARE_MORE and count < target:
+                log.info(
+                    "%s: the last %d connections carried %.2f of a connection's share each: "
+                    "staying at %d", self.spec.path, step, carried, count,
+                )
+                self.allowed = count
+                return
 
     def _measure(self, window: float) -> float | None:
         """This file's receive rate over ``window`` seconds, from ``PROBE_SETTLE`` of a
