@@ -63,6 +63,8 @@ Connections
 keep-alive ones included): a client that closed its sockets sees it fall to zero.
 ``most_bodies_at_once()`` is the most GET bodies it has sent at the same time: a
 multi-connection download's concurrent connections, counted exactly (no sampling).
+``connections_accepted()`` counts every connection it accepted (a client that reuses its
+kept-alive connections opens fewer than it makes requests).
 
 Request log
 -----------
@@ -530,6 +532,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._content(record, plan, head, range_header)
         except (OSError, _Stopped):
             self.close_connection = True
+        if not owner.keep_alive:
+            self.close_connection = True  # without saying so, as an idle timeout does
 
     def _begin(self, record: RequestRecord, code: int, headers: dict[str, str]) -> None:
         record.status = code
@@ -717,17 +721,24 @@ class FileServer:
 
     ``rate_bytes_per_s`` throttles every response body (a path's ``Rate`` fault overrides it);
     ``link_bytes_per_s`` is the server's total rate, shared by every connection (``Link``).
+    ``keep_alive=False`` closes every connection after its response without saying so (no
+    ``Connection: close``), as a server whose idle timeout ran out does.
     Resources can be added before or after ``start()``.
     """
 
     _handler_class: type[BaseHTTPRequestHandler] = _Handler  # subclasses may route differently
 
     def __init__(
-        self, rate_bytes_per_s: int | None = None, link_bytes_per_s: int | None = None
+        self,
+        rate_bytes_per_s: int | None = None,
+        link_bytes_per_s: int | None = None,
+        keep_alive: bool = True,
     ) -> None:
         if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
             raise ValueError("rate_bytes_per_s must be positive")
         self.rate_bytes_per_s = rate_bytes_per_s
+        self.keep_alive = keep_alive
+        self._accepted = 0  # connections accepted
         self.link = None if link_bytes_per_s is None else Link(link_bytes_per_s)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -860,6 +871,11 @@ class FileServer:
         with self._lock:
             return len(self._conns)
 
+    def connections_accepted(self) -> int:
+        """Client connections this server has accepted since it started."""
+        with self._lock:
+            return self._accepted
+
     def most_bodies_at_once(self) -> int:
         """The most GET response bodies this server was sending at the same time (a
         download's concurrent connections, counted where they arrive; idle connections and
@@ -991,6 +1007,7 @@ class FileServer:
         with self._lock:
             if add:
                 self._conns.add(sock)
+                self._accepted += 1
             else:
                 self._conns.discard(sock)
                 self._conns_idle.notify_all()

@@ -85,6 +85,34 @@ def test_a_large_file_comes_as_ranged_parts(tmp_path, fileserver, payload):
     assert saved.done == SIZE and saved.etag == fileserver.etag("/w")
 
 
+def test_each_worker_fetches_its_parts_over_one_kept_connection(tmp_path, fileserver, payload):
+    """Two workers, seven parts: each worker asks for its next part on the connection its
+    last one came over, so the server accepts two connections for seven requests."""
+    fileserver.add("/w", payload)
+    fetched = make_engine(tmp_path, fileserver, connections=2).fetch(
+        spec_of(fileserver, "/w", payload)
+    )
+    assert fetched.sha256 == sha(payload)
+    assert sorted(r.range_start for r in gets(fileserver, "/w")) == [i * MIB for i in range(7)]
+    assert fileserver.connections_accepted() == 2
+
+
+def test_a_kept_connection_the_server_closed_is_replaced(tmp_path, payload):
+    """A server that closes every connection after its response without saying so (as an
+    idle timeout does): each next part's request on the kept connection fails, and goes out
+    again on a new connection, so the file still arrives with every part asked once."""
+    with FileServer(keep_alive=False) as server:
+        server.add("/w", payload)
+        fetched = make_engine(tmp_path, server, connections=2).fetch(
+            spec_of(server, "/w", payload)
+        )
+        requests = gets(server, "/w")
+        accepted = server.connections_accepted()
+    assert fetched.sha256 == sha(payload)
+    assert sorted(r.range_start for r in requests) == [i * MIB for i in range(7)]
+    assert accepted == 7
+
+
 def test_small_files_and_one_connection_stay_one_stream(tmp_path, fileserver, payload):
     fileserver.add("/small", payload[: MIB - 1])
     fileserver.add("/w", payload)

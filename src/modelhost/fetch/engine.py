@@ -277,8 +277,10 @@ class FetchEngine:
         *,
         timeout: float | None = None,
         cancel: CancelToken | None = None,
+        reuse: http.client.HTTPConnection | None = None,
     ) -> OpenResponse:
-        """Open ``url``; ``timeout`` (a metadata call's) replaces the transfers' read timeout."""
+        """Open ``url``; ``timeout`` (a metadata call's) replaces the transfers' read timeout;
+        ``reuse``: a kept-alive connection to try first (``open_url``)."""
         return open_url(
             url,
             self.policy,
@@ -289,6 +291,7 @@ class FetchEngine:
             authorization=self.authorization,
             cancel=cancel,
             timeout_setting=TIMEOUT_SETTING if timeout else self.read_timeout_setting,
+            reuse=reuse,
         )
 
     # --- metadata -------------------------------------------------------------------------
