@@ -103,8 +103,8 @@ PART_ALIGN = 64 * 1024
 # 8, 16, 32, ... up to engine.connections, MODELHOST_FETCH_CONNECTIONS). A step is kept when
 # the connections it added each carry at least ``probe_share`` of what each connection carried
 # before it (PROBE_SHARE for the second connection, then PROBE_SHARE_LATER, then
-# PROBE_SHARE_DOUBLING); otherwise the added ones finish their part and stop. The probe tries
-# a further step only after one whose added connections each carried at least
+# PROBE_SHARE_DOUBLING); otherwise the added ones finish their part and stop. Past 8, the
+# probe doubles again only after a doubling whose added connections each carried at least
 # PROBE_SHARE_MORE: while gains are about linear, the per-connection caps are what limits;
 # once they fall off, the machine (or the link) is, and more connections cost CPU. A
 # per-connection cap rewards every connection; on a fast link one connection already fills
@@ -115,10 +115,12 @@ PROBE_SHARE = 0.5
 # (measured 2026-12-07 over 50 MB/s connections, under a load average of 2-7).
 PROBE_SHARE_LATER = 0.25
 PROBE_SHARE_DOUBLING = 0.1
-# Measured on the same machine: 8 -> 16 carried 0.14-0.5 of a connection's share each, so
-# 32 were not tried; when they were, they were as fast as 16 or slower (CPU-bound), in every
-# run, and the trial cost 0.3-0.5 s of a 1 GiB download.
-PROBE_SHARE_MORE = 0.5
+# Measured on the same machine: 8 -> 16 carried 0.1-0.55 of a connection's share each; 32,
+# when tried, were never faster than 16 (CPU-bound), and the trial cost 0.3-0.5 s of a 1 GiB
+# download (the refused workers finish their parts among 32, and more bytes wait ahead of
+# the hash than AHEAD_MEMORY keeps). So a doubling step is followed by another only when
+# its added connections carried at least this share.
+PROBE_SHARE_MORE = 0.75
 # A new connection's first send arrives at once (a capped server waits only after it): the
 # rate is measured this share of a window after the added connections' first bytes, so that
 # bursts do not make the connections before look faster than they are (measured: 8 capped
@@ -724,7 +726,7 @@ class PartedDownload:
                 self.allowed = count  # the added workers finish their part, then stop
                 return
             count, rate = count + step, now
-            if carried < PROBE_SHARE_MORE and count < target:
+            if count > PROBE_FAST_UNTIL and carried < PROBE_SHARE_MORE and count < target:
                 log.info(
                     "%s: the last %d connections carried %.2f of a connection's share each: "
                     "staying at %d", self.spec.path, step, carried, count,
