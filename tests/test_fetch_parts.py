@@ -20,6 +20,7 @@ from fileserver import (
     IgnoreIfRange,
     IgnoreRange,
     Rate,
+    Stall,
     Status,
 )
 
@@ -519,3 +520,44 @@ def test_the_part_map_json_holds_every_field_and_reads_back():
     )
     assert json.loads(state.to_json()) == dataclasses.asdict(state)
     assert PartMap.from_json(state.to_json()) == state
+
+
+@pytest.mark.serial
+def test_bytes_ahead_wait_for_the_hash_rather_than_be_read_back(tmp_path, fileserver, hashers):
+    """Memory for two buffers ahead of the hash, four paced connections, parts two buffers
+    long: the workers ahead of the part the hash waits for, while that part arrives, wait
+    for the hash to take their buffers instead of leaving them to be read back from the file
+    (which costs more than the wait when the hash is what limits). Only buffers that end a
+    part can be read back (before their worker offers them)."""
+    from modelhost.fetch.parts import PART_BUFFER, AheadMemory
+
+    data = os.urandom(16 * PART_BUFFER)
+    fileserver.add("/w", data, faults=[Rate(32 * MIB)])
+    engine = make_engine(tmp_path, fileserver, connections=4, part_size=2 * PART_BUFFER)
+    engine.ahead_memory = AheadMemory(2 * PART_BUFFER)
+    assert engine.fetch(spec_of(fileserver, "/w", data)).sha256 == sha(data)
+    (hasher,) = hashers
+    assert hasher.from_memory + hasher.read_back == len(data)
+    assert hasher.read_back <= 4 * PART_BUFFER, (hasher.from_memory, hasher.read_back)
+    assert engine.ahead_memory.held == 0
+
+
+@pytest.mark.serial
+def test_a_stalled_part_lets_the_bytes_ahead_be_read_back(tmp_path, fileserver, hashers):
+    """The same, but the first part stalls for a second after its first buffer: the hash has
+    nothing to do, so the workers ahead do not wait for it; their bytes are read back once
+    the part arrives, and the download takes about the stall, not the stall per buffer."""
+    from modelhost.fetch.parts import PART_BUFFER, AheadMemory
+
+    data = os.urandom(16 * PART_BUFFER)
+    fileserver.add(
+        "/w", data, faults=[Rate(32 * MIB), Stall(after=PART_BUFFER, seconds=1.0, at=0)]
+    )
+    engine = make_engine(tmp_path, fileserver, connections=4, part_size=2 * PART_BUFFER)
+    engine.ahead_memory = AheadMemory(2 * PART_BUFFER)
+    started = time.monotonic()
+    assert engine.fetch(spec_of(fileserver, "/w", data)).sha256 == sha(data)
+    elapsed = time.monotonic() - started
+    (hasher,) = hashers
+    assert hasher.read_back >= 4 * PART_BUFFER, (hasher.from_memory, hasher.read_back)
+    assert elapsed < 3.0, elapsed

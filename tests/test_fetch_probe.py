@@ -197,3 +197,23 @@ def test_the_probe_ramp_doubles_past_eight():
     assert parts.probe_ramp(16) == [1, 2, 8, 16]
     assert parts.probe_ramp(4) == [1, 2, 4]
     assert parts.probe_ramp(1) == [1]
+
+
+def test_a_refused_step_is_tried_again_and_kept_once_it_pays(tmp_path, caplog):
+    """Each connection capped at 2 MB/s, behind a 2 MB/s link at first (one connection fills
+    it: the second is refused, as on a busy moment of a shared machine), lifted after 1.2 s.
+    The refused step is tried again a second later, now pays, and the download goes on to
+    8 connections and more, instead of staying at one for good."""
+    data = os.urandom(16 * MIB)
+    with FileServer(link_bytes_per_s=2_000_000) as server:
+        server.add("/w", data, faults=[Rate(2_000_000)])
+        lift = threading.Timer(1.2, lambda: setattr(server, "link", None))
+        lift.start()
+        engine = default_engine(tmp_path, server)
+        with caplog.at_level("INFO", logger="modelhost.fetch.parts"):
+            fetched = engine.fetch(FileSpec(server.url("/w"), "w.bin", len(data), sha(data)))
+        lift.join()
+        most = server.most_bodies_at_once()
+    assert fetched.sha256 == sha(data)
+    assert any("staying at 1" in record.getMessage() for record in caplog.records)
+    assert most >= 8, most

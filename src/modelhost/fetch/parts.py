@@ -85,6 +85,20 @@ PART_BUFFER = CHUNK_SIZE
 # between the prefix and the front is about N parts (auto_part_size keeps N parts within it).
 AHEAD_MEMORY = 256 * 1024 * 1024
 READ_BACK = CHUNK_SIZE
+# When the bytes kept ahead of the hash fill AHEAD_MEMORY, a worker's full buffer waits for
+# the hash to free some (``PrefixHasher.offer``) rather than be left to be read back from the
+# file, which costs more CPU and I/O than the wait when the hash is what limits (measured
+# through the API, 1 GiB over 50 MB/s-capped connections on 2 cores: without the wait, 7 of
+# 11 downloads read 38-323 MB back and took 2.6-3.4 s; with it, 0-8 MB in each of 6, and
+# 2.4-2.9 s for the five at 16 connections, under a load average of 2-3). The wait looks again
+# every OFFER_WAIT_S and ends after OFFER_WAIT_MAX_S, so that a slow part at the hash's
+# position holds the others back at most that long per buffer.
+OFFER_WAIT_S = 0.05
+OFFER_WAIT_MAX_S = 0.5
+# The part the hash waits for counts as arriving (the others wait for memory) while its
+# worker wrote some of it this recently; a stalled part lets the others' bytes go to be read
+# back, as before.
+PREFIX_LIVE_S = 0.25
 SLOT_POLL_S = 0.1  # how often a waiting worker checks for a cancel or for no work left
 # Automatic part size: about PARTS_PER_CONNECTION parts per connection, within these bounds.
 # Small parts keep the hashed prefix close behind the receiving front (workers take the
@@ -126,6 +140,12 @@ PROBE_SHARE_MORE = 0.75
 # bursts do not make the connections before look faster than they are (measured: 8 capped
 # at 400 MB/s read 451 right after starting).
 PROBE_SETTLE = 0.25
+# Past 8, the added connections start among connections that already keep the CPU busy, and
+# the rate right after is no guide (measured on 2 cores, 8 -> 16 capped connections: within
+# 0.3 s of the start as fast as 8, or slower, in 2 of 5 downloads; 700 MB/s once settled).
+# A doubling is measured after a whole window: time at the new count, which costs nothing
+# when the step is kept.
+PROBE_SETTLE_DOUBLING = 1.0
 # The ramp: one connection, then two, then PROBE_GROWTH times as many up to PROBE_FAST_UNTIL
 # (1, 2, 8: few windows at less than the caps allow), then doubling (16, 32, ...): past 8
 # capped connections the machine's CPU, not the caps, may be what limits, and a step of 8 to
@@ -133,6 +153,12 @@ PROBE_SETTLE = 0.25
 PROBE_GROWTH = 4
 PROBE_FAST_UNTIL = 8
 PROBE_START_WINDOWS = 4  # windows to wait for added connections' first bytes
+# A refused step is tried again after PROBE_AGAIN_S (measuring the rate before it again),
+# twice as long after each refusal, at most PROBE_AGAIN_MAX_S: on a shared machine a busy
+# moment made 8 capped connections measure 71 MB/s (and 2, 117), and a download that stayed
+# at 2 connections for good took 9.6 s where 16 took 2.4.
+PROBE_AGAIN_S = 1.0
+PROBE_AGAIN_MAX_S = 32.0
 EXPIRED_STATUSES = (403, 410)
 MAX_RESOLVES_PER_REQUEST = 3
 
@@ -250,6 +276,12 @@ def _carried(before: float, after: float, count: int, step: int) -> float:
     return (after - before) * count / (step * before)
 
 
+def probe_settle(count: int) -> float:
+    """How long (in windows) the probe lets ``count`` connections, some just added, settle
+    before it measures them (see PROBE_SETTLE_DOUBLING)."""
+    return PROBE_SETTLE if count <= PROBE_FAST_UNTIL else PROBE_SETTLE_DOUBLING
+
+
 def probe_ramp(connections: int) -> list[int]:
     """The connection counts the probe tries in turn, up to ``connections`` (each kept only
     while the added ones pay): 1, 2, 8, 16, 32 for 32."""
@@ -311,10 +343,12 @@ class AheadMemory:
         self._held = 0
         self._lock = threading.Lock()
 
-    def take(self, nbytes: int) -> bool:
-        """Reserve ``nbytes`` if they fit; False when the budget is spent."""
+    def take(self, nbytes: int, over: bool = False) -> bool:
+        """Reserve ``nbytes`` if they fit, or with ``over`` (bytes the hash takes next and
+        gives back at once) beyond a spent budget; False when they do not fit. A budget
+        smaller than ``nbytes`` keeps nothing, ``over`` or not."""
         with self._lock:
-            if self._held + nbytes > self.limit:
+            if self._held + nbytes > self.limit and not (over and nbytes <= self.limit):
                 return False
             self._held += nbytes
             return True
@@ -358,6 +392,7 @@ class PrefixHasher:
         self._kept: dict[int, tuple[mmap.mmap, int]] = {}  # offset -> (buffer, length)
         self._pool: list[mmap.mmap] = []
         self._receiving: dict[int, int] = {}  # part index -> start of its worker's buffer
+        self._wrote_at: dict[int, float] = {}  # part start -> when its worker last wrote
         self._stopped = False
         self._error: BaseException | None = None
         self._nice = thread_nice()
@@ -392,21 +427,51 @@ class PrefixHasher:
         """``nbytes`` more of ``part`` are in the file."""
         with self._lock:
             part.done += nbytes
+            self._wrote_at[part.start] = time.monotonic()
             self._lock.notify_all()
 
-    def offer(self, offset: int, buffer: mmap.mmap, length: int) -> bool:
+    def offer(
+        self, offset: int, buffer: mmap.mmap, length: int, stop: CancelToken | None = None
+    ) -> bool:
         """Keep ``buffer[:length]`` (the bytes at ``offset``, already in the file) to hash
         from memory when the prefix gets there; True means the hasher took the buffer (it
         goes back to the pool once hashed) and the caller needs another. False: the hash
-        is past ``offset`` already, or the memory budget is spent (read back instead)."""
+        is past ``offset`` already, or the memory budget is spent (read back instead).
+
+        A spent budget is waited for (up to ``OFFER_WAIT_MAX_S``) while this hash is busy
+        with the bytes before ``offset``, or they are arriving, and it holds buffers it will
+        free: then the hash is what limits, and reading back costs more than waiting (the
+        caller's connection waits meanwhile). While the part the hash needs stalls, the
+        bytes are read back."""
+        deadline = time.monotonic() + OFFER_WAIT_MAX_S
         with self._lock:
-            if offset < self._queued or self._stopped or offset in self._kept:
-                return False
-            if not self._memory.take(PART_BUFFER):
-                return False
-            self._kept[offset] = (buffer, length)
-            self._lock.notify_all()
+            while True:
+                if offset < self._queued or self._stopped or offset in self._kept:
+                    return False
+                # The buffer the hash needs next is always kept: it is hashed at once.
+                if self._memory.take(PART_BUFFER, over=offset == self._queued):
+                    self._kept[offset] = (buffer, length)
+                    self._lock.notify_all()
+                    return True
+                if not self._kept or not self._busy():
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.cancelled):
+                    return False
+                self._lock.wait(min(left, OFFER_WAIT_S))
+
+    def _busy(self) -> bool:
+        """Whether the hash has bytes to hash now (kept, or to read back), or will have in
+        a moment: the first part it lacks is arriving (its worker wrote some of it within
+        ``PREFIX_LIVE_S``), under the lock. Not busy: that part stalls, or has no worker."""
+        if self._queued in self._kept:
             return True
+        if min(self._readable_until(), self._next_kept()) > self._queued:
+            return True
+        first = next((part for part in self._state.parts if not part.finished), None)
+        if first is None or first.start not in self._wrote_at:
+            return False
+        return time.monotonic() - self._wrote_at[first.start] < PREFIX_LIVE_S
 
     def snapshot(self) -> list[Part]:
         """A consistent copy of the parts' progress (for the part map)."""
@@ -430,6 +495,7 @@ class PrefixHasher:
                 kept = self._kept.pop(self._queued, None)
                 if kept is not None:
                     self._memory.give(PART_BUFFER)
+                    self._lock.notify_all()  # an offer may wait for the memory
                     self._queued += kept[1]
                     return kept
                 if self._queued >= self._state.total or self._stopped:
@@ -439,6 +505,7 @@ class PrefixHasher:
                     start = self._queued
                     length = min(READ_BACK - start % DIRECT_ALIGN, until - start)
                     self._queued += length
+                    self._lock.notify_all()
                     return start, length
                 self._lock.wait()
 
@@ -597,9 +664,12 @@ class PartedDownload:
         # Stops every worker: the caller's cancel, or the first part that fails.
         self.stop = CancelToken()
         self.more_work = threading.Event()
-        # Connection probing: workers numbered at or past ``allowed`` stop after their part.
+        # Connection probing: at most ``allowed`` workers run; one too many leaves after its
+        # part (``_stay``), and a new one starts only below it (``_join``).
         self.allowed = engine.connections
-        self.peak_workers = 1  # the most workers started (for logs and tests)
+        self.peak_workers = 1  # the most workers running at once (for logs and tests)
+        self._running = 1  # the first worker, the caller's thread
+        self._gate = threading.Lock()
         self._live: set[int] = set()  # threads that have received bytes
         self._live_changed = threading.Condition()
         self._first_done = threading.Event()  # the first worker found no more work
@@ -691,7 +761,7 @@ class PartedDownload:
     def _grow(self, helpers: list[threading.Thread]) -> None:
         """Start the other workers (into ``helpers``): all at once without probing, else
         adding more in the steps of ``probe_ramp`` while the added ones pay (see
-        PROBE_SHARE, PROBE_SHARE_MORE)."""
+        PROBE_SHARE, PROBE_SHARE_MORE). A refused step is tried again later (PROBE_AGAIN_S)."""
         target = min(self.engine.connections, len(self.state.parts))
         window = self.engine.probe_window_s
         if window is None:
@@ -703,41 +773,99 @@ class PartedDownload:
         rate = self._measure(window)
         if rate is not None:
             log.debug("%s: 1 connection: %.2f MB/s", self.spec.path, rate / 1e6)
+        pause = PROBE_AGAIN_S
         while count < target and rate is not None and self.more_work.is_set():
             step = min(probe_step(count), target - count)
-            self._start_helpers(helpers, step)
-            if not self._wait_live(count + step, window * PROBE_START_WINDOWS):
-                log.debug(
-                    "%s: %d connections did not all start (no slot or no part left): "
-                    "staying at %d", self.spec.path, count + step, count,
-                )
-                self.allowed = count  # no slot or no work for them: do without
-                return
-            now = self._measure(window)
+            now = self._try(helpers, count, step, window)
             if now is None:
                 return
-            log.debug("%s: %d connections: %.2f MB/s", self.spec.path, count + step, now / 1e6)
             carried = _carried(rate, now, count, step)
-            if carried < probe_share(count):
-                log.info(
-                    "%s: %d connections gave %.1f MB/s, %d gave %.1f: staying at %d",
-                    self.spec.path, count, rate / 1e6, count + step, now / 1e6, count,
-                )
-                self.allowed = count  # the added workers finish their part, then stop
+            if carried >= probe_share(count):
+                count, rate = count + step, now
+                if count > PROBE_FAST_UNTIL and carried < PROBE_SHARE_MORE and count < target:
+                    log.info(
+                        "%s: the last %d connections carried %.2f of a connection's share "
+                        "each: staying at %d", self.spec.path, step, carried, count,
+                    )
+                    self._allow(count)
+                    return
+                continue
+            log.info(
+                "%s: %d connections gave %.1f MB/s, %d gave %.1f: staying at %d, for %.0f s",
+                self.spec.path, count, rate / 1e6, count + step, now / 1e6, count, pause,
+            )
+            self._allow(count)  # the added workers finish their part, then leave
+            # A busy moment (of the CPU, of the network) can make a step look useless: the
+            # same step is tried again later, less often each time it is refused.
+            if self._first_done.wait(pause) or not self._wait_running(count):
                 return
-            count, rate = count + step, now
-            if count > PROBE_FAST_UNTIL and carried < PROBE_SHARE_MORE and count < target:
-                log.info(
-                    "%s: the last %d connections carried %.2f of a connection's share each: "
-                    "staying at %d", self.spec.path, step, carried, count,
-                )
-                self.allowed = count
-                return
+            pause = min(2 * pause, PROBE_AGAIN_MAX_S)
+            rate = self._measure(window)
 
-    def _measure(self, window: float) -> float | None:
-        """This file's receive rate over ``window`` seconds, from ``PROBE_SETTLE`` of a
-        window on (None: it ended)."""
-        if self._first_done.wait(window * PROBE_SETTLE):
+    def _try(
+        self, helpers: list[threading.Thread], count: int, step: int, window: float
+    ) -> float | None:
+        """Run ``count + step`` workers (starting those missing) and measure their rate;
+        None, back at ``count``, when they do not all start (no slot, no part left) or the
+        download ends."""
+        self._allow(count + step)
+        with self._gate:
+            missing = count + step - self._running
+        self._start_helpers(helpers, missing)
+        if not self._wait_live(count + step, window * PROBE_START_WINDOWS):
+            log.debug(
+                "%s: %d connections did not all start (no slot or no part left): "
+                "staying at %d", self.spec.path, count + step, count,
+            )
+            self._allow(count)  # no slot or no work for them: do without
+            return None
+        now = self._measure(window, probe_settle(count + step))
+        if now is None:
+            self._allow(count)
+            return None
+        log.debug("%s: %d connections: %.2f MB/s", self.spec.path, count + step, now / 1e6)
+        return now
+
+    def _allow(self, count: int) -> None:
+        with self._gate:
+            self.allowed = count
+
+    def _join(self) -> bool:
+        """Whether a new worker may start (fewer than ``allowed`` run); it then runs."""
+        with self._gate:
+            if self._running >= self.allowed:
+                return False
+            self._running += 1
+            self.peak_workers = max(self.peak_workers, self._running)
+            return True
+
+    def _stay(self) -> bool:
+        """Whether a worker that finished its part may take another: not when more than
+        ``allowed`` run (it then no longer counts as running)."""
+        with self._gate:
+            if self._running > self.allowed:
+                self._running -= 1
+                return False
+            return True
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._running -= 1
+
+    def _wait_running(self, count: int) -> bool:
+        """Wait until at most ``count`` workers run (the refused ones have left); False at
+        the end of the work."""
+        while True:
+            with self._gate:
+                if self._running <= count:
+                    return True
+            if self._first_done.wait(SLOT_POLL_S) or not self.more_work.is_set():
+                return False
+
+    def _measure(self, window: float, settle: float = PROBE_SETTLE) -> float | None:
+        """This file's receive rate over ``window`` seconds, from ``settle`` of a window on
+        (None: it ended)."""
+        if self._first_done.wait(window * settle):
             return None
         started, before = time.monotonic(), self.progress.transferred
         if self._first_done.wait(window):
@@ -776,10 +904,10 @@ class PartedDownload:
             )
             helper.start()
             helpers.append(helper)
-        self.peak_workers = max(self.peak_workers, len(helpers) + 1)
 
     def _helper(self, nice: int | None, number: int) -> None:
-        """A worker beyond the first: takes a global slot while there is work left."""
+        """A worker beyond the first: takes a global slot while there is work left, and
+        runs while the probe allows it."""
         set_thread_nice(nice)
         try:
             if not self.engine.slots.acquire(self.stop, self.more_work):
@@ -787,9 +915,18 @@ class PartedDownload:
         except Cancelled:
             return
         try:
-            index = self._claim() if number < self.allowed else None
-            if index is not None:
-                self._work(index, None, number)
+            if not self._join():
+                return
+            left = False
+            try:
+                index = self._claim()
+                if index is not None:
+                    left = self._work(index, None, number)
+            finally:
+                if not left:
+                    self._leave()
+                with self._live_changed:
+                    self._live.discard(threading.get_ident())
         finally:
             self.engine.slots.release()
 
@@ -812,9 +949,10 @@ class PartedDownload:
                 self.shared.error = error
         self.stop.cancel(f"another part failed: {error}")
 
-    def _work(self, index: int | None, opened: OpenResponse | None, number: int) -> None:
+    def _work(self, index: int | None, opened: OpenResponse | None, number: int) -> bool:
         """Fetch claimed parts one after another until none is left (or the stop, or the
-        probe says worker ``number`` does not pay)."""
+        probe runs fewer workers: the first, ``number`` 0, always stays). True: this worker
+        left for the probe (it no longer counts as running)."""
         fd = os.open(self.part_path, os.O_RDWR)
         kept = _Kept()  # this worker's connection between parts
         try:
@@ -822,15 +960,18 @@ class PartedDownload:
                 try:
                     self._fetch_part(fd, index, opened, kept)
                 except Cancelled:
-                    return
+                    return False
                 except BaseException as exc:  # the first failure stops the others
                     self._fail(exc)
-                    return
+                    return False
                 opened = None
-                index = self._claim() if number < self.allowed else None
+                if number and not self._stay():
+                    return True
+                index = self._claim()
         finally:
             kept.close()
             os.close(fd)
+        return False
 
     # --- one part -------------------------------------------------------------------------
 
@@ -1007,7 +1148,7 @@ class PartedDownload:
                 self._received(n)
                 self.progress.add(n)  # sleeps here when a bandwidth cap says so
                 if fill == PART_BUFFER or not remaining:
-                    if hasher.offer(buffer_start, buffer, fill):
+                    if hasher.offer(buffer_start, buffer, fill, self.stop):
                         buffer = hasher.take()
                         view = memoryview(buffer)
                     writer.next_buffer(fill)
