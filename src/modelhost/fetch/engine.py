@@ -74,8 +74,8 @@ _T = TypeVar("_T")
 # parts over up to CONNECTIONS connections each (the most the probe may reach: it starts at
 # one and adds more while they pay, 1, 2, 8, 16, 32), MAX_CONNECTIONS across all downloads
 # (as many, so that one file may use them all). On a 2-core machine, 1 GiB over 50 MB/s-capped
-# connections: 8 connections carried at most 400 MB/s, 16 added 10-50% more, and the probe
-# does not try 32 there (see parts.PROBE_SHARE_MORE); a machine with more cores gets 32.
+# connections: 8 connections carried 350-510 MB/s, 16 added 15-65% more, and the probe does
+# not try 32 there (see parts.PROBE_SHARE_MORE); where 8 -> 16 pays near-linearly, it does.
 CONNECTIONS = 32
 MAX_CONNECTIONS = 32
 PART_THRESHOLD = 64 * 1_000_000  # 64 MB (modelhost.units.MB), as the setting says

@@ -125,11 +125,11 @@ PART_ALIGN = 64 * 1024
 # the machine, and a second is refused.
 PROBE_SHARE = 0.5
 # Once a second connection has paid that (a per-connection cap is evident), later steps need
-# less: past 8 capped connections on 2 cores the CPU limits, and 16 still add 10-50% to 8
-# (measured 2026-12-07 over 50 MB/s connections, under a load average of 2-7).
+# less: past 8 capped connections on 2 cores the CPU limits, and 16 still add 15-65% to 8
+# once settled (measured 2026-12-07/08 over 50 MB/s connections, load average 1-10).
 PROBE_SHARE_LATER = 0.25
 PROBE_SHARE_DOUBLING = 0.1
-# Measured on the same machine: 8 -> 16 carried 0.1-0.55 of a connection's share each; 32,
+# Measured on the same machine: 8 -> 16 carried 0.15-0.66 of a connection's share each; 32,
 # when tried, were never faster than 16 (CPU-bound), and the trial cost 0.3-0.5 s of a 1 GiB
 # download (the refused workers finish their parts among 32, and more bytes wait ahead of
 # the hash than AHEAD_MEMORY keeps). So a doubling step is followed by another only when
