@@ -61,6 +61,10 @@ Connections
 -----------
 ``open_connections()`` is how many client connections the server holds open right now (idle
 keep-alive ones included): a client that closed its sockets sees it fall to zero.
+``most_bodies_at_once()`` is the most GET bodies it has sent at the same time: a
+multi-connection download's concurrent connections, counted exactly (no sampling).
+``connections_accepted()`` counts every connection it accepted (a client that reuses its
+kept-alive connections opens fewer than it makes requests).
 
 Request log
 -----------
@@ -528,6 +532,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._content(record, plan, head, range_header)
         except (OSError, _Stopped):
             self.close_connection = True
+        if not owner.keep_alive:
+            self.close_connection = True  # without saying so, as an idle timeout does
 
     def _begin(self, record: RequestRecord, code: int, headers: dict[str, str]) -> None:
         record.status = code
@@ -613,7 +619,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Content-Length"] = str(end - start)
         self._begin(record, code, headers)
         if not head:
-            self._body(record, plan, start, end)
+            owner = self.server.owner
+            owner._body_started(+1)
+            try:
+                self._body(record, plan, start, end)
+            finally:
+                owner._body_started(-1)
 
     def _body(self, record: RequestRecord, plan: _Plan, start: int, end: int) -> None:
         """Write ``[start, end)`` of the plan's version, applying faults and throttling."""
@@ -710,17 +721,24 @@ class FileServer:
 
     ``rate_bytes_per_s`` throttles every response body (a path's ``Rate`` fault overrides it);
     ``link_bytes_per_s`` is the server's total rate, shared by every connection (``Link``).
+    ``keep_alive=False`` closes every connection after its response without saying so (no
+    ``Connection: close``), as a server whose idle timeout ran out does.
     Resources can be added before or after ``start()``.
     """
 
     _handler_class: type[BaseHTTPRequestHandler] = _Handler  # subclasses may route differently
 
     def __init__(
-        self, rate_bytes_per_s: int | None = None, link_bytes_per_s: int | None = None
+        self,
+        rate_bytes_per_s: int | None = None,
+        link_bytes_per_s: int | None = None,
+        keep_alive: bool = True,
     ) -> None:
         if rate_bytes_per_s is not None and rate_bytes_per_s <= 0:
             raise ValueError("rate_bytes_per_s must be positive")
         self.rate_bytes_per_s = rate_bytes_per_s
+        self.keep_alive = keep_alive
+        self._accepted = 0  # connections accepted
         self.link = None if link_bytes_per_s is None else Link(link_bytes_per_s)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -728,6 +746,8 @@ class FileServer:
         self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_idle = threading.Condition(self._lock)
+        self._bodies = 0  # GET bodies being sent right now
+        self._most_bodies = 0
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -851,6 +871,18 @@ class FileServer:
         with self._lock:
             return len(self._conns)
 
+    def connections_accepted(self) -> int:
+        """Client connections this server has accepted since it started."""
+        with self._lock:
+            return self._accepted
+
+    def most_bodies_at_once(self) -> int:
+        """The most GET response bodies this server was sending at the same time (a
+        download's concurrent connections, counted where they arrive; idle connections and
+        HEADs are not counted)."""
+        with self._lock:
+            return self._most_bodies
+
     def set_faults(self, path: str, faults: list[Fault]) -> None:
         """Replace the faults of ``path`` with fresh ones (use counts start over). Only
         ``Status`` acts on a redirect."""
@@ -962,6 +994,11 @@ class FileServer:
         with self._lock:
             self._log_records.append(record)
 
+    def _body_started(self, change: int) -> None:
+        with self._lock:
+            self._bodies += change
+            self._most_bodies = max(self._most_bodies, self._bodies)
+
     def _add_sent(self, record: RequestRecord, n: int) -> None:
         with self._lock:
             record.body_bytes_sent += n
@@ -970,6 +1007,7 @@ class FileServer:
         with self._lock:
             if add:
                 self._conns.add(sock)
+                self._accepted += 1
             else:
                 self._conns.discard(sock)
                 self._conns_idle.notify_all()

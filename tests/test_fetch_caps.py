@@ -230,5 +230,6 @@ def test_the_settings_reach_the_engine(tmp_path):
     assert (engine.part_threshold, engine.part_size) == (2_000_000, 1_500_000)
     assert engine.limiter is not None and engine.limiter.bytes_per_s == 7_500_000
     defaults = build_services(make_settings(tmp_path / "other", [])).jobs.engine
-    assert (defaults.connections, defaults.slots.limit, defaults.part_threshold) == (8, 16, 64 * MB)
+    assert (defaults.connections, defaults.slots.limit) == (32, 32)
+    assert defaults.part_threshold == 64 * MB
     assert defaults.part_size is None and defaults.limiter is None

@@ -20,6 +20,7 @@ from fileserver import (
     IgnoreIfRange,
     IgnoreRange,
     Rate,
+    Stall,
     Status,
 )
 
@@ -83,6 +84,34 @@ def test_a_large_file_comes_as_ranged_parts(tmp_path, fileserver, payload):
     saved = PartMap.from_json(engine.parts_map_path(fetched.spec).read_text())
     assert [(p.start, p.end, p.done) for p in saved.parts][-1] == (6 * MIB, SIZE, 12345)
     assert saved.done == SIZE and saved.etag == fileserver.etag("/w")
+
+
+def test_each_worker_fetches_its_parts_over_one_kept_connection(tmp_path, fileserver, payload):
+    """Two workers, seven parts: each worker asks for its next part on the connection its
+    last one came over, so the server accepts two connections for seven requests."""
+    fileserver.add("/w", payload)
+    fetched = make_engine(tmp_path, fileserver, connections=2).fetch(
+        spec_of(fileserver, "/w", payload)
+    )
+    assert fetched.sha256 == sha(payload)
+    assert sorted(r.range_start for r in gets(fileserver, "/w")) == [i * MIB for i in range(7)]
+    assert fileserver.connections_accepted() == 2
+
+
+def test_a_kept_connection_the_server_closed_is_replaced(tmp_path, payload):
+    """A server that closes every connection after its response without saying so (as an
+    idle timeout does): each next part's request on the kept connection fails, and goes out
+    again on a new connection, so the file still arrives with every part asked once."""
+    with FileServer(keep_alive=False) as server:
+        server.add("/w", payload)
+        fetched = make_engine(tmp_path, server, connections=2).fetch(
+            spec_of(server, "/w", payload)
+        )
+        requests = gets(server, "/w")
+        accepted = server.connections_accepted()
+    assert fetched.sha256 == sha(payload)
+    assert sorted(r.range_start for r in requests) == [i * MIB for i in range(7)]
+    assert accepted == 7
 
 
 def test_small_files_and_one_connection_stay_one_stream(tmp_path, fileserver, payload):
@@ -491,3 +520,44 @@ def test_the_part_map_json_holds_every_field_and_reads_back():
     )
     assert json.loads(state.to_json()) == dataclasses.asdict(state)
     assert PartMap.from_json(state.to_json()) == state
+
+
+@pytest.mark.serial
+def test_bytes_ahead_wait_for_the_hash_rather_than_be_read_back(tmp_path, fileserver, hashers):
+    """Memory for two buffers ahead of the hash, four paced connections, parts two buffers
+    long: the workers ahead of the part the hash waits for, while that part arrives, wait
+    for the hash to take their buffers instead of leaving them to be read back from the file
+    (which costs more than the wait when the hash is what limits). Only buffers that end a
+    part can be read back (before their worker offers them)."""
+    from modelhost.fetch.parts import PART_BUFFER, AheadMemory
+
+    data = os.urandom(16 * PART_BUFFER)
+    fileserver.add("/w", data, faults=[Rate(32 * MIB)])
+    engine = make_engine(tmp_path, fileserver, connections=4, part_size=2 * PART_BUFFER)
+    engine.ahead_memory = AheadMemory(2 * PART_BUFFER)
+    assert engine.fetch(spec_of(fileserver, "/w", data)).sha256 == sha(data)
+    (hasher,) = hashers
+    assert hasher.from_memory + hasher.read_back == len(data)
+    assert hasher.read_back <= 4 * PART_BUFFER, (hasher.from_memory, hasher.read_back)
+    assert engine.ahead_memory.held == 0
+
+
+@pytest.mark.serial
+def test_a_stalled_part_lets_the_bytes_ahead_be_read_back(tmp_path, fileserver, hashers):
+    """The same, but the first part stalls for a second after its first buffer: the hash has
+    nothing to do, so the workers ahead do not wait for it; their bytes are read back once
+    the part arrives, and the download takes about the stall, not the stall per buffer."""
+    from modelhost.fetch.parts import PART_BUFFER, AheadMemory
+
+    data = os.urandom(16 * PART_BUFFER)
+    fileserver.add(
+        "/w", data, faults=[Rate(32 * MIB), Stall(after=PART_BUFFER, seconds=1.0, at=0)]
+    )
+    engine = make_engine(tmp_path, fileserver, connections=4, part_size=2 * PART_BUFFER)
+    engine.ahead_memory = AheadMemory(2 * PART_BUFFER)
+    started = time.monotonic()
+    assert engine.fetch(spec_of(fileserver, "/w", data)).sha256 == sha(data)
+    elapsed = time.monotonic() - started
+    (hasher,) = hashers
+    assert hasher.read_back >= 4 * PART_BUFFER, (hasher.from_memory, hasher.read_back)
+    assert elapsed < 3.0, elapsed

@@ -146,3 +146,74 @@ def test_a_server_whose_capacity_one_connection_fills_gets_one_connection(tmp_pa
     assert fetched.sha256 == sha(data)
     (download,) = recorded
     assert (download.peak_workers, download.allowed) == (2, 1)
+
+
+def default_engine(partial, server: FileServer) -> FetchEngine:
+    """An engine with the default connection settings and probe window (CONNECTIONS,
+    MAX_CONNECTIONS, PROBE_WINDOW_S: nothing set by hand); only the part threshold and size
+    are scaled down to a test-sized file."""
+    return FetchEngine(
+        partial,
+        UrlPolicy.from_hosts([server.host_port]),
+        RetryPolicy(retries=3, backoff_s=0.01, backoff_max_s=0.05),
+        read_timeout_s=5.0,
+        part_threshold=MIB,
+        part_size=MIB // 2,
+    )
+
+
+def test_default_settings_go_past_eight_connections_when_each_is_capped(tmp_path, fileserver):
+    """Every connection capped at 1 MB/s (a CDN's per-connection cap, far below what the
+    machine can take): each step of the probe multiplies the rate, so with the default
+    settings the download goes past 8 connections, counted at the server as bodies it sends
+    at the same time (on 8 connections at most before the default maximum was raised)."""
+    data = os.urandom(24 * MIB)
+    fileserver.add("/w", data, faults=[Rate(1_000_000)])
+    engine = default_engine(tmp_path, fileserver)
+    fetched = engine.fetch(FileSpec(fileserver.url("/w"), "w.bin", len(data), sha(data)))
+    assert fetched.sha256 == sha(data)
+    assert fileserver.most_bodies_at_once() > 8
+
+
+def test_default_settings_stay_at_few_connections_when_one_fills_the_server(tmp_path):
+    """The same engine against a server whose capacity one connection fills (a 4 MB/s uplink
+    every connection shares: the deterministic form of an uncapped loopback link, as in
+    the test above):
+    a second connection adds nothing, so the download never has more than two at once."""
+    data = os.urandom(8 * MIB)
+    with FileServer(link_bytes_per_s=4_000_000) as server:
+        server.add("/w", data)
+        engine = default_engine(tmp_path, server)
+        fetched = engine.fetch(FileSpec(server.url("/w"), "w.bin", len(data), sha(data)))
+        most = server.most_bodies_at_once()
+    assert fetched.sha256 == sha(data)
+    assert most <= 2
+
+
+def test_the_probe_ramp_doubles_past_eight():
+    """The connection counts the probe tries: x4 up to 8 (few windows at low rates), then
+    doubling, so that a machine-bound step (8 to 16) is still measured alone."""
+    assert parts.probe_ramp(32) == [1, 2, 8, 16, 32]
+    assert parts.probe_ramp(16) == [1, 2, 8, 16]
+    assert parts.probe_ramp(4) == [1, 2, 4]
+    assert parts.probe_ramp(1) == [1]
+
+
+def test_a_refused_step_is_tried_again_and_kept_once_it_pays(tmp_path, caplog):
+    """Each connection capped at 2 MB/s, behind a 2 MB/s link at first (one connection fills
+    it: the second is refused, as on a busy moment of a shared machine), lifted after 1.2 s.
+    The refused step is tried again a second later, now pays, and the download goes on to
+    8 connections and more, instead of staying at one for good."""
+    data = os.urandom(16 * MIB)
+    with FileServer(link_bytes_per_s=2_000_000) as server:
+        server.add("/w", data, faults=[Rate(2_000_000)])
+        lift = threading.Timer(1.2, lambda: setattr(server, "link", None))
+        lift.start()
+        engine = default_engine(tmp_path, server)
+        with caplog.at_level("INFO", logger="modelhost.fetch.parts"):
+            fetched = engine.fetch(FileSpec(server.url("/w"), "w.bin", len(data), sha(data)))
+        lift.join()
+        most = server.most_bodies_at_once()
+    assert fetched.sha256 == sha(data)
+    assert any("staying at 1" in record.getMessage() for record in caplog.records)
+    assert most >= 8, most

@@ -152,11 +152,16 @@ class Settings(BaseSettings):
     fetch_read_timeout_s: float | None = Field(default=None, gt=0)
     fetch_parallel_files: int = Field(default=4, ge=1, le=32)
     # Multi-connection downloads: a file of known size of at least fetch_part_threshold_mb
-    # (MB, 10^6 bytes) is fetched as parts over fetch_connections ranged connections, when
-    # the server honours Range; fetch_max_connections caps transfer connections across all
-    # downloads together. fetch_part_size_mb None: about four parts per connection (8-64 MiB).
-    fetch_connections: int = Field(default=8, ge=1, le=64)
-    fetch_max_connections: int = Field(default=16, ge=1, le=1024)
+    # (MB, 10^6 bytes) is fetched as parts, when the server honours Range. It starts with one
+    # ranged connection and adds more while each step pays (1, 2, 8, 16, 32: fetch/parts.py,
+    # PROBE_SHARE): fetch_connections is the most the probe may reach per file (not how many
+    # it opens; 1: always one stream). fetch_max_connections caps transfer connections across
+    # all downloads together: 32, so that one file may use as many as the probe allows (a
+    # per-connection cap, as CDNs have, pays for every connection the machine can take; on a
+    # 2-core machine the probe stops at 16). fetch_part_size_mb None: about four parts per
+    # connection (8-64 MiB).
+    fetch_connections: int = Field(default=32, ge=1, le=64)
+    fetch_max_connections: int = Field(default=32, ge=1, le=1024)
     fetch_part_threshold_mb: float = Field(default=64, gt=0)
     fetch_part_size_mb: float | None = Field(default=None, gt=0)
     # A bandwidth cap on all downloads together, in MB/s (10^6 bytes/s); None: no cap. A

@@ -39,6 +39,7 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         super().__init__(target.host, target.port, timeout=timeout)
         self._address = address
         self._connect_timeout = connect_timeout
+        self.origin = _origin(target)
 
     def connect(self) -> None:
         self.sock = _connect(self._address, self.port, self._connect_timeout, self.timeout)
@@ -51,10 +52,15 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         )
         self._address = address
         self._connect_timeout = connect_timeout
+        self.origin = _origin(target)
 
     def connect(self) -> None:
         sock = _connect(self._address, self.port, self._connect_timeout, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _origin(target: Target) -> tuple[str, str, int]:
+    return (target.scheme, target.host, target.port)
 
 
 def _shutdown_socket(connection: http.client.HTTPConnection) -> None:
@@ -90,6 +96,25 @@ class OpenResponse:
         self.response.close()
         self.connection.close()
 
+    def keep(self, body_bytes: int) -> http.client.HTTPConnection | None:
+        """For a caller that read ``body_bytes`` of the body from the socket (not through
+        ``response.read``): when that is the whole body (its ``Content-Length``), end the
+        response and return its connection, open and ready for the next request to the
+        same host (``open_url(..., reuse=...)``); else, or when the server closes the
+        connection after this response, close both and return None."""
+        response = self.response
+        if (
+            response.will_close
+            or response.chunked
+            or response.length != body_bytes
+            or self.connection.sock is None
+        ):
+            self.close()
+            return None
+        response.length = 0  # read by the caller, from the socket directly
+        response.close()  # the response only: the connection stays open
+        return self.connection
+
 
 def open_url(
     url: str,
@@ -102,6 +127,7 @@ def open_url(
     connect_timeout: float | None = None,
     cancel: CancelToken | None = None,
     timeout_setting: str = TIMEOUT_SETTING,
+    reuse: http.client.HTTPConnection | None = None,
 ) -> OpenResponse:
     """Send ``method`` to ``url`` following redirects, each hop checked against ``policy``.
 
@@ -111,29 +137,74 @@ def open_url(
     ``cancel`` token aborts a hop that waits for its answer. Raises ``SourceNotAllowed`` for
     a refused hop (before connecting to it), ``FetchTimeout`` when a host is silent,
     ``TransientFetchError`` for other network errors, ``Cancelled``.
+    ``reuse``: an open connection a response gave back (``OpenResponse.keep``), used for the
+    first hop when it goes to the same scheme, host and port (its address was checked when
+    it was opened); a connection the server has closed meanwhile is replaced by a new one.
+    It is the caller's no longer: closed here when not used.
     The caller owns the returned response and must close it.
     """
     request_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     request_headers.update(headers or {})
     current = url
-    for _ in range(MAX_REDIRECTS + 1):
-        target = policy.check(current)
-        address = policy.resolve(target, connect_timeout or timeout)
-        request_headers.pop("Authorization", None)
-        credentials = authorization(target) if authorization else None
-        if credentials:
-            request_headers["Authorization"] = credentials
-        conn_class = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-        conn = conn_class(target, address, timeout, connect_timeout or timeout)
-        response = _send(conn, target, method, request_headers, cancel, timeout_setting)
-        location = response.getheader("Location")
-        if response.status in REDIRECT_STATUSES and location:
-            response.close()
-            conn.close()
-            current = urljoin(current, location)
-            continue
-        return OpenResponse(url=current, connection=conn, response=response)
+    try:
+        for _ in range(MAX_REDIRECTS + 1):
+            target = policy.check(current)
+            request_headers.pop("Authorization", None)
+            credentials = authorization(target) if authorization else None
+            if credentials:
+                request_headers["Authorization"] = credentials
+            response = None
+            if reuse is not None:
+                conn, reuse = reuse, None
+                if getattr(conn, "origin", None) == _origin(target):
+                    response = _send_again(conn, target, method, request_headers, cancel)
+                else:
+                    conn.close()
+            if response is None:
+                address = policy.resolve(target, connect_timeout or timeout)
+                https = target.scheme == "https"
+                conn_class = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
+                conn = conn_class(target, address, timeout, connect_timeout or timeout)
+                response = _send(conn, target, method, request_headers, cancel, timeout_setting)
+            location = response.getheader("Location")
+            if response.status in REDIRECT_STATUSES and location:
+                response.close()
+                conn.close()
+                current = urljoin(current, location)
+                continue
+            return OpenResponse(url=current, connection=conn, response=response)
+    finally:
+        if reuse is not None:  # not taken: a refused hop raised before
+            reuse.close()
     raise FetchError(f"Too many redirects (more than {MAX_REDIRECTS}) starting at {url}")
+
+
+def _send_again(
+    conn: http.client.HTTPConnection,
+    target: Target,
+    method: str,
+    headers: dict[str, str],
+    cancel: CancelToken | None,
+) -> http.client.HTTPResponse | None:
+    """A request on a kept-alive connection; None (and the connection closed) when it fails,
+    as it does when the server closed the idle connection: the caller opens a new one."""
+    unregister = cancel.on_cancel(lambda: _shutdown_socket(conn)) if cancel else None
+    try:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        conn.request(method, target.path, headers=headers)
+        return conn.getresponse()
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        return None
+    except Cancelled:
+        conn.close()
+        raise
+    finally:
+        if unregister is not None:
+            unregister()
 
 
 def _send(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
 import json
 import logging
 import mmap
@@ -84,34 +85,80 @@ PART_BUFFER = CHUNK_SIZE
 # between the prefix and the front is about N parts (auto_part_size keeps N parts within it).
 AHEAD_MEMORY = 256 * 1024 * 1024
 READ_BACK = CHUNK_SIZE
+# When the bytes kept ahead of the hash fill AHEAD_MEMORY, a worker's full buffer waits for
+# the hash to free some (``PrefixHasher.offer``) rather than be left to be read back from the
+# file, which costs more CPU and I/O than the wait when the hash is what limits (measured
+# through the API, 1 GiB over 50 MB/s-capped connections on 2 cores: without the wait, 7 of
+# 11 downloads read 38-323 MB back and took 2.6-3.4 s; with it, 0-8 MB in each of 6, and
+# 2.4-2.9 s for the five at 16 connections, under a load average of 2-3). The wait looks again
+# every OFFER_WAIT_S and ends after OFFER_WAIT_MAX_S, so that a slow part at the hash's
+# position holds the others back at most that long per buffer.
+OFFER_WAIT_S = 0.05
+OFFER_WAIT_MAX_S = 0.5
+# The part the hash waits for counts as arriving (the others wait for memory) while its
+# worker wrote some of it this recently; a stalled part lets the others' bytes go to be read
+# back, as before.
+PREFIX_LIVE_S = 0.25
 SLOT_POLL_S = 0.1  # how often a waiting worker checks for a cancel or for no work left
 # Automatic part size: about PARTS_PER_CONNECTION parts per connection, within these bounds.
 # Small parts keep the hashed prefix close behind the receiving front (workers take the
 # lowest unclaimed part), so little is left to read back once the last byte is in (1 GiB over
 # 16 capped connections: 32 MiB parts left ~0.75 s of hashing after the last byte, 8 MiB
-# parts ~0.2 s); but every part is a new connection, whose start is slow (1 GiB uncapped
-# over one connection: 8 MiB parts 431 MiB/s, 32 MiB 522, 64 MiB 529).
+# parts ~0.2 s). A new connection's start is slow (1 GiB uncapped over one connection, a
+# new one per part: 8 MiB parts 431 MiB/s, 32 MiB 522, 64 MiB 529), so each worker asks for
+# its next part on the connection its last one came over (``_Kept``), and small parts cost
+# no new connections.
 PARTS_PER_CONNECTION = 4
 MIN_AUTO_PART = 8 * 1024 * 1024
 MAX_AUTO_PART = 64 * 1024 * 1024
 PART_ALIGN = 64 * 1024
 # Connections are added while they pay: after PROBE_WINDOW_S (engine.probe_window_s) of one
-# connection's rate, a second one is tried; once added connections have paid, the count
-# grows by PROBE_GROWTH at a time (up to engine.connections), as long as the added ones each
-# carry at least PROBE_SHARE (later PROBE_SHARE_LATER) of what one carried before. A
-# per-connection cap rewards every one; on a fast link one connection already fills the
-# machine, and more only cost CPU.
+# connection's rate, a second one is tried; then more, in the steps of ``probe_ramp`` (1, 2,
+# 8, 16, 32, ... up to engine.connections, MODELHOST_FETCH_CONNECTIONS). A step is kept when
+# the connections it added each carry at least ``probe_share`` of what each connection carried
+# before it (PROBE_SHARE for the second connection, then PROBE_SHARE_LATER, then
+# PROBE_SHARE_DOUBLING); otherwise the added ones finish their part and stop. Past 8, the
+# probe doubles again only after a doubling whose added connections each carried at least
+# PROBE_SHARE_MORE: while gains are about linear, the per-connection caps are what limits;
+# once they fall off, the machine (or the link) is, and more connections cost CPU. A
+# per-connection cap rewards every connection; on a fast link one connection already fills
+# the machine, and a second is refused.
 PROBE_SHARE = 0.5
 # Once a second connection has paid that (a per-connection cap is evident), later steps need
-# less: 8 -> 16 capped connections on 2 cores add 25-45% (CPU-bound), worth having.
+# less: past 8 capped connections on 2 cores the CPU limits, and 16 still add 15-65% to 8
+# once settled (measured 2026-12-07/08 over 50 MB/s connections, load average 1-10).
 PROBE_SHARE_LATER = 0.25
+PROBE_SHARE_DOUBLING = 0.1
+# Measured on the same machine: 8 -> 16 carried 0.15-0.66 of a connection's share each; 32,
+# when tried, were never faster than 16 (CPU-bound), and the trial cost 0.3-0.5 s of a 1 GiB
+# download (the refused workers finish their parts among 32, and more bytes wait ahead of
+# the hash than AHEAD_MEMORY keeps). So a doubling step is followed by another only when
+# its added connections carried at least this share.
+PROBE_SHARE_MORE = 0.75
 # A new connection's first send arrives at once (a capped server waits only after it): the
 # rate is measured this share of a window after the added connections' first bytes, so that
 # bursts do not make the connections before look faster than they are (measured: 8 capped
 # at 400 MB/s read 451 right after starting).
 PROBE_SETTLE = 0.25
-PROBE_GROWTH = 4  # a ramp of 1, 2, 8, 16: few windows at less than the caps allow
+# Past 8, the added connections start among connections that already keep the CPU busy, and
+# the rate right after is no guide (measured on 2 cores, 8 -> 16 capped connections: within
+# 0.3 s of the start as fast as 8, or slower, in 2 of 5 downloads; 700 MB/s once settled).
+# A doubling is measured after a whole window: time at the new count, which costs nothing
+# when the step is kept.
+PROBE_SETTLE_DOUBLING = 1.0
+# The ramp: one connection, then two, then PROBE_GROWTH times as many up to PROBE_FAST_UNTIL
+# (1, 2, 8: few windows at less than the caps allow), then doubling (16, 32, ...): past 8
+# capped connections the machine's CPU, not the caps, may be what limits, and a step of 8 to
+# 32 whose gain a CPU limit halves would be refused where 8 to 16 pays.
+PROBE_GROWTH = 4
+PROBE_FAST_UNTIL = 8
 PROBE_START_WINDOWS = 4  # windows to wait for added connections' first bytes
+# A refused step is tried again after PROBE_AGAIN_S (measuring the rate before it again),
+# twice as long after each refusal, at most PROBE_AGAIN_MAX_S: on a shared machine a busy
+# moment made 8 capped connections measure 71 MB/s (and 2, 117), and a download that stayed
+# at 2 connections for good took 9.6 s where 16 took 2.4.
+PROBE_AGAIN_S = 1.0
+PROBE_AGAIN_MAX_S = 32.0
 EXPIRED_STATUSES = (403, 410)
 MAX_RESOLVES_PER_REQUEST = 3
 
@@ -204,6 +251,46 @@ def auto_part_size(total: int, connections: int) -> int:
     return -(-size // PART_ALIGN) * PART_ALIGN
 
 
+def probe_step(count: int) -> int:
+    """How many connections the probe adds to ``count`` running ones (see PROBE_GROWTH)."""
+    if count <= 1:
+        return 1
+    if count < PROBE_FAST_UNTIL:
+        return min(count * (PROBE_GROWTH - 1), PROBE_FAST_UNTIL - count)
+    return count
+
+
+def probe_share(count: int) -> float:
+    """What each connection added to ``count`` running ones must carry, as a share of what
+    each of those carried, for the step to be kept (see PROBE_SHARE)."""
+    if count <= 1:
+        return PROBE_SHARE
+    return PROBE_SHARE_LATER if count < PROBE_FAST_UNTIL else PROBE_SHARE_DOUBLING
+
+
+def _carried(before: float, after: float, count: int, step: int) -> float:
+    """What each of ``step`` connections added to ``count`` carried (the rate going from
+    ``before`` to ``after``), as a share of what each of the ``count`` carried before."""
+    if before <= 0:
+        return float("inf") if after > 0 else 0.0
+    return (after - before) * count / (step * before)
+
+
+def probe_settle(count: int) -> float:
+    """How long (in windows) the probe lets ``count`` connections, some just added, settle
+    before it measures them (see PROBE_SETTLE_DOUBLING)."""
+    return PROBE_SETTLE if count <= PROBE_FAST_UNTIL else PROBE_SETTLE_DOUBLING
+
+
+def probe_ramp(connections: int) -> list[int]:
+    """The connection counts the probe tries in turn, up to ``connections`` (each kept only
+    while the added ones pay): 1, 2, 8, 16, 32 for 32."""
+    counts = [1]
+    while counts[-1] < connections:
+        counts.append(min(connections, counts[-1] + probe_step(counts[-1])))
+    return counts
+
+
 def split(total: int, part_size: int) -> list[Part]:
     """The parts of a ``total``-byte file, ``part_size`` bytes each (the last one shorter)."""
     return [Part(start, min(total, start + part_size)) for start in range(0, total, part_size)]
@@ -256,10 +343,12 @@ class AheadMemory:
         self._held = 0
         self._lock = threading.Lock()
 
-    def take(self, nbytes: int) -> bool:
-        """Reserve ``nbytes`` if they fit; False when the budget is spent."""
+    def take(self, nbytes: int, over: bool = False) -> bool:
+        """Reserve ``nbytes`` if they fit, or with ``over`` (bytes the hash takes next and
+        gives back at once) beyond a spent budget; False when they do not fit. A budget
+        smaller than ``nbytes`` keeps nothing, ``over`` or not."""
         with self._lock:
-            if self._held + nbytes > self.limit:
+            if self._held + nbytes > self.limit and not (over and nbytes <= self.limit):
                 return False
             self._held += nbytes
             return True
@@ -303,6 +392,7 @@ class PrefixHasher:
         self._kept: dict[int, tuple[mmap.mmap, int]] = {}  # offset -> (buffer, length)
         self._pool: list[mmap.mmap] = []
         self._receiving: dict[int, int] = {}  # part index -> start of its worker's buffer
+        self._wrote_at: dict[int, float] = {}  # part start -> when its worker last wrote
         self._stopped = False
         self._error: BaseException | None = None
         self._nice = thread_nice()
@@ -337,21 +427,51 @@ class PrefixHasher:
         """``nbytes`` more of ``part`` are in the file."""
         with self._lock:
             part.done += nbytes
+            self._wrote_at[part.start] = time.monotonic()
             self._lock.notify_all()
 
-    def offer(self, offset: int, buffer: mmap.mmap, length: int) -> bool:
+    def offer(
+        self, offset: int, buffer: mmap.mmap, length: int, stop: CancelToken | None = None
+    ) -> bool:
         """Keep ``buffer[:length]`` (the bytes at ``offset``, already in the file) to hash
         from memory when the prefix gets there; True means the hasher took the buffer (it
         goes back to the pool once hashed) and the caller needs another. False: the hash
-        is past ``offset`` already, or the memory budget is spent (read back instead)."""
+        is past ``offset`` already, or the memory budget is spent (read back instead).
+
+        A spent budget is waited for (up to ``OFFER_WAIT_MAX_S``) while this hash is busy
+        with the bytes before ``offset``, or they are arriving, and it holds buffers it will
+        free: then the hash is what limits, and reading back costs more than waiting (the
+        caller's connection waits meanwhile). While the part the hash needs stalls, the
+        bytes are read back."""
+        deadline = time.monotonic() + OFFER_WAIT_MAX_S
         with self._lock:
-            if offset < self._queued or self._stopped or offset in self._kept:
-                return False
-            if not self._memory.take(PART_BUFFER):
-                return False
-            self._kept[offset] = (buffer, length)
-            self._lock.notify_all()
+            while True:
+                if offset < self._queued or self._stopped or offset in self._kept:
+                    return False
+                # The buffer the hash needs next is always kept: it is hashed at once.
+                if self._memory.take(PART_BUFFER, over=offset == self._queued):
+                    self._kept[offset] = (buffer, length)
+                    self._lock.notify_all()
+                    return True
+                if not self._kept or not self._busy():
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.cancelled):
+                    return False
+                self._lock.wait(min(left, OFFER_WAIT_S))
+
+    def _busy(self) -> bool:
+        """Whether the hash has bytes to hash now (kept, or to read back), or will have in
+        a moment: the first part it lacks is arriving (its worker wrote some of it within
+        ``PREFIX_LIVE_S``), under the lock. Not busy: that part stalls, or has no worker."""
+        if self._queued in self._kept:
             return True
+        if min(self._readable_until(), self._next_kept()) > self._queued:
+            return True
+        first = next((part for part in self._state.parts if not part.finished), None)
+        if first is None or first.start not in self._wrote_at:
+            return False
+        return time.monotonic() - self._wrote_at[first.start] < PREFIX_LIVE_S
 
     def snapshot(self) -> list[Part]:
         """A consistent copy of the parts' progress (for the part map)."""
@@ -375,6 +495,7 @@ class PrefixHasher:
                 kept = self._kept.pop(self._queued, None)
                 if kept is not None:
                     self._memory.give(PART_BUFFER)
+                    self._lock.notify_all()  # an offer may wait for the memory
                     self._queued += kept[1]
                     return kept
                 if self._queued >= self._state.total or self._stopped:
@@ -384,6 +505,7 @@ class PrefixHasher:
                     start = self._queued
                     length = min(READ_BACK - start % DIRECT_ALIGN, until - start)
                     self._queued += length
+                    self._lock.notify_all()
                     return start, length
                 self._lock.wait()
 
@@ -489,6 +611,24 @@ class Slots:
         self._semaphore.release()
 
 
+class _Kept:
+    """A worker's kept-alive connection between two parts: a new connection's first
+    megabytes are slow (measured, 1 GiB over loopback in 8 MiB parts: 850-900 MiB/s with a
+    new connection per part, 1,400-1,460 on one kept connection), so parts may be small."""
+
+    def __init__(self) -> None:
+        self.connection: http.client.HTTPConnection | None = None
+
+    def take(self) -> http.client.HTTPConnection | None:
+        connection, self.connection = self.connection, None
+        return connection
+
+    def close(self) -> None:
+        connection = self.take()
+        if connection is not None:
+            connection.close()
+
+
 @dataclass
 class _Shared:
     """What the workers of one download share, under ``lock``."""
@@ -524,9 +664,12 @@ class PartedDownload:
         # Stops every worker: the caller's cancel, or the first part that fails.
         self.stop = CancelToken()
         self.more_work = threading.Event()
-        # Connection probing: workers numbered at or past ``allowed`` stop after their part.
+        # Connection probing: at most ``allowed`` workers run; one too many leaves after its
+        # part (``_stay``), and a new one starts only below it (``_join``).
         self.allowed = engine.connections
-        self.peak_workers = 1  # the most workers started (for logs and tests)
+        self.peak_workers = 1  # the most workers running at once (for logs and tests)
+        self._running = 1  # the first worker, the caller's thread
+        self._gate = threading.Lock()
         self._live: set[int] = set()  # threads that have received bytes
         self._live_changed = threading.Condition()
         self._first_done = threading.Event()  # the first worker found no more work
@@ -617,7 +760,8 @@ class PartedDownload:
 
     def _grow(self, helpers: list[threading.Thread]) -> None:
         """Start the other workers (into ``helpers``): all at once without probing, else
-        adding more while the added ones pay (see PROBE_SHARE)."""
+        adding more in the steps of ``probe_ramp`` while the added ones pay (see
+        PROBE_SHARE, PROBE_SHARE_MORE). A refused step is tried again later (PROBE_AGAIN_S)."""
         target = min(self.engine.connections, len(self.state.parts))
         window = self.engine.probe_window_s
         if window is None:
@@ -629,30 +773,99 @@ class PartedDownload:
         rate = self._measure(window)
         if rate is not None:
             log.debug("%s: 1 connection: %.2f MB/s", self.spec.path, rate / 1e6)
+        pause = PROBE_AGAIN_S
         while count < target and rate is not None and self.more_work.is_set():
-            step = min(1 if count == 1 else count * (PROBE_GROWTH - 1), target - count)
-            self._start_helpers(helpers, step)
-            if not self._wait_live(count + step, window * PROBE_START_WINDOWS):
-                self.allowed = count  # no slot or no work for them: do without
-                return
-            now = self._measure(window)
+            step = min(probe_step(count), target - count)
+            now = self._try(helpers, count, step, window)
             if now is None:
                 return
-            log.debug("%s: %d connections: %.2f MB/s", self.spec.path, count + step, now / 1e6)
-            share = PROBE_SHARE if count == 1 else PROBE_SHARE_LATER
-            if now - rate < share * step * rate / count:
-                log.info(
-                    "%s: %d connections gave %.1f MB/s, %d gave %.1f: staying at %d",
-                    self.spec.path, count, rate / 1e6, count + step, now / 1e6, count,
-                )
-                self.allowed = count  # the added workers finish their part, then stop
+            carried = _carried(rate, now, count, step)
+            if carried >= probe_share(count):
+                count, rate = count + step, now
+                if count > PROBE_FAST_UNTIL and carried < PROBE_SHARE_MORE and count < target:
+                    log.info(
+                        "%s: the last %d connections carried %.2f of a connection's share "
+                        "each: staying at %d", self.spec.path, step, carried, count,
+                    )
+                    self._allow(count)
+                    return
+                continue
+            log.info(
+                "%s: %d connections gave %.1f MB/s, %d gave %.1f: staying at %d, for %.0f s",
+                self.spec.path, count, rate / 1e6, count + step, now / 1e6, count, pause,
+            )
+            self._allow(count)  # the added workers finish their part, then leave
+            # A busy moment (of the CPU, of the network) can make a step look useless: the
+            # same step is tried again later, less often each time it is refused.
+            if self._first_done.wait(pause) or not self._wait_running(count):
                 return
-            count, rate = count + step, now
+            pause = min(2 * pause, PROBE_AGAIN_MAX_S)
+            rate = self._measure(window)
 
-    def _measure(self, window: float) -> float | None:
-        """This file's receive rate over ``window`` seconds, from ``PROBE_SETTLE`` of a
-        window on (None: it ended)."""
-        if self._first_done.wait(window * PROBE_SETTLE):
+    def _try(
+        self, helpers: list[threading.Thread], count: int, step: int, window: float
+    ) -> float | None:
+        """Run ``count + step`` workers (starting those missing) and measure their rate;
+        None, back at ``count``, when they do not all start (no slot, no part left) or the
+        download ends."""
+        self._allow(count + step)
+        with self._gate:
+            missing = count + step - self._running
+        self._start_helpers(helpers, missing)
+        if not self._wait_live(count + step, window * PROBE_START_WINDOWS):
+            log.debug(
+                "%s: %d connections did not all start (no slot or no part left): "
+                "staying at %d", self.spec.path, count + step, count,
+            )
+            self._allow(count)  # no slot or no work for them: do without
+            return None
+        now = self._measure(window, probe_settle(count + step))
+        if now is None:
+            self._allow(count)
+            return None
+        log.debug("%s: %d connections: %.2f MB/s", self.spec.path, count + step, now / 1e6)
+        return now
+
+    def _allow(self, count: int) -> None:
+        with self._gate:
+            self.allowed = count
+
+    def _join(self) -> bool:
+        """Whether a new worker may start (fewer than ``allowed`` run); it then runs."""
+        with self._gate:
+            if self._running >= self.allowed:
+                return False
+            self._running += 1
+            self.peak_workers = max(self.peak_workers, self._running)
+            return True
+
+    def _stay(self) -> bool:
+        """Whether a worker that finished its part may take another: not when more than
+        ``allowed`` run (it then no longer counts as running)."""
+        with self._gate:
+            if self._running > self.allowed:
+                self._running -= 1
+                return False
+            return True
+
+    def _leave(self) -> None:
+        with self._gate:
+            self._running -= 1
+
+    def _wait_running(self, count: int) -> bool:
+        """Wait until at most ``count`` workers run (the refused ones have left); False at
+        the end of the work."""
+        while True:
+            with self._gate:
+                if self._running <= count:
+                    return True
+            if self._first_done.wait(SLOT_POLL_S) or not self.more_work.is_set():
+                return False
+
+    def _measure(self, window: float, settle: float = PROBE_SETTLE) -> float | None:
+        """This file's receive rate over ``window`` seconds, from ``settle`` of a window on
+        (None: it ended)."""
+        if self._first_done.wait(window * settle):
             return None
         started, before = time.monotonic(), self.progress.transferred
         if self._first_done.wait(window):
@@ -691,10 +904,10 @@ class PartedDownload:
             )
             helper.start()
             helpers.append(helper)
-        self.peak_workers = max(self.peak_workers, len(helpers) + 1)
 
     def _helper(self, nice: int | None, number: int) -> None:
-        """A worker beyond the first: takes a global slot while there is work left."""
+        """A worker beyond the first: takes a global slot while there is work left, and
+        runs while the probe allows it."""
         set_thread_nice(nice)
         try:
             if not self.engine.slots.acquire(self.stop, self.more_work):
@@ -702,9 +915,18 @@ class PartedDownload:
         except Cancelled:
             return
         try:
-            index = self._claim() if number < self.allowed else None
-            if index is not None:
-                self._work(index, None, number)
+            if not self._join():
+                return
+            left = False
+            try:
+                index = self._claim()
+                if index is not None:
+                    left = self._work(index, None, number)
+            finally:
+                if not left:
+                    self._leave()
+                with self._live_changed:
+                    self._live.discard(threading.get_ident())
         finally:
             self.engine.slots.release()
 
@@ -727,29 +949,38 @@ class PartedDownload:
                 self.shared.error = error
         self.stop.cancel(f"another part failed: {error}")
 
-    def _work(self, index: int | None, opened: OpenResponse | None, number: int) -> None:
+    def _work(self, index: int | None, opened: OpenResponse | None, number: int) -> bool:
         """Fetch claimed parts one after another until none is left (or the stop, or the
-        probe says worker ``number`` does not pay)."""
+        probe runs fewer workers: the first, ``number`` 0, always stays). True: this worker
+        left for the probe (it no longer counts as running)."""
         fd = os.open(self.part_path, os.O_RDWR)
+        kept = _Kept()  # this worker's connection between parts
         try:
             while index is not None:
                 try:
-                    self._fetch_part(fd, index, opened)
+                    self._fetch_part(fd, index, opened, kept)
                 except Cancelled:
-                    return
+                    return False
                 except BaseException as exc:  # the first failure stops the others
                     self._fail(exc)
-                    return
+                    return False
                 opened = None
-                index = self._claim() if number < self.allowed else None
+                if number and not self._stay():
+                    return True
+                index = self._claim()
         finally:
+            kept.close()
             os.close(fd)
+        return False
 
     # --- one part -------------------------------------------------------------------------
 
-    def _fetch_part(self, fd: int, index: int, opened: OpenResponse | None) -> None:
+    def _fetch_part(
+        self, fd: int, index: int, opened: OpenResponse | None, kept: _Kept
+    ) -> None:
         """Fetch part ``index`` to its end, resuming after transient faults with backoff
-        (the retry count starts over whenever an attempt moved enough bytes)."""
+        (the retry count starts over whenever an attempt moved enough bytes). A response
+        read to its end leaves its connection in ``kept`` for the worker's next part."""
         part = self.state.parts[index]
         retry = self.engine.retry
         attempt = 0
@@ -757,13 +988,17 @@ class PartedDownload:
             self.stop.raise_if_cancelled()
             before = part.done
             try:
-                response = opened or self._open_part(part)
+                response = opened or self._open_part(part, kept.take())
                 opened = None
+                received = 0
                 try:
                     self._check_part_response(part, response)
-                    self._receive_part(fd, index, part, response)
+                    received = self._receive_part(fd, index, part, response)
                 finally:
-                    response.close()
+                    if part.finished:
+                        kept.connection = response.keep(received)
+                    else:
+                        response.close()
             except VersionChanged:
                 raise
             except TransientFetchError as exc:
@@ -787,19 +1022,26 @@ class PartedDownload:
         assert validator is not None  # a map without one is never used
         return {"Range": f"bytes={part.position}-{part.end - 1}", "If-Range": validator}
 
-    def _open_part(self, part: Part) -> OpenResponse:
-        """Open the rest of ``part`` from the resolved URL; a 403/410 there (an expired
-        signed URL) re-resolves the original URL, whose redirects lead to a fresh one."""
+    def _open_part(
+        self, part: Part, reuse: http.client.HTTPConnection | None = None
+    ) -> OpenResponse:
+        """Open the rest of ``part`` from the resolved URL (on ``reuse``, a kept-alive
+        connection, when it goes there); a 403/410 there (an expired signed URL) re-resolves
+        the original URL, whose redirects lead to a fresh one."""
         headers = self._part_headers(part)
         for _ in range(MAX_RESOLVES_PER_REQUEST):
             with self.shared.lock:
                 url = self.shared.url
             if url is None:  # a resumed download: its old target may have expired
+                if reuse is not None:
+                    reuse.close()
+                    reuse = None
                 resolved = self._resolve(None, headers)
                 if resolved is not None:
                     return resolved
                 continue
-            response = self.engine.open(url, headers=headers, cancel=self.stop)
+            response = self.engine.open(url, headers=headers, cancel=self.stop, reuse=reuse)
+            reuse = None
             if response.status not in EXPIRED_STATUSES or url == self.spec.url:
                 return response
             response.close()
@@ -860,14 +1102,15 @@ class PartedDownload:
             )
         raise error_for_status(response)
 
-    def _receive_part(self, fd: int, index: int, part: Part, response: OpenResponse) -> None:
+    def _receive_part(self, fd: int, index: int, part: Part, response: OpenResponse) -> int:
         """Write the body where it belongs, as the single stream does (``PartWriter``: whole
         blocks with O_DIRECT once enough wait, everything received before waiting for the
         network, so a kill loses only what was in flight), counting in the map only bytes
-        written, and handing full buffers to the hasher; raises at a short body."""
+        written, and handing full buffers to the hasher; raises at a short body. Returns the
+        bytes received (the whole body)."""
         assert self.hasher is not None
         hasher, throttle = self.hasher, self.progress.throttle
-        remaining = part.end - part.position
+        remaining = wanted = part.end - part.position
         throttle.fit_socket(response.connection.sock, self.engine.connections)
         read_some = body_reader(response.response, remaining)
         ready = ready_to_read(response)
@@ -905,7 +1148,7 @@ class PartedDownload:
                 self._received(n)
                 self.progress.add(n)  # sleeps here when a bandwidth cap says so
                 if fill == PART_BUFFER or not remaining:
-                    if hasher.offer(buffer_start, buffer, fill):
+                    if hasher.offer(buffer_start, buffer, fill, self.stop):
                         buffer = hasher.take()
                         view = memoryview(buffer)
                     writer.next_buffer(fill)
@@ -921,6 +1164,7 @@ class PartedDownload:
                 unregister()
                 hasher.receiving(index, None)
                 hasher.give(buffer)
+        return wanted
 
     def _write(
         self, writer: PartWriter, part: Part, view: memoryview, fill: int, urgent: bool
