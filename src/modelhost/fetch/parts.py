@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelhost.errors import (
-    DISK_FULL_ERRNOS,
     Cancelled,
     FetchError,
     SizeMismatch,
@@ -58,7 +57,6 @@ from modelhost.fetch.transfer import (
     FileSpec,
     PartWriter,
     body_reader,
-    disk_full,
     error_for_status,
     open_direct_read,
     ready_to_read,
@@ -321,17 +319,6 @@ def done_bytes(path: Path) -> int | None:
         return PartMap.from_json(path.read_text()).done
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    try:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-    except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise disk_full(exc) from exc
-        raise
 
 
 class AheadMemory:

@@ -174,16 +174,6 @@ def disk_full(exc: OSError) -> InsufficientStorage:
     )
 
 
-def write_all(fd: int, view: memoryview) -> None:
-    try:
-        while view:
-            view = view[os.write(fd, view[:WRITE_SLICE]) :]
-    except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise disk_full(exc) from exc
-        raise
-
-
 def pwrite_all(fd: int, view: memoryview, offset: int, slice_size: int) -> None:
     while view:
         n = os.pwrite(fd, view[:slice_size], offset)
@@ -413,8 +403,10 @@ class Strategy(Protocol):
     """How one attempt moves a file: a single stream, or parts over several connections.
 
     ``run`` returns the ``.part`` file, its size and its sha256, all verified; or None when
-    the strategy declines the file after all (parts: the server ignores ranges, or the file
-    turned out too small), and the engine falls back to the single stream."""
+    the strategy declines the file after all, and the engine falls back to the single
+    stream (parts: the server honours ranges but gives no validator to ask the other parts
+    with, or a saved part map is left for a file that no longer goes in parts; a server that
+    ignores ranges has its 200 streamed whole by the parts strategy itself)."""
 
     def run(
         self, spec: FileSpec, progress: FileProgress, cancel: CancelToken
