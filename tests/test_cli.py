@@ -255,10 +255,25 @@ def test_play_without_a_player_is_a_clear_error(cli, server, tmp_path):
 
 
 def test_detach_then_rm(cli, server):
-    result = cli("pull", "huggingface:test-org/tiny-bart", "--no-load", "--detach")
+    result = cli("pull", "huggingface:test-org/tiny-bart", "--no-load", "--detach", "--json")
     assert result.returncode == 0, result.stderr
-    download_id = result.stdout.strip()
+    answer = json.loads(result.stdout)  # the POST /models/download answer, as it came
+    assert answer["success"] is True and answer["model_name"] == "tiny-bart", answer
+    download_id = answer["download_id"]
     assert server.wait_for(download_id)["status"] == "completed"
+    assert server.client.get(f"/models/download/status/{download_id}").json()["download_id"] == (
+        download_id
+    )
+    # --param values are JSON when they parse: 3 is a number the server takes, "three" text
+    # it refuses with its own message.
+    said = cli("predict", "tiny-bart", "hello", "--param", "max_new_tokens=3")
+    assert said.returncode == 0, said.stderr
+    direct = server.client.post(
+        "/models/tiny-bart/predict", json={"inputs": "hello", "parameters": {"max_new_tokens": 3}}
+    ).json()
+    assert json.loads(said.stdout) == direct
+    refused = cli("predict", "tiny-bart", "hello", "--param", "max_new_tokens=three")
+    assert refused.returncode == 1 and "max_new_tokens" in refused.stderr, refused.stderr
     removed = cli("rm", "tiny-bart")
     assert removed.returncode == 0
     assert removed.stdout.strip().startswith("Successfully removed model from cache: tiny-bart")
