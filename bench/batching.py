@@ -9,17 +9,21 @@ It imports MiniLM into a modelhost server subprocess with the ``local`` source
 (``MODELHOST_IMPORT_ROOTS``), then alternates, each round, batching on
 (``max_batch_size`` 32) and off (1), set through ``POST /models/minilm/load``:
 
-- 512 single-sentence embedding requests at concurrency 32: throughput (requests/s);
+- 512 single-sentence embedding requests at concurrency 32: the seconds they take (and
+  requests/s);
 - 128 requests one at a time, the modes alternating every 8 requests: the p50 latency.
 
-It prints the median on/off throughput ratio (target >= 4), the off throughput itself, the
-p50 latencies at concurrency 1 (target: on within 2 ms of off), and the largest difference
-between the embeddings both modes returned for the same sentences (target <= 1e-5).
+Every ratio it prints is a time ratio for the same work (the convention of
+docs/performance.md; below 1: the first is faster). It prints the median per-round time ratio
+on/off for the same 512 requests (target <= 0.25, i.e. batching at least 4x the throughput),
+each mode's requests/s, the p50 latencies at concurrency 1 (target: on within 2 ms of off),
+and the largest difference between the embeddings both modes returned for the same sentences
+(target <= 1e-5).
 
 The reference, measured in the same run once the server is idle: the same model in this
-process through sentence-transformers, one batch of 32 against 32 single calls, alternating.
-Over HTTP the ratio cannot exceed it: each request adds the same parsing, validation and
-scheduling cost in both modes.
+process through sentence-transformers, one batch of 32 against 32 single calls, alternating;
+its time ratio, batch / singles, is the floor: over HTTP the on/off time ratio cannot go below
+it, as each request adds the same parsing, validation and scheduling cost in both modes.
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ async def run_concurrent(base: str, texts: list[str], concurrency: int) -> tuple
 
 
 def direct_reference(weights: Path, texts: list[str], rounds: int) -> tuple[float, float]:
-    """The model alone, in this process: (median ratio of 32 single calls' time to one batch
-    of 32's, sentences per second of the single calls)."""
+    """The model alone, in this process: (median time ratio of one batch of 32 to 32 single
+    calls of the same sentences, below 1 when the batch is faster; sentences per second of the
+    single calls)."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(weights), device="cpu")
@@ -90,7 +95,7 @@ def direct_reference(weights: Path, texts: list[str], rounds: int) -> tuple[floa
         t0 = time.perf_counter()
         model.encode(batch, batch_size=32)
         batched = time.perf_counter() - t0
-        ratios.append(singles / batched)
+        ratios.append(batched / singles)
         singles_rate.append(len(batch) / singles)
     return statistics.median(ratios), statistics.median(singles_rate)
 
@@ -159,7 +164,9 @@ def bench(base: str, weights: Path, args: argparse.Namespace) -> int:
         print("install failed:", status)
         return 1
     texts = sentences(args.requests)
-    rows: dict[str, dict[str, list]] = {"on": {"rps": [], "p50": []}, "off": {"rps": [], "p50": []}}
+    rows: dict[str, dict[str, list]] = {
+        mode: {"seconds": [], "rps": [], "p50": []} for mode in ("on", "off")
+    }
     last: dict[str, dict] = {}
     for round_no in range(args.rounds):
         order = ("on", "off") if round_no % 2 == 0 else ("off", "on")
@@ -167,12 +174,16 @@ def bench(base: str, weights: Path, args: argparse.Namespace) -> int:
             set_batching(base, 32 if mode == "on" else 1)
             asyncio.run(run_concurrent(base, texts[:32], args.concurrency))  # warm up
             seconds, result = asyncio.run(run_concurrent(base, texts, args.concurrency))
+            rows[mode]["seconds"].append(seconds)
             rows[mode]["rps"].append(len(texts) / seconds)
             last[mode] = result["vectors"]
         single = single_caller_latencies(base, texts)
         for mode in ("on", "off"):
             rows[mode]["p50"].append(statistics.median(single[mode]) * 1000)
-    ratios = [on / off for on, off in zip(rows["on"]["rps"], rows["off"]["rps"], strict=True)]
+    # Time on / time off for the same requests: below 1, batching is faster.
+    ratios = [
+        on / off for on, off in zip(rows["on"]["seconds"], rows["off"]["seconds"], strict=True)
+    ]
     diff = max(
         float(np.abs(np.array(last["on"][t]) - np.array(last["off"][t])).max()) for t in texts
     )
@@ -186,16 +197,18 @@ def bench(base: str, weights: Path, args: argparse.Namespace) -> int:
     p50_gap = statistics.median(rows["on"]["p50"]) - statistics.median(rows["off"]["p50"])
     reference, singles_rate = direct_reference(weights, texts, args.rounds)
     print(
-        f"reference, the model alone in-process: batch of 32 vs 32 single calls {reference:.2f}x"
-        f" (single calls: {singles_rate:.1f} sentences/s)"
+        "reference, the model alone in-process: time one batch of 32 / 32 single calls "
+        f"{reference:.2f} (single calls: {singles_rate:.1f} sentences/s)"
     )
     print(
-        f"throughput ratio on/off (median of {len(ratios)} rounds): {statistics.median(ratios):.2f}"
+        f"time on/off for the same {len(texts)} requests (median of {len(ratios)} rounds): "
+        f"{statistics.median(ratios):.2f} (below 1: batching is faster; target <= 0.25)"
     )
     print(f"p50 latency at concurrency 1, on minus off: {p50_gap:+.2f} ms")
     print(f"largest embedding difference on vs off: {diff:.2e}")
     print(f"batch sizes run by the server: {managed['batch_sizes']}")
-    ok = statistics.median(ratios) >= 4 and p50_gap <= 2 and diff <= 1e-5
+    # The brief's target was on/off throughput >= 4; as a time for the same requests, <= 1/4.
+    ok = statistics.median(ratios) <= 0.25 and p50_gap <= 2 and diff <= 1e-5
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

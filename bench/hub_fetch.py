@@ -25,13 +25,14 @@ once with each tool, alternating which goes first:
   alone, timed inside that process (imports excluded); the process's wall time is shown too.
   It checks sizes only, and does not fsync.
 
-Both throughputs are total bytes / seconds. The summary is the median of the per-round ratios
-modelhost / snapshot_download (above 1: modelhost is faster). After every run (untimed) each
-installed file's sha256 is checked against the generated file's, and the bench checks that no
-LFS byte came from the Python server; any mismatch aborts. Before every run the previous
-output is deleted, ``sync`` runs and the bench pauses ``--settle-s`` seconds (see ``SETTLE_S``
-in ``bench/fetch.py``). The generated files and exported blobs stay in ``--workdir`` and are
-reused by the next run with the same ``--size-mb`` and ``--files``.
+Both throughputs are total bytes / seconds. The summary is the median of the per-round time
+ratios modelhost / snapshot_download, modelhost's seconds / snapshot_download's for the same
+repository (below 1: modelhost is faster; the convention of docs/performance.md). After
+every run (untimed) each installed file's sha256 is checked against the generated file's, and
+the bench checks that no LFS byte came from the Python server; any mismatch aborts. Before
+every run the previous output is deleted, ``sync`` runs and the bench pauses ``--settle-s``
+seconds (see ``SETTLE_S`` in ``bench/fetch.py``). The generated files and exported blobs stay
+in ``--workdir`` and are reused by the next run with the same ``--size-mb`` and ``--files``.
 
 Exit status: 0 when every run succeeded and verified, 1 otherwise (2 for bad usage).
 """
@@ -435,17 +436,18 @@ def describe(run: Run) -> str:
 
 
 def summarize(runs: list[Run], size: int, rounds: int) -> dict[str, object]:
-    """Medians per tool and the median of per-round ratios modelhost / snapshot_download."""
+    """Medians per tool and the median of per-round time ratios modelhost / snapshot_download
+    (modelhost's seconds / snapshot_download's: below 1, modelhost is faster)."""
     mh = {r.round: r for r in runs if r.tool == "modelhost"}
     hf = {r.round: r for r in runs if r.tool == "snapshot_download"}
-    ratios = [mh[i].mib_per_s / hf[i].mib_per_s for i in range(rounds)]
+    ratios = [mh[i].seconds / hf[i].seconds for i in range(rounds)]
     return {
         "size_bytes": size,
         "rounds": rounds,
         "modelhost_mib_per_s": statistics.median(r.mib_per_s for r in mh.values()),
         "snapshot_download_mib_per_s": statistics.median(r.mib_per_s for r in hf.values()),
-        "round_ratios": ratios,
-        "ratio": statistics.median(ratios),
+        "round_time_ratios": ratios,
+        "time_ratio": statistics.median(ratios),
         "runs": [asdict(r) for r in runs],
     }
 
@@ -515,15 +517,16 @@ def print_summary(summary: dict[str, object]) -> None:
     )
     print(f"note: {NOTE}")
     print(
-        f"ratio modelhost/snapshot_download (median of {summary['rounds']} rounds): "
-        f"{summary['ratio']:.2f}"
+        f"time modelhost/snapshot_download (median of {summary['rounds']} rounds): "
+        f"{summary['time_ratio']:.2f} (below 1: modelhost is faster)"
     )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
-        description="modelhost's Hugging Face download throughput divided by snapshot_download's."
+        description="modelhost's Hugging Face download time divided by snapshot_download's "
+        "(below 1: modelhost is faster)."
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument(

@@ -21,8 +21,8 @@ KEYS = {
     "rounds",
     "modelhost_mib_per_s",
     "snapshot_download_mib_per_s",
-    "round_ratios",
-    "ratio",
+    "round_time_ratios",
+    "time_ratio",
     "runs",
     "files",
     "shards",
@@ -56,16 +56,18 @@ def test_one_round_json_is_consistent(tmp_path: Path) -> None:
     assert all(RUN_KEYS <= r.keys() for r in runs)
     assert [r["tool"] for r in runs] == ["snapshot_download", "modelhost"]  # round 0 order
 
-    # Throughput is total bytes / seconds for both; the ratio follows from the seconds.
+    # Throughput is total bytes / seconds for both; the time ratio follows from the seconds.
     mib = summary["size_bytes"] / MIB
     speed = {r["tool"]: mib / r["seconds"] for r in runs}
     assert speed["modelhost"] == pytest.approx(summary["modelhost_mib_per_s"], abs=1e-9)
     assert speed["snapshot_download"] == pytest.approx(
         summary["snapshot_download_mib_per_s"], abs=1e-9
     )
-    expected = speed["modelhost"] / speed["snapshot_download"]
-    assert summary["ratio"] == pytest.approx(expected, abs=1e-9)
-    assert summary["round_ratios"] == pytest.approx([expected], abs=1e-9)
+    seconds = {r["tool"]: r["seconds"] for r in runs}
+    expected = seconds["modelhost"] / seconds["snapshot_download"]  # below 1: modelhost faster
+    assert summary["time_ratio"] == pytest.approx(expected, abs=1e-9)
+    assert summary["round_time_ratios"] == pytest.approx([expected], abs=1e-9)
+    assert "ratio" not in summary and "round_ratios" not in summary  # no throughput ratio left
 
     # Generated data is kept for reuse; every run's output was deleted.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cdn", "repo"]
