@@ -29,8 +29,11 @@ def server(tmp_path_factory):
         hub.add_repo("test-org/big-y", {"big.bin": os.urandom(SIZE)}, lfs_threshold=1000)
         hub.add_repo("test-org/big-n", {"big.bin": os.urandom(SIZE)}, lfs_threshold=1000)
         home = tmp_path_factory.mktemp("cli-interactive")
+        # One connection per file: the test Hub caps each connection, and the probe would
+        # otherwise add connections until the file is in before anyone can press Ctrl-C.
         settings = make_settings(
-            home, [], hf_endpoint=hub.base_url, hf_hub_cache=home / "none", device="cpu"
+            home, [], hf_endpoint=hub.base_url, hf_hub_cache=home / "none", device="cpu",
+            fetch_connections=1,
         )
         running = RunningServer(settings).start()
         yield running
