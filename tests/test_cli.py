@@ -246,8 +246,11 @@ def test_say_writes_a_wav(cli, server, tmp_path):
 
 
 def test_play_without_a_player_is_a_clear_error(cli, server, tmp_path):
-    if server.client.get("/models/download/mms/info").status_code != 200:
-        pytest.skip("needs the model test_say_writes_a_wav installs")
+    if server.client.get("/models/download/mms/info").status_code != 200:  # on its own
+        pulled = cli(
+            "pull", "huggingface:facebook/mms-tts-eng", "--name", "mms", "--task", "text-to-speech"
+        )
+        assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     out = tmp_path / "x.wav"
     result = cli("say", "hi", "-m", "mms", "-o", str(out), "--play", PATH=str(tmp_path))
     assert result.returncode == 1 and out.stat().st_size > 44

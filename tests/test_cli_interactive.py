@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 import pexpect
 import pytest
@@ -20,7 +21,16 @@ SIZE = 300 * MB
 RATE = 10 * MB  # per connection: the whole file would take tens of seconds
 SHOWN = re.compile(r"(\d+\.\d)/300\.0 MB")
 
-pytestmark = pytest.mark.slow
+# Serial: in the parallel pass the Ctrl-C was lost (the pull ran to its end without asking)
+# in 4 runs of 5 on 2 cores, never alone or beside two CPU hogs; the cause is not found yet.
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal's foreground program has it (a disposition or a
+    mask inherited from the test process must not hide the Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +59,7 @@ def spawn_pull(server, repo: str) -> tuple[pexpect.spawn, str]:
         dimensions=(40, 160),
         encoding="utf-8",
         timeout=30,
+        preexec_fn=_default_sigint,
     )
     child.expect(r"\(id (\w+)\)")
     return child, child.match.group(1)
