@@ -305,8 +305,12 @@ def test_cancel_closes_every_connection_within_a_second(tmp_path, fileserver):
 
     worker = threading.Thread(target=run)
     worker.start()
-    wait_until(lambda: fileserver.open_connections() == 8, 10, "8 parts in flight")
-    assert len(gets(fileserver, "/w")) == 8
+    # A connection is open before its request is read and logged: wait for both.
+    wait_until(
+        lambda: fileserver.open_connections() == 8 and len(gets(fileserver, "/w")) == 8,
+        10,
+        "8 parts in flight",
+    )
     started = time.monotonic()
     cancel.cancel("cancelled by the test")
     wait_until(lambda: fileserver.open_connections() == 0, 1.0, "connections closed")
