@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from modelhost.homelock import HomeLock
 from modelhost.homelock import acquire as acquire_home
 from modelhost.jobs import JobManager, JobRepository
 from modelhost.mirror.index import MirrorIndex
+from modelhost.offloop import import_whole
 from modelhost.runtime.keepalive import IdleReaper, restore_later
 from modelhost.runtime.lifecycle import ModelLifecycle
 from modelhost.runtime.registry import ModelRegistry
@@ -159,7 +159,7 @@ def build_services(settings: Settings) -> Services:
 
 # Imported by a background thread once the server answers: torch and transformers take
 # seconds to import, which neither startup nor the first load should wait for.
-WARM_UP_MODULES = ("modelhost.runtime.loaders", "modelhost.runtime.inference")
+WARM_UP_MODULES = ("transformers", "modelhost.runtime.loaders", "modelhost.runtime.inference")
 WARM_UP_NICE = 19  # the lowest CPU priority: it yields to requests and to transfers
 # Seconds after startup before the warm-up begins: importing torch holds the GIL, which
 # would otherwise slow the server's first answers (measured: about 0.1 s on /health's).
@@ -182,7 +182,7 @@ def warm_up_runtime(jobs: JobManager) -> threading.Thread | None:
         set_thread_nice(WARM_UP_NICE)
         for module in WARM_UP_MODULES:
             try:
-                importlib.import_module(module)
+                import_whole(module)  # one thread at a time (see offloop)
             except Exception:  # a broken torch install fails the first load, with its message
                 log.exception("warming up %s failed", module)
                 return

@@ -28,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from modelhost.errors import Conflict
+from modelhost.offloop import import_whole
 from modelhost.runtime.device import device_str, resolve_device
 from modelhost.runtime.errors import MemoryBudgetExceeded, ModelNotLoaded
 from modelhost.runtime.loaded import DEFAULT_MAX_TEXT_CHARS, MB, LoadedModel
@@ -48,6 +50,17 @@ if TYPE_CHECKING:  # the loaders import torch and transformers: on first load, n
 
     from modelhost.runtime.loaders import Preflight
 
+# The loaders import torch and transformers; imported by one thread at a time (import_whole):
+# concurrent first loads otherwise saw a half-imported transformers.
+LOADERS = "modelhost.runtime.loaders"
+
+
+def _loaders() -> ModuleType:
+    """``runtime.loaders`` with transformers (which its families import when they load)
+    wholly imported first."""
+    import_whole("transformers")
+    return import_whole(LOADERS)
+
 Loader = Callable[[Manifest, Path, "torch.device", bool], LoadedModel]
 
 
@@ -60,8 +73,7 @@ def load_on_first_use(
 ) -> LoadedModel:
     """The default loader, ``loaders.load``, imported by the first load (torch and
     transformers with it), not when the server starts."""
-    from modelhost.runtime.loaders import load
-
+    load = _loaders().load
     return load(manifest, path, device, allow_pickle, gpu_stream)
 
 
@@ -196,8 +208,7 @@ class ModelRegistry:
                 existing.touch()
                 return existing
             # Every check that can refuse the model runs before anything is evicted.
-            from modelhost.runtime.loaders import preflight
-
+            preflight = _loaders().preflight
             checked = preflight(manifest, Path(path), target.type, allow_pickle)
             victims = self._reserve(name, checked, target)
             try:
