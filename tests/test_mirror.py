@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import httpx
 import pytest
 from conftest import RunningServer, make_settings
 from hubserver import HubServer, lfs_pointer
+from test_hubserver import client_env as hub_client_env
 from tiny_models import MINILM_REPO
 
 from modelhost.api import zerocopy
@@ -138,23 +138,9 @@ out = {}
 
 
 def client_env(tmp: Path, endpoint: str, token: str | None = None) -> dict[str, str]:
-    """A client's environment: the mirror as its Hub, a fresh HF home, no proxy, no Xet."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))
-        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
-    }
-    env.update(
-        HF_ENDPOINT=endpoint,
-        HF_HOME=str(tmp / "hf-home"),
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-        TOKENIZERS_PARALLELISM="false",
-    )
+    """A Hub client's environment with the mirror as its Hub (test_hubserver's clean one),
+    and ``token`` as its ``HF_TOKEN``."""
+    env = hub_client_env(tmp, endpoint)
     if token is not None:
         env["HF_TOKEN"] = token
     return env
