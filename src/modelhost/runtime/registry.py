@@ -55,6 +55,13 @@ if TYPE_CHECKING:  # the loaders import torch and transformers: on first load, n
 LOADERS = "modelhost.runtime.loaders"
 
 
+# Models are built (on the meta device to size them, then loaded) by one thread at a time:
+# two loads at once in one process left one model's tensors on the meta device ("Cannot copy
+# out of meta tensor"), as torch's and transformers' construction contexts are not safe to
+# interleave across threads. On a CPU, parallel loads gained little anyway (the GIL).
+_CONSTRUCTION = threading.Lock()
+
+
 def _loaders() -> ModuleType:
     """``runtime.loaders`` with transformers (which its families import when they load)
     wholly imported first."""
@@ -74,7 +81,8 @@ def load_on_first_use(
     """The default loader, ``loaders.load``, imported by the first load (torch and
     transformers with it), not when the server starts."""
     load = _loaders().load
-    return load(manifest, path, device, allow_pickle, gpu_stream)
+    with _CONSTRUCTION:
+        return load(manifest, path, device, allow_pickle, gpu_stream)
 
 
 DRAIN_TIMEOUT_S = 30.0  # how long an unload waits for the requests in flight
@@ -209,7 +217,8 @@ class ModelRegistry:
                 return existing
             # Every check that can refuse the model runs before anything is evicted.
             preflight = _loaders().preflight
-            checked = preflight(manifest, Path(path), target.type, allow_pickle)
+            with _CONSTRUCTION:
+                checked = preflight(manifest, Path(path), target.type, allow_pickle)
             victims = self._reserve(name, checked, target)
             try:
                 for victim in victims:
